@@ -1,0 +1,7 @@
+"""One exception type for every input problem: the CLI turns it into one line and exit code 2."""
+
+
+class RankoneError(Exception):
+    """Bad input or a refused operation. The message says what is wrong and how to fix it."""
+
+    exit_code = 2
