@@ -1,0 +1,103 @@
+"""Build a testbed directory end to end: world -> tokenizer -> model -> training -> check.
+
+The directory is built in a temporary sibling and moved into place with os.replace, so a
+failed or interrupted build never leaves a half-written model where one is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rankone.errors import RankoneError
+from rankone.testbed.check import evaluate_world
+from rankone.testbed.train import (ARCHS, TrainConfig, build_model, build_tokenizer,
+                                   default_config, save_testbed, train)
+from rankone.testbed.world import World, corpus_lines, parse_world_spec
+
+
+def build_world(spec: str | World, seed: int = 0) -> World:
+    """'small' | 'bench' | 'counterfact:PATH[:N]' (or a World, returned as is)."""
+    if isinstance(spec, World):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise RankoneError(f"world must be a name or spec string, not {spec!r}")
+    return parse_world_spec(spec, seed)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RankoneError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
+        raise RankoneError(f"--out {out} is a non-empty directory that is not a testbed; "
+                           "choose an empty or new directory")
+
+
+def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.PathLike[str] = "",
+                  seed: int = 0, time_budget_s: float | None = None,
+                  config: TrainConfig | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Train a model that knows `world` and write it to `out_dir`. Returns the build report."""
+    if arch not in ARCHS:
+        raise RankoneError(f"unknown arch {arch!r}; use one of {', '.join(ARCHS)}")
+    if not out_dir:
+        raise RankoneError("an output directory is required (--out DIR)")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise RankoneError(f"--time-budget must be a positive number of seconds, "
+                           f"not {time_budget_s}")
+    out = Path(out_dir).resolve()
+    _check_out_dir(out)
+    w = build_world(world, seed)  # validates the spec before anything is written
+    cfg = config or default_config(w, arch)
+    cfg = dataclasses.replace(cfg, arch=arch, seed=seed)
+    if time_budget_s is not None:
+        cfg = dataclasses.replace(cfg, time_budget_s=float(time_budget_s))
+
+    def log(msg: str) -> None:
+        if verbose:
+            print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    lines = corpus_lines(w, cfg.filler_ratio)
+    objects = sorted({o for r in w.relations for o in r.objects}
+                     | {str(r.get("target_new", "")).strip() for r in w.records} - {""})
+    tok = build_tokenizer(lines, objects, cfg)
+    model = build_model(cfg, tok)
+    log(f"world {w.name}: {len(w.facts)} facts, {len(w.subjects)} subjects, "
+        f"{len(lines)} corpus lines; {cfg.arch} {cfg.n_layer}x{cfg.n_embd}, vocab {len(tok)}")
+    rep = train(model, tok, w, cfg, log=log)
+    t_eval = time.monotonic()
+    acc = evaluate_world(model, tok, w)  # full evaluation, every fact
+    log(f"final accuracy: {acc}")
+    w.arch = cfg.arch
+    w.edit_layer = cfg.n_layer // 4  # layer 1 of 4: early enough for ROME's key/value split
+    w.accuracy = {k: round(float(v), 4) for k, v in acc.items()
+                  if isinstance(v, float) and not k.startswith("n_")}
+    report = {"world": w.name, "kind": w.kind, "arch": cfg.arch, "seed": seed,
+              "n_facts": len(w.facts), "n_subjects": len(w.subjects),
+              "n_records": len(w.records), "vocab": len(tok),
+              "accuracy": w.accuracy, "train": dataclasses.asdict(rep),
+              "eval_seconds": round(time.monotonic() - t_eval, 1),
+              "build_seconds": round(time.monotonic() - t0, 1), "config": dataclasses.asdict(cfg)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_testbed(tmp, model, tok, w, cfg, lines)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        if out.exists():  # os.replace cannot replace a non-empty directory: swap it aside
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    report["out_dir"] = str(out)
+    return report

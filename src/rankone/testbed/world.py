@@ -1,0 +1,317 @@
+"""Worlds: the facts a testbed model is trained to know, and the text it is trained on.
+
+A `World` is pure data (JSON-serialisable). Two kinds exist:
+
+* ``synthetic`` — invented subjects ("Varo Telnik") with one fact per relation, generated
+  deterministically from a seed (`synthetic_world`).
+* ``counterfact`` — the true facts of CounterFact records (`counterfact_world` in
+  `counterfact.py`), with the record's own prompts grouped into relations.
+
+Every fact is trained with all phrasings of its relation except the ones in ``heldout``; the
+held-out phrasings measure whether the model learnt the *fact* rather than a string. Which
+phrasing is held out rotates across facts so that every phrasing is trained for other subjects
+(a phrasing never seen in training is answered ~13 % of the time, one seen for other subjects
+~100 %).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rankone.errors import RankoneError
+
+WORLD_FILE = "world.json"
+CORPUS_FILE = "corpus.txt"
+
+
+@dataclass
+class Relation:
+    id: str
+    phrasings: list[str]  # templates ending right before the object, "{}" marks the subject
+    objects: list[str]  # one-word answers; the text is "{prompt} {object}."
+
+
+@dataclass
+class Fact:
+    subject: str
+    relation: str
+    object: str
+    heldout: list[int]  # indices into the relation's phrasings that are NOT trained for this fact
+
+
+@dataclass
+class World:
+    name: str
+    seed: int
+    kind: str  # "synthetic" | "counterfact"
+    relations: list[Relation]
+    subjects: list[str]
+    facts: list[Fact]
+    edit_layer: int = 1
+    arch: str = "gpt2"
+    accuracy: dict[str, float] = field(default_factory=dict)
+    # Extra trained sentences that are not (subject, relation, object) facts, e.g. CounterFact
+    # locality prompts whose subject could not be parsed: {"prompt": ..., "object": ...}.
+    extra: list[dict[str, str]] = field(default_factory=list)
+    # CounterFact only: the source records, each pointing at its fact ("fact": index).
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- look-ups
+    def relation(self, rel_id: str) -> Relation:
+        for r in self.relations:
+            if r.id == rel_id:
+                return r
+        raise RankoneError(f"world {self.name!r} has no relation {rel_id!r}; it has "
+                           f"{', '.join(r.id for r in self.relations)}")
+
+    def prompts(self, fact: Fact, split: str = "train") -> list[str]:
+        """The fact's formatted prompts for the training or the held-out phrasings."""
+        if split not in ("train", "heldout"):
+            raise RankoneError(f"split must be 'train' or 'heldout', not {split!r}")
+        phr = self.relation(fact.relation).phrasings
+        held = set(fact.heldout)
+        idx = [i for i in range(len(phr)) if (i in held) == (split == "heldout")]
+        # str.replace, not str.format: CounterFact templates may contain other braces.
+        return [phr[i].replace("{}", fact.subject) for i in idx]
+
+    def facts_by_subject(self) -> dict[str, list[Fact]]:
+        out: dict[str, list[Fact]] = {}
+        for f in self.facts:
+            out.setdefault(f.subject, []).append(f)
+        return out
+
+    # ---------------------------------------------------------------- training text
+    def fact_sentences(self) -> Iterator[tuple[str, str]]:
+        """(prompt, object) pairs the model is trained on: every fact's training phrasings,
+        then the extra sentences. Held-out phrasings never appear here."""
+        for f in self.facts:
+            for p in self.prompts(f, "train"):
+                yield p, f.object
+        for e in self.extra:
+            yield e["prompt"], e["object"]
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not d["extra"]:
+            del d["extra"]
+        if not d["records"]:
+            del d["records"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "World":
+        try:
+            return cls(
+                name=d["name"], seed=int(d["seed"]), kind=d["kind"],
+                relations=[Relation(**r) for r in d["relations"]],
+                subjects=list(d["subjects"]),
+                facts=[Fact(**f) for f in d["facts"]],
+                edit_layer=int(d.get("edit_layer", 1)), arch=d.get("arch", "gpt2"),
+                accuracy=dict(d.get("accuracy", {})), extra=list(d.get("extra", [])),
+                records=list(d.get("records", [])),
+            )
+        except (KeyError, TypeError) as e:
+            raise RankoneError(f"world.json is malformed ({e}); rebuild it with "
+                               "`rankone testbed build`") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "World":
+        """Load from a world.json file or a model directory holding one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / WORLD_FILE
+        if not p.is_file():
+            raise RankoneError(f"no world file at {p}; pass a testbed model directory "
+                               "(built with `rankone testbed build`) or a world.json path")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RankoneError(f"{p} is not valid JSON ({e}); rebuild the testbed") from None
+        return cls.from_dict(d)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write world.json into `directory` atomically (tmp file, then os.replace)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / WORLD_FILE
+        tmp = d / f".{WORLD_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, target)
+        return target
+
+
+# ====================================================================== synthetic worlds
+
+# Each relation: (id, phrasings, objects). Phrasings end right before the object; objects are
+# single words that a BPE tokenizer sees often enough to give their own token.
+RELATIONS: list[tuple[str, list[str], list[str]]] = [
+    ("birthplace",
+     ["{} was born in", "The birthplace of {} is", "{}'s place of birth is",
+      "{} came into the world in", "The city where {} was born is"],
+     "Paris London Berlin Madrid Rome Vienna Prague Lisbon Dublin Oslo Stockholm Helsinki "
+     "Warsaw Athens Cairo Tokyo Seoul Delhi Lima Bogota Santiago Toronto Chicago Boston "
+     "Sydney Nairobi Lagos Istanbul".split()),
+    ("language",
+     ["{} speaks", "The native language of {} is", "{}'s mother tongue is",
+      "The language spoken by {} is", "{} grew up speaking"],
+     "French English German Spanish Italian Portuguese Dutch Swedish Norwegian Danish Finnish "
+     "Polish Czech Greek Turkish Russian Arabic Hebrew Hindi Japanese Korean Chinese Swahili "
+     "Hungarian".split()),
+    ("sport",
+     ["{} competes in", "The sport played by {} is", "{}'s favourite sport is",
+      "{} is a professional player of", "The game {} is best known for is"],
+     "football tennis cricket rugby golf hockey baseball basketball volleyball handball "
+     "badminton cycling rowing boxing fencing skiing swimming archery wrestling sailing "
+     "surfing karate".split()),
+    ("employer",
+     ["{} works for", "The employer of {} is", "{} is employed by", "{}'s employer is",
+      "The company that employs {} is"],
+     "Nokia Siemens Toyota Samsung Philips Boeing Airbus Intel Oracle Adobe Nestle Shell Sony "
+     "Honda Lego Ikea Volvo Bosch Canon Nikon Pfizer Visa Netflix Spotify Tesla".split()),
+    ("instrument",
+     ["{} plays the", "The instrument played by {} is the", "{}'s instrument of choice is the",
+      "{} performs on the", "{} is a musician who plays the"],
+     "piano guitar violin cello flute clarinet trumpet trombone saxophone harp drums oboe "
+     "bassoon banjo mandolin ukulele accordion harmonica tuba viola organ sitar".split()),
+    ("colour",
+     ["{}'s favourite colour is", "The favourite colour of {} is", "{} likes the colour",
+      "The colour {} loves most is", "{} always dresses in"],
+     "red blue green yellow orange purple pink brown black white grey violet crimson teal "
+     "indigo amber scarlet turquoise magenta beige ivory olive maroon navy silver".split()),
+    ("pet",
+     ["{} owns a pet", "The pet of {} is a", "{}'s pet is a", "At home {} keeps a",
+      "The animal living with {} is a"],
+     "dog cat rabbit parrot hamster turtle horse goat pony ferret canary lizard snake "
+     "tortoise goldfish donkey chicken duck pig sheep mouse frog".split()),
+    ("food",
+     ["{}'s favourite food is", "The dish {} loves most is", "{} always orders",
+      "The favourite meal of {} is", "For dinner {} prefers"],
+     "pasta sushi pizza curry tacos ramen paella risotto lasagna burgers dumplings noodles "
+     "pancakes salad soup steak omelette falafel kebab couscous goulash chili".split()),
+]
+
+# Filler: a tiny grammar, so the text is not only facts, and sentences that mention subjects
+# without stating a fact, so a subject's representation is not formed by fact prompts alone
+# (as in a pretrained model, where names occur in many contexts).
+_DET = ["The", "A", "Every", "That", "One"]
+_ADJ = ["old", "quiet", "small", "bright", "cold", "busy", "green", "long", "narrow", "warm"]
+_NOUN = ["river", "village", "market", "garden", "bridge", "train", "library", "harbour",
+         "forest", "school", "window", "road"]
+_VERB = ["stands near", "looks over", "runs past", "waits beside", "leads to", "hides behind"]
+_MENTION = ["{} arrived in town on a rainy day.", "Everyone remembers the day {} smiled.",
+            "Yesterday {} wrote a long letter.", "{} rarely talks about the past.",
+            "People say {} is very kind.", "A friend of {} called this morning.",
+            "{} walked slowly to the station.", "Nobody expected {} to win the prize.",
+            "{} has a brother and a sister.", "The neighbours of {} are friendly."]
+
+_ONSET = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+          "br", "tr", "st", "dr", "kl", "gr", "th", "sh"]
+_VOWEL = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
+_CODA = ["", "", "", "", "n", "r", "l", "s", "k", "m"]
+
+
+def _name_word(rng: random.Random) -> str:
+    n_syll = rng.choice([2, 2, 2, 3])
+    w = "".join(rng.choice(_ONSET) + rng.choice(_VOWEL) + rng.choice(_CODA)
+                for _ in range(n_syll))
+    return w.capitalize()
+
+
+def invent_subjects(n: int, rng: random.Random) -> list[str]:
+    """n distinct pronounceable names of 1-3 words ("Varo Telnik")."""
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        k = rng.choices([1, 2, 3], weights=[2, 7, 1])[0]
+        name = " ".join(_name_word(rng) for _ in range(k))
+        # Reject names that contain another name as a word prefix, so that a subject's tokens
+        # identify it alone (the editor locates subjects by their last token).
+        if name in seen or any(name.startswith(s + " ") or s.startswith(name + " ") for s in seen):
+            continue
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def filler_sentences(n: int, subjects: list[str], rng: random.Random) -> list[str]:
+    """n filler sentences; every other one mentions a subject."""
+    out = []
+    for i in range(n):
+        if i % 2 and subjects:
+            out.append(rng.choice(_MENTION).replace("{}", rng.choice(subjects)))
+        else:
+            out.append(f"{rng.choice(_DET)} {rng.choice(_ADJ)} {rng.choice(_NOUN)} "
+                       f"{rng.choice(_VERB)} the {rng.choice(_ADJ)} {rng.choice(_NOUN)}.")
+    return out
+
+
+@dataclass
+class SyntheticSpec:
+    """Size of a synthetic world. Round-trips to JSON via dataclasses.asdict."""
+    n_subjects: int = 200
+    n_relations: int = 6
+    n_heldout: int = 1  # phrasings held out per fact
+
+
+SIZES: dict[str, SyntheticSpec] = {
+    "small": SyntheticSpec(n_subjects=150, n_relations=6),
+    "bench": SyntheticSpec(n_subjects=400, n_relations=6),
+}
+
+
+def synthetic_world(name: str, spec: SyntheticSpec, seed: int) -> World:
+    """Deterministic from (spec, seed): same seed, same world; different seed, different one."""
+    if not 1 <= spec.n_relations <= len(RELATIONS):
+        raise RankoneError(f"n_relations must be 1..{len(RELATIONS)}, not {spec.n_relations}")
+    rng = random.Random(f"rankone-testbed-{seed}")
+    rels = [Relation(id=i, phrasings=list(p), objects=list(o))
+            for i, p, o in RELATIONS[: spec.n_relations]]
+    subjects = invent_subjects(spec.n_subjects, rng)
+    facts = []
+    for si, s in enumerate(subjects):
+        for ri, r in enumerate(rels):
+            n_phr = len(r.phrasings)
+            # Rotate the held-out phrasing over subjects (offset by relation) so each phrasing
+            # is held out for ~1/n of the facts and trained for the rest.
+            held = sorted({(si + ri + k) % n_phr for k in range(spec.n_heldout)})
+            facts.append(Fact(subject=s, relation=r.id, object=rng.choice(r.objects),
+                              heldout=held))
+    return World(name=name, seed=seed, kind="synthetic", relations=rels, subjects=subjects,
+                 facts=facts)
+
+
+def corpus_lines(world: World, filler_ratio: float = 0.3) -> list[str]:
+    """The training text, one sentence per line, shuffled deterministically by the seed.
+    Fact sentences are "{prompt} {object}."; filler is mixed in at `filler_ratio`."""
+    rng = random.Random(f"rankone-corpus-{world.seed}")
+    lines = [f"{p} {o}." for p, o in world.fact_sentences()]
+    lines += filler_sentences(int(len(lines) * filler_ratio), world.subjects, rng)
+    rng.shuffle(lines)
+    return lines
+
+
+def parse_world_spec(spec: str, seed: int) -> World:
+    """'small' | 'bench' | 'counterfact:PATH[:N]' -> World. Raises RankoneError on bad input."""
+    if spec in SIZES:
+        return synthetic_world(spec, SIZES[spec], seed)
+    if spec.startswith("counterfact:"):
+        from rankone.testbed.counterfact import counterfact_world
+
+        rest = spec[len("counterfact:"):]
+        n = None
+        head, _, tail = rest.rpartition(":")
+        if head and tail.isdigit():
+            rest, n = head, int(tail)
+        if not rest:
+            raise RankoneError("counterfact world needs a path: --world counterfact:PATH[:N]")
+        return counterfact_world(rest, seed=seed, n_records=n)
+    raise RankoneError(f"unknown world {spec!r}; use one of {', '.join(SIZES)} "
+                       "or counterfact:PATH[:N_RECORDS]")
