@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny import corpus_text, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return make_tokenizer(bos=False)
+
+
+@pytest.fixture(scope="session")
+def tok_bos():
+    return make_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(corpus_text())
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Key-statistics caches go to a per-session temp folder, never the user's home.
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path_factory.getbasetemp() / "rankone-cache"))

