@@ -104,8 +104,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.layer == "auto":
         from .trace_cli import auto_layer  # the tracing feature chooses and explains the layer
 
-        hp = hp.replace(layer=auto_layer(model, tok, args))
+        layer, evidence = auto_layer(model, tok, args)
+        hp = hp.replace(layer=layer)
     ed = Editor(model, tok, hp, args.stats_corpus, progress=not args.quiet)
+    if args.layer == "auto":
+        ed.notes["layer_choice"] = evidence
     ed.layer()
     patch = ed.edit(reqs, author=args.author, reason=args.reason)
     patch.save(args.out, overwrite=args.force)

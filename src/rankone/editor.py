@@ -52,6 +52,7 @@ class Editor:
         self._corpus = Path(stats_corpus) if stats_corpus else None
         self._templates: dict[tuple, list[str]] = {}
         self.rejected: list[Rejected] = []
+        self.notes: dict[str, Any] = {}  # recorded in every edit's diagnostics (e.g. why this layer)
 
     # -- things computed once --
 
@@ -116,7 +117,7 @@ class Editor:
         fix_idx, fix_val = revert_fix(before, after, u, v)
         with torch.no_grad():
             w.copy_(after)
-        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")})
+        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
         return Edit(
             module=path, layer=layer, u=u.cpu(), v=v.cpu(), request=request.to_dict(),
             method=hp.method, hparams=hp.to_dict(), seed=hp.seed,
