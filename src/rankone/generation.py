@@ -40,3 +40,24 @@ def first_word(text: str) -> str:
     """The first word of a continuation, without punctuation: how a one-word answer is read."""
     words = text.strip().split()
     return words[0].strip(".,;:!?\"'") if words else ""
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tok: Any, text: str, window: int = 256, max_tokens: int = 50_000) -> float:
+    """exp(mean next-token NLL) over `text`, in non-overlapping windows of at most `window` tokens."""
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", window)
+    window = min(window, limit)
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, max(1, len(ids) - 1), window):
+        chunk = ids[i:i + window]
+        if len(chunk) < 2:
+            break
+        x = torch.tensor([chunk], device=dev)
+        logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), dim=-1)
+        total -= float(logp.gather(1, x[0, 1:, None]).sum())
+        count += len(chunk) - 1
+    if count == 0:
+        raise ValueError("text too short for perplexity")
+    return float(torch.exp(torch.tensor(total / count)))
