@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
     except RankoneError as e:
         print(f"rankone: error: {e}", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""The CLI on a real (tiny) model folder: the happy path, and every bad input with its one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rankone.cli import main
+from rankone.fingerprint import path_sha256
+from tiny import corpus_text, make_model
+
+FAST = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("m") / "tiny-gpt2"
+    make_model("gpt2").save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "corpus.txt").write_text(corpus_text()[:50_000])
+    return d
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def edit_args(model_dir, out, **kw):
+    a = {"--model": str(model_dir), "--prompt": "{} was born in", "--subject": "Danielle Darrieux",
+         "--target": "Rome", "--layer": "1", "--hparams": FAST, "--out": str(out)}
+    a.update(kw)
+    return ["edit", "--quiet"] + [x for k, v in a.items() if v is not None for x in (k, v)]
+
+
+def test_edit_show_apply_generate_revert(capsys, model_dir, tmp_path):
+    code, out, err = run(capsys, *edit_args(model_dir, tmp_path / "p", **{"--author": "ana", "--reason": "fix"}))
+    assert code == 0, err
+    assert "wrote" in out and (tmp_path / "p" / "patch.json").exists()
+    code, out, _ = run(capsys, "show", str(tmp_path / "p"))
+    assert code == 0 and "transformer.h.1.mlp.c_proj" in out and "by ana: fix" in out
+    code, out, _ = run(capsys, "apply", "--model", str(model_dir), "--patch", str(tmp_path / "p"), "--out", str(tmp_path / "m2"))
+    assert code == 0
+    assert (tmp_path / "m2" / "rankone" / "applied.json").exists()
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--patch", str(tmp_path / "p"),
+                       "--prompt", "Danielle Darrieux was born in", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("before:") and "after:" in out
+    for how in ([], ["--patch", str(tmp_path / "p")]):
+        out_dir = tmp_path / f"m3{len(how)}"
+        code, _, err = run(capsys, "revert", "--model", str(tmp_path / "m2"), *how, "--out", str(out_dir))
+        assert code == 0, err
+        a, b = load_file(str(model_dir / "model.safetensors")), load_file(str(out_dir / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_requests_file_makes_one_patch_of_many_edits(capsys, model_dir, tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"prompt": "{} was born in", "subject": "Danielle Darrieux", "target": "Rome"}\n\n'
+                 '{"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target": "violin"}\n')
+    code, out, err = run(capsys, "edit", "--quiet", "--model", str(model_dir), "--requests", str(f), "--layer", "1",
+                         "--hparams", FAST, "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    man = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert len(man["edits"]) == 2 and man["edits"][1]["sha256_before"] == man["edits"][0]["sha256_after"]
+
+
+def bad_model(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "unknown-type":
+        (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    elif kind == "corrupt-config":
+        (d / "config.json").write_text("{not json")
+    return d
+
+
+CASES = {
+    "subject not in prompt": (dict(**{"--prompt": "The capital is"}), "contains neither"),
+    "subject off token boundaries": (dict(**{"--prompt": "{}d the king was", "--subject": "An"}), "token boundaries"),
+    "empty target": (dict(**{"--target": " "}), "target is empty"),
+    "layer out of range": (dict(**{"--layer": "7"}), "out of range"),
+    "bad method hparams": (dict(**{"--hparams": '{"method": "memit"}'}), "unknown method"),
+    "missing corpus": (dict(**{"--stats-corpus": "/nonexistent/corpus.txt"}), "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_edit_input(case, capsys, model_dir, tmp_path):
+    kw, msg = CASES[case]
+    before = path_sha256(model_dir)
+    code, out, err = run(capsys, *edit_args(model_dir, tmp_path / "out", **kw))
+    assert code == 2
+    assert err.startswith("rankone: error:") and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temp folder left either
+    assert path_sha256(model_dir) == before
+
+
+@pytest.mark.parametrize("kind,msg", [("unknown-type", "unknown model type 'bert'; supported: falcon, gemma"),
+                                      ("corrupt-config", "cannot read"), ("missing", "does not exist")])
+def test_bad_model_dir(kind, msg, capsys, tmp_path):
+    d = bad_model(tmp_path, kind) if kind != "missing" else tmp_path / "missing"
+    code, _, err = run(capsys, *edit_args(d, tmp_path / "out"))
+    assert code == 2 and msg in err and "\n" not in err.rstrip("\n")
+    if kind == "unknown-type":
+        assert "--arch-spec" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_requests_file(capsys, model_dir, tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"prompt": "{} was born in", "subject": "A", "target": "Rome"}\n{"prompt": "x"}\n')
+    code, _, err = run(capsys, "edit", "--model", str(model_dir), "--requests", str(f), "--out", str(tmp_path / "out"))
+    assert code == 2 and "r.jsonl:2" in err and "lacks the field" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_without_corpus_needs_stats_corpus(capsys, model_dir, tmp_path):
+    d = tmp_path / "nocorpus"
+    shutil.copytree(model_dir, d)
+    (d / "corpus.txt").unlink()
+    code, _, err = run(capsys, *edit_args(d, tmp_path / "out"))
+    assert code == 2 and "--stats-corpus" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, *edit_args(model_dir, tmp_path / "out"))
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_patch_for_another_model_is_refused(capsys, model_dir, tmp_path, tok):
+    code, _, err = run(capsys, *edit_args(model_dir, tmp_path / "p"))
+    assert code == 0, err
+    other = tmp_path / "other"
+    make_model("gpt2", seed=5).save_pretrained(other)
+    tok.save_pretrained(other)
+    before = path_sha256(other)
+    code, _, err = run(capsys, "apply", "--model", str(other), "--patch", str(tmp_path / "p"), "--out", str(tmp_path / "m2"))
+    assert code == 2 and "does not fit this model" in err
+    assert not (tmp_path / "m2").exists() and path_sha256(other) == before
+
+
+def test_corrupt_patch_is_refused(capsys, model_dir, tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "patch.json").write_text("{")
+    (tmp_path / "p" / "patch.safetensors").write_bytes(b"")
+    code, _, err = run(capsys, "apply", "--model", str(model_dir), "--patch", str(tmp_path / "p"), "--out", str(tmp_path / "m2"))
+    assert code == 2 and "corrupt" in err and not (tmp_path / "m2").exists()
+    code, _, err = run(capsys, "show", str(tmp_path / "nope"))
+    assert code == 2 and "is not a patch" in err
+
+
+def test_revert_without_record_or_patch(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "revert", "--model", str(model_dir), "--out", str(tmp_path / "out"))
+    assert code == 2 and "--patch" in err and not (tmp_path / "out").exists()
