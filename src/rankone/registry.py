@@ -1,0 +1,630 @@
+"""The patch registry: a SQLite database, a content-addressed store, a state machine, an audit log.
+
+    registry.db          patches, validation reports, release order, base identity, audit log
+    registry.store/<id>/ patch.json + patch.safetensors, byte-for-byte as added
+
+Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry.db
+(~/.local/share/rankone/registry.db). One registry releases onto one base model.
+
+States: proposed → validated → released → rolled_back, and proposed|validated → rejected.
+Every transition appends to `audit` (time, actor, action, states, reason) in the same
+transaction as the change; triggers make `audit` and `validations` append-only, and each audit
+entry carries the hash of the one before it, so `check` notices entries removed behind SQLite's
+back.
+
+Crash safety: the store is written first (a temporary folder renamed into place), the database
+row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orphaned store folder
+(tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
+busy timeout let several processes add, validate and release at once without losing anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetensors.torch import load_file
+
+from .errors import RankoneError
+from .fingerprint import tensors_sha256
+from .patch import Patch
+
+SCHEMA_VERSION = 1
+STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
+ID_LEN = 16
+FILES = ("patch.json", "patch.safetensors")
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS patches (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('proposed','validated','released','rejected','rolled_back')),
+        n_edits INTEGER NOT NULL,
+        summary TEXT NOT NULL,            -- JSON: [{module, subject, prompt, target}]
+        base TEXT NOT NULL,               -- JSON: the patch's base description
+        added_at TEXT NOT NULL, added_by TEXT NOT NULL, reason TEXT,
+        release_seq INTEGER UNIQUE,       -- position in the release order (NULL until released)
+        released_at TEXT)""",
+    """CREATE TABLE IF NOT EXISTS validations (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        patch_id TEXT NOT NULL REFERENCES patches(id),
+        at TEXT NOT NULL, actor TEXT NOT NULL, passed INTEGER NOT NULL,
+        report TEXT NOT NULL)             -- JSON GateReport""",
+    """CREATE TABLE IF NOT EXISTS depends (
+        patch_id TEXT NOT NULL REFERENCES patches(id), on_id TEXT NOT NULL REFERENCES patches(id),
+        PRIMARY KEY (patch_id, on_id))""",
+    "CREATE TABLE IF NOT EXISTS base (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS base_modules (module TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, patch_id TEXT,
+        from_state TEXT, to_state TEXT, reason TEXT, details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+] + [
+    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+    for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
+]
+
+
+def default_path() -> Path:
+    if os.environ.get("RANKONE_REGISTRY"):
+        return Path(os.environ["RANKONE_REGISTRY"])
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "rankone" / "registry.db"
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def crash_point(name: str) -> None:
+    """Test seam: RANKONE_TEST_CRASH_AT=name ends the process here, as a crash would.
+
+    With RANKONE_TEST_CRASH_WAIT=FILE it instead writes FILE and waits to be killed (SIGKILL
+    from the test), so the kill lands at exactly this point.
+    """
+    if os.environ.get("RANKONE_TEST_CRASH_AT") != name:
+        return
+    if wait := os.environ.get("RANKONE_TEST_CRASH_WAIT"):
+        Path(wait).write_text(str(os.getpid()))
+        time.sleep(120)
+    os._exit(99)
+
+
+# ---- content ids ----------------------------------------------------------------------------
+
+
+def content_id(patch_dir: str | os.PathLike) -> str:
+    """sha256 over the canonical manifest (sorted keys) and every tensor (name, dtype, shape, bytes)."""
+    p = Path(patch_dir)
+    man = json.loads((p / "patch.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(p / "patch.safetensors"))
+    h = hashlib.sha256(b"rankone.patch-id/1\0")
+    h.update(json.dumps(man, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    h.update(tensors_sha256(sorted(tensors.items())).encode())
+    return h.hexdigest()[:ID_LEN]
+
+
+def is_patch_dir(ref: str | os.PathLike) -> bool:
+    return Path(ref).is_dir() and all((Path(ref) / f).is_file() for f in FILES)
+
+
+# ---- records --------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchRecord:
+    id: str
+    state: str
+    n_edits: int
+    summary: list[dict[str, Any]]
+    base: dict[str, Any]
+    added_at: str
+    added_by: str
+    reason: str | None
+    release_seq: int | None
+    released_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "PatchRecord":
+        d = dict(row)
+        d["summary"], d["base"] = json.loads(d["summary"]), json.loads(d["base"])
+        return cls(**d)
+
+    def facts(self) -> str:
+        return "; ".join(f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in self.summary)
+
+
+@dataclass
+class AuditEntry:
+    seq: int
+    at: str
+    actor: str
+    action: str
+    patch_id: str | None
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)  # inconsistencies: rows without files, bad hashes
+    orphans: list[str] = field(default_factory=list)  # store folders without a row (crash leftovers)
+    pruned: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _entry_hash(prev: str, e: dict[str, Any]) -> str:
+    body = json.dumps({k: e[k] for k in ("at", "actor", "action", "patch_id", "from_state", "to_state", "reason", "details")},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev + "\n" + body).encode()).hexdigest()
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+class Registry:
+    """One registry file and its store. Every public method is one transaction."""
+
+    def __init__(self, path: str | os.PathLike | None = None, create: bool = True) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.store = self.path.with_name(self.path.name.rsplit(".", 1)[0] + ".store")
+        if self.path.exists() and not self.path.is_file():
+            raise RankoneError(f"registry {self.path} is not a file; give the path of a registry database")
+        if not self.path.exists() and not create:
+            raise RankoneError(f"no registry at {self.path}; `rankone registry add PATCH --reason ...` creates one "
+                               "(choose the file with --registry or RANKONE_REGISTRY)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 120000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            with self._tx() as db:  # the schema is made under the write lock: two first users agree
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) != SCHEMA_VERSION:
+                    raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
+        cur = _Cursor(self.db)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- store --
+
+    def patch_dir(self, pid: str) -> Path:
+        return self.store / pid
+
+    def load_patch(self, pid: str) -> Patch:
+        d = self.patch_dir(pid)
+        if not is_patch_dir(d):
+            raise RankoneError(f"registry {self.path} lists patch {pid} but its files are missing from {self.store}; "
+                               "run `rankone registry check`")
+        return Patch.load(d)
+
+    def _store_put(self, src: Path, pid: str) -> None:
+        """Copy the patch files to store/<pid> by one rename; an existing good copy is kept."""
+        target = self.patch_dir(pid)
+        if is_patch_dir(target) and _safe_id(target) == pid:
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.", suffix=".tmp", dir=self.store))
+        try:
+            for f in FILES:
+                with open(src / f, "rb") as fi, open(tmp / f, "wb") as fo:
+                    shutil.copyfileobj(fi, fo)
+                    fo.flush()
+                    os.fsync(fo.fileno())
+            if _safe_id(tmp) != pid:
+                raise RankoneError(f"patch {src} changed while it was being added; add it again")
+            if target.exists():  # a damaged copy (never made by us: the rename is atomic)
+                shutil.rmtree(target)
+            try:
+                os.rename(tmp, target)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # another process placed the same content first: same id, same bytes' meaning
+            _fsync_dir(self.store)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- reading --
+
+    def resolve(self, ref: str) -> str:
+        """A full id from an id prefix (4+ characters) or a patch folder."""
+        if is_patch_dir(ref):
+            pid = content_id(ref)
+            if self.db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
+                raise RankoneError(f"patch {ref} (id {pid}) is not in the registry; add it with `rankone registry add`")
+            return pid
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref.lower()):
+            raise RankoneError(f"{ref!r} is neither a patch id (4+ hex characters) nor a patch folder")
+        rows = self.db.execute("SELECT id FROM patches WHERE id LIKE ?", (ref.lower() + "%",)).fetchall()
+        if not rows:
+            raise RankoneError(f"no patch {ref!r} in registry {self.path}; see `rankone registry list`")
+        if len(rows) > 1:
+            raise RankoneError(f"patch id {ref!r} is ambiguous ({', '.join(r[0] for r in rows)}); give more characters")
+        return rows[0][0]
+
+    def get(self, ref: str) -> PatchRecord:
+        pid = self.resolve(ref)
+        return PatchRecord.from_row(self.db.execute("SELECT * FROM patches WHERE id = ?", (pid,)).fetchone())
+
+    def list(self, state: str | None = None) -> list[PatchRecord]:
+        q = "SELECT * FROM patches" + (" WHERE state = ?" if state else "") + " ORDER BY added_at, id"
+        return [PatchRecord.from_row(r) for r in self.db.execute(q, (state,) if state else ())]
+
+    def released(self) -> list[PatchRecord]:
+        """Released patches in release order."""
+        rows = self.db.execute("SELECT * FROM patches WHERE state = 'released' ORDER BY release_seq")
+        return [PatchRecord.from_row(r) for r in rows]
+
+    def validations(self, pid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM validations WHERE patch_id = ? ORDER BY n", (pid,))
+        return [dict(r, report=json.loads(r["report"])) for r in rows]
+
+    def log(self, pid: str | None = None) -> list[AuditEntry]:
+        q = "SELECT * FROM audit" + (" WHERE patch_id = ?" if pid else "") + " ORDER BY seq"
+        return [AuditEntry(**dict(r, details=json.loads(r["details"]))) for r in self.db.execute(q, (pid,) if pid else ())]
+
+    def base(self) -> dict[str, Any]:
+        """The base model this registry releases onto: info and module fingerprints ({} until the first release)."""
+        info = {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT * FROM base")}
+        if info:
+            info["modules"] = {r["module"]: r["sha256"] for r in self.db.execute("SELECT * FROM base_modules")}
+        return info
+
+    def dependents(self, pid: str) -> list[str]:
+        rows = self.db.execute("SELECT patch_id FROM depends WHERE on_id = ?", (pid,)).fetchall()
+        return [r[0] for r in rows]
+
+    # -- writing --
+
+    def _audit(self, db: Any, actor: str, action: str, pid: str | None, from_state: str | None,
+               to_state: str | None, reason: str | None, details: dict[str, Any] | None = None) -> None:
+        row = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        prev = row[0] if row else ""
+        e = {"at": utcnow(), "actor": actor, "action": action, "patch_id": pid, "from_state": from_state,
+             "to_state": to_state, "reason": reason, "details": details or {}}
+        db.execute("INSERT INTO audit (at, actor, action, patch_id, from_state, to_state, reason, details, prev_hash, hash) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (e["at"], actor, action, pid, from_state, to_state, reason, json.dumps(e["details"], sort_keys=True),
+                    prev, _entry_hash(prev, e)))
+
+    def _state(self, db: Any, pid: str) -> str:
+        return db.execute("SELECT state FROM patches WHERE id = ?", (pid,)).fetchone()[0]
+
+    def add(self, patch_dir: str | os.PathLike, actor: str | None = None, reason: str | None = None) -> tuple[PatchRecord, bool]:
+        """Register a patch folder; (record, True) if new, (existing record, False) if already there."""
+        src = Path(patch_dir)
+        patch = Patch.load(src)  # refuses anything that is not a readable patch
+        if not patch.edits:
+            raise RankoneError(f"patch {src} holds no edits; nothing to register")
+        pid = content_id(src)
+        self._store_put(src, pid)
+        crash_point("add:stored")
+        summary = [{"module": e.module, "subject": e.request.get("subject", ""), "prompt": e.request.get("prompt", ""),
+                    "target": e.request.get("target", "")} for e in patch.edits]
+        actor = actor or os_user()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
+                db.execute("INSERT INTO patches (id, state, n_edits, summary, base, added_at, added_by, reason) "
+                           "VALUES (?,?,?,?,?,?,?,?)",
+                           (pid, "proposed", len(patch.edits), json.dumps(summary), json.dumps(patch.base, sort_keys=True),
+                            utcnow(), actor, reason))
+                self._audit(db, actor, "add", pid, None, "proposed", reason,
+                            {"n_edits": len(patch.edits), "modules": sorted({e.module for e in patch.edits}),
+                             "facts": [f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in summary]})
+                crash_point("add:uncommitted")
+                created = True
+            else:
+                created = False
+        return self.get(pid), created
+
+    def record_validation(self, ref: str, report: dict[str, Any], passed: bool, actor: str | None = None,
+                          reason: str | None = None) -> PatchRecord:
+        """Store a gate report; the state becomes `validated` only if it passed."""
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state not in ("proposed", "validated"):
+                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches are validated")
+            db.execute("INSERT INTO validations (patch_id, at, actor, passed, report) VALUES (?,?,?,?,?)",
+                       (pid, utcnow(), actor, int(passed), json.dumps(report)))
+            new = "validated" if passed else state
+            if new != state:
+                db.execute("UPDATE patches SET state = ? WHERE id = ?", (new, pid))
+            n_fail = sum(not r["passed"] for r in report.get("results", []))
+            self._audit(db, actor, "validate" if passed else "validate-failed", pid, state, new, reason,
+                        {"passed": passed, "n_checks": len(report.get("results", [])), "n_failed": n_fail,
+                         "suite_sha256": report.get("suite", {}).get("sha256", "")})
+        return self.get(pid)
+
+    def _released_patches(self, db: Any) -> list[tuple[str, Patch]]:
+        rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
+        return [(r[0], self.load_patch(r[0])) for r in rows]
+
+    def _walk(self, db: Any, pid: str, patch: Patch) -> tuple[dict[str, str], set[str], list[str]]:
+        """Fingerprint walk of the release chain plus the candidate, as build's apply_patch does it.
+
+        An edit fits if its `sha256_before` is the module's base (patches made on the base stack:
+        the merged weights are the exact sum of the rank-one terms) or the state the released
+        chain leaves the module in. Returns (base fingerprints the candidate teaches, released
+        patches it was made on top of, problems).
+        """
+        base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
+        state: dict[str, str | None] = {}  # None: stacked, fingerprint unknown without the weights
+        touched: dict[str, list[str]] = {}
+        for rid, rp in self._released_patches(db):
+            for e in rp.edits:
+                b = base_fp.setdefault(e.module, e.sha256_before)
+                state[e.module] = e.sha256_after if e.sha256_before == state.get(e.module, b) else None
+                touched.setdefault(e.module, []).append(rid)
+        learnt: dict[str, str] = {}
+        deps: set[str] = set()
+        problems: list[str] = []
+        for i, e in enumerate(patch.edits):
+            if e.module not in base_fp:
+                base_fp[e.module] = learnt[e.module] = e.sha256_before
+            b = base_fp[e.module]
+            cur = state.get(e.module, b)
+            if e.sha256_before != b:  # made on top of released patches: it needs them all
+                deps.update(q for q in touched.get(e.module, []) if q != pid)
+            if e.sha256_before == cur:
+                state[e.module] = e.sha256_after
+            elif e.sha256_before == b:
+                state[e.module] = None
+            elif cur is None:
+                problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, which the "
+                                "fingerprints alone cannot place; pass --model BASE to check it on the real weights")
+            else:
+                problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, but the release base "
+                                f"has {b[:12]}… and the released patches leave {cur[:12]}…: it was made for another base model")
+        return learnt, deps, problems
+
+    def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
+                conflict_threshold: float = 0.9, relations: dict[str, str] | None = None,
+                base_modules: dict[str, str] | None = None, base_info: dict[str, Any] | None = None,
+                verified_chain: list[str] | None = None) -> tuple[PatchRecord, list[Any]]:
+        """Append a validated patch to the release order. Conflicts refuse unless `force`.
+
+        `base_modules`/`base_info`: fingerprints and description of the real base model when the
+        caller loaded it (recorded on the first release, compared on later ones).
+        `verified_chain`: the released ids the caller applied, with this patch, to that base
+        model without error; it vouches for edits the fingerprint walk cannot place, provided the
+        release has not changed since.
+        """
+        from .conflicts import explain, find_conflicts
+
+        pid = self.resolve(ref)
+        patch = self.load_patch(pid)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state != "validated":
+                hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
+                raise RankoneError(f"patch {pid} cannot be released: {hint}")
+            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
+            if last is None or not last[0]:
+                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
+            self._check_base(db, pid, patch, base_modules)
+            released = self._released_patches(db)
+            learnt, deps, problems = self._walk(db, pid, patch)
+            vouched = verified_chain is not None and verified_chain == [q for q, _ in released]
+            if problems and not vouched:
+                raise RankoneError(f"patch {pid} cannot be released onto this registry's base: {problems[0]}")
+            conflicts = find_conflicts(patch, released, conflict_threshold, relations)
+            if conflicts and not force:
+                raise RankoneError(explain(conflicts))
+            if not db.execute("SELECT 1 FROM base").fetchone():  # the first release fixes the base model
+                info = dict(base_info or {}, model_type=patch.base.get("model_type"), n_layers=patch.base.get("n_layers"))
+                for k, v in sorted(info.items()):
+                    db.execute("INSERT INTO base VALUES (?, ?)", (k, json.dumps(v)))
+                for m, sha in sorted((base_modules or {}).items()):
+                    db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
+            for m, sha in sorted(learnt.items()):
+                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
+            seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
+            db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
+                       (seq, utcnow(), pid))
+            for q in sorted(deps):
+                db.execute("INSERT OR IGNORE INTO depends VALUES (?, ?)", (pid, q))
+            details: dict[str, Any] = {"release_seq": seq, "depends_on": sorted(deps)}
+            if conflicts:
+                details["forced_over"] = [c.detail for c in conflicts]
+            self._audit(db, actor, "release", pid, state, "released", reason, details)
+            crash_point("release:uncommitted")
+        return self.get(pid), conflicts
+
+    def _check_base(self, db: Any, pid: str, patch: Patch, base_modules: dict[str, str] | None) -> None:
+        info = {r["key"]: json.loads(r["value"]) for r in db.execute("SELECT * FROM base")}
+        for k in ("model_type", "n_layers"):
+            if info and patch.base.get(k) is not None and info.get(k) is not None and patch.base[k] != info[k]:
+                raise RankoneError(f"patch {pid} was made for a {patch.base.get('model_type')} with {patch.base.get('n_layers')} "
+                                   f"layers; this registry releases onto a {info.get('model_type')} with "
+                                   f"{info.get('n_layers')} layers (use another --registry for another base model)")
+        if base_modules is not None:
+            self._compare_base(db, base_modules)
+
+    def _compare_base(self, db: Any, model_fp: dict[str, str]) -> None:
+        for r in db.execute("SELECT * FROM base_modules ORDER BY module"):
+            got = model_fp.get(r["module"])
+            if got != r["sha256"]:
+                have = f"weights {got[:12]}…" if got else "no such module"
+                raise RankoneError(f"the model given is not this registry's base model: {r['module']} has {have}, the "
+                                   f"patches were released onto {r['sha256'][:12]}… (see `rankone registry show`)")
+
+    def verify_base(self, model_fp: dict[str, str]) -> None:
+        """Refuse a model whose fingerprints differ from the base the registry released onto."""
+        self._compare_base(self.db, model_fp)
+
+    def base_module_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT module FROM base_modules ORDER BY module")]
+
+    def rollback(self, ref: str, actor: str | None = None, reason: str | None = None, cascade: bool = False) -> list[str]:
+        """Take a released patch out of the release; patches built on it go too only with `cascade`."""
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state != "released":
+                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back")
+            order, todo = [], [pid]
+            while todo:  # released patches that depend on it, transitively
+                q = todo.pop()
+                if q in order:
+                    continue
+                order.append(q)
+                todo += [r[0] for r in db.execute("SELECT d.patch_id FROM depends d JOIN patches p ON p.id = d.patch_id "
+                                                  "WHERE d.on_id = ? AND p.state = 'released'", (q,))]
+            if len(order) > 1 and not cascade:
+                raise RankoneError(f"released patch(es) {', '.join(order[1:])} were made on top of {pid}; roll them back "
+                                   "first, or pass --cascade to roll back all of them")
+            for q in reversed(order):
+                db.execute("UPDATE patches SET state = 'rolled_back' WHERE id = ?", (q,))
+                self._audit(db, actor, "rollback", q, "released", "rolled_back", reason,
+                            {} if q == pid else {"cascade_from": pid})
+            crash_point("rollback:uncommitted")
+        return list(reversed(order))
+
+    def reject(self, ref: str, actor: str | None = None, reason: str | None = None) -> PatchRecord:
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state not in ("proposed", "validated"):
+                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches can be rejected")
+            db.execute("UPDATE patches SET state = 'rejected' WHERE id = ?", (pid,))
+            self._audit(db, actor, "reject", pid, state, "rejected", reason)
+        return self.get(pid)
+
+    def record_build(self, out: str, actor: str | None, ids: list[str], fmt: str) -> None:
+        """Builds are not transitions but belong in the audit trail of what was shipped."""
+        with self._tx() as db:
+            self._audit(db, actor or os_user(), "build", None, None, None, None, {"out": out, "patches": ids, "format": fmt})
+
+    # -- consistency --
+
+    def check(self, prune: bool = False, min_age_s: float = 600) -> CheckReport:
+        """Every row has its files and they hash to its id; the audit hash chain is intact.
+
+        Orphaned store folders (a crash between the store write and the commit) are reported;
+        with `prune`, those older than `min_age_s` (so never one a running `add` is making) and
+        leftover temporary folders are removed.
+        """
+        rep = CheckReport()
+        ids = {r[0] for r in self.db.execute("SELECT id FROM patches")}
+        for pid in sorted(ids):
+            d = self.patch_dir(pid)
+            if not is_patch_dir(d):
+                rep.problems.append(f"patch {pid} has no files in {self.store}")
+            elif _safe_id(d) != pid:
+                rep.problems.append(f"patch {pid}: files in {d} do not hash to its id (damaged)")
+        prev = ""
+        for e in self.log():
+            if e.prev_hash != prev or _entry_hash(prev, vars(e)) != e.hash:
+                rep.problems.append(f"audit entry {e.seq} does not continue the hash chain (the log was altered)")
+                break
+            prev = e.hash
+        seqs = [r[0] for r in self.db.execute("SELECT release_seq FROM patches WHERE release_seq IS NOT NULL ORDER BY release_seq")]
+        if len(seqs) != len(set(seqs)):
+            rep.problems.append("two patches share a release position")
+        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'release'").fetchone()[0]
+        if n_rel != len(seqs):
+            rep.problems.append(f"{len(seqs)} patches have a release position but the audit log records {n_rel} releases")
+        for d in sorted(self.store.iterdir()):
+            old = time.time() - d.stat().st_mtime > min_age_s
+            if d.name.startswith("."):
+                if prune and old:
+                    shutil.rmtree(d, ignore_errors=True)
+                    rep.pruned.append(d.name)
+            elif d.name not in ids:
+                rep.orphans.append(d.name)
+                if prune and old:
+                    shutil.rmtree(d, ignore_errors=True)
+                    rep.pruned.append(d.name)
+        return rep
+
+
+class _Cursor:
+    """The connection, inside a transaction (a name for what `_tx` yields)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+
+def _safe_id(d: Path) -> str | None:
+    try:
+        return content_id(d)
+    except Exception:
+        return None
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
