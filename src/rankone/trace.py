@@ -477,7 +477,10 @@ def cached_aie(
 
 
 def best_cached_aie(model_fp: str, kind: str = "mlp") -> AIE | None:
-    """The cached AIE of this model with the most traced facts that has `kind` (None if none)."""
+    """The cached AIE of this model with the most traced facts that has `kind` (None if none).
+
+    Any case set counts: a `rankone trace --cases FILE` run is what `edit --layer auto` reuses.
+    """
     best: AIE | None = None
     d = aie_cache_dir(model_fp)
     for f in sorted(d.glob("aie-*.json")) if d.is_dir() else []:
@@ -488,7 +491,8 @@ def best_cached_aie(model_fp: str, kind: str = "mlp") -> AIE | None:
             a = AIE.from_dict(rec["aie"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             continue
-        if kind in a.aie and (best is None or a.n_facts > best.n_facts):
+        # without noise every effect is zero: such a record says nothing about layers
+        if kind in a.aie and a.noise_scale > 0 and (best is None or a.n_facts > best.n_facts):
             a.cache_file = str(f)
             best = a
     return best

@@ -58,11 +58,15 @@ def plot_trace(trace: CaseTrace, kind: str, path: str | os.PathLike, model_name:
     what = {"hidden": "state", "mlp": "MLP", "attn": "Attn"}[kind]
     ax.set_title(f"Impact of restoring {what} after corrupted input", fontsize=9)
     on = f" within {model_name}" if model_name else ""
-    ax.set_xlabel(f"single restored layer{on}" if kind == "hidden" or trace.window == 1
-                  else f"center of interval of {trace.window} restored {what} layers", fontsize=8)
+    if kind == "hidden":
+        ax.set_xlabel(f"single restored layer{on}", fontsize=8)
+    elif trace.window == 1:
+        ax.set_xlabel(f"single restored {what} layer{on}", fontsize=8)
+    else:
+        ax.set_xlabel(f"center of interval of {trace.window} restored {what} layers", fontsize=8)
     cb = fig.colorbar(img, ax=ax)
     cb.ax.tick_params(labelsize=7)
-    cb.ax.set_title(f"p({trace.answer_token.strip()})", fontsize=8)
+    cb.set_label(f"p({trace.answer_token.strip()})", fontsize=8)
     _save(fig, path)
 
 
@@ -82,20 +86,21 @@ def plot_aie(aie: AIE, path: str | os.PathLike, chosen: int | None = None, title
         label = "hidden state" if kind == "hidden" else f"{NAMES[kind]} (window {aie.window})"
         ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, color=COLOURS[kind], label=label)
     if chosen is not None:
-        ax.axvline(chosen, color="grey", ls="--", lw=1)
-        ax.text(chosen, ax.get_ylim()[1], f" auto: layer {chosen}", va="top", fontsize=7, color="grey")
+        ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"--layer auto: {chosen}")
     ax.set_xticks(xs)
     ax.set_xlabel("layer", fontsize=8)
     ax.set_ylabel("average indirect effect on p(answer)", fontsize=8)
     ax.set_title(title or f"Average indirect effect at the last subject token ({aie.n_facts} facts)", fontsize=9)
     ax.tick_params(labelsize=7)
+    handles, labels = ax.get_legend_handles_labels()
     if quality:
         ax2 = ax.twinx()
         for (name, ys), style in zip(quality.items(), (":", "-.", "--")):
             ax2.plot(xs, list(ys), ls=style, color="black", lw=1, marker="x", ms=3, label=f"edit {name}")
-        ax2.set_ylabel("edit quality", fontsize=8)
-        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("edit quality (fraction)", fontsize=8)
+        ax2.set_ylim(-0.03, 1.03)
         ax2.tick_params(labelsize=7)
-        ax2.legend(fontsize=6, loc="center right")
-    ax.legend(fontsize=6, loc="upper right")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    fig.legend(handles, labels, fontsize=6, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0), frameon=False)
     _save(fig, path)

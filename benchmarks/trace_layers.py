@@ -1,0 +1,230 @@
+"""Does causal tracing pick the layer where editing works best? (issue 6)
+
+On the small-world testbed: the average indirect effect (AIE) per layer of restoring hidden states,
+MLP outputs and attention outputs at the last subject token, and the quality of single r-ROME edits
+made at each layer (N facts, each edited then reverted):
+
+    ES  efficacy      p(new) > p(true) on the edited prompt
+    PS  paraphrase    p(new) > p(true) on the fact's held-out phrasings (never trained)
+    NS  neighbourhood p(true') > p(new) for other subjects' facts of the same relation
+    S   harmonic mean of ES, PS, NS (ROME's score)
+
+probabilities are teacher forced over all target tokens (rankone.generation.target_logprob);
+rankone.evaluate did not exist when this was written, so the three metrics are computed here.
+
+    python benchmarks/trace_layers.py                 # built-in testbed, 50 edits per layer
+    python benchmarks/trace_layers.py --model runs/small-gpt2 --n-edits 20 --no-write
+
+Per-edit results are kept in runs/trace_layers/<model>/ (git-ignored) so that an interrupted run
+resumes where it stopped. Writes heatmaps to docs/trace_*.png, docs/aie_*.png and the `trace`
+section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import table, write_section  # noqa: E402
+
+from rankone import architectures as arch  # noqa: E402
+from rankone.editor import Editor  # noqa: E402
+from rankone.generation import target_logprob  # noqa: E402
+from rankone.hparams import EditHParams  # noqa: E402
+from rankone.models import load_model  # noqa: E402
+from rankone.patch import revert_patch  # noqa: E402
+from rankone.testbed import World, builtin_model_dir  # noqa: E402
+from rankone.tokens import EditRequest  # noqa: E402
+from rankone.trace import TraceSettings, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
+from rankone.trace_cli import load_cases, sample_facts  # noqa: E402
+from rankone.trace_plot import plot_aie, plot_trace  # noqa: E402
+
+
+def cases_for_edits(world: World, n: int, n_neighbours: int, seed: int) -> list[dict]:
+    """n facts to edit, each with a new object, its held-out paraphrases and same-relation neighbours."""
+    rng = random.Random(seed)
+    by_rel: dict[str, list] = {}
+    for f in world.facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    out = []
+    for f in rng.sample(world.facts, n):
+        rel = world.relation(f.relation)
+        new = rng.choice([o for o in rel.objects if o != f.object])
+        nbrs = [g for g in by_rel[f.relation] if g.subject != f.subject and g.object not in (new, f.object)]
+        out.append({
+            "subject": f.subject, "true": f.object, "new": new,
+            "prompt": rel.phrasings[[i for i in range(len(rel.phrasings)) if i not in f.heldout][0]],
+            "paraphrases": world.prompts(f, "heldout"),
+            "neighbours": [(world.prompts(g, "train")[0], g.object) for g in rng.sample(nbrs, min(n_neighbours, len(nbrs)))],
+        })
+    return out
+
+
+def quality(model, tok, c: dict) -> dict:
+    """ES, PS, NS of one case on the model as it is now, and p(new) on the edited prompt."""
+    lp = lambda p, t: target_logprob(model, tok, p, t)  # noqa: E731
+    prompt = c["prompt"].replace("{}", c["subject"])
+    new, true = lp(prompt, c["new"]), lp(prompt, c["true"])
+    ps = [lp(p, c["new"]) > lp(p, c["true"]) for p in c["paraphrases"]]
+    ns = [lp(p, obj) > lp(p, c["new"]) for p, obj in c["neighbours"]]
+    return {"ES": float(new > true), "PS": sum(ps) / len(ps) if ps else float("nan"),
+            "NS": sum(ns) / len(ns) if ns else float("nan"), "p_new": float(torch.tensor(new).exp())}
+
+
+def summarise(rows: list[dict]) -> dict:
+    m = {k: statistics.fmean(r[k] for r in rows if r[k] == r[k]) for k in ("ES", "PS", "NS", "p_new")}
+    m["S"] = statistics.harmonic_mean([m["ES"], m["PS"], m["NS"]]) if min(m["ES"], m["PS"], m["NS"]) > 0 else 0.0
+    m["n"] = len(rows)
+    return m
+
+
+def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, log) -> dict[int, dict]:
+    """For each layer, each case edited with r-ROME, measured, then reverted (resumable)."""
+    results: dict[int, dict] = {}
+    for layer in layers:
+        f = state / f"edits-L{layer}.jsonl"
+        done = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+        ed = Editor(model, tok, EditHParams(method="r-rome", layer=layer), progress=False)
+        t0 = time.perf_counter()
+        w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer))).detach().clone()
+        for i in range(len(done), len(cases)):
+            c = cases[i]
+            patch = ed.edit([EditRequest.create(c["prompt"], c["subject"], c["new"])], keep=True)
+            try:
+                row = dict(quality(model, tok, c), case=i, delta_fro=patch.edits[0].delta_fro,
+                           clamped=patch.edits[0].diagnostics["value"]["clamped"])
+            finally:
+                revert_patch(model, patch)
+            done.append(row)
+            with open(f, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if (i + 1) % 10 == 0:
+                log(f"  layer {layer}: {i + 1}/{len(cases)} edits, {time.perf_counter() - t0:.0f}s")
+        assert torch.equal(w, arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))), "revert failed"
+        results[layer] = summarise(done[: len(cases)])
+        results[layer]["clamped"] = sum(r["clamped"] for r in done[: len(cases)]) / len(cases)
+        log(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[layer].items()))
+    return results
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="testbed model folder (default: the built-in one)")
+    ap.add_argument("--n-edits", type=int, default=50)
+    ap.add_argument("--n-neighbours", type=int, default=5)
+    ap.add_argument("--n-aie", type=int, default=200, help="facts averaged for the AIE")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--heatmaps", type=int, default=3, help="facts whose full traces go to docs/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and docs/ alone")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the machine is shared
+    model_dir = Path(args.model) if args.model else builtin_model_dir()
+    if not (model_dir / "world.json").is_file():
+        sys.exit(f"{model_dir} is not a testbed model folder (no world.json); pass --model")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    t_start = time.perf_counter()
+    model, tok = load_model(model_dir)
+    world = World.load(model_dir)
+    n_layers = arch.num_layers(model)
+    fp = model_fingerprint(model)
+    state = ROOT / "runs" / "trace_layers" / fp[:16]
+    state.mkdir(parents=True, exist_ok=True)
+    log(f"model {model_dir} ({n_layers} layers), state in {state}")
+
+    # 1. average indirect effect over testbed facts (cached per model)
+    settings = TraceSettings(n_samples=args.samples, seed=args.seed)
+    facts, subjects = load_cases(model_dir)
+    t0 = time.perf_counter()
+    aie = cached_aie(model, tok, sample_facts(facts, args.n_aie, args.seed), settings, subjects, "testbed world.json", fp)
+    t_aie = time.perf_counter() - t0
+    auto = aie.best_layer("mlp")
+    log(f"AIE over {aie.n_facts} facts ({aie.n_wrong} wrong) in {t_aie:.0f}s: {aie.aie}; auto layer {auto}")
+
+    # 2. edit quality at every layer
+    cases = cases_for_edits(world, args.n_edits, args.n_neighbours, args.seed)
+    base = summarise([quality(model, tok, c) for c in cases])
+    t0 = time.perf_counter()
+    res = edit_sweep(model, tok, cases, list(range(n_layers)), state, log)
+    t_edit = time.perf_counter() - t0
+    best = max(res, key=lambda l: (res[l]["S"], res[l]["ES"] + res[l]["PS"]))
+
+    # 3. figures
+    docs = ROOT / "docs"
+    name = model_dir.name if model_dir != builtin_model_dir() else "builtin"
+    figures = []
+    if not args.no_write:
+        nu = resolve_noise(model, tok, settings, subjects)
+        seen_rel: set[str] = set()
+        for f in world.facts:
+            if len(figures) >= args.heatmaps:
+                break
+            if f.relation in seen_rel:
+                continue
+            prompt = world.prompts(f, "train")[0]
+            tr = trace_case(model, tok, prompt, f.subject, f.object, nu, settings)
+            if not tr.correct:
+                continue
+            seen_rel.add(f.relation)
+            stem = f"trace_{name}_{slug(f.relation)}"
+            for kind in settings.kinds:
+                plot_trace(tr, kind, docs / f"{stem}_{kind}.png", name)
+            figures.append((stem, tr.prompt, tr.answer))
+        plot_aie(aie, docs / f"aie_{name}.png", auto,
+                 quality={k: [res[l][k] for l in range(n_layers)] for k in ("ES", "PS", "NS")})
+
+    # 4. report
+    rows_aie = [[l] + [f"{aie.aie[k][l]:.4f} ± {aie.sem[k][l]:.4f}" for k in settings.kinds] for l in range(n_layers)]
+    rows_q = [["no edit", "", f"{base['ES']:.3f}", f"{base['PS']:.3f}", f"{base['NS']:.3f}", f"{base['S']:.3f}", f"{base['p_new']:.3f}", ""]]
+    rows_q += [[f"{l}" + (" (auto)" if l == auto else "") + (" (testbed default)" if l == world.edit_layer else ""),
+                f"{aie.aie['mlp'][l]:.4f}", f"{res[l]['ES']:.3f}", f"{res[l]['PS']:.3f}", f"{res[l]['NS']:.3f}",
+                f"{res[l]['S']:.3f}", f"{res[l]['p_new']:.3f}", f"{res[l]['clamped']:.2f}"] for l in range(n_layers)]
+    verdict = (f"**Tracing picks layer {auto}; editing works best at layer {best}** (highest S"
+               + (", ties broken by ES + PS" if sum(res[l]['S'] == res[best]['S'] for l in res) > 1 else "") + "): "
+               + ("the layer tracing picks is the best layer to edit." if auto == best else
+                  f"the layer tracing picks is **not** the best layer to edit (S {res[auto]['S']:.3f} at layer {auto} "
+                  f"vs {res[best]['S']:.3f} at layer {best})."))
+    body = f"""Model: `{model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}` ({n_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters, world `{world.name}`).
+Causal tracing: noise ν = {settings.noise_factor:g} × std of subject-token embeddings over the world's {len(set(subjects))} subjects = {aie.noise_scale:.4f}, {settings.n_samples} noise samples, MLP/attention window {aie.window} layer(s) (min(10, n_layers // 4)), seed {settings.seed}.
+AIE over {aie.n_facts} facts the model answers correctly ({aie.n_wrong} of a seeded sample of {aie.n_facts + aie.n_wrong} answered wrongly, not traced); p(answer) clean {aie.p_clean:.3f}, corrupted {aie.p_corrupted:.3f}, average total effect {aie.ate:.3f}; {t_aie:.0f} s (0 s when cached).
+
+Average indirect effect at the last subject token (mean ± standard error):
+
+{table(["layer"] + [f"AIE {k}" for k in settings.kinds], rows_aie)}
+
+Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), {args.n_neighbours} neighbours each; metrics computed in the benchmark script (rankone.evaluate was not available), teacher-forced over all target tokens; "clamped" = share of edits whose value shift hit the norm clamp. {t_edit:.0f} s for all layers.
+
+{table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "mean p(new)", "clamped"], rows_q)}
+
+{verdict}
+
+![AIE per layer with edit quality](docs/aie_{name}.png)
+
+""" + "\n".join(f"Heatmaps for *{p} → {a}*: " + " ".join(f"![{k}](docs/{stem}_{k}.png)" for k in settings.kinds)
+               for stem, p, a in figures)
+    print(body)
+    log(f"total {time.perf_counter() - t_start:.0f}s")
+    if not args.no_write:
+        write_section("trace", "Causal tracing and the layer to edit (issue 6)", body)
+        json.dump({"aie": aie.to_dict(), "quality": res, "no_edit": base, "auto": auto, "best": best},
+                  open(state / "summary.json", "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
