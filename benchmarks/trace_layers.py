@@ -9,8 +9,9 @@ made at each layer (N facts, each edited then reverted):
     NS  neighbourhood p(true') > p(new) for other subjects' facts of the same relation
     S   harmonic mean of ES, PS, NS (ROME's score)
 
-probabilities are teacher forced over all target tokens (rankone.generation.target_logprob);
-rankone.evaluate did not exist when this was written, so the three metrics are computed here.
+with the cases of `rankone.cases.cases_from_world` (new object: another object of the relation;
+paraphrases: the fact's held-out phrasings; neighbours: other subjects' facts of the relation) and
+the metrics of `rankone.evaluate` (teacher forced over all target tokens, per-token mean).
 
     python benchmarks/trace_layers.py                 # built-in testbed, 50 edits per layer
     python benchmarks/trace_layers.py --model runs/small-gpt2 --n-edits 20 --no-write
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,53 +39,20 @@ from _report import table, write_section  # noqa: E402
 
 from rankone import architectures as arch  # noqa: E402
 from rankone.editor import Editor  # noqa: E402
-from rankone.generation import target_logprob  # noqa: E402
+from rankone.cases import cases_from_world  # noqa: E402
+from rankone.evaluate import evaluate_cases, summarize  # noqa: E402
 from rankone.hparams import EditHParams  # noqa: E402
 from rankone.models import load_model  # noqa: E402
 from rankone.patch import revert_patch  # noqa: E402
 from rankone.testbed import World, builtin_model_dir  # noqa: E402
-from rankone.tokens import EditRequest  # noqa: E402
 from rankone.trace import TraceSettings, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
 from rankone.trace_cli import load_cases, sample_facts  # noqa: E402
 from rankone.trace_plot import plot_aie, plot_trace  # noqa: E402
 
 
-def cases_for_edits(world: World, n: int, n_neighbours: int, seed: int) -> list[dict]:
-    """n facts to edit, each with a new object, its held-out paraphrases and same-relation neighbours."""
-    rng = random.Random(seed)
-    by_rel: dict[str, list] = {}
-    for f in world.facts:
-        by_rel.setdefault(f.relation, []).append(f)
-    out = []
-    for f in rng.sample(world.facts, n):
-        rel = world.relation(f.relation)
-        new = rng.choice([o for o in rel.objects if o != f.object])
-        nbrs = [g for g in by_rel[f.relation] if g.subject != f.subject and g.object not in (new, f.object)]
-        out.append({
-            "subject": f.subject, "true": f.object, "new": new,
-            "prompt": rel.phrasings[[i for i in range(len(rel.phrasings)) if i not in f.heldout][0]],
-            "paraphrases": world.prompts(f, "heldout"),
-            "neighbours": [(world.prompts(g, "train")[0], g.object) for g in rng.sample(nbrs, min(n_neighbours, len(nbrs)))],
-        })
-    return out
-
-
-def quality(model, tok, c: dict) -> dict:
-    """ES, PS, NS of one case on the model as it is now, and p(new) on the edited prompt."""
-    lp = lambda p, t: target_logprob(model, tok, p, t)  # noqa: E731
-    prompt = c["prompt"].replace("{}", c["subject"])
-    new, true = lp(prompt, c["new"]), lp(prompt, c["true"])
-    ps = [lp(p, c["new"]) > lp(p, c["true"]) for p in c["paraphrases"]]
-    ns = [lp(p, obj) > lp(p, c["new"]) for p, obj in c["neighbours"]]
-    return {"ES": float(new > true), "PS": sum(ps) / len(ps) if ps else float("nan"),
-            "NS": sum(ns) / len(ns) if ns else float("nan"), "p_new": float(torch.tensor(new).exp())}
-
-
 def summarise(rows: list[dict]) -> dict:
-    m = {k: statistics.fmean(r[k] for r in rows if r[k] == r[k]) for k in ("ES", "PS", "NS", "p_new")}
-    m["S"] = statistics.harmonic_mean([m["ES"], m["PS"], m["NS"]]) if min(m["ES"], m["PS"], m["NS"]) > 0 else 0.0
-    m["n"] = len(rows)
-    return m
+    m = summarize(rows)
+    return {"ES": m["es"], "PS": m["ps"], "NS": m["ns"], "S": m["score"], "EM": m["em"], "n": m["n"]}
 
 
 def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, log) -> dict[int, dict]:
@@ -99,10 +65,9 @@ def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, lo
         t0 = time.perf_counter()
         w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer))).detach().clone()
         for i in range(len(done), len(cases)):
-            c = cases[i]
-            patch = ed.edit([EditRequest.create(c["prompt"], c["subject"], c["new"])], keep=True)
+            patch = ed.edit([cases[i].request], keep=True)
             try:
-                row = dict(quality(model, tok, c), case=i, delta_fro=patch.edits[0].delta_fro,
+                row = dict(evaluate_cases(model, tok, [cases[i]])[0], case=i, delta_fro=patch.edits[0].delta_fro,
                            clamped=patch.edits[0].diagnostics["value"]["clamped"])
             finally:
                 revert_patch(model, patch)
@@ -115,6 +80,8 @@ def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, lo
         results[layer] = summarise(done[: len(cases)])
         results[layer]["clamped"] = sum(r["clamped"] for r in done[: len(cases)]) / len(cases)
         log(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[layer].items()))
+        if not torch.isfinite(torch.tensor(results[layer]["PS"])):
+            log("  (no paraphrases: PS is undefined)")
     return results
 
 
@@ -143,7 +110,7 @@ def main() -> int:
     world = World.load(model_dir)
     n_layers = arch.num_layers(model)
     fp = model_fingerprint(model)
-    state = ROOT / "runs" / "trace_layers" / fp[:16]
+    state = ROOT / "runs" / "trace_layers" / f"{fp[:16]}-seed{args.seed}-nb{args.n_neighbours}"  # resumable per setting
     state.mkdir(parents=True, exist_ok=True)
     log(f"model {model_dir} ({n_layers} layers), state in {state}")
 
@@ -157,8 +124,8 @@ def main() -> int:
     log(f"AIE over {aie.n_facts} facts ({aie.n_wrong} wrong) in {t_aie:.0f}s: {aie.aie}; auto layer {auto}")
 
     # 2. edit quality at every layer
-    cases = cases_for_edits(world, args.n_edits, args.n_neighbours, args.seed)
-    base = summarise([quality(model, tok, c) for c in cases])
+    cases = cases_from_world(world, seed=args.seed, n_neighbours=args.n_neighbours)[: args.n_edits]
+    base = summarise(evaluate_cases(model, tok, cases))
     t0 = time.perf_counter()
     res = edit_sweep(model, tok, cases, list(range(n_layers)), state, log)
     t_edit = time.perf_counter() - t0
@@ -190,10 +157,10 @@ def main() -> int:
 
     # 4. report
     rows_aie = [[l] + [f"{aie.aie[k][l]:.4f} ± {aie.sem[k][l]:.4f}" for k in settings.kinds] for l in range(n_layers)]
-    rows_q = [["no edit", "", f"{base['ES']:.3f}", f"{base['PS']:.3f}", f"{base['NS']:.3f}", f"{base['S']:.3f}", f"{base['p_new']:.3f}", ""]]
+    rows_q = [["no edit", "", f"{base['ES']:.3f}", f"{base['PS']:.3f}", f"{base['NS']:.3f}", f"{base['S']:.3f}", f"{base['EM']:.3f}", ""]]
     rows_q += [[f"{l}" + (" (auto)" if l == auto else "") + (" (testbed default)" if l == world.edit_layer else ""),
                 f"{aie.aie['mlp'][l]:.4f}", f"{res[l]['ES']:.3f}", f"{res[l]['PS']:.3f}", f"{res[l]['NS']:.3f}",
-                f"{res[l]['S']:.3f}", f"{res[l]['p_new']:.3f}", f"{res[l]['clamped']:.2f}"] for l in range(n_layers)]
+                f"{res[l]['S']:.3f}", f"{res[l]['EM']:.3f}", f"{res[l]['clamped']:.2f}"] for l in range(n_layers)]
     verdict = (f"**Tracing picks layer {auto}; editing works best at layer {best}** (highest S"
                + (", ties broken by ES + PS" if sum(res[l]['S'] == res[best]['S'] for l in res) > 1 else "") + "): "
                + ("the layer tracing picks is the best layer to edit." if auto == best else
@@ -207,9 +174,9 @@ Average indirect effect at the last subject token (mean ± standard error):
 
 {table(["layer"] + [f"AIE {k}" for k in settings.kinds], rows_aie)}
 
-Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), {args.n_neighbours} neighbours each; metrics computed in the benchmark script (rankone.evaluate was not available), teacher-forced over all target tokens; "clamped" = share of edits whose value shift hit the norm clamp. {t_edit:.0f} s for all layers.
+Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), up to {args.n_neighbours} neighbours each (cases: `rankone.cases.cases_from_world`, seed {args.seed}; metrics: `rankone.evaluate`, teacher forced, per-token mean probability; EM = mean p(new) − p(true) on the edit prompt; "clamped" = share of edits whose value shift hit the norm clamp). {t_edit:.0f} s for all layers.
 
-{table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "mean p(new)", "clamped"], rows_q)}
+{table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "EM", "clamped"], rows_q)}
 
 {verdict}
 
