@@ -1,3 +1,27 @@
-"""rankone: rank-one model editing (ROME, r-ROME, p-ROME) for Hugging Face causal LMs."""
+"""rankone: rank-one model editing (ROME, r-ROME, p-ROME) for Hugging Face causal LMs.
+
+    from rankone import load_model, EditRequest, EditHParams, Editor, Patch, apply_patch, revert_patch
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Imported lazily so that `import rankone` (and `rankone --help`) stays fast.
+_API = {
+    "load_model": "rankone.models", "EditRequest": "rankone.tokens", "EditHParams": "rankone.hparams",
+    "Editor": "rankone.editor", "edit": "rankone.editor", "Patch": "rankone.patch",
+    "apply_patch": "rankone.patch", "revert_patch": "rankone.patch", "compose": "rankone.patch",
+    "RankoneError": "rankone.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'rankone' has no attribute {name!r}")
