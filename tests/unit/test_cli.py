@@ -160,3 +160,18 @@ def test_corrupt_patch_is_refused(capsys, model_dir, tmp_path):
 def test_revert_without_record_or_patch(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "revert", "--model", str(model_dir), "--out", str(tmp_path / "out"))
     assert code == 2 and "--patch" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra", [["--dtype", "bfloat16"], ["--dtype", "float16"], ["--device-map", "auto"]])
+def test_dtypes_and_device_map(extra, capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, *edit_args(model_dir, tmp_path / "p"), *extra)
+    assert code == 0, err
+    man = json.loads((tmp_path / "p" / "patch.json").read_text())
+    want = {"bfloat16": "bfloat16", "float16": "float16"}.get(extra[1], "float32")
+    assert man["edits"][0]["weight_dtype"] == want
+    # the patch applies to a model loaded the same way, and reverts to the exact base
+    code, _, err = run(capsys, "apply", "--model", str(model_dir), "--patch", str(tmp_path / "p"), *extra,
+                       "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    code, _, err = run(capsys, "revert", "--model", str(tmp_path / "m"), *extra, "--out", str(tmp_path / "r"))
+    assert code == 0, err
