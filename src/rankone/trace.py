@@ -173,8 +173,8 @@ class CaseTrace:
         return torch.tensor(self.scores[kind]) - self.p_corrupted  # [n_positions, n_layers]
 
 
-def _prepare(tok: Any, prompt: str, subject: str, answer: str | None) -> tuple[str, list[int], tuple[int, int], list[tuple[int, int]], int | None]:
-    """Prompt text, its ids, the subject's token span, offsets and the answer's first token id.
+def _prepare(tok: Any, prompt: str, subject: str, answer: str | None) -> tuple[str, list[int], tuple[int, int], int | None]:
+    """Prompt text, its ids, the subject's token span [first, last] and the answer's first token id.
 
     With an answer, the prompt ids are the prefix of the tokenized "prompt answer" before the
     answer (exactly the teacher-forced reading of `generation.target_logprob`).
@@ -183,14 +183,14 @@ def _prepare(tok: Any, prompt: str, subject: str, answer: str | None) -> tuple[s
     text, s0, s1 = req.text()
     if answer is None:
         ids, offsets = encode(tok, text)
-        return text, ids, token_span(tok, text, s0, s1, offsets), offsets, None
+        return text, ids, token_span(tok, text, s0, s1, offsets), None
     full, t0 = join_target(text, req.target)
     ids, offsets = encode(tok, full)
     first, _ = token_span(tok, full, t0, len(full), offsets, what="answer")
     span = token_span(tok, full, s0, s1, offsets)
     if span[1] >= first:
         raise RankoneError(f"the answer overlaps the subject in {full!r}")
-    return text, ids[:first], span, offsets[:first], ids[first]
+    return text, ids[:first], span, ids[first]
 
 
 @torch.no_grad()
@@ -208,7 +208,9 @@ def trace_case(
     spec = arch.spec_for(model)
     n_layers = arch.num_layers(model, spec)
     window = s.window or default_window(n_layers)
-    text, ids, (sf, sl), _, answer_id = _prepare(tok, prompt, subject, answer)
+    if positions not in ("all", "subject_last"):
+        raise ValueError(f"positions must be 'all' or 'subject_last', not {positions!r}")
+    text, ids, (sf, sl), answer_id = _prepare(tok, prompt, subject, answer)
     dev = next(model.parameters()).device
     x = torch.tensor([ids], device=dev)  # [1, pos]
     P = x.shape[1]
