@@ -50,7 +50,7 @@ class GatePolicy:
     keep_max_prob_change: float = 0.05  # |p_after − p_before| of the reference answer, absolute
     keep_answer_must_match: bool = True  # a "keep" prompt's greedy answer may not change
     max_perplexity_rise: float = 0.02  # ppl_after / ppl_before − 1 for each perplexity text
-    max_delta_rel: float | None = 0.25  # ‖ΣΔW‖_F / ‖W‖_F per edited module; null: no limit
+    max_delta_rel: float | None = 3.0  # ‖ΣΔW‖_F / ‖W‖_F per edited module; null: no limit (see docs)
     max_delta_fro: float | None = None  # ‖ΣΔW‖_F per edited module, absolute; null: no limit
     conflict_key_cosine: float = 0.9  # release refuses |cos(v₁, v₂)| above this (see conflicts.py)
     answer_tokens: int = 4  # greedy tokens generated to read an answer

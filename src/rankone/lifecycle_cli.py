@@ -70,7 +70,8 @@ def _patches_for(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     patches, sources = [], []
     reg = None
     for ref in args.patch:
-        if is_patch_dir(ref) or Path(ref).exists():
+        looks_like_id = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref.lower())
+        if is_patch_dir(ref) or Path(ref).exists() or not looks_like_id:
             patches.append(Patch.load(ref))
             sources.append(str(ref))
             continue

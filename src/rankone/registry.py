@@ -474,8 +474,8 @@ class Registry:
                 info = dict(base_info or {}, model_type=patch.base.get("model_type"), n_layers=patch.base.get("n_layers"))
                 for k, v in sorted(info.items()):
                     db.execute("INSERT INTO base VALUES (?, ?)", (k, json.dumps(v)))
-                for m, sha in sorted((base_modules or {}).items()):
-                    db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
+            for m, sha in sorted((base_modules or {}).items()):  # checked against the known ones above
+                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
             for m, sha in sorted(learnt.items()):
                 db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
             seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]

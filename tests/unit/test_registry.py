@@ -22,6 +22,15 @@ PASS = {"results": [{"passed": True}], "suite": {"sha256": "x"}}
 FAIL = {"results": [{"passed": False}], "suite": {"sha256": "x"}}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is several times faster than two on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def synth_patch(model, module=M1, seed=0, subject="Danielle Darrieux", prompt="{} was born in", target="Rome",
                 scale=1e-3, v=None) -> Patch:
     """A real one-edit patch (exact revert fix and fingerprints) with a random rank-one ΔW."""
@@ -286,3 +295,39 @@ def sqlite_dump(db) -> list[str]:
         return list(con.iterdump())
     finally:
         con.close()
+
+
+def test_cli_release_and_build_check_the_base_model(tmp_path, model, tok, capsys):
+    d, other = tmp_path / "base", tmp_path / "other"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    make_model("gpt2", seed=3).save_pretrained(other)
+    tok.save_pretrained(other)
+    db = str(tmp_path / "r.db")
+    reg = Registry(db)
+    pid = ready(reg, saved(synth_patch(model), tmp_path / "a"))
+    qid = ready(reg, saved(synth_patch(model, M2, seed=4, subject="Toko Yasuda"), tmp_path / "b"))
+    dump = sqlite_dump(db)
+    code, _, err = run(capsys, "registry", "release", pid, "--model", str(other), "--registry", db)
+    assert code == 2 and "patch does not fit this model" in err and sqlite_dump(db) == dump
+    code, out, _ = run(capsys, "registry", "release", pid, "--model", str(d), "--registry", db, "--author", "dave")
+    assert code == 0 and f"released {pid} as #1" in out
+    # the first release with --model records every layer's projection as the base identity
+    assert sorted(reg.base()["modules"]) == [f"transformer.h.{i}.mlp.c_proj" for i in range(3)]
+    dump = sqlite_dump(db)
+    for argv in (["release", qid, "--model", str(other)], ["build", "--model", str(other), "--out", str(tmp_path / "out")],
+                 ["validate", qid, "--model", str(other), "--suite", str(_suite(tmp_path))]):
+        code, _, err = run(capsys, "registry", *argv, "--registry", db)
+        assert code == 2 and "not this registry's base model" in err, argv
+        assert sqlite_dump(db) == dump and not (tmp_path / "out").exists()
+    code, out, _ = run(capsys, "registry", "build", "--model", str(d), "--out", str(tmp_path / "out"), "--registry", db)
+    assert code == 0 and pid in out
+    man = json.loads((tmp_path / "out" / "rankone" / "build.json").read_text())
+    assert [p["id"] for p in man["patches"]] == [pid] and man["base"]["model_type"] == "gpt2"
+    assert reg.log()[-1].action == "build" and reg.log()[-1].details["patches"] == [pid]
+
+
+def _suite(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"type": "keep", "prompt": "Rome is"}\n')
+    return p
