@@ -311,6 +311,8 @@ def auto_layer(model: Any, tok: Any, args: argparse.Namespace) -> tuple[int, dic
         "settings": aie.settings, "source": aie.source, "cache_file": aie.cache_file,
         "model_sha256": fp,
     }
+    if tried:
+        evidence["not_used"] = tried  # evidence that was tried first and why it could not be used
     if not quiet:
         print(f"layer auto: layer {layer} (MLP AIE {aie.aie['mlp'][layer]:.4f}, the largest over layers "
               f"0..{len(aie.aie['mlp']) - 1}; {aie.n_facts} facts from {aie.source})")

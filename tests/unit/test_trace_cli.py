@@ -130,3 +130,48 @@ def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):
     code, _, err = trace(capsys, model_dir, tmp_path / "o", *ONE)
     assert code == 2 and "--force" in err
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+
+
+def test_auto_layer_falls_back_to_the_requests_when_the_testbed_facts_are_unknown(tmp_path, tok, monkeypatch):
+    import argparse
+    import shutil
+
+    from rankone.errors import RankoneError
+    from rankone.models import load_model
+    from rankone.testbed.world import SyntheticSpec, synthetic_world
+    from rankone.trace_cli import auto_layer
+
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "tiny-testbed"
+    make_model("gpt2", initializer_range=0.5).save_pretrained(d)
+    tok.save_pretrained(d)
+    synthetic_world("tiny", SyntheticSpec(n_subjects=3, n_relations=2), seed=0).save(d)  # facts it never learnt
+    model, t = load_model(d)
+    args = argparse.Namespace(requests=None, prompt="The home of {} is", subject="Danielle Darrieux", target="Rome", quiet=True)
+    layer, ev = auto_layer(model, t, args)
+    assert "edit requests" in ev["source"] and ev["n_facts"] == 1 and layer == ev["layer"]
+    assert "testbed facts" in ev["not_used"][0] and "none of the 6 facts" in ev["not_used"][0]
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(RankoneError, match="needs edit requests"):
+        auto_layer(model, t, argparse.Namespace(requests=None, prompt=None, subject=None, target=None, quiet=True))
+
+
+def test_edit_layer_auto_on_the_builtin_testbed_traces_its_facts(capsys, tmp_path, monkeypatch):
+    from rankone.testbed import builtin_model_dir
+
+    d = builtin_model_dir()
+    if not (d / "world.json").is_file():
+        pytest.skip("the built-in testbed model is not in this checkout")
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    w = json.loads((d / "world.json").read_text())
+    f = w["facts"][0]
+    rel = next(r for r in w["relations"] if r["id"] == f["relation"])
+    new = next(o for o in rel["objects"] if o != f["object"])
+    code, out, err = run(capsys, "edit", "--model", d, "--prompt", rel["phrasings"][0], "--subject", f["subject"],
+                         "--target", new, "--layer", "auto", "--hparams", FAST_EDIT, "--out", tmp_path / "p")
+    assert code == 0, err
+    e = json.loads((tmp_path / "p" / "patch.json").read_text())["edits"][0]
+    choice = e["diagnostics"]["layer_choice"]
+    assert choice["source"] == "testbed world.json" and choice["n_facts"] >= 90
+    assert len(choice["aie"]) == w.get("n_layer", len(choice["aie"])) and e["layer"] == choice["layer"]
+    assert max(choice["aie"]) > 0.01  # the testbed knows its facts: restoring some MLP matters
