@@ -226,18 +226,36 @@ def _name_word(rng: random.Random) -> str:
 
 
 def invent_subjects(n: int, rng: random.Random) -> list[str]:
-    """n distinct pronounceable names of 1-3 words ("Varo Telnik")."""
+    """n distinct pronounceable names of 2-3 words ("Varo Telnik", "Bensi Varo Kalom").
+
+    All names are ordered combinations of a small pool of words, so no word - nor the set of a
+    name's words - identifies a subject: only the words in order do. A model then composes the
+    name token by token and recognises the subject at its last token, the position ROME edits,
+    as large models do with multi-token names. (Measured: with a unique word per name, a 4-layer
+    GPT-2 read the subject off the raw tokens at the answer position, and edits at the
+    subject's last token flipped 0 of 10 facts.)
+    """
+    pool = 8
+    while pool * (pool - 1) * (pool - 2) < 3 * n:
+        pool += 1
+    words: list[str] = []
+    while len(words) < pool:
+        w = _name_word(rng)
+        if w not in words:
+            words.append(w)
     out: list[str] = []
     seen: set[str] = set()
+    n_pairs = min(n // 3, pool * (pool - 1) // 2)
     while len(out) < n:
-        k = rng.choices([1, 2, 3], weights=[2, 7, 1])[0]
-        name = " ".join(_name_word(rng) for _ in range(k))
-        # Reject names that contain another name as a word prefix, so that a subject's tokens
-        # identify it alone (the editor locates subjects by their last token).
+        k = 2 if len(out) < n_pairs else 3
+        name = " ".join(rng.sample(words, k))
+        # Reject a name that another one extends word-wise ("Varo Telnik" / "Varo Telnik Bo"):
+        # the prompt for the shorter would be a prefix of the longer's.
         if name in seen or any(name.startswith(s + " ") or s.startswith(name + " ") for s in seen):
             continue
         seen.add(name)
         out.append(name)
+    rng.shuffle(out)
     return out
 
 

@@ -1,0 +1,158 @@
+"""Build the testbed worlds, measure them, and write the figures into BENCHMARKS.md.
+
+    python benchmarks/testbed_build.py                       # small (gpt2, llama), bench, counterfact
+    python benchmarks/testbed_build.py --only small-gpt2 small-llama --edits 10
+
+For each world: build time, parameters, training tokens/s, greedy accuracy on training and
+held-out phrasings (CounterFact: trained prompts by first token), and - when the editing engine
+is installed - how many of N r-ROME edits (fact -> another object of the same relation) flip the
+greedy answer. Models go to runs/ (git-ignored). Only the section between the testbed markers
+in BENCHMARKS.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
+BEGIN, END = "<!-- testbed:begin -->", "<!-- testbed:end -->"
+
+RUNS: dict[str, tuple[str, str]] = {  # name -> (world spec, arch)
+    "small-gpt2": ("small", "gpt2"),
+    "small-llama": ("small", "llama"),
+    "bench-gpt2": ("bench", "gpt2"),
+    "counterfact-gpt2": (f"counterfact:{CF}", "gpt2"),
+}
+
+
+def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
+    """r-ROME edits of n random facts to another object of the same relation, one at a time
+    on the unedited model: how many make the new object the greedy answer (edited prompt,
+    held-out phrasing), and how many neighbouring facts keep theirs."""
+    from rankone.editor import Editor
+    from rankone.hparams import EditHParams
+    from rankone.models import load_model
+    from rankone.patch import apply_patch
+    from rankone.testbed.check import greedy_hits
+    from rankone.testbed.world import World
+    from rankone.tokens import EditRequest
+
+    world = World.load(model_dir)
+    model, tok = load_model(model_dir)
+    rng = random.Random(seed)
+    facts = rng.sample(world.facts, n)
+    ed = Editor(model, tok, EditHParams(), progress=False)
+    flips = para = para_n = kept = kept_n = 0
+    t0 = time.monotonic()
+    for f in facts:
+        rel = world.relation(f.relation)
+        target = rng.choice([o for o in rel.objects if o != f.object])
+        prompt = world.prompts(f, "train")[0]
+        others = [g for g in world.facts if g.relation == f.relation and g.subject != f.subject]
+        nb = rng.sample(others, min(5, len(others)))
+        patch = ed.edit([EditRequest.create(prompt, f.subject, target)])
+        h = apply_patch(model, patch)
+        try:
+            held = [(p, target) for p in world.prompts(f, "heldout")]
+            _, first = greedy_hits(model, tok, [(prompt, target)] + held)
+            _, nb_hits = greedy_hits(model, tok, [(world.prompts(g, "train")[0], g.object) for g in nb])
+        finally:
+            h.revert()
+        flips += first[0]
+        para += sum(first[1:])
+        para_n += len(first) - 1
+        kept += sum(nb_hits)
+        kept_n += len(nb_hits)
+    return {"n": n, "flipped": flips, "paraphrase": round(para / max(para_n, 1), 3),
+            "neighbours_kept": round(kept / max(kept_n, 1), 3),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def run_one(name: str, seed: int, edits: int, budget: float | None) -> dict[str, Any]:
+    from rankone.testbed import build_testbed
+
+    spec, arch = RUNS[name]
+    out = ROOT / "runs" / f"testbed-{name}"
+    t0 = time.monotonic()
+    rep = build_testbed(spec, arch, out, seed=seed, time_budget_s=budget)
+    rep["wall_seconds"] = round(time.monotonic() - t0, 1)
+    if edits:
+        try:
+            rep["edits"] = edit_flips(out, edits, seed)
+        except ImportError as e:  # the engine is not installed in this checkout
+            rep["edits"] = {"error": f"engine unavailable: {e}"}
+    return rep
+
+
+def table(reps: dict[str, dict[str, Any]]) -> str:
+    head = ("| model | facts | params | build s | tokens/s | stop | train acc | held-out acc "
+            "| edits flipped | paraphrase | neighbours kept |\n|" + "---|" * 11)
+    rows = []
+    for name, r in reps.items():
+        a, tr, e = r["accuracy"], r["train"], r.get("edits", {})
+        train_acc = a.get("trained_prompts_first_token", a.get("train"))
+        flip = f"{e['flipped']}/{e['n']}" if "flipped" in e else e.get("error", "-")
+        rows.append(f"| {name} | {r['n_facts']} | {tr['params']:,} | {r['build_seconds']:.0f} "
+                    f"| {tr['tokens_per_s']:,} | {tr['stop_reason']} | {100 * train_acc:.1f} % "
+                    f"| {100 * a['heldout']:.1f} % | {flip} | {e.get('paraphrase', '-')} "
+                    f"| {e.get('neighbours_kept', '-')} |")
+    return "\n".join([head] + rows)
+
+
+def write_section(text: str, path: Path) -> None:
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", choices=sorted(RUNS), default=list(RUNS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edits", type=int, default=10, help="r-ROME edits per model (0: none)")
+    ap.add_argument("--time-budget", type=float, default=None, help="override the presets")
+    ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    reps: dict[str, dict[str, Any]] = {}
+    for name in args.only:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        reps[name] = run_one(name, args.seed, args.edits, args.time_budget)
+        r = reps[name]
+        print(json.dumps({k: r[k] for k in ("accuracy", "train", "build_seconds", "edits") if k in r}))
+    cmd = "python benchmarks/testbed_build.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    text = "\n".join([
+        "## Testbed models (`rankone testbed build`)",
+        "",
+        f"Command: `{cmd.strip()}` on {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} torch thread(s) for evaluation, training with 1 thread "
+        "(the 2 cores are shared). Accuracy is greedy top-1 on the object over every fact "
+        "(CounterFact: every trained prompt, first token). Edits: r-ROME, default "
+        "hyper-parameters, each fact edited alone on the unedited model.",
+        "",
+        table(reps),
+    ])
+    print(text)
+    if not args.no_write:
+        write_section(text, ROOT / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
