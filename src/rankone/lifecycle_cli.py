@@ -147,8 +147,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  latest validation ({len(vals)} in all): {v['at']} by {v['actor']}: {'pass' if v['passed'] else 'FAIL'}")
             print("    " + GateReport.from_dict(v["report"]).table().replace("\n", "\n    "))
         print("  history:")
-        for e in log:
-            print("    " + _log_line(e))
+        print("    " + _table(LOG_HEAD, [_log_row(e) for e in log]).replace("\n", "\n    "))
     return 0
 
 
@@ -198,7 +197,13 @@ def cmd_release(args: argparse.Namespace) -> int:
             apply_patch(model, [reg.load_patch(r.id) for r in chain] + [patch]).revert()  # the real fit check
             kw = dict(base_modules=fps, verified_chain=[r.id for r in chain], relations=relation_map(args.model),
                       base_info={"name_or_path": str(Path(args.model).resolve())})
+        vals = reg.validations(rec.id)
+        seen = vals[-1]["report"].get("reference") if vals else None
+        now_released = [r.id for r in reg.released()]
         rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine, **kw)
+    if seen is not None and seen != now_released:
+        print(f"note: validated with {len(seen)} released patch(es), released onto {len(now_released)}; "
+              "validate again to check it against the current release")
     for c in conflicts:
         print(f"warning: released over a conflict (--force): {c.detail}")
     print(f"released {rec.id} as #{rec.release_seq}: {_facts(rec.summary, 200)}")
@@ -223,7 +228,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_line(e: Any) -> str:
+def _log_row(e: Any) -> tuple[str, ...]:
     move = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else ""
     extra = ""
     if e.action == "build":
@@ -232,8 +237,12 @@ def _log_line(e: Any) -> str:
         extra = f"#{e.details.get('release_seq')}" + (" forced" if e.details.get("forced_over") else "")
     elif e.action.startswith("validate"):
         extra = f"{e.details.get('n_checks', 0) - e.details.get('n_failed', 0)}/{e.details.get('n_checks', 0)} checks"
-    return "  ".join(x for x in (f"{e.seq:>3}", e.at[:19].replace("T", " "), e.actor, f"{e.action:<15}",
-                                 e.patch_id or "-", move, extra, e.reason or "") if x).rstrip()
+    elif e.details.get("cascade_from"):
+        extra = f"cascade from {e.details['cascade_from']}"
+    return (str(e.seq), e.at[:19].replace("T", " "), e.actor, e.action, e.patch_id or "-", move, extra, e.reason or "")
+
+
+LOG_HEAD = ("seq", "time (UTC)", "actor", "action", "patch", "state", "details", "reason")
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -243,9 +252,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([vars(e) for e in entries], indent=2))
         return 0
-    print("seq  time (UTC)           actor  action  patch  state  details  reason")
-    for e in entries:
-        print(_log_line(e))
+    print(_table(LOG_HEAD, [_log_row(e) for e in entries]))
     return 0
 
 

@@ -417,7 +417,10 @@ class Registry:
         learnt: dict[str, str] = {}
         deps: set[str] = set()
         problems: list[str] = []
+        last: dict[str, tuple[int, str]] = {}  # module -> (index, after) of this patch's previous edit
         for i, e in enumerate(patch.edits):
+            prev = last.get(e.module)
+            last[e.module] = (i, e.sha256_after)
             if e.module not in base_fp:
                 base_fp[e.module] = learnt[e.module] = e.sha256_before
             b = base_fp[e.module]
@@ -428,6 +431,10 @@ class Registry:
                 state[e.module] = e.sha256_after
             elif e.sha256_before == b:
                 state[e.module] = None
+            elif cur is None and prev is not None and e.sha256_before == prev[1]:
+                problems.append(f"edit {i} continues edit {prev[0]} of this patch on {e.module}, which stacks on released "
+                                "patches of that module; a patch that edits one module several times cannot be stacked "
+                                "(rankone.patch.apply_patch): build the release and make the patch on that model")
             elif cur is None:
                 problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, which the "
                                 "fingerprints alone cannot place; pass --model BASE to check it on the real weights")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,11 +153,13 @@ class _nullctx:
 
 
 def _testbeds():
+    """The built-in testbeds, plus RANKONE_PEFT_TESTBEDS=DIR[:DIR] (e.g. runs/ builds)."""
+    extra = [pytest.param(Path(d), id=Path(d).name) for d in os.environ.get("RANKONE_PEFT_TESTBEDS", "").split(":") if d]
     try:
         from rankone.testbed import builtin_llama_dir, builtin_model_dir
     except ImportError:
-        return []
-    return [pytest.param(f(), id=f.__name__) for f in (builtin_model_dir, builtin_llama_dir)]
+        return extra
+    return [pytest.param(f(), id=f.__name__) for f in (builtin_model_dir, builtin_llama_dir)] + extra
 
 
 @pytest.mark.parametrize("testbed", _testbeds())

@@ -331,3 +331,19 @@ def _suite(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text('{"type": "keep", "prompt": "Rome is"}\n')
     return p
+
+
+def test_multi_edit_patch_cannot_stack_on_released_ones(reg, model, tmp_path):
+    # A and B are both made on the base; B edits M1 twice in sequence. apply_patch stacks only
+    # single edits per module onto other patches, so build would fail: release says so up front.
+    reg.release(ready(reg, saved(synth_patch(model, seed=1), tmp_path / "a")))
+    b1 = synth_patch(model, seed=2, subject="Toko Yasuda")
+    h = apply_patch(model, b1)
+    b2 = synth_patch(model, seed=3, subject="Rome", prompt="{} is in")
+    h.revert()
+    b = Patch(b1.edits + b2.edits, b1.base, now())
+    bid = ready(reg, saved(b, tmp_path / "b"))
+    with pytest.raises(Exception, match="edit 1 continues edit 0 of this patch"):
+        reg.release(bid)
+    with pytest.raises(Exception, match="does not fit"):  # what build would have said
+        apply_patch(model, [reg.load_patch(reg.released()[0].id), b])
