@@ -136,14 +136,14 @@ def load_suite(path: str | os.PathLike) -> Suite:
             raise RankoneError(f"{where} is not valid JSON ({e.msg}); one check object per line") from None
         if not isinstance(d, dict):
             raise RankoneError(f"{where} is not a JSON object")
-        checks.append(_check(d, where, p.parent))
+        checks.append(parse_check(d, where, p.parent))
     if not checks:
         raise RankoneError(f"suite file {p} holds no checks; add lines like "
                            '{"type": "target", "prompt": "...", "target": "..."}')
     return Suite(checks, str(p), hashlib.sha256(raw).hexdigest())
 
 
-def _check(d: dict[str, Any], where: str, folder: Path) -> Check:
+def parse_check(d: dict[str, Any], where: str, folder: Path) -> Check:
     kind = d.get("type")
     if kind not in CHECK_TYPES:
         raise RankoneError(f"{where}: unknown check type {kind!r}; use one of {', '.join(CHECK_TYPES)}")
