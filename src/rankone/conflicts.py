@@ -1,6 +1,9 @@
-"""Release conflicts: does a candidate patch rewrite what a released patch already wrote?
+"""Release conflicts: does a candidate patch fit the release, and does it rewrite what a released
+patch already wrote?
 
-Two kinds, both computed from the patch files alone (no model, no statistics):
+`fit_release` walks the weight fingerprints the way `rankone.patch.apply_patch` will when the
+release is built. `find_conflicts` finds two kinds of collision, both computed from the patch
+files alone (no model, no statistics):
 
 * **same fact** — an edit with the same subject (case-insensitive) and the same relation as a
   released edit. A patch does not name relations, so the relation is the prompt template with
@@ -37,6 +40,53 @@ class Conflict:
     other_edit: int
     value: float  # 1.0 for same-fact, |cos| for key overlap
     detail: str
+
+
+def fit_release(base_fp: dict[str, str], released: list[tuple[str, Patch]], patch: Patch
+                ) -> tuple[dict[str, str], set[str], list[str]]:
+    """Fingerprint walk of the released patches plus the candidate, in release order.
+
+    An edit fits if its `sha256_before` is the module's base (patches made on the base stack:
+    the merged weights are the exact sum of the rank-one terms) or the state the released chain
+    leaves the module in. `base_fp` holds the known base fingerprints per module. Returns (base
+    fingerprints the candidate teaches, released patches it was made on top of, problems).
+    """
+    base_fp = dict(base_fp)
+    state: dict[str, str | None] = {}  # None: stacked, fingerprint unknown without the weights
+    touched: dict[str, list[str]] = {}
+    for rid, rp in released:
+        for e in rp.edits:
+            b = base_fp.setdefault(e.module, e.sha256_before)
+            state[e.module] = e.sha256_after if e.sha256_before == state.get(e.module, b) else None
+            touched.setdefault(e.module, []).append(rid)
+    learnt: dict[str, str] = {}
+    deps: set[str] = set()
+    problems: list[str] = []
+    last: dict[str, tuple[int, str]] = {}  # module -> (index, after) of the candidate's previous edit
+    for i, e in enumerate(patch.edits):
+        prev = last.get(e.module)
+        last[e.module] = (i, e.sha256_after)
+        if e.module not in base_fp:
+            base_fp[e.module] = learnt[e.module] = e.sha256_before
+        b = base_fp[e.module]
+        cur = state.get(e.module, b)
+        if e.sha256_before != b:  # made on top of released patches: it needs every one of that module
+            deps.update(touched.get(e.module, []))
+        if e.sha256_before == cur:
+            state[e.module] = e.sha256_after
+        elif e.sha256_before == b:
+            state[e.module] = None
+        elif cur is None and prev is not None and e.sha256_before == prev[1]:
+            problems.append(f"edit {i} continues edit {prev[0]} of this patch on {e.module}, which stacks on released "
+                            "patches of that module; a patch that edits one module several times cannot be stacked "
+                            "(rankone.patch.apply_patch): build the release and make the patch on that model")
+        elif cur is None:
+            problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, which the "
+                            "fingerprints alone cannot place; pass --model BASE to check it on the real weights")
+        else:
+            problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, but the release base "
+                            f"has {b[:12]}… and the released patches leave {cur[:12]}…: it was made for another base model")
+    return learnt, deps, problems
 
 
 def relation_map(model_dir: str | Path | None) -> dict[str, str]:

@@ -151,9 +151,6 @@ class PatchRecord:
         d["summary"], d["base"] = json.loads(d["summary"]), json.loads(d["base"])
         return cls(**d)
 
-    def facts(self) -> str:
-        return "; ".join(f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in self.summary)
-
 
 @dataclass
 class AuditEntry:
@@ -233,10 +230,9 @@ class Registry:
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
-        cur = _Cursor(self.db)
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield cur
+            yield self.db
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -398,51 +394,6 @@ class Registry:
         rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
         return [(r[0], self.load_patch(r[0])) for r in rows]
 
-    def _walk(self, db: Any, pid: str, patch: Patch) -> tuple[dict[str, str], set[str], list[str]]:
-        """Fingerprint walk of the release chain plus the candidate, as build's apply_patch does it.
-
-        An edit fits if its `sha256_before` is the module's base (patches made on the base stack:
-        the merged weights are the exact sum of the rank-one terms) or the state the released
-        chain leaves the module in. Returns (base fingerprints the candidate teaches, released
-        patches it was made on top of, problems).
-        """
-        base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
-        state: dict[str, str | None] = {}  # None: stacked, fingerprint unknown without the weights
-        touched: dict[str, list[str]] = {}
-        for rid, rp in self._released_patches(db):
-            for e in rp.edits:
-                b = base_fp.setdefault(e.module, e.sha256_before)
-                state[e.module] = e.sha256_after if e.sha256_before == state.get(e.module, b) else None
-                touched.setdefault(e.module, []).append(rid)
-        learnt: dict[str, str] = {}
-        deps: set[str] = set()
-        problems: list[str] = []
-        last: dict[str, tuple[int, str]] = {}  # module -> (index, after) of this patch's previous edit
-        for i, e in enumerate(patch.edits):
-            prev = last.get(e.module)
-            last[e.module] = (i, e.sha256_after)
-            if e.module not in base_fp:
-                base_fp[e.module] = learnt[e.module] = e.sha256_before
-            b = base_fp[e.module]
-            cur = state.get(e.module, b)
-            if e.sha256_before != b:  # made on top of released patches: it needs them all
-                deps.update(q for q in touched.get(e.module, []) if q != pid)
-            if e.sha256_before == cur:
-                state[e.module] = e.sha256_after
-            elif e.sha256_before == b:
-                state[e.module] = None
-            elif cur is None and prev is not None and e.sha256_before == prev[1]:
-                problems.append(f"edit {i} continues edit {prev[0]} of this patch on {e.module}, which stacks on released "
-                                "patches of that module; a patch that edits one module several times cannot be stacked "
-                                "(rankone.patch.apply_patch): build the release and make the patch on that model")
-            elif cur is None:
-                problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, which the "
-                                "fingerprints alone cannot place; pass --model BASE to check it on the real weights")
-            else:
-                problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, but the release base "
-                                f"has {b[:12]}… and the released patches leave {cur[:12]}…: it was made for another base model")
-        return learnt, deps, problems
-
     def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
                 conflict_threshold: float = 0.9, relations: dict[str, str] | None = None,
                 base_modules: dict[str, str] | None = None, base_info: dict[str, Any] | None = None,
@@ -455,7 +406,7 @@ class Registry:
         model without error; it vouches for edits the fingerprint walk cannot place, provided the
         release has not changed since.
         """
-        from .conflicts import explain, find_conflicts
+        from .conflicts import explain, find_conflicts, fit_release
 
         pid = self.resolve(ref)
         patch = self.load_patch(pid)
@@ -470,7 +421,8 @@ class Registry:
                 raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
             self._check_base(db, pid, patch, base_modules)
             released = self._released_patches(db)
-            learnt, deps, problems = self._walk(db, pid, patch)
+            base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
+            learnt, deps, problems = fit_release(base_fp, released, patch)
             vouched = verified_chain is not None and verified_chain == [q for q, _ in released]
             if problems and not vouched:
                 raise RankoneError(f"patch {pid} cannot be released onto this registry's base: {problems[0]}")
@@ -605,16 +557,6 @@ class Registry:
                     shutil.rmtree(d, ignore_errors=True)
                     rep.pruned.append(d.name)
         return rep
-
-
-class _Cursor:
-    """The connection, inside a transaction (a name for what `_tx` yields)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
-        return self._db.execute(sql, params)
 
 
 def _safe_id(d: Path) -> str | None:

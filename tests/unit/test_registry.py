@@ -347,3 +347,12 @@ def test_multi_edit_patch_cannot_stack_on_released_ones(reg, model, tmp_path):
         reg.release(bid)
     with pytest.raises(Exception, match="does not fit"):  # what build would have said
         apply_patch(model, [reg.load_patch(reg.released()[0].id), b])
+
+
+def test_a_failed_revalidation_blocks_release(reg, model, tmp_path):
+    pid = ready(reg, saved(synth_patch(model), tmp_path / "a"))
+    assert reg.record_validation(pid, FAIL, False, "qa").state == "validated"  # state moves only on pass
+    with pytest.raises(Exception, match="failed its latest validation"):
+        reg.release(pid)
+    reg.record_validation(pid, PASS, True, "qa")
+    assert reg.release(pid)[0].state == "released"
