@@ -35,12 +35,13 @@ torch.set_num_threads(1)
 from rankone.gates import Check, GatePolicy, Suite, run_gates
 from rankone.models import load_model
 from rankone.registry import Registry
-db, model_dir, name, go, *patches = sys.argv[1:]
+db, model_dir, name, go, shared, *patches = sys.argv[1:]
 model, tok = load_model(model_dir)
 suite = Suite([Check("keep", prompt="The capital of France is")], "inline", "0")
 while not Path(go).exists():
     time.sleep(0.01)
 reg = Registry(db)
+reg.add(shared, name, "both workers add this one")  # the same content at the same moment: one row
 for i, p in enumerate(patches):
     pid = reg.add(p, name, f"{name} patch {i}")[0].id
     chain = reg.released()
@@ -89,8 +90,10 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, base):
             p = synth_patch(model, M1 if i % 2 else M2, seed=hash((w, i)) % 10_000, subject=f"{w} subject {i}", scale=1e-4)
             p.save(tmp_path / w / str(i))
             dirs[w].append(str(tmp_path / w / str(i)))
+    synth_patch(model, seed=77, subject="shared").save(tmp_path / "shared")
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(db), str(d), w, str(go), *dirs[w]], env=_env(),
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(db), str(d), w, str(go), str(tmp_path / "shared"), *dirs[w]],
+                              env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in dirs]
     time.sleep(1.0)
     go.write_text("go")
@@ -101,7 +104,9 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, base):
     reg = Registry(db)
     ids = {w: [content_id(x) for x in dirs[w]] for w in dirs}
     recs = {r.id: r for r in reg.list()}
-    assert sorted(recs) == sorted(ids["w1"] + ids["w2"])
+    shared = content_id(tmp_path / "shared")
+    assert sorted(recs) == sorted(ids["w1"] + ids["w2"] + [shared])
+    assert [e.action for e in reg.log(shared)] == ["add"] and recs.pop(shared).state == "proposed"
     for w, wids in ids.items():
         for i, pid in enumerate(wids):
             rb = i % 3 == 2
@@ -112,7 +117,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, base):
     assert seqs == list(range(1, 2 * K + 1))  # every release got its own position
     audit = reg.log()
     assert [e.seq for e in audit] == list(range(1, len(audit) + 1))
-    assert len(audit) == 2 * K * 3 + 2 * (K // 3)
+    assert len(audit) == 1 + 2 * K * 3 + 2 * (K // 3)
     assert reg.check().ok  # hash chain intact under concurrency; store and rows agree
     # the workers did interleave (otherwise this test proves little)
     actors = [e.actor for e in audit]
