@@ -165,6 +165,8 @@ def parse_check(d: dict[str, Any], where: str, folder: Path) -> Check:
     if ("text" in d) == ("text_file" in d):
         raise RankoneError(f"{where}: a perplexity check needs exactly one of 'text' or 'text_file'")
     if "text" in d:
+        if len(text_field("text").split()) < 2:
+            raise RankoneError(f"{where}: the perplexity text is too short (two words at least)")
         return Check(kind, text=text_field("text"), name=str(d.get("name") or "inline text"), where=where)
     f = Path(text_field("text_file"))
     f = f if f.is_absolute() else folder / f

@@ -69,6 +69,7 @@ def test_policy_errors(tmp_path, content, msg):
     ([{"type": "keep", "prompt": "x", "tolerance": 1}], "has no field(s) ['tolerance']"),
     ([{"type": "perplexity", "text": "a b c", "text_file": "f"}], "exactly one of 'text' or 'text_file'"),
     ([{"type": "perplexity", "text_file": "missing.txt"}], "does not exist"),
+    ([{"type": "perplexity", "text": "word"}], "too short"),
     (["", "  "], "holds no checks"),
     (["[1, 2]"], "is not a JSON object"),
 ])
