@@ -14,7 +14,7 @@ from rankone.cli import main
 from rankone.errors import RankoneError
 from rankone.gates import GatePolicy, answer_matches, delta_norms, load_suite, run_gates
 from rankone.generation import first_word, greedy
-from rankone.patch import Patch, compose
+from rankone.patch import compose
 from rankone.registry import Registry
 from test_registry import M1, M2, synth_patch  # noqa: E402  (tests/unit is on sys.path under pytest)
 from tiny import make_model
@@ -205,4 +205,3 @@ def test_layer_weights_unchanged_by_failed_apply(model_dir, tmp_path, tok):
         run_gates(model, tok, alien, load_suite(suite_file(tmp_path, [{"type": "keep", "prompt": "Rome"}])), GatePolicy(),
                   [synth_patch(model, M2)])
     assert torch.equal(arch.weight_oi(arch.get_module(model, M1)), w)
-    assert isinstance(alien, Patch)
