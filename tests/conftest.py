@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tiny import corpus_text, make_tokenizer  # noqa: E402
 
+# Tiny models gain nothing from threads, and the machine may be shared: one thread is fastest.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tok():

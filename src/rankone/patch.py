@@ -219,8 +219,10 @@ def apply_edit(model: torch.nn.Module, e: Edit, check: bool = True) -> None:
 def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> Applied:
     """Apply patches in order, all or nothing: a failed check leaves the model untouched.
 
-    An edit's base must be the module's current weights (a patch made on top of the previous
-    one) or the weights before this call (patches made independently on one base, stacked).
+    A patch's first edit on a module must find either the module's current weights (the patch
+    was made on top of what is applied) or its weights before this call (patches made
+    independently on one base, stacked). Its later edits on that module must continue the
+    patch's own chain (each one's base is the previous one's result).
     """
     ps = [patches] if isinstance(patches, Patch) else list(patches)
     originals: dict[str, torch.Tensor] = {}
@@ -228,15 +230,18 @@ def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> App
     applied = Applied(model, originals)
     try:
         for p in ps:
+            chain: dict[str, str] = {}  # module -> the fingerprint this patch left it at
             for e in p.edits:
                 w = _w(model, e.module)
                 if e.module not in originals:
                     originals[e.module] = w.detach().clone()
                     base_fp[e.module] = tensor_sha256(w)
-                if base_fp[e.module] == e.sha256_before and tensor_sha256(w) != e.sha256_before:
-                    apply_edit(model, e, check=False)  # stacked on an earlier patch of this call
+                if e.module in chain:
+                    stacked = chain[e.module] == e.sha256_before and tensor_sha256(w) != e.sha256_before
                 else:
-                    apply_edit(model, e, check=True)
+                    stacked = base_fp[e.module] == e.sha256_before and tensor_sha256(w) != e.sha256_before
+                apply_edit(model, e, check=not stacked)
+                chain[e.module] = e.sha256_after
     except BaseException:
         applied.revert()
         raise

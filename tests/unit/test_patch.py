@@ -137,3 +137,23 @@ def test_corrupt_and_missing_patch_files(made, tmp_path):
     (tmp_path / "q" / "patch.json").write_text(json.dumps(man))
     with pytest.raises(RankoneError, match="schema version 99"):
         Patch.load(tmp_path / "q")
+
+
+def test_multi_edit_patch_stacks_on_another_patch_of_the_same_base(tok, corpus):
+    model = make_model("gpt2")
+    ed = Editor(model, tok, HP, corpus, progress=False)
+    first = ed.edit([R1])
+    both = ed.edit([R2, EditRequest.create("{} speaks", "Toko Yasuda", "French")])  # two edits, one module
+    st = state(model)
+    h = apply_patch(model, [first, both])
+    name = first.edits[0].module
+    got = arch.weight_oi(arch.get_module(model, name)).double() - st[name + ".weight"].T.double()
+    want = sum(e.delta() for e in first.edits + both.edits)
+    assert torch.allclose(got, want, atol=1e-5)
+    h.revert()
+    assert same(model, st)
+    # a patch whose second edit does not continue its own chain is refused, model untouched
+    broken = Patch([both.edits[0], both.edits[0]])
+    with pytest.raises(RankoneError, match="does not fit"):
+        apply_patch(model, [first, broken])
+    assert same(model, st)
