@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ from rankone.hparams import EditHParams  # noqa: E402
 from rankone.models import load_model  # noqa: E402
 from rankone.patch import revert_patch  # noqa: E402
 from rankone.testbed import World, builtin_model_dir  # noqa: E402
-from rankone.trace import TraceSettings, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
+from rankone.trace import TraceSettings, aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
 from rankone.trace_cli import load_cases, sample_facts  # noqa: E402
 from rankone.trace_plot import plot_aie, plot_trace  # noqa: E402
 
@@ -65,10 +67,12 @@ def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, lo
         t0 = time.perf_counter()
         w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer))).detach().clone()
         for i in range(len(done), len(cases)):
+            t1 = time.perf_counter()
             patch = ed.edit([cases[i].request], keep=True)
+            t_edit = time.perf_counter() - t1
             try:
                 row = dict(evaluate_cases(model, tok, [cases[i]])[0], case=i, delta_fro=patch.edits[0].delta_fro,
-                           clamped=patch.edits[0].diagnostics["value"]["clamped"])
+                           clamped=patch.edits[0].diagnostics["value"]["clamped"], edit_s=t_edit)
             finally:
                 revert_patch(model, patch)
             done.append(row)
@@ -79,6 +83,7 @@ def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, lo
         assert torch.equal(w, arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))), "revert failed"
         results[layer] = summarise(done[: len(cases)])
         results[layer]["clamped"] = sum(r["clamped"] for r in done[: len(cases)]) / len(cases)
+        results[layer]["edit_s"] = statistics.fmean(r["edit_s"] for r in done[: len(cases)])  # per edit, as measured
         log(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[layer].items()))
         if not torch.isfinite(torch.tensor(results[layer]["PS"])):
             log("  (no paraphrases: PS is undefined)")
@@ -118,17 +123,17 @@ def main() -> int:
     settings = TraceSettings(n_samples=args.samples, seed=args.seed)
     facts, subjects = load_cases(model_dir)
     t0 = time.perf_counter()
+    before = set((aie_cache_dir(fp)).glob("aie-*.json")) if aie_cache_dir(fp).is_dir() else set()
     aie = cached_aie(model, tok, sample_facts(facts, args.n_aie, args.seed), settings, subjects, "testbed world.json", fp)
     t_aie = time.perf_counter() - t0
+    aie_time = f"read from the cache in {t_aie:.1f} s" if Path(aie.cache_file) in before else f"{t_aie:.0f} s"
     auto = aie.best_layer("mlp")
     log(f"AIE over {aie.n_facts} facts ({aie.n_wrong} wrong) in {t_aie:.0f}s: {aie.aie}; auto layer {auto}")
 
     # 2. edit quality at every layer
     cases = cases_from_world(world, seed=args.seed, n_neighbours=args.n_neighbours)[: args.n_edits]
     base = summarise(evaluate_cases(model, tok, cases))
-    t0 = time.perf_counter()
     res = edit_sweep(model, tok, cases, list(range(n_layers)), state, log)
-    t_edit = time.perf_counter() - t0
     best = max(res, key=lambda l: (res[l]["S"], res[l]["ES"] + res[l]["PS"]))
 
     # 3. figures
@@ -137,17 +142,17 @@ def main() -> int:
     figures = []
     if not args.no_write:
         nu = resolve_noise(model, tok, settings, subjects)
-        seen_rel: set[str] = set()
-        for f in world.facts:
+        seen: set[str] = set()
+        # seeded choice of facts with different relations and subjects of several words
+        for f in random.Random(args.seed).sample(world.facts, len(world.facts)):
             if len(figures) >= args.heatmaps:
                 break
-            if f.relation in seen_rel:
+            if f.relation in seen or f.subject in seen or len(f.subject.split()) < 2:
                 continue
-            prompt = world.prompts(f, "train")[0]
-            tr = trace_case(model, tok, prompt, f.subject, f.object, nu, settings)
+            tr = trace_case(model, tok, world.prompts(f, "train")[0], f.subject, f.object, nu, settings)
             if not tr.correct:
                 continue
-            seen_rel.add(f.relation)
+            seen |= {f.relation, f.subject}
             stem = f"trace_{name}_{slug(f.relation)}"
             for kind in settings.kinds:
                 plot_trace(tr, kind, docs / f"{stem}_{kind}.png", name)
@@ -157,10 +162,10 @@ def main() -> int:
 
     # 4. report
     rows_aie = [[l] + [f"{aie.aie[k][l]:.4f} ± {aie.sem[k][l]:.4f}" for k in settings.kinds] for l in range(n_layers)]
-    rows_q = [["no edit", "", f"{base['ES']:.3f}", f"{base['PS']:.3f}", f"{base['NS']:.3f}", f"{base['S']:.3f}", f"{base['EM']:.3f}", ""]]
+    rows_q = [["no edit", "", f"{base['ES']:.3f}", f"{base['PS']:.3f}", f"{base['NS']:.3f}", f"{base['S']:.3f}", f"{base['EM']:.3f}", "", ""]]
     rows_q += [[f"{l}" + (" (auto)" if l == auto else "") + (" (testbed default)" if l == world.edit_layer else ""),
                 f"{aie.aie['mlp'][l]:.4f}", f"{res[l]['ES']:.3f}", f"{res[l]['PS']:.3f}", f"{res[l]['NS']:.3f}",
-                f"{res[l]['S']:.3f}", f"{res[l]['EM']:.3f}", f"{res[l]['clamped']:.2f}"] for l in range(n_layers)]
+                f"{res[l]['S']:.3f}", f"{res[l]['EM']:.3f}", f"{res[l]['clamped']:.2f}", f"{res[l]['edit_s']:.2f}"] for l in range(n_layers)]
     verdict = (f"**Tracing picks layer {auto}; editing works best at layer {best}** (highest S"
                + (", ties broken by ES + PS" if sum(res[l]['S'] == res[best]['S'] for l in res) > 1 else "") + "): "
                + ("the layer tracing picks is the best layer to edit." if auto == best else
@@ -168,15 +173,15 @@ def main() -> int:
                   f"vs {res[best]['S']:.3f} at layer {best})."))
     body = f"""Model: `{model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}` ({n_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters, world `{world.name}`).
 Causal tracing: noise ν = {settings.noise_factor:g} × std of subject-token embeddings over the world's {len(set(subjects))} subjects = {aie.noise_scale:.4f}, {settings.n_samples} noise samples, MLP/attention window {aie.window} layer(s) (min(10, n_layers // 4)), seed {settings.seed}.
-AIE over {aie.n_facts} facts the model answers correctly ({aie.n_wrong} of a seeded sample of {aie.n_facts + aie.n_wrong} answered wrongly, not traced); p(answer) clean {aie.p_clean:.3f}, corrupted {aie.p_corrupted:.3f}, average total effect {aie.ate:.3f}; {t_aie:.0f} s (0 s when cached).
+AIE over {aie.n_facts} facts the model answers correctly ({aie.n_wrong} of a seeded sample of {aie.n_facts + aie.n_wrong} answered wrongly, not traced); p(answer) clean {aie.p_clean:.3f}, corrupted {aie.p_corrupted:.3f}, average total effect {aie.ate:.3f}; {aie_time}.
 
 Average indirect effect at the last subject token (mean ± standard error):
 
 {table(["layer"] + [f"AIE {k}" for k in settings.kinds], rows_aie)}
 
-Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), up to {args.n_neighbours} neighbours each (cases: `rankone.cases.cases_from_world`, seed {args.seed}; metrics: `rankone.evaluate`, teacher forced, per-token mean probability; EM = mean p(new) − p(true) on the edit prompt; "clamped" = share of edits whose value shift hit the norm clamp). {t_edit:.0f} s for all layers.
+Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), up to {args.n_neighbours} neighbours each (cases: `rankone.cases.cases_from_world`, seed {args.seed}; metrics: `rankone.evaluate`, teacher forced, per-token mean probability; EM = mean p(new) − p(true) on the edit prompt; "clamped" = share of edits whose value shift hit the norm clamp; "s/edit" = seconds to compute one edit, single thread, on a shared machine).
 
-{table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "EM", "clamped"], rows_q)}
+{table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "EM", "clamped", "s/edit"], rows_q)}
 
 {verdict}
 
