@@ -79,14 +79,15 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def run_one(name: str, seed: int, edits: int, budget: float | None) -> dict[str, Any]:
+def run_one(name: str, seed: int, edits: int, budget: float | None, reuse: bool) -> dict[str, Any]:
     from rankone.testbed import build_testbed
 
     spec, arch = RUNS[name]
     out = ROOT / "runs" / f"testbed-{name}"
-    t0 = time.monotonic()
-    rep = build_testbed(spec, arch, out, seed=seed, time_budget_s=budget)
-    rep["wall_seconds"] = round(time.monotonic() - t0, 1)
+    if reuse and (out / "report.json").is_file():  # figures of the build already in runs/
+        rep = json.loads((out / "report.json").read_text())
+    else:
+        rep = build_testbed(spec, arch, out, seed=seed, time_budget_s=budget)
     if edits:
         try:
             rep["edits"] = edit_flips(out, edits, seed)
@@ -129,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edits", type=int, default=10, help="r-ROME edits per model (0: none)")
     ap.add_argument("--time-budget", type=float, default=None, help="override the presets")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take build figures from runs/testbed-NAME/report.json when present")
     args = ap.parse_args(argv)
     reps: dict[str, dict[str, Any]] = {}
     for name in args.only:
         print(f"== {name}", file=sys.stderr, flush=True)
-        reps[name] = run_one(name, args.seed, args.edits, args.time_budget)
+        reps[name] = run_one(name, args.seed, args.edits, args.time_budget, args.reuse)
         r = reps[name]
         print(json.dumps({k: r[k] for k in ("accuracy", "train", "build_seconds", "edits") if k in r}))
     cmd = "python benchmarks/testbed_build.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

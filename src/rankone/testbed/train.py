@@ -73,9 +73,9 @@ def default_config(world: World, arch: str = "gpt2") -> TrainConfig:
                            label_smoothing=0.1, target_train=0.95, target_heldout=0.0,
                            time_budget_s=1200.0, eval_every_steps=300)
     if world.name == "bench":
-        return TrainConfig(arch=arch, n_embd=256, n_head=8, time_budget_s=1800.0,
-                           eval_every_steps=300)
-    return TrainConfig(arch=arch, time_budget_s=300.0)
+        return TrainConfig(arch=arch, n_embd=256, n_head=8, label_smoothing=0.1,
+                           time_budget_s=1800.0, eval_every_steps=300)
+    return TrainConfig(arch=arch, label_smoothing=0.1, time_budget_s=600.0)
 
 
 # ====================================================================== tokenizer
@@ -311,3 +311,5 @@ def save_testbed(out: Path, model: Any, tokenizer: Any, world: World, cfg: Train
     (out / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "train_config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
     world.save(out)
+    for f in out.iterdir():  # save_pretrained writes some files 0600; package data must be readable
+        f.chmod(0o644)

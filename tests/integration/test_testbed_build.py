@@ -1,0 +1,82 @@
+"""The committed built-in testbeds and full `small` builds: accuracy thresholds, agreement of
+`rankone testbed check` with an independent greedy loop, reproducibility of the build, and r-ROME
+edits that flip the model's answer."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from rankone.testbed import World, build_testbed, builtin_llama_dir, builtin_model_dir, check_testbed
+
+BUILTINS = [pytest.param(builtin_model_dir, id="gpt2"), pytest.param(builtin_llama_dir, id="llama")]
+
+
+def independent_greedy(model, tok, prompt: str, obj: str) -> bool:
+    """HF generate, greedy, compared as text (no code shared with rankone.testbed.check)."""
+    enc = tok(prompt, return_tensors="pt")
+    n = len(tok(" " + obj, add_special_tokens=False)["input_ids"])
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == " " + obj
+
+
+@pytest.mark.parametrize("where", BUILTINS)
+def test_builtin_loads_offline_and_knows_its_world(where) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = where()
+    model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    w = World.load(d)
+    assert w.arch == model.config.model_type
+    assert (d / "corpus.txt").is_file()
+    res = check_testbed(d)
+    assert res["train"] >= 0.95 and res["heldout"] >= 0.90, res
+    assert w.accuracy["train"] == pytest.approx(res["train"], abs=1e-4)
+    # check's figures agree with an independent generate() loop on a sample of facts
+    rng = random.Random(0)
+    sample = rng.sample(w.facts, 60)
+    for split in ("train", "heldout"):
+        pairs = [(p, f.object) for f in sample for p in w.prompts(f, split)]
+        mine = [independent_greedy(model, tok, p, o) for p, o in pairs]
+        from rankone.testbed.check import greedy_hits
+
+        theirs, _ = greedy_hits(model, tok, pairs)
+        assert mine == theirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_small_build_reaches_builtin_quality(tmp_path: Path, arch: str) -> None:
+    from rankone.testbed.cli import register
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / f"small-{arch}"
+    args = parser.parse_args(["testbed", "build", "--world", "small", "--arch", arch,
+                              "--seed", "0", "--out", str(out), "--json"])
+    assert args.func(args) == 0
+    res = check_testbed(out)
+    assert res["train"] >= 0.95 and res["heldout"] >= 0.90, res
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["train"]["stop_reason"] == "accuracy reached", rep["train"]
+    # same world as the committed built-in model of that architecture
+    ref = World.load(builtin_model_dir() if arch == "gpt2" else builtin_llama_dir())
+    assert World.load(out).facts == ref.facts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", BUILTINS)
+def test_rrome_edits_flip_builtin_answers(where) -> None:
+    pytest.importorskip("rankone.editor")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from testbed_build import edit_flips
+
+    res = edit_flips(where(), 10, seed=0)
+    assert res["flipped"] >= 9, res
