@@ -312,21 +312,26 @@ def glue_suite(model: torch.nn.Module, tok: Any, path: str, tasks: Sequence[str]
 
 def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case], hparams: Any,
                           stats_corpus: Any = None, norm: str = "mean", gen_tokens: int = 50,
-                          progress: bool = True) -> list[dict[str, Any]]:
+                          progress: bool = True, on_result: Any = None) -> list[dict[str, Any]]:
     """Each case edited alone on the base model, measured, then reverted exactly (the papers' protocol).
 
     Per case: the metrics after the edit, fluency of its generation prompts (0 tokens: skipped),
-    ‖Δ‖_F and the update's denominators.
+    ‖Δ‖_F, the update's denominators and the seconds the edit took; `on_result(metrics)` is
+    called after each case.
     """
     from tqdm.auto import tqdm
 
     from .editor import Editor
     from .patch import revert_patch
 
+    import time
+
     ed = Editor(model, tok, hparams, stats_corpus, progress=progress)
     out = []
     for c in tqdm(cases, desc=f"single edits ({hparams.method})", unit="edit", disable=not progress):
+        t0 = time.perf_counter()
         patch = ed.edit([c.request], keep=True)
+        t_edit = time.perf_counter() - t0
         try:
             m = evaluate_cases(model, tok, [c], norm)[0]
             if gen_tokens > 0:
@@ -338,7 +343,11 @@ def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case
         m.update({k: e.diagnostics.get(k) for k in ("denominator", "denom_mean_mean", "denom_bare_bare",
                                                      "denom_bare_mean", "key_cosine", "weight_fro")})
         m["value_prob"] = e.diagnostics.get("value", {}).get("target_prob")
+        m["clamped"] = e.diagnostics.get("value", {}).get("clamped")
+        m["edit_seconds"] = t_edit
         out.append(m)
+        if on_result is not None:  # e.g. append to a file, so that a long benchmark can resume
+            on_result(m)
     return out
 
 

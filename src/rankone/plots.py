@@ -128,6 +128,9 @@ def plot_denominators(runs: Runs, path: str | os.PathLike, title: str = "") -> P
             a1.hist([x for x in xs if x > 0], bins=bins, alpha=0.45, color=c,
                     label=name + (f" ({neg} ≤ 0)" if neg else ""))
         a1.set_xscale("log")
+        from matplotlib.ticker import NullFormatter
+
+        a1.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels collide on a short log axis
     a1.set_xlabel("denominator")
     a1.set_ylabel("updates")
     a1.legend(fontsize=7)
