@@ -56,19 +56,21 @@ def load_requests(path: str) -> list[Any]:
     return reqs
 
 
-def hparams_from(args: argparse.Namespace) -> Any:
+def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The user's hyper-parameters (--hparams, then flags), checked now, merged with the model's later."""
     from .hparams import EditHParams
 
-    base: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     if args.hparams:
         text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
-        base = EditHParams.from_json(text).to_dict()
+        given = {k: v for k, v in EditHParams.from_json(text).to_dict().items() if k in json.loads(text)}
     for name in ("method", "seed", "stats_tokens"):
         if getattr(args, name, None) is not None:
-            base[name] = getattr(args, name)
+            given[name] = getattr(args, name)
     if isinstance(getattr(args, "layer", None), int):
-        base["layer"] = args.layer
-    return EditHParams.from_dict(base)
+        given["layer"] = args.layer
+    EditHParams.from_dict(given)  # fail before loading anything
+    return given
 
 
 def layer_arg(value: str) -> int | str:
@@ -86,6 +88,7 @@ def layer_arg(value: str) -> int | str:
 def cmd_edit(args: argparse.Namespace) -> int:
     from .atomic import check_out_dir
     from .editor import Editor
+    from .hparams import EditHParams
     from .tokens import EditRequest, encode_request
 
     if args.requests and (args.prompt or args.subject or args.target):
@@ -96,9 +99,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if not (args.prompt and args.subject is not None and args.target is not None):
             raise RankoneError("an edit needs --prompt, --subject and --target (or --requests FILE.jsonl)")
         reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
-    hp = hparams_from(args)
+    given = hparams_from(args)
     check_out_dir(args.out, args.force)
     model, tok = load(args)
+    hp = EditHParams.for_model(model, **given)
     for r in reqs:  # every alignment problem surfaces before any optimisation
         encode_request(tok, r)
     if args.layer == "auto":

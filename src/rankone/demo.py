@@ -10,7 +10,6 @@ from pathlib import Path
 from .editor import Editor
 from .errors import RankoneError
 from .generation import first_word, greedy
-from .hparams import EditHParams
 from .models import load_model
 from .patch import apply_patch
 from .tokens import EditRequest
@@ -47,7 +46,7 @@ def run_demo(model_dir: str | None = None, device: str = "cpu", quiet: bool = Fa
     print(f"Model: {d.name} ({world.get('arch', model.config.model_type)}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"Edit:  {req.text()[0]} {fact['object']}  ->  {target}   (r-ROME)\n")
     before = {name: greedy(model, tok, pr.replace("{}", s), 4) for name, pr, s, _ in probes}
-    ed = Editor(model, tok, EditHParams(), progress=not quiet)
+    ed = Editor(model, tok, None, progress=not quiet)  # the testbed's recommended hyper-parameters
     patch = ed.edit([req])
     handle = apply_patch(model, patch)
     after = {name: greedy(model, tok, pr.replace("{}", s), 4) for name, pr, s, _ in probes}

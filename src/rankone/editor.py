@@ -46,7 +46,7 @@ class Editor:
         progress: bool = True,
     ) -> None:
         self.model, self.tok = model, tok
-        self.hp = hparams or EditHParams()
+        self.hp = hparams or EditHParams.for_model(model)
         self.cache_dir = cache_dir
         self.progress = progress
         self._corpus = Path(stats_corpus) if stats_corpus else None

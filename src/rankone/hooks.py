@@ -46,12 +46,14 @@ def capture(
 
     def make_hook(path: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            # Copies, not views: some models write into these tensors in place afterwards
+            # (Falcon adds the attention output into the MLP output).
             if inputs:
                 x = args[0]
-                rec.inputs[path] = x.detach() if detach else x
+                rec.inputs[path] = x.detach().clone() if detach else x
             if outputs:
                 y = _first(output)
-                rec.outputs[path] = y.detach() if detach else y
+                rec.outputs[path] = y.detach().clone() if detach else y
 
         return hook
 

@@ -72,5 +72,14 @@ class EditHParams:
             raise RankoneError("hyper-parameters must be a JSON object")
         return cls.from_dict(d)
 
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> "EditHParams":
+        """The paper's defaults, then what the model folder recommends, then `overrides`."""
+        from .models import recommended_hparams
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        rec = {k: v for k, v in recommended_hparams(model).items() if k in names}
+        return cls.from_dict({**rec, **overrides})
+
     def replace(self, **changes: Any) -> "EditHParams":
         return dataclasses.replace(self, **changes)

@@ -95,6 +95,19 @@ def testbed_info(model: torch.nn.Module) -> dict[str, Any]:
         return {}
 
 
+def recommended_hparams(model: torch.nn.Module) -> dict[str, Any]:
+    """Hyper-parameters a model folder recommends for itself (like ROME's per-model hparams files).
+
+    A testbed's world.json may hold `edit_hparams` (and `edit_layer`); other models recommend
+    nothing and get the paper's defaults.
+    """
+    info = testbed_info(model)
+    rec = dict(info.get("edit_hparams") or {})
+    if isinstance(info.get("edit_layer"), int):
+        rec.setdefault("layer", info["edit_layer"])
+    return rec
+
+
 def default_layer(model: torch.nn.Module) -> int:
     info = testbed_info(model)
     if isinstance(info.get("edit_layer"), int):
