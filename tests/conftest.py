@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny import corpus_text, make_tokenizer  # noqa: E402
+from tiny import corpus_text, make_model, make_tokenizer  # noqa: E402
 
 # Tiny models gain nothing from threads, and the machine may be shared: one thread is fastest.
 import torch  # noqa: E402
@@ -36,3 +36,13 @@ def corpus(tmp_path_factory):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Key-statistics caches go to a per-session temp folder, never the user's home.
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path_factory.getbasetemp() / "rankone-cache"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tok):
+    """A tiny GPT-2 saved as an ordinary Hugging Face folder, with a corpus.txt for key statistics."""
+    d = tmp_path_factory.mktemp("m") / "tiny-gpt2"
+    make_model("gpt2").save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "corpus.txt").write_text(corpus_text()[:50_000])
+    return d

@@ -47,8 +47,8 @@ def fit_release(base_fp: dict[str, str], released: list[tuple[str, Patch]], patc
     """Fingerprint walk of the released patches plus the candidate, in release order.
 
     An edit fits if its `sha256_before` is the module's base (patches made on the base stack:
-    the merged weights are the exact sum of the rank-one terms) or the state the released chain
-    leaves the module in. `base_fp` holds the known base fingerprints per module. Returns (base
+    the merged weights are the exact sum of the rank-one terms), the state the released chain
+    leaves the module in, or the result of the candidate's own previous edit of that module. `base_fp` holds the known base fingerprints per module. Returns (base
     fingerprints the candidate teaches, released patches it was made on top of, problems).
     """
     base_fp = dict(base_fp)
@@ -77,9 +77,7 @@ def fit_release(base_fp: dict[str, str], released: list[tuple[str, Patch]], patc
         elif e.sha256_before == b:
             state[e.module] = None
         elif cur is None and prev is not None and e.sha256_before == prev[1]:
-            problems.append(f"edit {i} continues edit {prev[0]} of this patch on {e.module}, which stacks on released "
-                            "patches of that module; a patch that edits one module several times cannot be stacked "
-                            "(rankone.patch.apply_patch): build the release and make the patch on that model")
+            state[e.module] = None  # continues this patch's own chain, stacked (as apply_patch does)
         elif cur is None:
             problems.append(f"edit {i} was made on {e.module} weights {e.sha256_before[:12]}…, which the "
                             "fingerprints alone cannot place; pass --model BASE to check it on the real weights")

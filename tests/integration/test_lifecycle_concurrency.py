@@ -55,14 +55,6 @@ print("done", name)
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def base(tmp_path, tok):
     model = make_model("gpt2")

@@ -9,18 +9,9 @@ from safetensors.torch import load_file
 
 from rankone.cli import main
 from rankone.fingerprint import path_sha256
-from tiny import corpus_text, make_model
+from tiny import make_model
 
 FAST = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("m") / "tiny-gpt2"
-    make_model("gpt2").save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "corpus.txt").write_text(corpus_text()[:50_000])
-    return d
 
 
 def run(capsys, *argv):

@@ -23,15 +23,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 PROMPTS = ["The capital of France is", "Romeo and Juliet", "First Citizen: We are"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is several times faster than two on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def suite_file(tmp_path, lines, name="suite.jsonl") -> Path:
     p = tmp_path / name
     p.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")

@@ -26,14 +26,6 @@ FAST = dict(v_steps=6, prefix_spec=[[3, 5]], stats_tokens=20_000)
 TEXT = "Danielle Darrieux was born in Paris, and Toko Yasuda plays the guitar in Rome."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_patches(model, tok, corpus):
     """Three patches: two edits on layer 1 in sequence, one more on layer 1 (stacked), one on layer 2."""
     ed1 = Editor(model, tok, EditHParams(layer=1, **FAST), corpus, progress=False)

@@ -22,15 +22,6 @@ PASS = {"results": [{"passed": True}], "suite": {"sha256": "x"}}
 FAIL = {"results": [{"passed": False}], "suite": {"sha256": "x"}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is several times faster than two on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synth_patch(model, module=M1, seed=0, subject="Danielle Darrieux", prompt="{} was born in", target="Rome",
                 scale=1e-3, v=None) -> Patch:
     """A real one-edit patch (exact revert fix and fingerprints) with a random rank-one ΔW."""
@@ -333,9 +324,9 @@ def _suite(tmp_path):
     return p
 
 
-def test_multi_edit_patch_cannot_stack_on_released_ones(reg, model, tmp_path):
-    # A and B are both made on the base; B edits M1 twice in sequence. apply_patch stacks only
-    # single edits per module onto other patches, so build would fail: release says so up front.
+def test_multi_edit_patch_stacks_on_released_ones(reg, model, tmp_path):
+    # A and B are both made on the base; B edits M1 twice in sequence: B's second edit continues
+    # its own chain, which apply_patch stacks onto A, so release and build accept it.
     reg.release(ready(reg, saved(synth_patch(model, seed=1), tmp_path / "a")))
     b1 = synth_patch(model, seed=2, subject="Toko Yasuda")
     h = apply_patch(model, b1)
@@ -343,10 +334,14 @@ def test_multi_edit_patch_cannot_stack_on_released_ones(reg, model, tmp_path):
     h.revert()
     b = Patch(b1.edits + b2.edits, b1.base, now())
     bid = ready(reg, saved(b, tmp_path / "b"))
-    with pytest.raises(Exception, match="edit 1 continues edit 0 of this patch"):
-        reg.release(bid)
-    with pytest.raises(Exception, match="does not fit"):  # what build would have said
-        apply_patch(model, [reg.load_patch(reg.released()[0].id), b])
+    assert reg.release(bid)[0].state == "released"
+    base = arch.weight_oi(arch.get_module(model, M1)).detach().double().clone()
+    a = reg.load_patch(reg.released()[0].id)
+    h = apply_patch(model, [a, b])  # what build does
+    got = arch.weight_oi(arch.get_module(model, M1)).detach().double() - base
+    h.revert()
+    want = sum(e.delta() for p in (a, b) for e in p.edits if e.module == M1)
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_a_failed_revalidation_blocks_release(reg, model, tmp_path):
