@@ -76,7 +76,7 @@ def main() -> None:
     extra = json.loads(args.hparams) if args.hparams else {}
     rows, results = [], {}
     for method in args.methods.split(","):
-        hp = EditHParams.from_dict({**extra, "method": method, **({"layer": args.layer} if args.layer is not None else {})})
+        hp = EditHParams.for_model(model, **extra, method=method, **({"layer": args.layer} if args.layer is not None else {}))
         f = out / f"{method}.jsonl"
         done = {r["case_id"]: r for r in read_jsonl(f)}
         todo = [c for c in cases if c.case_id not in done]
@@ -102,7 +102,7 @@ def main() -> None:
     body = f"""Model `{Path(args.model).name}`; cases `{args.cases}`: {n_loaded} loaded, {len(bad)} not alignable
 with the tokenizer, **{len(known)} whose true answer the model gives** (first token, greedy); the first
 {len(cases)} of those are edited, **one at a time** on the base model (measured, then reverted exactly).
-Layer: {layer}; hyper-parameters: the paper defaults{' with ' + json.dumps(extra) if extra else ''}.
+Layer: {layer}; hyper-parameters: {json.dumps({k: v for k, v in hp.to_dict().items() if k not in ('method',)})}.
 
 Metrics (`rankone.evaluate`): probabilities teacher-forced over all target tokens and compared as
 per-token means (ROME's convention). ES = P[p(new) > p(true)] on the edit prompt, PS the same on

@@ -44,7 +44,8 @@ def _hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-tokens", type=int, default=None)
 
 
-def _hp(args: argparse.Namespace, method: str | None = None) -> Any:
+def _given(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """The user's hyper-parameters, checked before anything loads (merged with the model's own later)."""
     if args.layer == "auto":
         raise RankoneError("--layer auto is not available here; give a layer number (or leave it out)")
     return hparams_from(argparse.Namespace(**{**vars(args), "method": method or args.method}))
@@ -115,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .atomic import write_json
     from .cases import load_cases
     from .evaluate import GLUE_TASKS, evaluate_single_edits, load_glue, summarize
+    from .hparams import EditHParams
     from .patch import Patch, apply_patch
 
     if args.patch and args.edit_each:
@@ -127,10 +129,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.glue:
         for t in GLUE_TASKS:
             load_glue(args.glue, t)
-    hp = _hp(args) if args.edit_each else None
+    given = _given(args) if args.edit_each else None
     cases = load_cases(args.cases)
     patches = [Patch.load(p) for p in (args.patch or [])]
     model, tok = load(args)
+    hp = EditHParams.for_model(model, **given) if given is not None else None
     cases, info = _select(model, tok, cases, args.known_only, args.quiet)
     cases = cases[: args.n] if args.n else cases
 
@@ -185,6 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
     from .cases import heldout_text, load_cases
     from .evaluate import GLUE_TASKS, load_glue
+    from .hparams import EditHParams
     from .plots import report
     from .sequential import SequentialConfig, SequentialRun
 
@@ -198,7 +202,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
                            guard=not args.no_guard, guard_factor=args.guard_factor, denom_factor=args.denom_factor,
                            spike_factor=args.guard_factor, norm=args.norm, seed=args.seed or 0, glue_dir=args.glue,
                            glue_n=args.glue_n)
-    hp0 = _hp(args, methods[0])
+    given = [_given(args, m) for m in methods]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
@@ -215,8 +219,8 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         ppl = heldout_text(World.load(args.model))
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": args.known_only,
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
-    runs = [SequentialRun(model, tok, cases, hp0.replace(method=m), out / m, cfg, probes, ppl, meta,
-                          args.stats_corpus, progress=not args.quiet) for m in methods]
+    runs = [SequentialRun(model, tok, cases, EditHParams.for_model(model, **g), out / m, cfg, probes, ppl, meta,
+                          args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
     for r in runs:  # every folder is checked before any run starts
         r.preflight(args.force)
     for r in runs:
