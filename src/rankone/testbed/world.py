@@ -229,11 +229,11 @@ def invent_subjects(n: int, rng: random.Random) -> list[str]:
     """n distinct pronounceable names of 2-3 words ("Varo Telnik", "Bensi Varo Kalom").
 
     All names are ordered combinations of a small pool of words, so no word - nor the set of a
-    name's words - identifies a subject: only the words in order do. A model then composes the
-    name token by token and recognises the subject at its last token, the position ROME edits,
-    as large models do with multi-token names. (Measured: with a unique word per name, a 4-layer
-    GPT-2 read the subject off the raw tokens at the answer position, and edits at the
-    subject's last token flipped 0 of 10 facts.)
+    name's words - identifies a subject: only the words in order do. The model then has to
+    compose the name at its tokens before the answer position can use it, which is what makes
+    an edit at the subject's last token take. Measured on 4-layer GPT-2s, r-ROME at layer 0,
+    engine defaults: names whose last word is unique to the subject (a 4-layer GPT-2 reads the
+    raw token at the answer position, past every MLP) 5/30 edits took; pooled names 18/30.
     """
     pool = 8
     while pool * (pool - 1) * (pool - 2) < 3 * n:
