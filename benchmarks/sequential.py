@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--hparams", default=None)
     ap.add_argument("--guard", action="store_true", help="refuse anomalous updates (default here: off, to show them)")
     ap.add_argument("--known-only", action="store_true")
+    ap.add_argument("--glue", default=None, help="GLUE folder: few-shot scores at the start and the end of each run")
     ap.add_argument("--serial", action="store_true", help="one method after the other instead of in parallel")
     ap.add_argument("--report-only", action="store_true", help="only redraw the figures and the section")
     ap.add_argument("--note", default="", help="a sentence of interpretation appended to the section")
@@ -77,6 +78,7 @@ def main() -> None:
             cmd += [] if args.guard else ["--no-guard"]
             cmd += ["--layer", str(args.layer)] if args.layer is not None else []
             cmd += ["--hparams", args.hparams] if args.hparams else []
+            cmd += ["--glue", args.glue] if args.glue else []
             log = open(out / f"{m}.log", "a")
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -134,6 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     patches = [Patch.load(p) for p in (args.patch or [])]
     model, tok = load(args)
     hp = EditHParams.for_model(model, **given) if given is not None else None
+    if patches:
+        apply_patch(model, patches).revert()  # a patch for another model fails here, before any measuring
     cases, info = _select(model, tok, cases, args.known_only, args.quiet)
     cases = cases[: args.n] if args.n else cases
 
