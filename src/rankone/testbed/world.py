@@ -281,7 +281,7 @@ class SyntheticSpec:
 
 SIZES: dict[str, SyntheticSpec] = {
     "small": SyntheticSpec(n_subjects=150, n_relations=6),
-    "bench": SyntheticSpec(n_subjects=400, n_relations=6),
+    "bench": SyntheticSpec(n_subjects=200, n_relations=6),
 }
 
 
