@@ -53,7 +53,7 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     model, tok = load_model(model_dir)
     rng = random.Random(seed)
     facts = rng.sample(world.facts, n)
-    ed = Editor(model, tok, EditHParams(), progress=False)
+    ed = Editor(model, tok, EditHParams.for_model(model), progress=False)  # as `rankone edit` does
     flips = para = para_n = kept = kept_n = 0
     t0 = time.monotonic()
     for f in facts:
