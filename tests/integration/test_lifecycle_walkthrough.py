@@ -41,6 +41,9 @@ def base_dir() -> Path | None:
 
 
 MAX_TRIES = 24
+# The walk-through pins the value steps: the built-ins recommend 100, which flips more facts but moves
+# neighbouring ones beyond the default gate policy; 40 passes the gates more often on this small model.
+WALK_HPARAMS = '{"v_steps": 40}'
 
 
 def plan(base: Path, world: dict) -> dict:
@@ -78,7 +81,7 @@ def plan(base: Path, world: dict) -> dict:
          "heldout": " ".join(rel[f["relation"]]["phrasings"][f["heldout"][0]].replace("{}", f["subject"]) + f" {f['object']}."
                              for f in held)}
     avoid = {f["subject"] for f in keep + held}
-    editor = Editor(model, tok, EditHParams.for_model(model), progress=False)  # as `rankone edit` does
+    editor = Editor(model, tok, EditHParams.for_model(model, **json.loads(WALK_HPARAMS)), progress=False)  # as `rankone edit` does
 
     def passing(name: str, relations: list[str], ok_subject, reference: list, limit: int, n_targets: int = 2,
                 skip_target: str = ""):
@@ -133,9 +136,9 @@ def steps(p: dict) -> list[tuple]:
     B = "$BASE"
     return [
         ("rankone", "Two engineers each compute a patch on the base model (nothing is changed in it).",
-         ["edit", "--model", B, "--prompt", b["prompt"], "--subject", b["subject"], "--target", b["target"],
+         ["edit", "--model", B, "--hparams", WALK_HPARAMS, "--prompt", b["prompt"], "--subject", b["subject"], "--target", b["target"],
           "--author", "alice", "--reason", f"ticket 101: {b['subject']} was born in {b['target']}", "--out", "born.patch", "--quiet"], 0),
-        ("rankone", "", ["edit", "--model", B, "--prompt", la["prompt"], "--subject", la["subject"], "--target", la["target"],
+        ("rankone", "", ["edit", "--model", B, "--hparams", WALK_HPARAMS, "--prompt", la["prompt"], "--subject", la["subject"], "--target", la["target"],
                          "--author", "bob", "--reason", "ticket 102", "--out", "lang.patch", "--quiet"], 0),
         ("rankone", "They register them. The id is the content's hash; the state starts at `proposed`.",
          ["registry", "add", "born.patch", "--reason", f"ticket 101: {b['subject']} was born in {b['target']}", "--author", "alice"], 0),
@@ -156,7 +159,7 @@ def steps(p: dict) -> list[tuple]:
                     "as the released patch. Release refuses it either way: if it fails its own gates (as the small "
                     "testbed often makes it), because it is not validated; if it passes them, as a conflict with the "
                     "released patch, saying which (`--force` would override, on the record). It is rejected.",
-         ["edit", "--model", B, "--prompt", c["prompt"], "--subject", c["subject"], "--target", c["target"],
+         ["edit", "--model", B, "--hparams", WALK_HPARAMS, "--prompt", c["prompt"], "--subject", c["subject"], "--target", c["target"],
           "--author", "frank", "--out", "clash.patch", "--quiet"], 0),
         ("rankone", "", ["registry", "add", "clash.patch", "--reason", "ticket 103", "--author", "frank"], 0),
         ("rankone", "", ["registry", "validate", "clash.patch", "--model", B, "--suite", "clash.suite.jsonl", "--author", "carol"], None),
