@@ -193,15 +193,6 @@ def test_spaced():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("m") / "tiny-gpt2"
-    make_model("gpt2").save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "corpus.txt").write_text(corpus_text()[:50_000])
-    return d
-
-
-@pytest.fixture(scope="module")
 def cases_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("c") / "cases.jsonl"
     save_cases(p, make_cases())
