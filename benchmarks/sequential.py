@@ -35,14 +35,15 @@ def denominators(runs: dict[str, Path]) -> str:
             continue
         ratio = sorted(r["denom_bare_mean"] / r["denom_mean_mean"] for r in ed)
         cos = [r["key_cosine"] for r in ed]
-        rel = sorted(r["delta_fro"] / r["weight_fro"] for r in ed if r.get("weight_fro"))
+        w0 = ed[0]["weight_fro"]  # ‖W₀‖: the first update sees the unedited weight
+        rel = sorted(r["delta_fro"] / w0 for r in ed)
         lines.append(
             f"| {m} | {len(ed)} | {statistics.median(r['denom_mean_mean'] for r in ed):.4g} | "
             f"{statistics.median(r['denom_bare_mean'] for r in ed):.4g} | {ratio[0]:.3g} | {statistics.median(ratio):.3g} | "
             f"{sum(x < 0.1 for x in ratio)} | {min(cos):.3f} / {statistics.mean(cos):.3f} | "
             f"{statistics.median(rel):.3g} / {rel[-1]:.3g} |")
     head = ("| run | updates | median k̄ᵀC⁻¹k̄ (r-ROME) | median k_oᵀC⁻¹k̄ (ROME) | min ratio ROME/r-ROME | median ratio | "
-            "ratio < 0.1 | key cosine min / mean | ‖Δ‖/‖W‖ median / max |\n|---|---|---|---|---|---|---|---|---|\n")
+            "ratio < 0.1 | key cosine min / mean | ‖Δ‖/‖W₀‖ median / max |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(lines)
 
 

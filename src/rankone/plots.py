@@ -128,9 +128,12 @@ def plot_denominators(runs: Runs, path: str | os.PathLike, title: str = "") -> P
             a1.hist([x for x in xs if x > 0], bins=bins, alpha=0.45, color=c,
                     label=name + (f" ({neg} ≤ 0)" if neg else ""))
         a1.set_xscale("log")
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-        a1.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels collide on a short log axis
+        # a short log axis: label 1-2-5 steps plainly, and no minor-tick labels (they collide)
+        a1.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a1.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        a1.xaxis.set_minor_formatter(NullFormatter())
     a1.set_xlabel("denominator")
     a1.set_ylabel("updates")
     a1.legend(fontsize=7)
