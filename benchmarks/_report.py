@@ -26,8 +26,21 @@ def machine() -> str:
             f"{time.strftime('%Y-%m-%d')}")
 
 
-def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+def command(drop: tuple[str, ...] = ("--report-only", "--note")) -> str:
+    """The command line that produced the figures: options that only redraw a section
+    (`--report-only`, `--note TEXT`) are left out."""
+    args, out, i = sys.argv[1:], [], 0
+    while i < len(args):
+        a = args[i]
+        if a in drop:
+            i += 1 if a == "--report-only" else 2
+            continue
+        if a.split("=", 1)[0] in drop:
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + out)
 
 
 def write_section(name: str, title: str, body: str) -> None:

@@ -90,6 +90,8 @@ def main() -> None:
         for m, p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"{m} failed (exit {p.returncode}); see {out / (m + '.log')}")
+        (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0)}))
+    wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else None
     runs = {m: out / m for m in methods if (out / m / "run.jsonl").is_file()}
     title = args.title or Path(args.model).name
     rep = report(runs, out, title=title)
@@ -122,7 +124,8 @@ The mechanism: the denominators of every update (all three are recorded whicheve
 ![denominators](docs/{figs[2].name})
 
 {args.note}
-Runs, JSONL and checkpoints: `runs/sequential/{args.name}/` (not committed). Wall time of this invocation {time.perf_counter() - t0:.0f} s.
+
+Runs, JSONL and checkpoints: `runs/sequential/{args.name}/` (not committed). Wall time of the runs {f"{wall} s" if wall is not None else "not recorded"}{" (methods in parallel, one thread each)" if not args.serial else ""}.
 """
     print(body)
     write_section(f"sequential_{args.name}", f"Sequential editing, ROME vs r-ROME — {title}", body)
