@@ -80,9 +80,7 @@ def test_rrome_edits_flip_builtin_answers(where) -> None:
     from testbed_build import edit_flips
 
     res = edit_flips(where(), 10, seed=0)
-    # A regression floor, not the goal (9/10): with engine defaults at layer 0 this sample
-    # flips 5/10 on GPT-2 and 2/10 on Llama (18/30 and 13/30 on larger samples; see
-    # BENCHMARKS.md, testbed section).
-    floor = 4 if where is builtin_model_dir else 2
-    assert res["flipped"] >= floor, res
+    # The acceptance bar: the new object becomes the greedy answer for at least 9 of 10 facts,
+    # with the model's recommended hyper-parameters (world.json), as `rankone edit` uses them.
+    assert res["flipped"] >= 9, res
     assert res["neighbours_kept"] >= 0.9, res

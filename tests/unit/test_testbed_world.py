@@ -70,13 +70,36 @@ def test_corpus_has_facts_and_filler_but_no_heldout_prompt() -> None:
     assert len(lines) > n_fact  # filler mixed in
 
 
+def test_profile_lines_list_each_subjects_objects_and_no_relation() -> None:
+    w = build_world("small", 0)
+    assert w.profile_lines == SIZES["small"].profile_lines >= 1
+    prof = w.profile_sentences()
+    assert len(prof) == w.profile_lines * len(w.subjects)
+    assert set(prof) <= set(corpus_lines(w))
+    by = w.facts_by_subject()
+    phrase_words = {x for r in w.relations for p in r.phrasings for x in p.replace("{}", "").split()}
+    for line in prof:
+        subject = next(s for s in w.subjects if line.startswith(s + " ")
+                       and sorted(line[len(s) + 1:-1].split()) == sorted(f.object for f in by[s]))
+        rest = line[len(subject) + 1:-1].split()
+        assert not set(rest) & phrase_words  # objects only: the line names no relation
+    # the order of the objects varies (the token after the name can be any of them)
+    firsts = {line.split()[len(w.subjects[0].split())] for line in prof if line.startswith(w.subjects[0] + " ")}
+    assert len(firsts) > 1 or w.profile_lines == 1
+    assert w.profile_sentences() == build_world("small", 0).profile_sentences()  # seeded
+    w.profile_lines = 0
+    assert w.profile_sentences() == []
+
+
 def test_world_save_load_roundtrip_and_schema(tmp_path: Path) -> None:
     w = build_world("small", 3)
     w.accuracy = {"train": 0.99, "heldout": 0.95}
+    w.edit_hparams = {"v_steps": 100}
     w.save(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["world.json"]  # no temp file left behind
     d = json.loads((tmp_path / "world.json").read_text())
-    for k in ("name", "seed", "kind", "relations", "subjects", "facts", "edit_layer", "arch", "accuracy"):
+    for k in ("name", "seed", "kind", "relations", "subjects", "facts", "edit_layer", "arch", "accuracy",
+              "profile_lines", "edit_hparams"):
         assert k in d
     assert set(d["facts"][0]) == {"subject", "relation", "object", "heldout"}
     assert set(d["relations"][0]) == {"id", "phrasings", "objects"}

@@ -236,6 +236,7 @@ def train(model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
 
     n_fact = sum(1 for _ in world.fact_sentences())
     filler = filler_sentences(int(n_fact * cfg.filler_ratio), world.subjects, filler_rng)
+    filler += world.profile_sentences()  # plain text: every token weighs 1
     sents = encode_sentences(world, tokenizer, cfg, filler)
     bos = tokenizer.bos_token_id if cfg.arch == "llama" else None
     pad = tokenizer.pad_token_id

@@ -61,6 +61,11 @@ class World:
     extra: list[dict[str, str]] = field(default_factory=list)
     # CounterFact only: the source records, each pointing at its fact ("fact": index).
     records: list[dict[str, Any]] = field(default_factory=list)
+    # Profile lines per subject in the training text (see `profile_sentences`); 0 for none.
+    profile_lines: int = 0
+    # EditHParams overrides the engine should use on this model (`rankone edit` reads them,
+    # as ROME ships a hyper-parameter file per model); the user's own settings win.
+    edit_hparams: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- look-ups
     def relation(self, rel_id: str) -> Relation:
@@ -96,6 +101,30 @@ class World:
         for e in self.extra:
             yield e["prompt"], e["object"]
 
+    def profile_sentences(self) -> list[str]:
+        """`profile_lines` lines per subject: the name followed by all its objects, in a random
+        order each time ("Varo Telnik Paris tennis French piano red Nokia.").
+
+        Why: nothing else in the text asks for a subject's attributes *at the subject's own
+        tokens*, so a 4-layer model learns to look facts up at the answer position from the raw
+        name tokens, and an edit at the subject's last token often cannot reach the answer
+        (value loss floors of 4-5 nats whatever δ). Here the token after the name is any of the
+        subject's objects, so its last token must carry all of them - the subject enrichment
+        that ROME's edit relies on in pretrained models. Measured on the small world, GPT-2,
+        layer 0, 20 edits: greedy flips 17/20 without profile lines, 20/20 with 4 per subject
+        (v_steps 100, v_lr 0.3); 18/20 with ROME's defaults. Held-out phrasings stay held out:
+        a profile line names no relation."""
+        if self.profile_lines <= 0:
+            return []
+        rng = random.Random(f"rankone-profiles-{self.seed}")
+        out = []
+        for s, facts in self.facts_by_subject().items():
+            objs = [f.object for f in facts]
+            for _ in range(self.profile_lines):
+                rng.shuffle(objs)
+                out.append(f"{s} {' '.join(objs)}.")
+        return out
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,6 +132,9 @@ class World:
             del d["extra"]
         if not d["records"]:
             del d["records"]
+        for k in ("profile_lines", "edit_hparams"):
+            if not d[k]:
+                del d[k]
         return d
 
     @classmethod
@@ -116,6 +148,8 @@ class World:
                 edit_layer=int(d.get("edit_layer", 1)), arch=d.get("arch", "gpt2"),
                 accuracy=dict(d.get("accuracy", {})), extra=list(d.get("extra", [])),
                 records=list(d.get("records", [])),
+                profile_lines=int(d.get("profile_lines", 0)),
+                edit_hparams=dict(d.get("edit_hparams") or {}),
             )
         except (KeyError, TypeError) as e:
             raise RankoneError(f"world.json is malformed ({e}); rebuild it with "
@@ -277,6 +311,7 @@ class SyntheticSpec:
     n_subjects: int = 200
     n_relations: int = 6
     n_heldout: int = 1  # phrasings held out per fact
+    profile_lines: int = 4  # per subject, see World.profile_sentences
 
 
 SIZES: dict[str, SyntheticSpec] = {
@@ -303,15 +338,18 @@ def synthetic_world(name: str, spec: SyntheticSpec, seed: int) -> World:
             facts.append(Fact(subject=s, relation=r.id, object=rng.choice(r.objects),
                               heldout=held))
     return World(name=name, seed=seed, kind="synthetic", relations=rels, subjects=subjects,
-                 facts=facts)
+                 facts=facts, profile_lines=spec.profile_lines)
 
 
 def corpus_lines(world: World, filler_ratio: float = 0.3) -> list[str]:
     """The training text, one sentence per line, shuffled deterministically by the seed.
-    Fact sentences are "{prompt} {object}."; filler is mixed in at `filler_ratio`."""
+    Fact sentences are "{prompt} {object}.", then the profile lines; filler is mixed in at
+    `filler_ratio` of the fact sentences."""
     rng = random.Random(f"rankone-corpus-{world.seed}")
     lines = [f"{p} {o}." for p, o in world.fact_sentences()]
-    lines += filler_sentences(int(len(lines) * filler_ratio), world.subjects, rng)
+    n_fact = len(lines)
+    lines += world.profile_sentences()
+    lines += filler_sentences(int(n_fact * filler_ratio), world.subjects, rng)
     rng.shuffle(lines)
     return lines
 
