@@ -98,26 +98,28 @@ def run_one(name: str, seed: int, edits: int, budget: float | None, reuse: bool)
 
 
 NOTES = """
-Findings while building these (same machine, same day; 10-30 edits each, so ±15 %):
+Findings while building these (same machine, same day; 10-40 edits each, so about ±10 %):
 
-- **Where the subject is read decides whether ROME can edit.** Causal transplants (another
-  subject's hidden state patched in at one position and layer) showed that a 4-layer GPT-2 with
-  a unique word per name reads the subject off the raw tokens at the answer position in layer 0
-  and never consults the subject's last token (0-3 of 40 answers moved); r-ROME then flipped
-  0/10 (layer 1) or 5/30 (layer 0). Names built from a small pool of words, where only the order
-  identifies the subject, make the model compose the name at the subject's tokens first:
-  18/30 at layer 0 with engine defaults, **25/30 with `v_steps=100`** (failures are value
-  optimisations that have not converged in 20 steps, not norm clamps). Layer 1 hits the clamp
-  (3/10). Hence `edit_layer` = 0 for 4-layer testbeds.
-- Label smoothing 0.1 raised flips at layer 0 from 4/10 to 7/10 on the same world; 0.1 weight
-  decay with a 192-wide model did not help (4/10).
-- Llama (RoPE) reads the subject from the block-0 outputs of all its tokens at layer 1 (a
-  transplant of the whole span after MLP 0 moved 39/40 answers), but the last token alone
-  carries too little: 13/30 with defaults.
-- CounterFact: real names identify the subject from raw tokens; the CounterFact models know
-  their facts (97-98 % of trained prompts) but r-ROME flips 1/10 (GPT-2 and Llama), with the
-  phrasing groups, subject mentions, label smoothing and early stop in place. The prototype's
-  failure (ES 0.05) is therefore not mainly over-confidence.
+- **Profile lines put the facts where ROME edits them.** Before them, a value optimisation at
+  the subject's last token often could not reach the new object at all, whatever δ: the loss
+  floored at 4-5 nats after 300 steps at any learning rate, with the norm clamp far away. The
+  4-layer model looked facts up at the answer position from the raw name tokens. Lines that
+  list a subject's objects right after its name, in a random order and with no relation words
+  ("Varo Telnik Paris tennis French piano red Nokia.", 4 per subject), require the name's last
+  token to carry all of its facts. Same world, GPT-2, layer 0, 20 edits: **17/20 -> 20/20**
+  greedy flips (100 steps), 18/20 already with ROME's 20 steps. Accuracy is unchanged.
+- The built-ins recommend `v_steps` 100 in world.json. GPT-2, 40 edits: 37/40 flips with 20
+  steps or 100, paraphrases 0.95 / 0.975, and 10/10 on the test's 10-fact sample. Llama: 36/40,
+  but 6/10 on the test's sample.
+- **Names.** A word unique to each name lets the model read the subject off the raw token at the
+  answer position, and edits at the subject fail: 5/30. Names built in order from a small pool
+  of words need composing at the subject's tokens: 18/30.
+- Layer 1 of 4 hits the norm clamp (GPT-2 3/10, Llama 3/20), so 4-layer testbeds edit layer 0.
+  Label smoothing 0.1 raised GPT-2 flips from 4/10 to 7/10 before profile lines existed.
+- **CounterFact.** The CounterFact worlds (no profile lines) know 97-98 % of their trained
+  prompts, but r-ROME flips 1/10. The single-edit table (eval_single_counterfact) agrees, with
+  ES 0.03. Real names identify the subject from raw tokens. Profile lines were not tried on
+  CounterFact.
 """
 
 
