@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{cmd.strip()}` on {platform.machine()} CPU, "
         "1 torch thread (the 2 cores were shared with other jobs, so times are upper bounds). Accuracy is greedy top-1 on the object over every fact "
-        "(CounterFact: every trained prompt, first token). Edits: r-ROME, default "
-        "hyper-parameters, each fact edited alone on the unedited model.",
+        "(CounterFact: every trained prompt, first token). Edits: r-ROME with the model's "
+        "recommended hyper-parameters (world.json: `v_steps` 100 for the synthetic worlds built "
+        "now; ROME's defaults for the others), each fact edited alone on the unedited model; "
+        "bench-gpt2 and the CounterFact models were built before profile lines existed.",
         "",
         table(reps),
         NOTES,
