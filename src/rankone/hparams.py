@@ -12,6 +12,16 @@ from .errors import RankoneError
 METHODS = ("r-rome", "p-rome", "rome")
 
 
+def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
+    """cls(**d) for a dataclass, refusing unknown keys with one line that lists the known ones
+    (a typo in a JSON setting must not be silently ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise RankoneError(f"unknown {what}(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass
 class EditHParams:
     method: str = "r-rome"  # which key enters where in the update, see rome.rank_one_update
@@ -56,11 +66,7 @@ class EditHParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise RankoneError(f"unknown hyper-parameter(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "hyper-parameter")
 
     @classmethod
     def from_json(cls, text: str) -> "EditHParams":

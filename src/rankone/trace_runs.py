@@ -82,11 +82,9 @@ class TraceSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TraceSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise RankoneError(f"unknown trace setting(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        from rankone.hparams import strict_from_dict
+
+        return strict_from_dict(cls, d, "trace setting")
 
 
 # ---- one prompt -----------------------------------------------------------------------------
