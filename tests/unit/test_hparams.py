@@ -1,0 +1,24 @@
+"""Hyper-parameter and trace-setting dataclasses: JSON round trip, and a typo is an error."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankone.errors import RankoneError
+from rankone.hparams import EditHParams
+from rankone.trace import TraceSettings
+
+
+def test_hparams_round_trip_through_json() -> None:
+    hp = EditHParams(method="p-rome", layer=2, v_steps=7, prefixes=["A. {}"], seed=3)
+    assert EditHParams.from_json(hp.to_json()) == hp
+    assert EditHParams.from_json(hp.to_json()) != EditHParams()
+
+
+@pytest.mark.parametrize("cls, bad, what", [(EditHParams, {"v_step": 5}, "hyper-parameter"),
+                                            (TraceSettings, {"sample": 3}, "trace setting")])
+def test_unknown_key_is_one_clear_line(cls, bad, what) -> None:
+    with pytest.raises(RankoneError) as e:
+        cls.from_dict(bad)
+    msg = str(e.value)
+    assert f"unknown {what}(s) {sorted(bad)}" in msg and "known:" in msg and "\n" not in msg
