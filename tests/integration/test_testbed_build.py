@@ -81,9 +81,9 @@ def test_rrome_edits_flip_builtin_answers(where) -> None:
 
     res = edit_flips(where(), 10, seed=0)
     # With the model's recommended hyper-parameters (world.json), as `rankone edit` uses them.
-    # GPT-2 meets the bar of 9/10 (10/10 here, 37/40 on a larger sample). Llama does not: this
-    # sample flips 6/10 (two instrument and two colour facts whose value optimisation stalls),
-    # 36/40 on a larger one, so its floor is a regression floor (BENCHMARKS.md, testbed).
-    floor = 9 if where is builtin_model_dir else 6
+    # GPT-2 meets the bar of 9/10 (10/10 here, 37/40 on a larger sample). Llama is at the bar
+    # on average (38/40 and 36/40 on two larger samples) but this sample flips 7/10, so its
+    # floor is a regression floor (BENCHMARKS.md, testbed).
+    floor = 9 if where is builtin_model_dir else 7
     assert res["flipped"] >= floor, res
     assert res["neighbours_kept"] >= 0.9, res
