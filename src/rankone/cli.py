@@ -63,7 +63,8 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     given: dict[str, Any] = {}
     if args.hparams:
         text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
-        given = {k: v for k, v in EditHParams.from_json(text).to_dict().items() if k in json.loads(text)}
+        EditHParams.from_json(text)  # a JSON object of known names, or one clear error
+        given = json.loads(text)
     for name in ("method", "seed", "stats_tokens"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -323,8 +324,6 @@ def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case
 
     from .editor import Editor
     from .patch import revert_patch
-
-    import time
 
     ed = Editor(model, tok, hparams, stats_corpus, progress=progress)
     out = []

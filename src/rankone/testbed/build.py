@@ -40,12 +40,8 @@ def edit_layer_for(n_layer: int) -> int:
 
 def edit_hparams_for(world: World) -> dict[str, Any]:
     """The hyper-parameters the testbed recommends to the engine (written to world.json, read by
-    `rankone edit`). ROME's 20 value steps stop short of convergence on these 4-layer models:
-    measured on the small world with profile lines, layer 0, r-ROME, greedy flips of the edited
-    prompt: GPT-2 37/40 with 20 steps and 37/40 with 100 (paraphrases 0.95 -> 0.975; the
-    10-fact test sample 7/10 -> 10/10); Llama (label smoothing 0.1) 13/20 with 20 steps,
-    18/20 with 100; the built-in Llama (no label smoothing) 38/40 and 36/40, 7/10 on the
-    test's sample."""
+    `rankone edit`): ROME's 20 value steps often stop short of convergence on these 4-layer
+    models, 100 do not (figures in BENCHMARKS.md, testbed section)."""
     return {"v_steps": 100} if world.kind == "synthetic" else {}
 
 

@@ -77,9 +77,7 @@ def default_config(world: World, arch: str = "gpt2") -> TrainConfig:
         # learn, the machine was shared); 200 subjects (1,200 facts) at 4x192 is what fits.
         return TrainConfig(arch=arch, n_embd=192, n_head=6, label_smoothing=0.1,
                            time_budget_s=1800.0)
-    # Label smoothing helps GPT-2 edits (4/10 -> 7/10 flips before profile lines) but not Llama:
-    # r-ROME flips on the small Llama world (10 + 40 + 40 facts) were 7/10, 38/40, 36/40 without
-    # it, 6/10, 36/40 with 0.1 and 9/10, 35/40, 33/40 with 0.2.
+    # Label smoothing helps GPT-2 edits take but not Llama's (BENCHMARKS.md, testbed section).
     return TrainConfig(arch=arch, label_smoothing=0.0 if arch == "llama" else 0.1,
                        time_budget_s=600.0)
 

@@ -110,10 +110,8 @@ class World:
         name tokens, and an edit at the subject's last token often cannot reach the answer
         (value loss floors of 4-5 nats whatever δ). Here the token after the name is any of the
         subject's objects, so its last token must carry all of them - the subject enrichment
-        that ROME's edit relies on in pretrained models. Measured on the small world, GPT-2,
-        layer 0, 20 edits: greedy flips 17/20 without profile lines, 20/20 with 4 per subject
-        (v_steps 100, v_lr 0.3); 18/20 with ROME's defaults. Held-out phrasings stay held out:
-        a profile line names no relation."""
+        that ROME's edit relies on in pretrained models (measured: BENCHMARKS.md, testbed
+        section). Held-out phrasings stay held out: a profile line names no relation."""
         if self.profile_lines <= 0:
             return []
         rng = random.Random(f"rankone-profiles-{self.seed}")
