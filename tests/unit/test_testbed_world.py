@@ -175,3 +175,16 @@ def test_counterfact_world_from_shared_file() -> None:
     assert len(w.prompts(f, "train")) >= 2 and len(w.prompts(f, "heldout")) == 1
     w5 = build_world(f"counterfact:{CF}:50", 0)
     assert len(w5.records) == 50
+
+
+@pytest.mark.parametrize("field, value", [("profile_lines", "four"), ("edit_hparams", "v_steps=100"),
+                                          ("seed", "x")])
+def test_malformed_world_field_is_one_clear_line(tmp_path: Path, field: str, value: str) -> None:
+    d = build_world("small", 0).to_dict()
+    d[field] = value
+    (tmp_path / "world.json").write_text(json.dumps(d))
+    before = (tmp_path / "world.json").read_bytes()
+    with pytest.raises(RankoneError, match="world.json is malformed") as e:
+        World.load(tmp_path)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "world.json").read_bytes() == before and len(list(tmp_path.iterdir())) == 1

@@ -149,7 +149,7 @@ class World:
                 profile_lines=int(d.get("profile_lines", 0)),
                 edit_hparams=dict(d.get("edit_hparams") or {}),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise RankoneError(f"world.json is malformed ({e}); rebuild it with "
                                "`rankone testbed build`") from None
 
