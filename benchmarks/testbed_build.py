@@ -98,7 +98,10 @@ def run_one(name: str, seed: int, edits: int, budget: float | None, reuse: bool)
 
 
 NOTES = """
-Findings while building these (same machine, same day; 10-40 edits each, so about ±10 %):
+Findings while building these (same machine, same day; 10-40 edits each, so about ±10 %). The flip counts on
+variant builds are exploratory: `edit_flips(model_dir, n, seed)` from this script, run by hand on models built
+with `build_testbed` and the variant setting (seed 0 = the test's 10 facts; seeds 1 and 2 = 40 facts each);
+only the table above is reproduced by the command:
 
 - **Profile lines put the facts where ROME edits them.** Before them, a value optimisation at
   the subject's last token often could not reach the new object at all, whatever δ: the loss
