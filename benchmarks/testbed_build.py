@@ -26,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
-BEGIN, END = "<!-- testbed:begin -->", "<!-- testbed:end -->"
 
 RUNS: dict[str, tuple[str, str]] = {  # name -> (world spec, arch)
     "small-gpt2": ("small", "gpt2"),
@@ -40,7 +39,8 @@ RUNS: dict[str, tuple[str, str]] = {  # name -> (world spec, arch)
 def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     """r-ROME edits of n random facts to another object of the same relation, one at a time
     on the unedited model: how many make the new object the greedy answer (edited prompt,
-    held-out phrasing), and how many neighbouring facts keep theirs."""
+    held-out phrasing), how many neighbouring facts (same relation, other subjects) keep theirs,
+    and how many of the edited subject's other facts keep theirs."""
     from rankone.editor import Editor
     from rankone.hparams import EditHParams
     from rankone.models import load_model
@@ -54,7 +54,7 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     facts = rng.sample(world.facts, n)
     ed = Editor(model, tok, EditHParams.for_model(model), progress=False)  # as `rankone edit` does
-    flips = para = para_n = kept = kept_n = 0
+    flips = para = para_n = kept = kept_n = own = own_n = 0
     t0 = time.monotonic()
     for f in facts:
         rel = world.relation(f.relation)
@@ -68,6 +68,8 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
             held = [(p, target) for p in world.prompts(f, "heldout")]
             _, first = greedy_hits(model, tok, [(prompt, target)] + held)
             _, nb_hits = greedy_hits(model, tok, [(world.prompts(g, "train")[0], g.object) for g in nb])
+            mine = [g for g in world.facts if g.subject == f.subject and g.relation != f.relation]
+            _, own_hits = greedy_hits(model, tok, [(world.prompts(g, "train")[0], g.object) for g in mine])
         finally:
             h.revert()
         flips += first[0]
@@ -75,12 +77,15 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
         para_n += len(first) - 1
         kept += sum(nb_hits)
         kept_n += len(nb_hits)
+        own += sum(own_hits)
+        own_n += len(own_hits)
     return {"n": n, "flipped": flips, "paraphrase": round(para / max(para_n, 1), 3),
             "neighbours_kept": round(kept / max(kept_n, 1), 3),
+            "own_facts_kept": round(own / own_n, 3) if own_n else None,  # CounterFact: often none
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def run_one(name: str, seed: int, edits: int, budget: float | None, reuse: bool) -> dict[str, Any]:
+def run_one(name: str, seed: int, edits: list[int], budget: float | None, reuse: bool) -> dict[str, Any]:
     from rankone.testbed import build_testbed
 
     spec, arch = RUNS[name]
@@ -89,34 +94,64 @@ def run_one(name: str, seed: int, edits: int, budget: float | None, reuse: bool)
         rep = json.loads((out / "report.json").read_text())
     else:
         rep = build_testbed(spec, arch, out, seed=seed, time_budget_s=budget)
-    if edits:
-        try:
-            rep["edits"] = edit_flips(out, edits, seed)
+    if any(edits):
+        try:  # sample i draws its facts with seed i: sample 0 is the test's (10 facts, seed 0)
+            rep["edits"] = [edit_flips(out, n, i) for i, n in enumerate(edits) if n]
         except ImportError as e:  # the engine is not installed in this checkout
-            rep["edits"] = {"error": f"engine unavailable: {e}"}
+            rep["edits"] = [{"error": f"engine unavailable: {e}"}]
     return rep
 
 
-NOTES = """
-Findings while building these (same machine, same day; 10-40 edits each, so about ±10 %). The flip counts on
-variant builds are exploratory: `edit_flips(model_dir, n, seed)` from this script, run by hand on models built
-with `build_testbed` and the variant setting (seed 0 = the test's 10 facts; seeds 1 and 2 = 40 facts each);
-only the table above is reproduced by the command:
+def _pooled(samples: list[dict[str, Any]], key: str) -> str:
+    """A rate over all samples, weighted by the number of edits in each."""
+    samples = [e for e in samples if e.get(key) is not None]
+    n = sum(e["n"] for e in samples)
+    return f"{sum(e[key] * e['n'] for e in samples) / n:.3f}" if n else "-"
 
-- **Profile lines put the facts where ROME edits them.** Before them, a value optimisation at
+
+NOTES = """
+Findings while building these (same machine; 10-40 edits a sample, so about ±10 %). Only the
+tables are reproduced by their commands. The flip counts on variant builds below are
+exploratory: `edit_flips(model_dir, n, seed)` from this script, run by hand on models built with
+`build_testbed` and the variant setting (seed 0 = the test's 10 facts, seeds 1 and 2 = 40 facts
+each), with the model's recommended hyper-parameters unless a setting is named.
+
+- **Profile lines put the facts where ROME edits them.** Without them a value optimisation at
   the subject's last token often could not reach the new object at all, whatever δ: the loss
   floored at 4-5 nats after 300 steps at any learning rate, with the norm clamp far away. The
   4-layer model looked facts up at the answer position from the raw name tokens. Lines that
-  list a subject's objects right after its name, in a random order and with no relation words
-  ("Varo Telnik Paris tennis French piano red Nokia.", 4 per subject), require the name's last
-  token to carry all of its facts. Same world, GPT-2, layer 0, 20 edits: **17/20 -> 20/20**
-  greedy flips (100 steps), 18/20 already with ROME's 20 steps. Accuracy is unchanged.
-- The built-ins recommend `v_steps` 100 in world.json. GPT-2, 40 edits: 37/40 flips with 20
-  steps or 100, paraphrases 0.95 / 0.975, and 10/10 on the test's 10-fact sample.
-- Llama, 100 steps, flips on the test's 10 facts / 40 others / 40 more: label smoothing 0.1
-  6/10, 36/40, not run; 0.2 9/10, 35/40, 33/40; **none (the built-in) 7/10, 38/40, 36/40**,
-  81/90 in all. 8 profile lines instead of 4: 6/10, 26/40. Layer 1: 3/20. The failures are
-  value optimisations that stall (instrument and colour facts in the test's sample).
+  put a subject's objects right after its name, with no relation words, require the name's
+  last token to carry its facts. GPT-2, 20 edits: **17/20 -> 20/20** flips.
+- **Two styles, one per architecture** (`profile_style`, chosen by the build preset).
+  "objects" lists all of a subject's objects after its name ("Varo Telnik Paris tennis French
+  piano red Nokia.", 4 lines per subject); "pairs" is one object per line ("Varo Telnik
+  Paris.", 4 per fact). With "objects", only the first object of a line is predicted at the
+  name; the Llama built from them still read its facts from the earlier name tokens: MLP-0
+  indirect effect 0.08 at the subject's last token against 0.18 at its other tokens (causal
+  tracing of 40 facts, one layer restored), where GPT-2 has 0.22 against 0.13. On one failing
+  Llama fact a δ at the last subject token could not bring the loss below 4.1 nats even with
+  no KL, no clamp and the bare prompt alone, while the same δ added at every subject token
+  reached 0.01. With "pairs", Llama's MLP-0 effect at the last token rose to 0.15 and edits
+  took: **9/10, 37/40, 40/40 flips** (KL 0), 9/10 and 37/40 with ROME's KL, against 8/10,
+  30/40, 34/40 with "objects". GPT-2 goes the other way: "pairs" 0/10 (the value reached
+  p 0.89 over the prefixed prompts, 0.001 on the bare prompt after the update), "objects"
+  10/10, 39/40, 39/40.
+- **Objects are dealt evenly** (each object answers n_subjects / n_objects facts). Drawn
+  independently, some objects answered one fact, and edits towards them stalled (the built-in
+  Llama's "surfing", once in the world). GPT-2 with "objects": 37/40 -> 39/40 and 39/40.
+- Other Llama settings tried, none better than "pairs" (balanced world; flips on the test's 10,
+  then 40): objects style with ROME's KL 8/10, 30/40, 34/40; KL 0 8/10, 35/40, 36/40; 200
+  value steps 30/40 (seed 1); 6 layers 8/10, 33/40; training on to 99.9 % 8/10, 33/40; width
+  192 7/10 (KL 0); 8 objects lines 8/10 (KL 0); 2 pairs per fact 9/10, 29/40 (KL 0). Before
+  objects were dealt evenly: label smoothing 0.1 6/10, 36/40; 0.2 9/10, 35/40, 33/40; none
+  7/10, 38/40, 36/40; layer 1 3/20.
+- **The edited subject's other facts mostly do not survive** (last column): δ is about twice
+  ‖v_init‖ and replaces what MLP 0 writes for the subject, on which all its facts hang in a
+  4-layer model. ROME's KL term (at the subject's last token) is meant to keep them; in these
+  worlds the distribution it holds is the subject's objects, and dropping it raised flips
+  (Llama, objects style: 30/40 -> 35/40). Raising it does not fix retention: built-in GPT-2,
+  the test's 10 facts, KL factor 0.0625 / 1 / 8: own facts kept 0.14 / 0.20 / 0.28, 10/10 flips.
+  The single-edit benchmark's NS measures other subjects only, so it does not show this.
 - **Names.** A word unique to each name lets the model read the subject off the raw token at the
   answer position, and edits at the subject fail: 5/30. Names built in order from a small pool
   of words need composing at the subject's tokens: 18/30.
@@ -131,24 +166,32 @@ only the table above is reproduced by the command:
 
 def table(reps: dict[str, dict[str, Any]]) -> str:
     head = ("| model | facts | params | build s | tokens/s | stop | train acc | held-out acc "
-            "| edits flipped | paraphrase | neighbours kept |\n|" + "---|" * 11)
+            "| edits flipped | paraphrase | neighbours kept | own other facts kept |\n|" + "---|" * 12)
     rows = []
     for name, r in reps.items():
-        a, tr, e = r["accuracy"], r["train"], r.get("edits", {})
+        a, tr = r["accuracy"], r["train"]
+        samples = [e for e in r.get("edits", []) if "flipped" in e]
         train_acc = a.get("trained_prompts_first_token", a.get("train"))
-        flip = f"{e['flipped']}/{e['n']}" if "flipped" in e else e.get("error", "-")
+        if samples:
+            flips = " + ".join(f"{e['flipped']}/{e['n']}" for e in samples)
+            if len(samples) > 1:
+                flips += f" = {sum(e['flipped'] for e in samples)}/{sum(e['n'] for e in samples)}"
+            rates = [_pooled(samples, k) for k in ("paraphrase", "neighbours_kept", "own_facts_kept")]
+        else:
+            flips = r.get("edits", [{}])[0].get("error", "-") if r.get("edits") else "-"
+            rates = ["-"] * 3
         rows.append(f"| {name} | {r['n_facts']} | {tr['params']:,} | {r['build_seconds']:.0f} "
                     f"| {tr['tokens_per_s']:,} | {tr['stop_reason']} | {100 * train_acc:.1f} % "
-                    f"| {100 * a['heldout']:.1f} % | {flip} | {e.get('paraphrase', '-')} "
-                    f"| {e.get('neighbours_kept', '-')} |")
+                    f"| {100 * a['heldout']:.1f} % | {flips} | " + " | ".join(rates) + " |")
     return "\n".join([head] + rows)
 
 
-def write_section(text: str, path: Path) -> None:
+def write_section(text: str, path: Path, name: str = "testbed") -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     tmp = path.with_suffix(".md.tmp")
@@ -161,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(RUNS),
                     default=["small-gpt2", "small-llama", "bench-gpt2", "counterfact-gpt2"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--edits", type=int, default=10, help="r-ROME edits per model (0: none)")
+    ap.add_argument("--edits", type=int, nargs="+", default=[10],
+                    help="r-ROME edits per model, one number per sample of facts (sample i is "
+                         "drawn with seed i; 0: none)")
     ap.add_argument("--time-budget", type=float, default=None, help="override the presets")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    ap.add_argument("--section", default="testbed",
+                    help="BENCHMARKS.md section to write; other than 'testbed': the table only, "
+                         "for larger edit samples")
     ap.add_argument("--reuse", action="store_true",
                     help="take build figures from runs/testbed-NAME/report.json when present")
     args = ap.parse_args(argv)
@@ -175,22 +223,38 @@ def main(argv: list[str] | None = None) -> int:
         r = reps[name]
         print(json.dumps({k: r[k] for k in ("accuracy", "train", "build_seconds", "edits") if k in r}))
     cmd = "python benchmarks/testbed_build.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    text = "\n".join([
-        "## Testbed models (`rankone testbed build`)",
-        "",
-        f"Command: `{cmd.strip()}` on {platform.machine()} CPU, "
-        "1 torch thread (the 2 cores were shared with other jobs, so times are upper bounds). Accuracy is greedy top-1 on the object over every fact "
-        "(CounterFact: every trained prompt, first token). Edits: r-ROME with the model's "
-        "recommended hyper-parameters (world.json: `v_steps` 100 for the synthetic worlds built "
-        "now; ROME's defaults for the others), each fact edited alone on the unedited model; "
-        "bench-gpt2 and the CounterFact models were built before profile lines existed.",
-        "",
-        table(reps),
-        NOTES,
-    ])
+    edits_how = ("Edits: r-ROME with the model's recommended hyper-parameters (world.json: "
+                 "`v_steps` 100 for the synthetic worlds; ROME's defaults for the others), each "
+                 "fact edited alone on the unedited model, then reverted; a sample of n facts "
+                 "per number given to --edits, sample i drawn with seed i (sample 0 is the "
+                 "test's). Flipped: the new object is the greedy answer to the edited prompt; "
+                 "paraphrase: the same on the fact's held-out phrasing; neighbours kept: 5 "
+                 "other subjects' facts of the relation keep their answer; own other facts "
+                 "kept: the edited subject's 5 other facts keep theirs.")
+    if args.section == "testbed":
+        text = "\n".join([
+            "## Testbed models (`rankone testbed build`)",
+            "",
+            f"Command: `{cmd.strip()}` on {platform.machine()} CPU, "
+            "1 torch thread (the 2 cores were shared with other jobs, so times are upper bounds). "
+            "Accuracy is greedy top-1 on the object over every fact (CounterFact: every trained "
+            "prompt, first token). " + edits_how + " bench-gpt2 and the CounterFact models were "
+            "built before profile lines existed.",
+            "",
+            table(reps),
+            NOTES,
+        ])
+    else:
+        text = "\n".join([
+            f"## Testbed edits, larger samples ({', '.join(args.only)})",
+            "",
+            f"Command: `{cmd.strip()}` on {platform.machine()} CPU, 1 torch thread. " + edits_how,
+            "",
+            table(reps),
+        ])
     print(text)
     if not args.no_write:
-        write_section(text, ROOT / "BENCHMARKS.md")
+        write_section(text, ROOT / "BENCHMARKS.md", args.section)
     return 0
 
 

@@ -48,6 +48,25 @@ def test_builtin_loads_offline_and_knows_its_world(where) -> None:
         assert mine == theirs
 
 
+@pytest.mark.parametrize("where", BUILTINS)
+def test_builtin_was_trained_on_what_the_build_would_write(where) -> None:
+    # world, build preset (profile style) and training text of the committed model are what
+    # `rankone testbed build --world small --arch ARCH` makes today
+    from rankone.testbed import build_world
+    from rankone.testbed.train import TrainConfig, default_config
+    from rankone.testbed.world import corpus_lines
+
+    d = where()
+    w, fresh = World.load(d), build_world("small", 0)
+    assert w.facts == fresh.facts and w.subjects == fresh.subjects
+    cfg = TrainConfig.from_dict(json.loads((d / "train_config.json").read_text()))
+    preset = default_config(fresh, w.arch)
+    assert w.profile_style == cfg.profile_style == preset.profile_style
+    assert cfg.label_smoothing == preset.label_smoothing
+    fresh.profile_style = preset.profile_style
+    assert (d / "corpus.txt").read_text(encoding="utf-8").splitlines() == corpus_lines(fresh, cfg.filler_ratio)
+
+
 @pytest.mark.slow
 def test_small_build_reaches_builtin_quality(tmp_path: Path) -> None:
     """`rankone testbed build` reproduces a model of the built-in one's quality (~3-8 min on
@@ -80,10 +99,9 @@ def test_rrome_edits_flip_builtin_answers(where) -> None:
     from testbed_build import edit_flips
 
     res = edit_flips(where(), 10, seed=0)
-    # With the model's recommended hyper-parameters (world.json), as `rankone edit` uses them.
-    # GPT-2 meets the bar of 9/10 (10/10 here, 37/40 on a larger sample). Llama is at the bar
-    # on average (38/40 and 36/40 on two larger samples) but this sample flips 7/10, so its
-    # floor is a regression floor (BENCHMARKS.md, testbed).
-    floor = 9 if where is builtin_model_dir else 7
-    assert res["flipped"] >= floor, res
+    # With the model's recommended hyper-parameters (world.json), as `rankone edit` uses them:
+    # the issue's bar of 9 flips out of 10, for both built-ins. Larger samples, and how often the
+    # edited subject's other facts survive, are in BENCHMARKS.md (testbed section).
+    assert res["flipped"] >= 9, res
+    assert res["paraphrase"] >= 0.7, res  # held-out phrasings, never trained, follow the edit
     assert res["neighbours_kept"] >= 0.9, res

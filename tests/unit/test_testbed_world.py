@@ -11,7 +11,7 @@ import pytest
 from rankone.errors import RankoneError
 from rankone.testbed import World, build_world
 from rankone.testbed.counterfact import counterfact_world
-from rankone.testbed.world import SIZES, corpus_lines, synthetic_world
+from rankone.testbed.world import SIZES, SyntheticSpec, corpus_lines, synthetic_world
 
 CF = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "counterfact" / "counterfact-train.json"
 
@@ -42,6 +42,23 @@ def test_small_world_shape() -> None:
         assert not any(t != s and t.startswith(s + " ") for t in w.subjects)
 
 
+@pytest.mark.parametrize("n_subjects", [150, 7, 61])
+def test_objects_are_dealt_evenly(n_subjects: int) -> None:
+    # every object answers n // n_objects or one more facts of its relation: no object is
+    # answered once (the model could hardly be edited to say it) or not at all when n allows
+    w = synthetic_world("t", SyntheticSpec(n_subjects=n_subjects), 3)
+    for r in w.relations:
+        counts = Counter(f.object for f in w.facts if f.relation == r.id)
+        lo = n_subjects // len(r.objects)
+        assert all(o in r.objects for o in counts)
+        assert min(counts.get(o, 0) for o in r.objects) == lo
+        assert max(counts.values()) <= lo + 1
+        assert sum(counts.values()) == n_subjects
+    # dealt in a seeded random order, not in the objects' list order
+    firsts = [f.object for f in w.facts if f.relation == w.relations[0].id]
+    assert firsts != (w.relations[0].objects * n_subjects)[:n_subjects]
+
+
 def test_heldout_rotates_so_every_phrasing_is_trained_for_others() -> None:
     w = build_world("small", 0)
     for r in w.relations:
@@ -70,25 +87,50 @@ def test_corpus_has_facts_and_filler_but_no_heldout_prompt() -> None:
     assert len(lines) > n_fact  # filler mixed in
 
 
-def test_profile_lines_list_each_subjects_objects_and_no_relation() -> None:
+def test_profile_lines_in_pairs_style_put_each_object_right_after_its_subject() -> None:
     w = build_world("small", 0)
+    w.profile_style = "pairs"
     assert w.profile_lines == SIZES["small"].profile_lines >= 1
+    prof = w.profile_sentences()
+    assert len(prof) == w.profile_lines * len(w.facts)
+    assert set(prof) <= set(corpus_lines(w))
+    phrase_words = {x for r in w.relations for p in r.phrasings for x in p.replace("{}", "").split()}
+    seen = Counter()
+    for line in prof:
+        assert line.endswith(".")
+        subject, obj = line[:-1].rsplit(" ", 1)  # the name, then one object
+        assert subject in w.subjects and obj not in phrase_words  # the line names no relation
+        seen[(subject, obj)] += 1
+    # every fact, and nothing else, w.profile_lines times each
+    assert seen == Counter({(f.subject, f.object): w.profile_lines for f in w.facts})
+    # the token after a name is any of that subject's objects
+    s0 = w.subjects[0]
+    assert {o for (s, o) in seen if s == s0} == {f.object for f in w.facts_by_subject()[s0]}
+    again = build_world("small", 0)
+    again.profile_style = "pairs"
+    assert w.profile_sentences() == again.profile_sentences()  # deterministic
+    w.profile_lines = 0
+    assert w.profile_sentences() == []
+
+
+def test_profile_lines_in_objects_style_list_all_of_a_subjects_objects() -> None:
+    w = build_world("small", 0)
+    w.profile_style = "objects"
     prof = w.profile_sentences()
     assert len(prof) == w.profile_lines * len(w.subjects)
     assert set(prof) <= set(corpus_lines(w))
     by = w.facts_by_subject()
-    phrase_words = {x for r in w.relations for p in r.phrasings for x in p.replace("{}", "").split()}
-    for line in prof:
-        subject = next(s for s in w.subjects if line.startswith(s + " ")
-                       and sorted(line[len(s) + 1:-1].split()) == sorted(f.object for f in by[s]))
-        rest = line[len(subject) + 1:-1].split()
-        assert not set(rest) & phrase_words  # objects only: the line names no relation
-    # the order of the objects varies (the token after the name can be any of them)
-    firsts = {line.split()[len(w.subjects[0].split())] for line in prof if line.startswith(w.subjects[0] + " ")}
-    assert len(firsts) > 1 or w.profile_lines == 1
-    assert w.profile_sentences() == build_world("small", 0).profile_sentences()  # seeded
-    w.profile_lines = 0
-    assert w.profile_sentences() == []
+    for line in prof:  # a name, then exactly that subject's objects in some order
+        assert any(line.startswith(s + " ") and sorted(line[len(s) + 1:-1].split()) == sorted(f.object for f in by[s])
+                   for s in w.subjects)
+    # the order varies, so the token after the name can be any of the objects
+    s0 = w.subjects[0]
+    assert len({line.split()[len(s0.split())] for line in prof if line.startswith(s0 + " ")}) > 1
+    # the style is saved with the world, and the default is not written (older files lack it)
+    assert World.from_dict(json.loads(json.dumps(w.to_dict()))).profile_style == "objects"
+    assert "profile_style" not in w.to_dict()
+    w.profile_style = "pairs"
+    assert World.from_dict(json.loads(json.dumps(w.to_dict()))).profile_sentences() == w.profile_sentences()
 
 
 def test_world_save_load_roundtrip_and_schema(tmp_path: Path) -> None:
@@ -178,7 +220,7 @@ def test_counterfact_world_from_shared_file() -> None:
 
 
 @pytest.mark.parametrize("field, value", [("profile_lines", "four"), ("edit_hparams", "v_steps=100"),
-                                          ("seed", "x")])
+                                          ("seed", "x"), ("profile_style", "sonnets")])
 def test_malformed_world_field_is_one_clear_line(tmp_path: Path, field: str, value: str) -> None:
     d = build_world("small", 0).to_dict()
     d[field] = value

@@ -61,8 +61,10 @@ class World:
     extra: list[dict[str, str]] = field(default_factory=list)
     # CounterFact only: the source records, each pointing at its fact ("fact": index).
     records: list[dict[str, Any]] = field(default_factory=list)
-    # Profile lines per subject in the training text (see `profile_sentences`); 0 for none.
+    # Profile lines in the training text (see `profile_sentences`); 0 for none. The style is
+    # how the build teaches the world to its architecture, chosen by the build preset.
     profile_lines: int = 0
+    profile_style: str = "objects"
     # EditHParams overrides the engine should use on this model (`rankone edit` reads them,
     # as ROME ships a hyper-parameter file per model); the user's own settings win.
     edit_hparams: dict[str, Any] = field(default_factory=dict)
@@ -102,18 +104,22 @@ class World:
             yield e["prompt"], e["object"]
 
     def profile_sentences(self) -> list[str]:
-        """`profile_lines` lines per subject: the name followed by all its objects, in a random
-        order each time ("Varo Telnik Paris tennis French piano red Nokia.").
+        """Lines that put a subject's objects right after its name, with no relation words.
 
-        Why: nothing else in the text asks for a subject's attributes *at the subject's own
-        tokens*, so a 4-layer model learns to look facts up at the answer position from the raw
-        name tokens, and an edit at the subject's last token often cannot reach the answer
-        (value loss floors of 4-5 nats whatever δ). Here the token after the name is any of the
-        subject's objects, so its last token must carry all of them - the subject enrichment
-        that ROME's edit relies on in pretrained models (measured: BENCHMARKS.md, testbed
-        section). Held-out phrasings stay held out: a profile line names no relation."""
+        style "objects": `profile_lines` lines per subject, the name followed by all its objects
+        in a random order each time ("Varo Telnik Paris tennis French piano red Nokia.");
+        style "pairs": `profile_lines` copies per fact of "name object." ("Varo Telnik Paris.").
+
+        Why: without them a 4-layer model looks facts up at the answer position from the raw
+        name tokens, and an edit at the subject's last token often cannot reach the answer.
+        Here the token after the name is any of the subject's objects, so its last token must
+        carry them all: the subject enrichment ROME relies on in pretrained models. Llama's
+        edits took with "pairs" and GPT-2's with "objects" (BENCHMARKS.md, testbed section).
+        Held-out phrasings stay held out: a profile line names no relation."""
         if self.profile_lines <= 0:
             return []
+        if self.profile_style == "pairs":
+            return [f"{f.subject} {f.object}." for f in self.facts for _ in range(self.profile_lines)]
         rng = random.Random(f"rankone-profiles-{self.seed}")
         out = []
         for s, facts in self.facts_by_subject().items():
@@ -133,6 +139,8 @@ class World:
         for k in ("profile_lines", "edit_hparams"):
             if not d[k]:
                 del d[k]
+        if "profile_lines" not in d or d["profile_style"] == "objects":
+            del d["profile_style"]  # the default: world.json files from before the field
         return d
 
     @classmethod
@@ -147,6 +155,7 @@ class World:
                 accuracy=dict(d.get("accuracy", {})), extra=list(d.get("extra", [])),
                 records=list(d.get("records", [])),
                 profile_lines=int(d.get("profile_lines", 0)),
+                profile_style=_profile_style(d.get("profile_style", "objects")),
                 edit_hparams=dict(d.get("edit_hparams") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -309,13 +318,29 @@ class SyntheticSpec:
     n_subjects: int = 200
     n_relations: int = 6
     n_heldout: int = 1  # phrasings held out per fact
-    profile_lines: int = 4  # per subject, see World.profile_sentences
+    profile_lines: int = 4  # per subject or per fact, see World.profile_sentences
 
 
 SIZES: dict[str, SyntheticSpec] = {
     "small": SyntheticSpec(n_subjects=150, n_relations=6),
     "bench": SyntheticSpec(n_subjects=200, n_relations=6),
 }
+
+
+PROFILE_STYLES = ("objects", "pairs")
+
+
+def _profile_style(style: Any) -> str:
+    if style not in PROFILE_STYLES:
+        raise ValueError(f"profile_style {style!r} is not one of {', '.join(PROFILE_STYLES)}")
+    return str(style)
+
+
+def _deal(objects: list[str], n: int, rng: random.Random) -> list[str]:
+    """n objects, each used n // len(objects) or one more times, in a random order."""
+    pack = objects * (n // len(objects)) + rng.sample(objects, n % len(objects))
+    rng.shuffle(pack)
+    return pack
 
 
 def synthetic_world(name: str, spec: SyntheticSpec, seed: int) -> World:
@@ -326,6 +351,11 @@ def synthetic_world(name: str, spec: SyntheticSpec, seed: int) -> World:
     rels = [Relation(id=i, phrasings=list(p), objects=list(o))
             for i, p, o in RELATIONS[: spec.n_relations]]
     subjects = invent_subjects(spec.n_subjects, rng)
+    # Objects are dealt like cards (each relation's objects repeated and shuffled), so that each
+    # object answers about n_subjects / n_objects facts. Drawn independently, some objects
+    # answered a single fact; a model that has seen an answer once can hardly be edited to say
+    # it (the value optimisation stalls), which no real model's common answers suffer from.
+    dealt = {r.id: _deal(r.objects, len(subjects), rng) for r in rels}
     facts = []
     for si, s in enumerate(subjects):
         for ri, r in enumerate(rels):
@@ -333,7 +363,7 @@ def synthetic_world(name: str, spec: SyntheticSpec, seed: int) -> World:
             # Rotate the held-out phrasing over subjects (offset by relation) so each phrasing
             # is held out for ~1/n of the facts and trained for the rest.
             held = sorted({(si + ri + k) % n_phr for k in range(spec.n_heldout)})
-            facts.append(Fact(subject=s, relation=r.id, object=rng.choice(r.objects),
+            facts.append(Fact(subject=s, relation=r.id, object=dealt[r.id][si],
                               heldout=held))
     return World(name=name, seed=seed, kind="synthetic", relations=rels, subjects=subjects,
                  facts=facts, profile_lines=spec.profile_lines)
