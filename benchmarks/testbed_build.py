@@ -131,8 +131,8 @@ each), with the model's recommended hyper-parameters unless a setting is named.
   tracing of 40 facts, one layer restored), where GPT-2 has 0.22 against 0.13. On one failing
   Llama fact a δ at the last subject token could not bring the loss below 4.1 nats even with
   no KL, no clamp and the bare prompt alone, while the same δ added at every subject token
-  reached 0.01. With "pairs", Llama's MLP-0 effect at the last token rose to 0.15 and edits
-  took: **9/10, 37/40, 40/40 flips** (KL 0), 9/10 and 37/40 with ROME's KL, against 8/10,
+  reached 0.01. With "pairs" (the Llama built-in), MLP 0's effect is 0.25 at the last subject
+  token against 0.15 at the others, and edits took: **9/10, 37/40, 40/40 flips** (KL 0), 9/10 and 37/40 with ROME's KL, against 8/10,
   30/40, 34/40 with "objects". GPT-2 goes the other way: "pairs" 0/10 (the value reached
   p 0.89 over the prefixed prompts, 0.001 on the bare prompt after the update), "objects"
   10/10, 39/40, 39/40.
