@@ -6,17 +6,15 @@
 For each world: build time, parameters, training tokens/s, greedy accuracy on training and
 held-out phrasings (CounterFact: trained prompts by first token), and - when the editing engine
 is installed - how many of N r-ROME edits (fact -> another object of the same relation) flip the
-greedy answer. Models go to runs/ (git-ignored). Only the section between the testbed markers
-in BENCHMARKS.md is replaced.
+greedy answer. Models go to runs/ (git-ignored). Only the `testbed` section of BENCHMARKS.md
+is replaced (or the one named by --section, which holds the table alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import table as md_table, write_section  # noqa: E402
+
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
 
 RUNS: dict[str, tuple[str, str]] = {  # name -> (world spec, arch)
@@ -164,42 +166,31 @@ each), with the model's recommended hyper-parameters unless a setting is named.
 """
 
 
+HEAD = ["model", "facts", "params", "build s", "tokens/s", "stop", "train acc", "held-out acc",
+        "edits flipped", "paraphrase", "neighbours kept", "own other facts kept"]
+
+
 def table(reps: dict[str, dict[str, Any]]) -> str:
-    head = ("| model | facts | params | build s | tokens/s | stop | train acc | held-out acc "
-            "| edits flipped | paraphrase | neighbours kept | own other facts kept |\n|" + "---|" * 12)
     rows = []
     for name, r in reps.items():
         a, tr = r["accuracy"], r["train"]
-        samples = [e for e in r.get("edits", []) if "flipped" in e]
+        edits = r.get("edits", [])
+        samples = [e for e in edits if "flipped" in e]
         train_acc = a.get("trained_prompts_first_token", a.get("train"))
         if samples:
             flips = " + ".join(f"{e['flipped']}/{e['n']}" for e in samples)
             if len(samples) > 1:
                 flips += f" = {sum(e['flipped'] for e in samples)}/{sum(e['n'] for e in samples)}"
-            rates = [_pooled(samples, k) for k in ("paraphrase", "neighbours_kept", "own_facts_kept")]
         else:
-            flips = r.get("edits", [{}])[0].get("error", "-") if r.get("edits") else "-"
-            rates = ["-"] * 3
-        rows.append(f"| {name} | {r['n_facts']} | {tr['params']:,} | {r['build_seconds']:.0f} "
-                    f"| {tr['tokens_per_s']:,} | {tr['stop_reason']} | {100 * train_acc:.1f} % "
-                    f"| {100 * a['heldout']:.1f} % | {flips} | " + " | ".join(rates) + " |")
-    return "\n".join([head] + rows)
+            flips = next((e["error"] for e in edits if "error" in e), "-")
+        rates = [_pooled(samples, k) for k in ("paraphrase", "neighbours_kept", "own_facts_kept")]
+        rows.append([name, r["n_facts"], f"{tr['params']:,}", f"{r['build_seconds']:.0f}",
+                     f"{tr['tokens_per_s']:,}", tr["stop_reason"], f"{100 * train_acc:.1f} %",
+                     f"{100 * a['heldout']:.1f} %", flips, *rates])
+    return md_table(HEAD, rows)
 
 
-def write_section(text: str, path: Path, name: str = "testbed") -> None:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(path)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", choices=sorted(RUNS),
                     default=["small-gpt2", "small-llama", "bench-gpt2", "counterfact-gpt2"])
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                          "for larger edit samples")
     ap.add_argument("--reuse", action="store_true",
                     help="take build figures from runs/testbed-NAME/report.json when present")
-    args = ap.parse_args(argv)
+    args = ap.parse_args()
     torch.set_num_threads(1)  # 2 shared cores: 1 thread is faster than 2 under contention
     reps: dict[str, dict[str, Any]] = {}
     for name in args.only:
@@ -222,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         reps[name] = run_one(name, args.seed, args.edits, args.time_budget, args.reuse)
         r = reps[name]
         print(json.dumps({k: r[k] for k in ("accuracy", "train", "build_seconds", "edits") if k in r}))
-    cmd = "python benchmarks/testbed_build.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     edits_how = ("Edits: r-ROME with the model's recommended hyper-parameters (world.json: "
                  "`v_steps` 100 for the synthetic worlds; ROME's defaults for the others), each "
                  "fact edited alone on the unedited model, then reverted; a sample of n facts "
@@ -232,10 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                  "other subjects' facts of the relation keep their answer; own other facts "
                  "kept: the edited subject's 5 other facts keep theirs.")
     if args.section == "testbed":
-        text = "\n".join([
-            "## Testbed models (`rankone testbed build`)",
-            "",
-            f"Command: `{cmd.strip()}` on {platform.machine()} CPU, "
+        title = "Testbed models (`rankone testbed build`)"
+        body = "\n".join([
             "1 torch thread (the 2 cores were shared with other jobs, so times are upper bounds). "
             "Accuracy is greedy top-1 on the object over every fact (CounterFact: every trained "
             "prompt, first token). " + edits_how + " bench-gpt2 and the CounterFact models were "
@@ -245,16 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             NOTES,
         ])
     else:
-        text = "\n".join([
-            f"## Testbed edits, larger samples ({', '.join(args.only)})",
-            "",
-            f"Command: `{cmd.strip()}` on {platform.machine()} CPU, 1 torch thread. " + edits_how,
-            "",
-            table(reps),
-        ])
-    print(text)
+        title = f"Testbed edits, larger samples ({', '.join(args.only)})"
+        body = "\n".join(["1 torch thread. " + edits_how, "", table(reps)])
+    print(f"## {title}\n\n{body}")
     if not args.no_write:
-        write_section(text, ROOT / "BENCHMARKS.md", args.section)
+        write_section(args.section, title, body)
     return 0
 
 

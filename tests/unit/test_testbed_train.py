@@ -104,6 +104,8 @@ def test_bad_input_raises_and_writes_nothing(tmp_path: Path) -> None:
         with pytest.raises(RankoneError) as e:
             build_testbed(kw.pop("world"), out_dir=out, **kw)
         assert "\n" not in str(e.value)
+    with pytest.raises(RankoneError, match="profile_style 'sonnets' is not one of objects, pairs"):
+        build_testbed("small", "gpt2", out, config=TrainConfig(profile_style="sonnets"))
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")

@@ -19,7 +19,7 @@ from rankone.errors import RankoneError
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.train import (ARCHS, TrainConfig, build_model, build_tokenizer,
                                    default_config, save_testbed, train)
-from rankone.testbed.world import PROFILE_STYLES, World, corpus_lines, parse_world_spec
+from rankone.testbed.world import World, check_profile_style, corpus_lines, parse_world_spec
 
 
 def build_world(spec: str | World, seed: int = 0) -> World:
@@ -76,9 +76,7 @@ def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.Path
         if verbose:
             print(msg, file=sys.stderr, flush=True)
 
-    if cfg.profile_style not in PROFILE_STYLES:
-        raise RankoneError(f"profile_style {cfg.profile_style!r} is not one of {', '.join(PROFILE_STYLES)}")
-    w.profile_style = cfg.profile_style  # before the corpus and the tokenizer are made from it
+    w.profile_style = check_profile_style(cfg.profile_style)  # before the corpus and tokenizer
 
     t0 = time.monotonic()
     lines = corpus_lines(w, cfg.filler_ratio)

@@ -155,10 +155,10 @@ class World:
                 accuracy=dict(d.get("accuracy", {})), extra=list(d.get("extra", [])),
                 records=list(d.get("records", [])),
                 profile_lines=int(d.get("profile_lines", 0)),
-                profile_style=_profile_style(d.get("profile_style", "objects")),
+                profile_style=check_profile_style(d.get("profile_style", "objects")),
                 edit_hparams=dict(d.get("edit_hparams") or {}),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RankoneError) as e:
             raise RankoneError(f"world.json is malformed ({e}); rebuild it with "
                                "`rankone testbed build`") from None
 
@@ -330,9 +330,9 @@ SIZES: dict[str, SyntheticSpec] = {
 PROFILE_STYLES = ("objects", "pairs")
 
 
-def _profile_style(style: Any) -> str:
+def check_profile_style(style: Any) -> str:
     if style not in PROFILE_STYLES:
-        raise ValueError(f"profile_style {style!r} is not one of {', '.join(PROFILE_STYLES)}")
+        raise RankoneError(f"profile_style {style!r} is not one of {', '.join(PROFILE_STYLES)}")
     return str(style)
 
 
