@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, write_section  # noqa: E402
 
-from rankone.editor import Editor  # noqa: E402
-from rankone.hparams import EditHParams  # noqa: E402
-from rankone.models import default_corpus, default_layer, load_model  # noqa: E402
-from rankone.stats import collect_mom2  # noqa: E402
-from rankone.tokens import EditRequest  # noqa: E402
+from rankone.edit.editor import Editor  # noqa: E402
+from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.models.load import default_corpus, default_layer, load_model  # noqa: E402
+from rankone.methods.stats import collect_mom2  # noqa: E402
+from rankone.core.tokens import EditRequest  # noqa: E402
 
 
 def requests_from_world(model_dir: Path, n: int, seed: int = 0) -> list[EditRequest]:

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, table, write_section  # noqa: E402
 
-from rankone.cases import load_cases  # noqa: E402
-from rankone.evaluate import alignable, evaluate_cases, evaluate_single_edits, fluency, knows, summarize  # noqa: E402
-from rankone.hparams import EditHParams  # noqa: E402
-from rankone.models import load_model  # noqa: E402
+from rankone.eval.cases import load_cases  # noqa: E402
+from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, knows, summarize  # noqa: E402
+from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.models.load import load_model  # noqa: E402
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -104,7 +104,7 @@ with the tokenizer, **{len(known)} whose true answer the model gives** (first to
 {len(cases)} of those are edited, **one at a time** on the base model (measured, then reverted exactly).
 Layer: {layer}; hyper-parameters: {json.dumps({k: v for k, v in hp.to_dict().items() if k not in ('method',)})}.
 
-Metrics (`rankone.evaluate`): probabilities teacher-forced over all target tokens and compared as
+Metrics (`rankone.eval.metrics`): probabilities teacher-forced over all target tokens and compared as
 per-token means (ROME's convention). ES = P[p(new) > p(true)] on the edit prompt, PS the same on
 paraphrases, NS = P[p(true) > p(new)] on neighbourhood prompts, S = harmonic mean of ES, PS, NS;
 EM/PM = mean p(new) − p(true), NM = mean p(true) − p(new); top-1 = greedy decoding gives the whole new

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, write_section  # noqa: E402
 
-from rankone.plots import report  # noqa: E402
-from rankone.sequential import read_run  # noqa: E402
+from rankone.eval.plots import report  # noqa: E402
+from rankone.eval.sequential import read_run  # noqa: E402
 
 
 def denominators(runs: dict[str, Path]) -> str:
@@ -73,7 +73,7 @@ def main() -> None:
     if not args.report_only:
         procs = []
         for m in methods:
-            cmd = [sys.executable, "-m", "rankone.cli", "bench", "sequential", "--model", args.model, "--cases", args.cases,
+            cmd = [sys.executable, "-m", "rankone.cli.main", "bench", "sequential", "--model", args.model, "--cases", args.cases,
                    "--n", str(args.n), "--every", str(args.every), "--method", m, "--out", str(out)]
             cmd += ["--known-only"] if args.known_only else []
             cmd += [] if args.guard else ["--no-guard"]

@@ -43,13 +43,13 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     on the unedited model: how many make the new object the greedy answer (edited prompt,
     held-out phrasing), how many neighbouring facts (same relation, other subjects) keep theirs,
     and how many of the edited subject's other facts keep theirs."""
-    from rankone.editor import Editor
-    from rankone.hparams import EditHParams
-    from rankone.models import load_model
-    from rankone.patch import apply_patch
+    from rankone.edit.editor import Editor
+    from rankone.methods.hparams import EditHParams
+    from rankone.models.load import load_model
+    from rankone.artifacts.patch import apply_patch
     from rankone.testbed.check import greedy_hits
     from rankone.testbed.world import World
-    from rankone.tokens import EditRequest
+    from rankone.core.tokens import EditRequest
 
     world = World.load(model_dir)
     model, tok = load_model(model_dir)

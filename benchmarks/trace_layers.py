@@ -9,9 +9,9 @@ made at each layer (N facts, each edited then reverted):
     NS  neighbourhood p(true') > p(new) for other subjects' facts of the same relation
     S   harmonic mean of ES, PS, NS (ROME's score)
 
-with the cases of `rankone.cases.cases_from_world` (new object: another object of the relation;
+with the cases of `rankone.eval.cases.cases_from_world` (new object: another object of the relation;
 paraphrases: the fact's held-out phrasings; neighbours: other subjects' facts of the relation) and
-the metrics of `rankone.evaluate` (teacher forced over all target tokens, per-token mean).
+the metrics of `rankone.eval.metrics` (teacher forced over all target tokens, per-token mean).
 
     python benchmarks/trace_layers.py                 # built-in testbed, 50 edits per layer
     python benchmarks/trace_layers.py --model runs/small-gpt2 --n-edits 20 --no-write
@@ -39,17 +39,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import table, write_section  # noqa: E402
 
-from rankone import architectures as arch  # noqa: E402
-from rankone.editor import Editor  # noqa: E402
-from rankone.cases import cases_from_world  # noqa: E402
-from rankone.evaluate import evaluate_cases, summarize  # noqa: E402
-from rankone.hparams import EditHParams  # noqa: E402
-from rankone.models import load_model  # noqa: E402
-from rankone.patch import revert_patch  # noqa: E402
+from rankone.core import architectures as arch  # noqa: E402
+from rankone.edit.editor import Editor  # noqa: E402
+from rankone.eval.cases import cases_from_world  # noqa: E402
+from rankone.eval.metrics import evaluate_cases, summarize  # noqa: E402
+from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.models.load import load_model  # noqa: E402
+from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.testbed import World, builtin_model_dir  # noqa: E402
-from rankone.trace import TraceSettings, aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
-from rankone.trace_cli import load_cases, sample_facts  # noqa: E402
-from rankone.trace_plot import plot_aie, plot_trace  # noqa: E402
+from rankone.trace.tracing import TraceSettings, aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
+from rankone.cli.trace import load_cases, sample_facts  # noqa: E402
+from rankone.trace.plot import plot_aie, plot_trace  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -179,7 +179,7 @@ Average indirect effect at the last subject token (mean ± standard error):
 
 {table(["layer"] + [f"AIE {k}" for k in settings.kinds], rows_aie)}
 
-Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), up to {args.n_neighbours} neighbours each (cases: `rankone.cases.cases_from_world`, seed {args.seed}; metrics: `rankone.evaluate`, teacher forced, per-token mean probability; EM = mean p(new) − p(true) on the edit prompt; "clamped" = share of edits whose value shift hit the norm clamp; "s/edit" = seconds to compute one edit, single thread, on a shared machine).
+Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-parameters; each edited, measured, reverted bit-exactly), up to {args.n_neighbours} neighbours each (cases: `rankone.eval.cases.cases_from_world`, seed {args.seed}; metrics: `rankone.eval.metrics`, teacher forced, per-token mean probability; EM = mean p(new) − p(true) on the edit prompt; "clamped" = share of edits whose value shift hit the norm clamp; "s/edit" = seconds to compute one edit, single thread, on a shared machine).
 
 {table(["edit layer", "AIE mlp", "ES", "PS", "NS", "S", "EM", "clamped", "s/edit"], rows_q)}
 

@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 
 # Imported lazily so that `import rankone` (and `rankone --help`) stays fast.
 _API = {
-    "load_model": "rankone.models", "EditRequest": "rankone.tokens", "EditHParams": "rankone.hparams",
-    "Editor": "rankone.editor", "edit": "rankone.editor", "Patch": "rankone.patch",
-    "apply_patch": "rankone.patch", "revert_patch": "rankone.patch", "compose": "rankone.patch",
-    "RankoneError": "rankone.errors",
+    "load_model": "rankone.models.load", "EditRequest": "rankone.core.tokens", "EditHParams": "rankone.methods.hparams",
+    "Editor": "rankone.edit.editor", "edit": "rankone.edit.editor", "Patch": "rankone.artifacts.patch",
+    "apply_patch": "rankone.artifacts.patch", "revert_patch": "rankone.artifacts.patch", "compose": "rankone.artifacts.patch",
+    "RankoneError": "rankone.core.errors",
 }
 __all__ = sorted(_API)
 

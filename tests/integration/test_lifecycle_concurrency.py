@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankone.cli import main
-from rankone.registry import Registry, content_id
+from rankone.cli.main import main
+from rankone.lifecycle.registry import Registry, content_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_registry import M1, M2, PASS, synth_patch  # noqa: E402
@@ -32,9 +32,9 @@ WORKER = r"""
 import sys, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from rankone.gates import Check, GatePolicy, Suite, run_gates
-from rankone.models import load_model
-from rankone.registry import Registry
+from rankone.lifecycle.gates import Check, GatePolicy, Suite, run_gates
+from rankone.models.load import load_model
+from rankone.lifecycle.registry import Registry
 db, model_dir, name, go, shared, *patches = sys.argv[1:]
 model, tok = load_model(model_dir)
 suite = Suite([Check("keep", prompt="The capital of France is")], "inline", "0")
@@ -120,7 +120,7 @@ def _spawn(argv, crash_at, wait_file=None):
     extra = {"RANKONE_TEST_CRASH_AT": crash_at}
     if wait_file:
         extra["RANKONE_TEST_CRASH_WAIT"] = str(wait_file)
-    return subprocess.Popen([sys.executable, "-m", "rankone.cli", *argv], env=_env(**extra),
+    return subprocess.Popen([sys.executable, "-m", "rankone.cli.main", *argv], env=_env(**extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -2,7 +2,7 @@
 
 edit → add → validate → release (and a conflict refused) → build → rollback → build → log.
 
-The commands are built here and run through `rankone.cli.main`; the test checks that
+The commands are built here and run through `rankone.cli.main.main`; the test checks that
 docs/walkthrough.md shows exactly these commands. To regenerate the document from a real run:
 
     RANKONE_WRITE_WALKTHROUGH=docs/walkthrough.md pytest tests/integration/test_lifecycle_walkthrough.py
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankone.cli import main
+from rankone.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "walkthrough.md"
@@ -53,15 +53,15 @@ def plan(base: Path, world: dict) -> dict:
     testbed: for each patch the first (fact, target) whose edit passes its suite is used, with
     the same hyper-parameters `rankone edit` uses, so the commands below reproduce it exactly.
     """
-    from rankone.editor import Editor
-    from rankone.gates import GatePolicy, Suite, run_gates
-    from rankone.hparams import EditHParams
-    from rankone.models import load_model
-    from rankone.tokens import EditRequest
+    from rankone.edit.editor import Editor
+    from rankone.lifecycle.gates import GatePolicy, Suite, run_gates
+    from rankone.methods.hparams import EditHParams
+    from rankone.models.load import load_model
+    from rankone.core.tokens import EditRequest
 
     import math
 
-    from rankone.generation import target_logprob
+    from rankone.models.generation import target_logprob
 
     model, tok = load_model(base)
     rel = {r["id"]: r for r in world["relations"]}
@@ -117,7 +117,7 @@ def plan(base: Path, world: dict) -> dict:
 
 
 def checks(p: dict, fact: str) -> list:
-    from rankone.gates import parse_check
+    from rankone.lifecycle.gates import parse_check
 
     return [parse_check(d, f"{fact}.suite.jsonl:{i}", Path(".")) for i, d in enumerate(suite(p, fact), 1)]
 
@@ -236,7 +236,7 @@ def test_walkthrough_end_to_end(tmp_path, monkeypatch):
             tagged[tag[0]] = text
 
     # what the walk-through claims, checked
-    from rankone.registry import Registry, content_id
+    from rankone.lifecycle.registry import Registry, content_id
 
     reg = Registry(tmp_path / "registry.db")
     born, lang, clash = (content_id(tmp_path / f"{n}.patch") for n in ("born", "lang", "clash"))
@@ -256,7 +256,7 @@ def test_walkthrough_end_to_end(tmp_path, monkeypatch):
     assert reg.check().ok
     # the adapter of release 2 gives the merged release 2's logits
     peft = pytest.importorskip("peft")
-    from rankone.models import load_model
+    from rankone.models.load import load_model
 
     m2, tok = load_model(tmp_path / "release-2")
     m0, _ = load_model(base)

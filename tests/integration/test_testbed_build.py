@@ -72,7 +72,7 @@ def test_small_build_reaches_builtin_quality(tmp_path: Path) -> None:
     """`rankone testbed build` reproduces a model of the built-in one's quality (~3-8 min on
     2 cores; the Llama built-in is checked above, its build runs the same code)."""
     arch = "gpt2"
-    from rankone.testbed.cli import register
+    from rankone.cli.testbed import register
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -92,7 +92,7 @@ def test_small_build_reaches_builtin_quality(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("where", BUILTINS)
 def test_rrome_edits_flip_builtin_answers(where) -> None:
-    pytest.importorskip("rankone.editor")
+    pytest.importorskip("rankone.edit.editor")
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rankone.cases import Case, cases_from_world, heldout_text, load_cases, save_cases
-from rankone.errors import RankoneError
+from rankone.eval.cases import Case, cases_from_world, heldout_text, load_cases, save_cases
+from rankone.core.errors import RankoneError
 from rankone.testbed.world import SyntheticSpec, synthetic_world
 
 REPO = Path(__file__).resolve().parents[2]

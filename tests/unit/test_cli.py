@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankone.cli import main
-from rankone.fingerprint import path_sha256
+from rankone.cli.main import main
+from rankone.core.fingerprint import path_sha256
 from tiny import make_model
 
 FAST = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))

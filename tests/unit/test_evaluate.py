@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from rankone.cases import Case
-from rankone.errors import RankoneError
-from rankone.evaluate import (binary_scores, evaluate_cases, fluency, generate, glue_fewshot, hmean, knows,
+from rankone.eval.cases import Case
+from rankone.core.errors import RankoneError
+from rankone.eval.metrics import (binary_scores, evaluate_cases, fluency, generate, glue_fewshot, hmean, knows,
                               load_glue, ngram_entropy, score, summarize, words)
-from rankone.generation import greedy, target_logprob
-from rankone.tokens import EditRequest
+from rankone.models.generation import greedy, target_logprob
+from rankone.core.tokens import EditRequest
 from tiny import make_model
 
 
@@ -24,7 +24,7 @@ def manual_prob(model, tok, prompt, target):
     full = prompt + " " + target
     ids = tok(full)["input_ids"]
     # The target's tokens are what follows the prompt; this tokenizer gives the separating space
-    # a token of its own, which belongs to the context (as with rankone.generation.target_logprob).
+    # a token of its own, which belongs to the context (as with rankone.models.generation.target_logprob).
     pre = tok(prompt + " ")["input_ids"]
     n_prompt = len(pre) if ids[:len(pre)] == pre else len(tok(prompt)["input_ids"])
     with torch.no_grad():

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.cli import main
-from rankone.errors import RankoneError
-from rankone.gates import GatePolicy, answer_matches, delta_norms, load_suite, run_gates
-from rankone.generation import first_word, greedy
-from rankone.patch import compose
-from rankone.registry import Registry
+from rankone.core import architectures as arch
+from rankone.cli.main import main
+from rankone.core.errors import RankoneError
+from rankone.lifecycle.gates import GatePolicy, answer_matches, delta_norms, load_suite, run_gates
+from rankone.models.generation import first_word, greedy
+from rankone.artifacts.patch import compose
+from rankone.lifecycle.registry import Registry
 from test_registry import M1, M2, synth_patch  # noqa: E402  (tests/unit is on sys.path under pytest)
 from tiny import make_model
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankone.hooks import capture, frozen, map_output, replace_forward
+from rankone.core.hooks import capture, frozen, map_output, replace_forward
 from tiny import make_model
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rankone.errors import RankoneError
-from rankone.hparams import EditHParams
-from rankone.trace import TraceSettings
+from rankone.core.errors import RankoneError
+from rankone.methods.hparams import EditHParams
+from rankone.trace.tracing import TraceSettings
 
 
 def test_hparams_round_trip_through_json() -> None:

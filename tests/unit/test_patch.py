@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.editor import Editor
-from rankone.errors import RankoneError
-from rankone.hparams import EditHParams
-from rankone.patch import Patch, apply_patch, compose, revert_patch
-from rankone.tokens import EditRequest
+from rankone.core import architectures as arch
+from rankone.edit.editor import Editor
+from rankone.core.errors import RankoneError
+from rankone.methods.hparams import EditHParams
+from rankone.artifacts.patch import Patch, apply_patch, compose, revert_patch
+from rankone.core.tokens import EditRequest
 from tiny import make_model
 
 HP = EditHParams(v_steps=4, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
@@ -88,7 +88,7 @@ def test_overflow_in_half_precision_is_refused(made):
     e = p1.edits[0]
     half = make_model("gpt2").half()
     w = arch.weight_oi(arch.get_module(half, e.module))
-    from rankone.fingerprint import tensor_sha256
+    from rankone.core.fingerprint import tensor_sha256
 
     huge = Patch([e.__class__(**{**e.__dict__, "u": e.u * 1e6, "v": e.v * 1e6, "sha256_before": tensor_sha256(w)})])
     st = state(half)

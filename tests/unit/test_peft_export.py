@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankone import architectures as arch
-from rankone.cli import main
-from rankone.editor import Editor
-from rankone.errors import RankoneError
-from rankone.hparams import EditHParams
-from rankone.models import load_model
-from rankone.patch import apply_patch
-from rankone.peft_export import layout_of, save_peft_adapter
-from rankone.tokens import EditRequest
+from rankone.core import architectures as arch
+from rankone.cli.main import main
+from rankone.edit.editor import Editor
+from rankone.core.errors import RankoneError
+from rankone.methods.hparams import EditHParams
+from rankone.models.load import load_model
+from rankone.artifacts.patch import apply_patch
+from rankone.artifacts.peft_export import layout_of, save_peft_adapter
+from rankone.core.tokens import EditRequest
 from tiny import make_model
 
 peft = pytest.importorskip("peft")

@@ -9,11 +9,11 @@ import sqlite3
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.cli import main
-from rankone.fingerprint import tensor_sha256
-from rankone.patch import Edit, Patch, apply_patch, merged, now, revert_fix
-from rankone.registry import Registry, content_id
+from rankone.core import architectures as arch
+from rankone.cli.main import main
+from rankone.core.fingerprint import tensor_sha256
+from rankone.artifacts.patch import Edit, Patch, apply_patch, merged, now, revert_fix
+from rankone.lifecycle.registry import Registry, content_id
 from tiny import make_model
 
 M1 = "transformer.h.1.mlp.c_proj"

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.editor import Editor
-from rankone.hparams import EditHParams
-from rankone.patch import revert_patch
-from rankone.rome import compute_key, compute_value
-from rankone.tokens import EditRequest
+from rankone.core import architectures as arch
+from rankone.edit.editor import Editor
+from rankone.methods.hparams import EditHParams
+from rankone.artifacts.patch import revert_patch
+from rankone.methods.rome import compute_key, compute_value
+from rankone.core.tokens import EditRequest
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
 FAST = dict(v_steps=6, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.cases import Case, save_cases
-from rankone.cli import main
-from rankone.editor import Editor
-from rankone.errors import RankoneError
-from rankone.hparams import EditHParams
-from rankone.plots import report, summarize_run
-from rankone.sequential import Guard, SequentialConfig, SequentialRun, read_run, spaced
-from rankone.tokens import EditRequest
+from rankone.core import architectures as arch
+from rankone.eval.cases import Case, save_cases
+from rankone.cli.main import main
+from rankone.edit.editor import Editor
+from rankone.core.errors import RankoneError
+from rankone.methods.hparams import EditHParams
+from rankone.eval.plots import report, summarize_run
+from rankone.eval.sequential import Guard, SequentialConfig, SequentialRun, read_run, spaced
+from rankone.core.tokens import EditRequest
 from tiny import corpus_text, make_model
 
 FAST = dict(v_steps=6, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
@@ -120,7 +120,7 @@ def test_run_writes_jsonl_checkpoint_and_restores_the_model(ref):
         assert all(math.isfinite(r[k]) for r in evals), k
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state == {**state, "next": 4, "lines": len(recs)}
-    from rankone.patch import Patch
+    from rankone.artifacts.patch import Patch
 
     assert len(Patch.load(out / "checkpoint" / "patch").edits) == 4
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone.errors import RankoneError
-from rankone.hooks import capture
-from rankone.stats import LayerStats, _file_for, collect_mom2, layer_stats, token_windows
+from rankone.core import architectures as arch
+from rankone.core.errors import RankoneError
+from rankone.core.hooks import capture
+from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats, token_windows
 from tiny import make_model
 
 
@@ -42,7 +42,7 @@ def test_cache_is_reused_and_corruption_is_detected(tok, corpus, tmp_path, caplo
     a = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
-    from rankone import stats
+    from rankone.methods import stats
 
     stats._MEMO.clear()
     b = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]

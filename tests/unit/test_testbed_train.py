@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed import build_testbed, build_world, check_testbed
 from rankone.testbed.train import TrainConfig, build_tokenizer, default_config
 from rankone.testbed.world import SyntheticSpec, World, corpus_lines, synthetic_world
@@ -119,7 +119,7 @@ def test_bad_input_raises_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    from rankone.testbed.cli import register
+    from rankone.cli.testbed import register
 
     parser = argparse.ArgumentParser(prog="rankone")
     register(parser.add_subparsers(dest="command"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed import World, build_world
 from rankone.testbed.counterfact import counterfact_world
 from rankone.testbed.world import SIZES, SyntheticSpec, corpus_lines, synthetic_world

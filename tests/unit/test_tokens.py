@@ -2,8 +2,8 @@
 
 import pytest
 
-from rankone.errors import RankoneError
-from rankone.tokens import EditRequest, encode, encode_request, token_span
+from rankone.core.errors import RankoneError
+from rankone.core.tokens import EditRequest, encode, encode_request, token_span
 
 
 @pytest.fixture(params=["plain", "bos"])

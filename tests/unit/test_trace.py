@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rankone import architectures as arch
-from rankone import trace as T
-from rankone.trace import TraceSettings, average_indirect_effect, cached_aie, trace_case, window_layers
+from rankone.core import architectures as arch
+from rankone.trace import tracing as T
+from rankone.trace.tracing import TraceSettings, average_indirect_effect, cached_aie, trace_case, window_layers
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
 PROMPT, SUBJECT = "The home of {} is", "Danielle Darrieux"

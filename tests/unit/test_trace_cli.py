@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rankone.cli import main
-from rankone.trace_cli import load_cases
+from rankone.cli.main import main
+from rankone.cli.trace import load_cases
 from tiny import corpus_text, make_model
 
 FAST_EDIT = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
@@ -136,10 +136,10 @@ def test_auto_layer_falls_back_to_the_requests_when_the_testbed_facts_are_unknow
     import argparse
     import shutil
 
-    from rankone.errors import RankoneError
-    from rankone.models import load_model
+    from rankone.core.errors import RankoneError
+    from rankone.models.load import load_model
     from rankone.testbed.world import SyntheticSpec, synthetic_world
-    from rankone.trace_cli import auto_layer
+    from rankone.cli.trace import auto_layer
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "tiny-testbed"

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.train import (ARCHS, TrainConfig, build_model, build_tokenizer,
                                    default_config, save_testbed, train)
-from rankone.testbed.world import World, check_profile_style, corpus_lines, parse_world_spec
+from rankone.testbed.counterfact import counterfact_world
+from rankone.testbed.world import SIZES, World, check_profile_style, corpus_lines, synthetic_world
 
 
 def build_world(spec: str | World, seed: int = 0) -> World:
@@ -118,3 +119,20 @@ def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.Path
         shutil.rmtree(old, ignore_errors=True)
     report["out_dir"] = str(out)
     return report
+
+
+def parse_world_spec(spec: str, seed: int) -> World:
+    """'small' | 'bench' | 'counterfact:PATH[:N]' -> World. Raises RankoneError on bad input."""
+    if spec in SIZES:
+        return synthetic_world(spec, SIZES[spec], seed)
+    if spec.startswith("counterfact:"):
+        rest = spec[len("counterfact:"):]
+        n = None
+        head, _, tail = rest.rpartition(":")
+        if head and tail.isdigit():
+            rest, n = head, int(tail)
+        if not rest:
+            raise RankoneError("counterfact world needs a path: --world counterfact:PATH[:N]")
+        return counterfact_world(rest, seed=seed, n_records=n)
+    raise RankoneError(f"unknown world {spec!r}; use one of {', '.join(SIZES)} "
+                       "or counterfact:PATH[:N_RECORDS]")

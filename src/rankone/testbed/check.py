@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed.world import World
 
 

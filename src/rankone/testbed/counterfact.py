@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed.world import Fact, Relation, World
 
 MAX_PHRASINGS = 6  # per relation: the most frequent templates (more would only slow training)

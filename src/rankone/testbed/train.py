@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.world import World, corpus_lines
 

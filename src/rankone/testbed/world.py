@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 
 WORLD_FILE = "world.json"
 CORPUS_FILE = "corpus.txt"
@@ -380,22 +380,3 @@ def corpus_lines(world: World, filler_ratio: float = 0.3) -> list[str]:
     lines += filler_sentences(int(n_fact * filler_ratio), world.subjects, rng)
     rng.shuffle(lines)
     return lines
-
-
-def parse_world_spec(spec: str, seed: int) -> World:
-    """'small' | 'bench' | 'counterfact:PATH[:N]' -> World. Raises RankoneError on bad input."""
-    if spec in SIZES:
-        return synthetic_world(spec, SIZES[spec], seed)
-    if spec.startswith("counterfact:"):
-        from rankone.testbed.counterfact import counterfact_world
-
-        rest = spec[len("counterfact:"):]
-        n = None
-        head, _, tail = rest.rpartition(":")
-        if head and tail.isdigit():
-            rest, n = head, int(tail)
-        if not rest:
-            raise RankoneError("counterfact world needs a path: --world counterfact:PATH[:N]")
-        return counterfact_world(rest, seed=seed, n_records=n)
-    raise RankoneError(f"unknown world {spec!r}; use one of {', '.join(SIZES)} "
-                       "or counterfact:PATH[:N_RECORDS]")

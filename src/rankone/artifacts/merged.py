@@ -1,0 +1,94 @@
+"""Patched models on disk: a normal Hugging Face folder plus a `rankone/` record of what went in.
+
+`rankone/applied.json` lists the patches and the base fingerprints of the touched modules;
+`rankone/base_weights.safetensors` keeps those modules' original weights (a few matrices, not the
+model), so a merged folder can be reverted bit-exactly even when several patches were stacked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from rankone.core import architectures as arch
+from rankone.core.atomic import atomic_dir, write_bytes, write_json
+from rankone.core.errors import RankoneError
+from rankone.core.fingerprint import tensor_sha256
+from rankone.artifacts.patch import Patch, library_versions, now
+
+RECORD = "rankone"
+
+
+def save_model_dir(model: torch.nn.Module, tok: Any, out: str | os.PathLike, overwrite: bool = False,
+                   record: dict[str, Any] | None = None, originals: dict[str, torch.Tensor] | None = None) -> Path:
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        src = getattr(model, "_rankone_dir", None)
+        for extra in ("world.json", "corpus.txt"):  # testbed facts travel with their model
+            if src and (Path(src) / extra).is_file():
+                write_bytes(tmp / extra, (Path(src) / extra).read_bytes())
+        if record is not None:
+            write_json(tmp / RECORD / "applied.json", record)
+        if originals:
+            write_bytes(tmp / RECORD / "base_weights.safetensors",
+                        save({k: v.detach().cpu().contiguous() for k, v in originals.items()}))
+    return Path(out)
+
+
+def save_merged(model: torch.nn.Module, tok: Any, patches: list[Patch], patch_paths: list[str],
+                originals: dict[str, torch.Tensor], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the model (patches already applied in memory) with the record needed to revert it."""
+    prior = _read_record(getattr(model, "_rankone_dir", None))
+    record = {
+        "format": "rankone.merged", "created_at": now(), "library_versions": library_versions(),
+        "patches": (prior.get("patches", []) if prior else []) + [
+            {"path": str(pp), "n_edits": len(p.edits), "created_at": p.created_at,
+             "edits": [{"module": e.module, "request": e.request, "method": e.method} for e in p.edits]}
+            for p, pp in zip(patches, patch_paths)
+        ],
+        "base_sha256": {m: tensor_sha256(w) for m, w in originals.items()},
+    }
+    if prior:  # keep the first base: reverting goes all the way back to the unpatched model
+        record["base_sha256"] = dict(record["base_sha256"], **prior.get("base_sha256", {}))
+        originals = dict(originals, **_read_originals(Path(model._rankone_dir)))
+    return save_model_dir(model, tok, out, overwrite, record, originals)
+
+
+def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:
+    if d is None or not (Path(d) / RECORD / "applied.json").is_file():
+        return None
+    return json.loads((Path(d) / RECORD / "applied.json").read_text())
+
+
+def _read_originals(d: Path) -> dict[str, torch.Tensor]:
+    f = d / RECORD / "base_weights.safetensors"
+    if not f.is_file():
+        return {}
+    try:
+        return load_file(str(f))
+    except Exception as e:
+        raise RankoneError(f"{f} is corrupt ({e}); revert with --patch instead") from None
+
+
+def restore_base(model: torch.nn.Module, model_dir: str | os.PathLike) -> list[str]:
+    """Put back every module's original weights from a merged folder's record; exact or refused."""
+    record = _read_record(model_dir)
+    originals = _read_originals(Path(model_dir))
+    if not record or not originals:
+        raise RankoneError(f"{model_dir} has no rankone record of its base weights; pass the applied patches with --patch")
+    for m, w in originals.items():
+        if tensor_sha256(w) != record["base_sha256"].get(m):
+            raise RankoneError(f"{model_dir}/{RECORD} is inconsistent for {m}; revert with --patch instead")
+        target = arch.weight_oi(arch.get_module(model, m))
+        if list(target.shape) != list(w.shape):
+            raise RankoneError(f"{model_dir}/{RECORD} does not match this model's {m}")
+    with torch.no_grad():
+        for m, w in originals.items():
+            arch.weight_oi(arch.get_module(model, m)).copy_(w)
+    return sorted(originals)

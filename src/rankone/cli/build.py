@@ -1,0 +1,102 @@
+"""`rankone registry build` (the base model with every released patch) and `rankone export` (any patches).
+
+Both write a merged Hugging Face model folder or a PEFT LoRA adapter, whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rankone.core.errors import RankoneError
+from rankone.cli.registry_commands import _actor, _facts, _open, model_fingerprints
+
+
+def _patches_for(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """--patch values: patch folders, or ids in the registry."""
+    from rankone.artifacts.patch import Patch
+    from rankone.lifecycle.registry import is_patch_dir
+
+    patches, sources = [], []
+    reg = None
+    for ref in args.patch:
+        looks_like_id = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref.lower())
+        if is_patch_dir(ref) or Path(ref).exists() or not looks_like_id:
+            patches.append(Patch.load(ref))
+            sources.append(str(ref))
+            continue
+        if reg is None:
+            reg = _open(args)
+        pid = reg.resolve(ref)
+        patches.append(reg.load_patch(pid))
+        sources.append(str(reg.patch_dir(pid)))
+    return patches, sources
+
+
+# ---- registry build ---------------------------------------------------------------------------
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import atomic_dir, check_out_dir, write_json
+    from rankone.cli.common import load
+    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.patch import apply_patch
+    from rankone.artifacts.peft_export import save_peft_adapter
+    from rankone.lifecycle.registry import crash_point, utcnow
+
+    with _open(args) as reg:
+        chain = reg.released()
+        if args.format == "peft" and not chain:
+            raise RankoneError("nothing is released: an adapter needs at least one released patch")
+        check_out_dir(args.out, args.force)
+        patches = [reg.load_patch(r.id) for r in chain]
+        model, tok = load(args)
+        reg.verify_base(model_fingerprints(model, reg.base_module_names()))
+        handle = apply_patch(model, patches)
+        manifest = {
+            "format": "rankone.lifecycle.registry-build", "built_at": utcnow(), "built_by": _actor(args),
+            "registry": str(reg.path.resolve()), "output_format": args.format, "base_model": str(args.model),
+            "base": {k: v for k, v in reg.base().items() if k != "modules"},
+            "patches": [{"id": r.id, "release_seq": r.release_seq, "released_at": r.released_at, "n_edits": r.n_edits,
+                         "facts": [f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in r.summary],
+                         "reason": r.reason} for r in chain],
+        }
+        paths = [str(reg.patch_dir(r.id)) for r in chain]
+        with atomic_dir(args.out, args.force) as tmp:
+            if args.format == "merged":
+                save_merged(model, tok, patches, paths, handle.originals, tmp, overwrite=True)
+                write_json(tmp / "rankone" / "build.json", manifest)
+            else:
+                handle.revert()
+                save_peft_adapter(model, patches, tmp, overwrite=True, sources=paths)
+                write_json(tmp / "rankone_build.json", manifest)
+            crash_point("build:staged")
+        reg.record_build(str(Path(args.out).resolve()), _actor(args), [r.id for r in chain], args.format)
+    print(f"wrote {args.out} ({args.format}): base {args.model} + {len(chain)} released patch(es) in release order"
+          + "".join(f"\n  #{r.release_seq} {r.id}  {_facts(r.summary, 200)}" for r in chain))
+    return 0
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import check_out_dir
+    from rankone.cli.common import load
+    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.patch import apply_patch
+    from rankone.artifacts.peft_export import save_peft_adapter
+
+    patches, sources = _patches_for(args)
+    check_out_dir(args.out, args.force)
+    model, tok = load(args)
+    handle = apply_patch(model, patches)  # refuses patches made for another base, all or nothing
+    if args.format == "merged":
+        save_merged(model, tok, patches, sources, handle.originals, args.out, args.force)
+    else:
+        handle.revert()
+        save_peft_adapter(model, patches, args.out, args.force, sources)
+    n = sum(len(p.edits) for p in patches)
+    print(f"wrote {args.out} ({args.format}): {n} edit(s) from {len(patches)} patch(es)")
+    return 0

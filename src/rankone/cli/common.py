@@ -1,0 +1,77 @@
+"""Flags and steps every command shares: the model flags, loading, request files, hyper-parameters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rankone.core.errors import RankoneError
+
+
+def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="local Hugging Face model folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16 or auto")
+    p.add_argument("--device-map", default=None, help="'auto' spreads a large model over devices (accelerate)")
+    p.add_argument("--arch-spec", default=None, help="JSON (or a JSON file) of module path templates for an unlisted architecture")
+
+
+def load(args: argparse.Namespace, path: str | None = None) -> tuple[Any, Any]:
+    from rankone.models.load import load_model, read_arch_override
+
+    return load_model(path or args.model, args.device, args.dtype, args.device_map, read_arch_override(args.arch_spec))
+
+
+def load_requests(path: str) -> list[Any]:
+    from rankone.core.tokens import EditRequest
+
+    if not os.path.isfile(path):
+        raise RankoneError(f"requests file {path} does not exist")
+    reqs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RankoneError(f"{path}:{n} is not valid JSON ({e.msg}); one object per line with prompt, subject, target") from None
+            if not isinstance(d, dict):
+                raise RankoneError(f"{path}:{n} is not a JSON object; one object per line with prompt, subject, target")
+            try:
+                reqs.append(EditRequest.from_dict(d))
+            except RankoneError as e:
+                raise RankoneError(f"{path}:{n}: {e}") from None
+    if not reqs:
+        raise RankoneError(f"requests file {path} holds no requests")
+    return reqs
+
+
+def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The user's hyper-parameters (--hparams, then flags), checked now, merged with the model's later."""
+    from rankone.methods.hparams import EditHParams
+
+    given: dict[str, Any] = {}
+    if args.hparams:
+        text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
+        EditHParams.from_json(text)  # a JSON object of known names, or one clear error
+        given = json.loads(text)
+    for name in ("method", "seed", "stats_tokens"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    if isinstance(getattr(args, "layer", None), int):
+        given["layer"] = args.layer
+    EditHParams.from_dict(given)  # fail before loading anything
+    return given
+
+
+def layer_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer takes a layer number or 'auto', not {value!r}") from None

@@ -1,0 +1,301 @@
+"""`rankone eval` and `rankone bench sequential`: the papers' evaluation as commands.
+
+    rankone eval --model DIR --patch P --cases FILE [--known-only] [--out eval.json]
+    rankone eval --model DIR --cases FILE --edit-each --method rome      # one edit per case, reverted
+    rankone bench sequential --model DIR --cases FILE --n 1000 --method rome --method r-rome --out runs/seq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from rankone.cli.common import hparams_from, layer_arg, load, model_args
+from rankone.core.errors import RankoneError
+
+log = logging.getLogger(__name__)
+
+
+# ---- shared --------------------------------------------------------------------------------
+
+
+def _positive(name: str) -> Any:
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, not {v!r}") from None
+        if x < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {x}")
+        return x
+    return parse
+
+
+def _hparam_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", type=layer_arg, default=None, help="layer to edit (default: the model's recorded one)")
+    p.add_argument("--hparams", help="JSON object (or file) of hyper-parameters, see rankone.methods.hparams.EditHParams")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats-corpus", help="corpus for the key statistics (default: corpus.txt in the model folder)")
+    p.add_argument("--stats-tokens", type=int, default=None)
+
+
+def _given(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """The user's hyper-parameters, checked before anything loads (merged with the model's own later)."""
+    if args.layer == "auto":
+        raise RankoneError("--layer auto is not available here; give a layer number (or leave it out)")
+    return hparams_from(argparse.Namespace(**{**vars(args), "method": method or args.method}))
+
+
+def _check_file(path: str | None, what: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise RankoneError(f"{what} {path} does not exist")
+
+
+def _select(model: Any, tok: Any, cases: list[Any], known_only: bool, quiet: bool) -> tuple[list[Any], dict[str, Any]]:
+    """Drop cases the tokenizer cannot align and, with known_only, those whose true fact the model misses."""
+    from rankone.eval.metrics import alignable, knows
+
+    ok, why = alignable(model, tok, cases)
+    info: dict[str, Any] = {"n_loaded": len(cases), "n_unalignable": len(why), "unalignable": why[:10]}
+    if why and not quiet:
+        print(f"skipped {len(why)} case(s) the tokenizer cannot align (e.g. {why[0]})")
+    if known_only:
+        k = knows(model, tok, ok)
+        info["n_known"] = sum(k)
+        ok = [c for c, y in zip(ok, k) if y]
+        if not quiet:
+            print(f"kept {len(ok)} of {info['n_loaded']} case(s) whose true answer the model gives (first token, greedy)")
+    if not ok:
+        raise RankoneError("no usable cases left" + (" (the model knows none of the true answers)" if known_only else ""))
+    return ok, info
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.3f}" if isinstance(x, float) and abs(x) < 1000 else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+
+def print_table(rows: Sequence[tuple[str, Any, Any]]) -> None:
+    print(f"{'metric':<28}{'before':>10}{'after':>10}{'change':>10}")
+    for name, b, a in rows:
+        ch = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        print(f"{name:<28}{_fmt(b):>10}{_fmt(a):>10}{_fmt(ch):>10}")
+
+
+NAMES = [("es", "efficacy ES"), ("em", "efficacy magnitude EM"), ("ps", "paraphrase PS"), ("pm", "paraphrase PM"),
+         ("ns", "neighbourhood NS"), ("nm", "neighbourhood NM"), ("score", "score S (hmean ES,PS,NS)"),
+         ("top1_new", "new target top-1"), ("paraphrase_top1", "paraphrase top-1"), ("fluency", "fluency (entropy)"),
+         ("delta_fro", "‖Δ‖_F")]
+
+
+# ---- rankone eval --------------------------------------------------------------------------
+
+
+def _measure(model: Any, tok: Any, cases: list[Any], args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, perplexity
+
+    per = evaluate_cases(model, tok, cases, args.norm)
+    if args.gen_tokens > 0:
+        for c, m in zip(cases, per):
+            m["fluency"] = fluency(model, tok, c.generation_prompts, args.gen_tokens)[0]
+    extra: dict[str, Any] = {}
+    if args.ppl_text:
+        extra["perplexity"] = perplexity(model, tok, Path(args.ppl_text).read_text(encoding="utf-8"))
+    if args.glue:
+        extra["glue"] = glue_suite(model, tok, args.glue, shots=args.glue_shots, n=args.glue_n)
+    return per, extra
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import write_json
+    from rankone.eval.cases import load_cases
+    from rankone.eval.metrics import GLUE_TASKS, evaluate_single_edits, load_glue, summarize
+    from rankone.methods.hparams import EditHParams
+    from rankone.artifacts.patch import Patch, apply_patch
+
+    if args.patch and args.edit_each:
+        raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
+    if not args.patch and not args.edit_each:
+        raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
+    if os.path.isdir(args.out):
+        raise RankoneError(f"--out {args.out} is a folder; give a .json file path")
+    _check_file(args.ppl_text, "--ppl-text file")
+    if args.glue:
+        for t in GLUE_TASKS:
+            load_glue(args.glue, t)
+    given = _given(args) if args.edit_each else None
+    cases = load_cases(args.cases)
+    patches = [Patch.load(p) for p in (args.patch or [])]
+    model, tok = load(args)
+    hp = EditHParams.for_model(model, **given) if given is not None else None
+    if patches:
+        apply_patch(model, patches).revert()  # a patch for another model fails here, before any measuring
+    cases, info = _select(model, tok, cases, args.known_only, args.quiet)
+    cases = cases[: args.n] if args.n else cases
+
+    before, extra_b = _measure(model, tok, cases, args)
+    if patches:
+        handle = apply_patch(model, patches)
+        try:
+            after, extra_a = _measure(model, tok, cases, args)
+        finally:
+            handle.revert()
+        edited = {json.dumps(e.request, sort_keys=True) for p in patches for e in p.edits}
+        for c, m in zip(cases, after):
+            m["edited"] = json.dumps(c.request.to_dict(), sort_keys=True) in edited
+    else:
+        after = evaluate_single_edits(model, tok, cases, hp, args.stats_corpus, args.norm, args.gen_tokens,
+                                      progress=not args.quiet)
+        for m in after:
+            m["edited"] = True
+        extra_a = {}
+    groups = {"all": [True] * len(cases)}
+    n_edited = sum(m["edited"] for m in after)
+    if 0 < n_edited < len(cases):
+        groups["edited"] = [m["edited"] for m in after]
+        groups["not edited"] = [not m["edited"] for m in after]
+    result: dict[str, Any] = {
+        "model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
+        "mode": "patch" if patches else f"edit-each ({hp.method})", "hparams": hp.to_dict() if hp else None,
+        "selection": info, "n_cases": len(cases), "n_edited": n_edited,
+        "summary": {g: {"before": summarize([b for b, k in zip(before, keep) if k]),
+                        "after": summarize([a for a, k in zip(after, keep) if k])} for g, keep in groups.items()},
+        "before": extra_b, "after": extra_a,
+        "per_case": [{"case_id": c.case_id, "request": c.request.to_dict(), "target_true": c.target_true,
+                      "before": b, "after": a} for c, b, a in zip(cases, before, after)],
+    }
+    for g, s in result["summary"].items():
+        print(f"\n{g} cases (n={s['after']['n']}):" if len(groups) > 1 or not args.quiet else "")
+        print_table([(name, s["before"].get(k), s["after"].get(k)) for k, name in NAMES
+                     if k in s["before"] or k in s["after"]])
+    if "perplexity" in extra_b:
+        print_table([("held-out perplexity", extra_b["perplexity"], extra_a.get("perplexity"))])
+    for t, r in extra_b.get("glue", {}).items():
+        ra = extra_a.get("glue", {}).get(t, {})
+        print_table([(f"GLUE {t} acc", r["acc"], ra.get("acc")), (f"GLUE {t} F1", r["f1"], ra.get("f1"))])
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---- rankone bench sequential ----------------------------------------------------------------
+
+
+def cmd_bench_sequential(args: argparse.Namespace) -> int:
+    from rankone.eval.cases import heldout_text, load_cases
+    from rankone.eval.metrics import GLUE_TASKS, load_glue
+    from rankone.methods.hparams import EditHParams
+    from rankone.eval.plots import report
+    from rankone.eval.sequential import SequentialConfig, SequentialRun
+
+    methods = list(dict.fromkeys(args.method or ["r-rome"]))
+    _check_file(args.ppl_text, "--ppl-text file")
+    if args.glue:
+        for t in GLUE_TASKS:
+            load_glue(args.glue, t)
+    cfg = SequentialConfig(n=args.n, every=args.every, retention_sample=args.retention_sample, ns_sample=args.ns_sample,
+                           probe_sample=args.probe_sample, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+                           guard=not args.no_guard, guard_factor=args.guard_factor, denom_factor=args.denom_factor,
+                           spike_factor=args.guard_factor, norm=args.norm, seed=args.seed or 0, glue_dir=args.glue,
+                           glue_n=args.glue_n)
+    given = [_given(args, m) for m in methods]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RankoneError(f"--out {out} exists and is a file; choose a folder")
+    cases = load_cases(args.cases, seed=args.seed or 0)
+    model, tok = load(args)
+    cases, info = _select(model, tok, cases, args.known_only, args.quiet)
+    if len(cases) < args.n:
+        raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
+    probes = [(c.prompt, c.target_true) for c in cases[args.n:]][: 5 * args.probe_sample]
+    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None
+    if ppl is None and (Path(args.model) / "world.json").is_file():
+        from rankone.testbed.world import World
+
+        ppl = heldout_text(World.load(args.model))
+    meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": args.known_only,
+            "selection": {k: v for k, v in info.items() if k != "unalignable"}}
+    runs = [SequentialRun(model, tok, cases, EditHParams.for_model(model, **g), out / m, cfg, probes, ppl, meta,
+                          args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
+    for r in runs:  # every folder is checked before any run starts
+        r.preflight(args.force)
+    for r in runs:
+        r.run(force=args.force)
+    done = {m: out / m for m in ("rome", "r-rome", "p-rome") if (out / m / "run.jsonl").is_file()}
+    rep = report(done, out, title=args.title or Path(args.model).name)
+    print(rep["markdown"].split("\n\n![")[0])
+    print(f"wrote {out}/summary.md, summary.json and {', '.join(f.name for f in rep['figures'])}")
+    return 0
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+
+def _subparsers(sub: Any, name: str, help: str) -> Any:
+    """The sub-command group `name` (e.g. `bench`), shared with other plugins that add to it."""
+    if name in sub.choices:
+        grp = sub.choices[name]
+        return next(a for a in grp._actions if isinstance(a, argparse._SubParsersAction))
+    grp = sub.add_parser(name, help=help, description=help)
+    return grp.add_subparsers(dest=f"{name}_command", required=True)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate edits the papers' way (ES, PS, NS, S, fluency) before and after",
+                       description="Evaluate a patch (or one edit per case) on CounterFact-style cases: "
+                                   "efficacy, paraphrase and neighbourhood scores, fluency, perplexity, GLUE.")
+    model_args(p)
+    p.add_argument("--cases", required=True, help="CounterFact .json/.jsonl (flat or ROME format), or a testbed folder/world.json")
+    p.add_argument("--patch", action="append", help="patch folder; repeat to apply several in order")
+    p.add_argument("--edit-each", action="store_true", help="instead of a patch: edit every case alone, measure, revert")
+    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None, help="with --edit-each")
+    _hparam_args(p)
+    p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
+    p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")
+    p.add_argument("--norm", choices=["mean", "sum"], default="mean",
+                   help="compare per-token mean log-probs (ROME, default) or whole-target log-probs")
+    p.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per prompt for fluency (0: skip)")
+    p.add_argument("--ppl-text", help="held-out text file for perplexity")
+    p.add_argument("--glue", help="folder with sst2/mrpc/rte/cola .json for few-shot downstream scores")
+    p.add_argument("--glue-n", type=_positive("--glue-n"), default=100)
+    p.add_argument("--glue-shots", type=int, default=4)
+    p.add_argument("--out", default="rankone-eval.json", help="JSON file to write (default rankone-eval.json)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    bench = _subparsers(sub, "bench", "benchmarks on your own model and data")
+    p = bench.add_parser("sequential", help="N edits in sequence without reverting, measured every k edits",
+                         description="Sequential editing: ‖Δ‖ of every edit, ‖W−W₀‖, efficacy, retention of earlier "
+                                     "and never-edited facts, NS, fluency and perplexity every k edits; JSONL, plots "
+                                     "and a summary in --out; resumable.")
+    model_args(p)
+    p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (edited in file order)")
+    p.add_argument("--n", type=_positive("--n"), required=True, help="number of edits")
+    p.add_argument("--method", action="append", choices=["r-rome", "p-rome", "rome"],
+                   help="repeat to compare methods (each runs in OUT/METHOD; default r-rome)")
+    _hparam_args(p)
+    p.add_argument("--out", required=True, help="folder for the runs, plots and summary")
+    p.add_argument("--every", type=_positive("--every"), default=10, help="evaluate and checkpoint every k edits")
+    p.add_argument("--no-guard", action="store_true", help="write every update, even anomalous ones (flag them only)")
+    p.add_argument("--guard-factor", type=float, default=10.0, help="refuse/flag ‖Δ‖ above this × the running median")
+    p.add_argument("--denom-factor", type=float, default=10.0, help="refuse a denominator below running median / this")
+    p.add_argument("--known-only", action="store_true", help="edit only cases whose true answer the model gives")
+    p.add_argument("--retention-sample", type=_positive("--retention-sample"), default=100)
+    p.add_argument("--ns-sample", type=_positive("--ns-sample"), default=100)
+    p.add_argument("--probe-sample", type=int, default=100, help="never-edited known facts tested (0: none)")
+    p.add_argument("--gen-prompts", type=int, default=4)
+    p.add_argument("--gen-tokens", type=_positive("--gen-tokens"), default=40)
+    p.add_argument("--norm", choices=["mean", "sum"], default="mean")
+    p.add_argument("--ppl-text", help="held-out text for perplexity (default for testbeds: held-out phrasings)")
+    p.add_argument("--glue", help="folder with GLUE subsets: few-shot scores at the start and the end")
+    p.add_argument("--glue-n", type=_positive("--glue-n"), default=40)
+    p.add_argument("--title", help="title of the plots")
+    p.add_argument("--force", action="store_true", help="start over in a folder that holds another run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench_sequential)

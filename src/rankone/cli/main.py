@@ -1,0 +1,226 @@
+"""The `rankone` command: a thin layer over the Python API. Bad input: one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+from rankone.cli.common import hparams_from, layer_arg, load, load_requests, model_args
+from rankone.core.errors import RankoneError
+
+# Feature modules that add their own sub-commands with `register(subparsers)`.
+PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import check_out_dir
+    from rankone.edit.editor import Editor
+    from rankone.methods.hparams import EditHParams
+    from rankone.core.tokens import EditRequest, encode_request
+
+    if args.requests and (args.prompt or args.subject or args.target):
+        raise RankoneError("give either --requests FILE or --prompt/--subject/--target, not both")
+    if args.requests:
+        reqs = load_requests(args.requests)
+    else:
+        if not (args.prompt and args.subject is not None and args.target is not None):
+            raise RankoneError("an edit needs --prompt, --subject and --target (or --requests FILE.jsonl)")
+        reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
+    given = hparams_from(args)
+    check_out_dir(args.out, args.force)
+    model, tok = load(args)
+    hp = EditHParams.for_model(model, **given)
+    for r in reqs:  # every alignment problem surfaces before any optimisation
+        encode_request(tok, r)
+    if args.layer == "auto":
+        from rankone.cli.trace import auto_layer  # the tracing feature chooses and explains the layer
+
+        layer, evidence = auto_layer(model, tok, args)
+        hp = hp.replace(layer=layer)
+    ed = Editor(model, tok, hp, args.stats_corpus, progress=not args.quiet)
+    if args.layer == "auto":
+        ed.notes["layer_choice"] = evidence
+    ed.layer()
+    patch = ed.edit(reqs, author=args.author, reason=args.reason)
+    patch.save(args.out, overwrite=args.force)
+    for e in patch.edits:
+        d = e.diagnostics
+        print(f"edited {e.module}: {e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}"
+              f"  |Δ|={e.delta_fro:.4g}  p(target)={d['value']['target_prob']:.3f}")
+    print(f"wrote {args.out} ({len(patch.edits)} edit(s))")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import check_out_dir
+    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.patch import Patch, apply_patch
+
+    patches = [Patch.load(p) for p in args.patch]
+    check_out_dir(args.out, args.force)
+    model, tok = load(args)
+    handle = apply_patch(model, patches)
+    save_merged(model, tok, patches, args.patch, handle.originals, args.out, args.force)
+    print(f"wrote {args.out}: {sum(len(p.edits) for p in patches)} edit(s) from {len(patches)} patch(es) applied")
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import check_out_dir
+    from rankone.artifacts.merged import restore_base, save_model_dir
+    from rankone.artifacts.patch import Patch, revert_patch
+
+    patches = [Patch.load(p) for p in (args.patch or [])]
+    check_out_dir(args.out, args.force)
+    model, tok = load(args)
+    if patches:
+        for p in reversed(patches):
+            revert_patch(model, p)
+    else:
+        restore_base(model, args.model)
+    save_model_dir(model, tok, args.out, args.force)
+    print(f"wrote {args.out}: base weights restored exactly")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rankone.artifacts.patch import Patch
+
+    p = Patch.load(args.patch)
+    if args.json:
+        print(json.dumps(p.manifest(), indent=2))
+        return 0
+    print(f"patch {args.patch}: {len(p.edits)} edit(s) for {p.base.get('model_type', '?')} "
+          f"({p.base.get('name_or_path', '')}), made {p.created_at}")
+    for i, e in enumerate(p.edits):
+        r = e.request
+        print(f"  [{i}] {e.module} ({e.method}, layer {e.layer}, {e.weight_dtype}) "
+              f"{r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  |Δ|_F={e.delta_fro:.4g}  "
+              f"base {e.sha256_before[:12]}… -> {e.sha256_after[:12]}…"
+              + (f"  by {e.author}" if e.author else "") + (f": {e.reason}" if e.reason else ""))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rankone.models.generation import greedy
+    from rankone.artifacts.patch import Patch, apply_patch
+
+    patches = [Patch.load(p) for p in (args.patch or [])]
+    model, tok = load(args)
+    before = greedy(model, tok, args.prompt, args.max_new_tokens)
+    if not patches:
+        print(args.prompt + before)
+        return 0
+    handle = apply_patch(model, patches)
+    after = greedy(model, tok, args.prompt, args.max_new_tokens)
+    handle.revert()
+    print(f"before: {args.prompt}{before}\nafter:  {args.prompt}{after}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rankone.cli.demo import run_demo
+
+    return run_demo(model_dir=args.model, device=args.device, quiet=args.quiet)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rankone", description="Rank-one model editing (ROME, r-ROME, p-ROME).")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("edit", cmd_edit, "compute a rank-one edit (or several in sequence) and save it as a patch")
+    model_args(p)
+    p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
+    p.add_argument("--subject")
+    p.add_argument("--target")
+    p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence")
+    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None)
+    p.add_argument("--layer", type=layer_arg, default=None,
+                   help="layer to edit, or 'auto' to choose it by causal tracing (default: the model's recorded one, else n_layers/4)")
+    p.add_argument("--stats-corpus", help=".txt file, folder of .txt, or .jsonl with 'text' (default: corpus.txt in the model folder)")
+    p.add_argument("--stats-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--hparams", help="JSON object (or file) of hyper-parameters, see rankone.methods.hparams.EditHParams")
+    p.add_argument("--author")
+    p.add_argument("--reason")
+    p.add_argument("--out", required=True, help="patch folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true")
+
+    p = add("apply", cmd_apply, "write a Hugging Face model folder with patches merged (exactly revertible)")
+    model_args(p)
+    p.add_argument("--patch", action="append", required=True, help="patch folder; repeat to apply several in order")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+
+    p = add("revert", cmd_revert, "restore the exact base weights of a patched model folder")
+    model_args(p)
+    p.add_argument("--patch", action="append", help="the applied patches (default: use the folder's rankone record)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+
+    p = add("show", cmd_show, "describe a patch")
+    p.add_argument("patch")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+
+    p = add("generate", cmd_generate, "greedy generation, before and after patches")
+    model_args(p)
+    p.add_argument("--patch", action="append")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+
+    p = add("demo", cmd_demo, "edit a fact on the built-in model and show the answer before and after")
+    p.add_argument("--model", default=None, help="a testbed model folder (default: the built-in one)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+
+    for mod in PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue  # feature not built into this copy
+            raise
+        m.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rankone: %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return int(args.func(args) or 0)
+    except RankoneError as e:
+        print(f"rankone: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("rankone: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

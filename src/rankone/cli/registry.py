@@ -1,0 +1,106 @@
+"""`rankone registry …` (the patch lifecycle) and `rankone export` (merged model or PEFT adapter).
+
+Bad input is refused before anything is written: arguments, files and states are checked first,
+the registry is created only by `add`, and output folders appear whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rankone.cli.build import cmd_build, cmd_export
+from rankone.cli.registry_commands import (  # noqa: F401  (re-exported: the commands stay importable from here)
+    LOG_HEAD,
+    cmd_add,
+    cmd_check,
+    cmd_list,
+    cmd_log,
+    cmd_reject,
+    cmd_release,
+    cmd_rollback,
+    cmd_show,
+    cmd_validate,
+    model_fingerprints,
+)
+
+FORMATS = ("merged", "peft")
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    from rankone.cli.common import model_args
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=None,
+                        help="registry database (default: $RANKONE_REGISTRY, else ~/.local/share/rankone/registry.db)")
+    common.add_argument("--author", default=None, help="who does this (default: the OS user)")
+
+    top = subparsers.add_parser("registry", help="record, validate, release, roll back and build patches",
+                                description="The patch lifecycle: proposed → validated → released (→ rolled_back), with an audit log.")
+    sub = top.add_subparsers(dest="registry_command", required=True)
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("add", cmd_add, "register a patch folder (state: proposed)")
+    p.add_argument("patch")
+    p.add_argument("--reason", help="why this patch exists (required)")
+
+    p = add("list", cmd_list, "list patches")
+    p.add_argument("--state", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = add("show", cmd_show, "a patch: its edits, latest validation report and history")
+    p.add_argument("id", help="patch id (or a unique prefix, or the patch folder)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("validate", cmd_validate, "run a validation suite; the state becomes validated only on pass (exit 1 on fail)")
+    p.add_argument("id")
+    model_args(p)
+    p.add_argument("--suite", required=True, help="JSONL checks: target, keep, perplexity (see rankone.lifecycle.gates)")
+    p.add_argument("--policy", default=None, help="JSON thresholds (default: rankone.lifecycle.gates.GatePolicy; docs/policy.example.json)")
+    p.add_argument("--reason", default=None)
+
+    p = add("release", cmd_release, "append a validated patch to the release order (refuses conflicts unless --force)")
+    p.add_argument("id")
+    model_args(p, required=False)
+    p.add_argument("--policy", default=None)
+    p.add_argument("--force", action="store_true", help="release despite conflicts (recorded in the audit log)")
+    p.add_argument("--reason", default=None)
+
+    p = add("rollback", cmd_rollback, "take a released patch out of the release")
+    p.add_argument("id")
+    p.add_argument("--reason", help="why (required)")
+    p.add_argument("--cascade", action="store_true", help="also roll back released patches made on top of it")
+
+    p = add("reject", cmd_reject, "reject a proposed or validated patch")
+    p.add_argument("id")
+    p.add_argument("--reason", help="why (required)")
+
+    p = add("log", cmd_log, "the audit log (append-only)")
+    p.add_argument("id", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = add("build", cmd_build, "write the base model with every released patch applied in release order")
+    model_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=FORMATS, default="merged")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    p = add("check", cmd_check, "verify that database, store and audit chain agree")
+    p.add_argument("--prune", action="store_true", help="remove orphaned store folders older than 10 minutes")
+
+    p = subparsers.add_parser("export", help="write patches as a merged Hugging Face model or a PEFT LoRA adapter",
+                              description="Write patches as a merged Hugging Face model folder or a PEFT LoRA adapter.")
+    p.set_defaults(func=cmd_export)
+    model_args(p)
+    p.add_argument("--patch", action="append", required=True, help="patch folder or registry id; repeat for several, in order")
+    p.add_argument("--format", choices=FORMATS, default="merged")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--registry", default=None, help="registry for --patch ids")

@@ -1,0 +1,206 @@
+"""Prompts, subjects and targets as token positions, found through character offsets.
+
+Tokenizers differ (a BOS token or none; " Paris" vs "Paris"; a subject tokenizes differently at
+the start of a text and after a space), so nothing here assumes GPT-2's habits: every position
+is found by mapping character spans onto the offsets the tokenizer itself reports for the whole
+text. Bad alignment is a `RankoneError`, never a silently wrong position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from rankone.core.errors import RankoneError
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: `prompt` holds `{}` where the subject goes; `target` is the new object."""
+
+    prompt: str
+    subject: str
+    target: str
+
+    @classmethod
+    def create(cls, prompt: str, subject: str, target: str) -> "EditRequest":
+        if not isinstance(subject, str) or not subject.strip():
+            raise RankoneError("the subject is empty: give the entity whose fact changes, e.g. --subject 'Paris'")
+        if not isinstance(target, str) or not target.strip():
+            raise RankoneError("the target is empty: give the new object, e.g. --target 'Rome'")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RankoneError("the prompt is empty: give e.g. --prompt '{} is the capital of'")
+        n = prompt.count("{}")
+        if n > 1:
+            raise RankoneError(f"the prompt {prompt!r} has {n} '{{}}' placeholders; use exactly one")
+        if n == 0:
+            if subject not in prompt:
+                raise RankoneError(
+                    f"the prompt {prompt!r} contains neither '{{}}' nor the subject {subject!r}; "
+                    "write the subject into the prompt or mark its place with {}"
+                )
+            i = prompt.index(subject)
+            prompt = prompt[:i] + "{}" + prompt[i + len(subject):]
+        if prompt.rstrip() != prompt:
+            prompt = prompt.rstrip()  # the target is joined with one space; trailing blanks would double it
+        return cls(prompt=prompt, subject=subject, target=target.strip())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+        missing = [k for k in ("prompt", "subject", "target") if k not in d]
+        if missing:
+            raise RankoneError(f"edit request {d!r} lacks the field(s) {missing}; each needs prompt, subject, target")
+        return cls.create(str(d["prompt"]), str(d["subject"]), str(d["target"]))
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    def text(self, template: str = "{}") -> tuple[str, int, int]:
+        """The prompt inside a context template, and the subject's character span in it."""
+        prompt = template.replace("{}", self.prompt, 1) if "{}" in template else template + self.prompt
+        start = prompt.index("{}")
+        return prompt.replace("{}", self.subject, 1), start, start + len(self.subject)
+
+
+def join_target(prompt_text: str, target: str) -> tuple[str, int]:
+    """prompt + ' ' + target, and the character where the target starts."""
+    sep = "" if (prompt_text[-1:].isspace() or target[:1].isspace()) else " "
+    return prompt_text + sep + target, len(prompt_text) + len(sep)
+
+
+# ---- offsets ------------------------------------------------------------------------------
+
+
+def encode(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids (with the tokenizer's own special tokens) and each token's character span."""
+    if not getattr(tok, "is_fast", False):
+        raise RankoneError(
+            f"tokenizer {type(tok).__name__} is a slow (Python) tokenizer without character "
+            "offsets; save the model with a fast tokenizer (tokenizer.json) and retry"
+        )
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _trimmed(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    # Some tokenizers report " Paris" as (s-1, e), others as (s, e): strip blanks either way.
+    s, e = span
+    while s < e and text[s].isspace():
+        s += 1
+    while e > s and text[e - 1].isspace():
+        e -= 1
+    return s, e
+
+
+def token_span(
+    tok: Any, text: str, start: int, end: int, offsets: list[tuple[int, int]] | None = None,
+    what: str = "subject",
+) -> tuple[int, int]:
+    """Indices [first, last] of the tokens that exactly cover text[start:end]."""
+    if offsets is None:
+        _, offsets = encode(tok, text)
+    first = last = None
+    for i, span in enumerate(offsets):
+        s, e = _trimmed(text, span)
+        if e <= s:
+            continue  # special token (BOS) or pure whitespace
+        if s < end and e > start:
+            first = i if first is None else first
+            last = i
+            if s < start or e > end:
+                piece = text[s:e]
+                raise RankoneError(
+                    f"the {what} {text[start:end]!r} does not fall on token boundaries in "
+                    f"{text!r}: token {piece!r} crosses its edge; rephrase the prompt so the "
+                    f"{what} is a separate word"
+                )
+    if first is None or last is None:
+        raise RankoneError(f"the {what} {text[start:end]!r} covers no token in {text!r}")
+    return first, last
+
+
+@dataclass
+class Encoded:
+    """One text ready for a batch: ids, the subject's last token, and target positions."""
+
+    ids: list[int]
+    subject_last: int
+    target_positions: list[int]  # positions of the target tokens in `ids` (may be empty)
+
+    @property
+    def target_ids(self) -> list[int]:
+        return [self.ids[p] for p in self.target_positions]
+
+
+def encode_request(
+    tok: Any, request: EditRequest, template: str = "{}", with_target: bool = True,
+    target: str | None = None,
+) -> Encoded:
+    prompt_text, s0, s1 = request.text(template)
+    if not with_target:
+        ids, offsets = encode(tok, prompt_text)
+        return Encoded(ids, token_span(tok, prompt_text, s0, s1, offsets)[1], [])
+    full, t0 = join_target(prompt_text, request.target if target is None else target)
+    ids, offsets = encode(tok, full)
+    subject_last = token_span(tok, full, s0, s1, offsets)[1]
+    first, last = token_span(tok, full, t0, len(full), offsets, what="target")
+    if first <= subject_last:
+        raise RankoneError(f"the target overlaps the subject in {full!r}")
+    return Encoded(ids, subject_last, list(range(first, last + 1)))
+
+
+def pad_batch(
+    seqs: Sequence[list[int]], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to [batch, pos]. Causal models never look right, so the pad id is irrelevant."""
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---- prefixes -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_prefixes(
+    model: torch.nn.Module, tok: Any, spec: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    seed: int = 0, starts: Sequence[str] = PREFIX_STARTS, top_k: int = 5,
+) -> list[str]:
+    """Context templates "<model text>. {}" sampled from the model itself (ROME's recipe).
+
+    spec: (n_new_tokens, count) pairs. Sampling uses its own seeded CPU generator, so the same
+    model and seed give the same prefixes on any device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for length, count in spec:
+        per_start = max(1, count // len(starts))
+        made = 0
+        for start in starts:
+            n = min(per_start, count - made)
+            if n <= 0:
+                break
+            ids = torch.tensor([encode(tok, start)[0]] * n, device=device)  # [n, pos]
+            for _ in range(length):
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1].float().cpu()
+                top = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
+                probs = torch.softmax(top.values, dim=-1)
+                choice = torch.multinomial(probs, 1, generator=gen)  # [n, 1]
+                nxt = top.indices.gather(1, choice).to(device)
+                ids = torch.cat([ids, nxt], dim=1)
+            for row in ids.tolist():
+                text = tok.decode(row, skip_special_tokens=True)
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                out.append(text + ". {}")
+            made += n
+    return out

@@ -1,0 +1,289 @@
+"""Evaluation cases: one edit request with the prompts that test it.
+
+A `Case` is what the ROME paper's CounterFact record holds: the request (prompt, subject, new
+target), the true target, paraphrase prompts (the same fact phrased otherwise), neighbourhood
+prompts (other subjects whose answer must not change, each with its own true answer) and
+generation prompts (for fluency). Loaders:
+
+* flat CounterFact (`case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
+  locality_prompt, locality_ground_truth`): one paraphrase and one neighbour per record; more
+  neighbours are taken from other records of the same file with the same template and the same
+  true answer (which is how CounterFact's own neighbourhood prompts were chosen);
+* original ROME CounterFact (`requested_rewrite {prompt, subject, target_new, target_true}`,
+  `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`);
+* testbed worlds (world.json): held-out phrasings as paraphrases, other subjects with the same
+  relation (preferably the same object) as neighbours;
+* files of `Case.to_dict()` records (what `rankone eval` writes back).
+
+Bad input is one `RankoneError` line; records whose subject is not in the prompt are skipped
+(CounterFact has a few) and counted in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from rankone.core.errors import RankoneError
+from rankone.core.tokens import EditRequest
+
+log = logging.getLogger(__name__)
+
+FLAT_KEYS = ("prompt", "subject", "target_new", "ground_truth")
+
+
+@dataclass
+class Case:
+    case_id: str
+    request: EditRequest  # request.target is the new object
+    target_true: str
+    paraphrase_prompts: list[str] = field(default_factory=list)  # full text, subject filled in
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    neighborhood_targets: list[str] = field(default_factory=list)  # the true answer of each neighbour
+    generation_prompts: list[str] = field(default_factory=list)
+    relation: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.request.text()[0]
+
+    @property
+    def target_new(self) -> str:
+        return self.request.target
+
+    def neighbours(self) -> list[tuple[str, str]]:
+        return list(zip(self.neighborhood_prompts, self.neighborhood_targets))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case_id": self.case_id, "request": self.request.to_dict(), "target_true": self.target_true,
+                "paraphrase_prompts": self.paraphrase_prompts, "neighborhood_prompts": self.neighborhood_prompts,
+                "neighborhood_targets": self.neighborhood_targets, "generation_prompts": self.generation_prompts,
+                "relation": self.relation}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Case":
+        req = EditRequest.from_dict(d["request"])
+        nb_p, nb_t = list(d.get("neighborhood_prompts", [])), list(d.get("neighborhood_targets", []))
+        if len(nb_p) != len(nb_t):
+            raise RankoneError(f"case {d.get('case_id')!r}: {len(nb_p)} neighbourhood prompts but {len(nb_t)} targets")
+        return cls(str(d.get("case_id", "")), req, _str(d["target_true"]), list(d.get("paraphrase_prompts", [])),
+                   nb_p, nb_t, list(d.get("generation_prompts", [])), d.get("relation"))
+
+
+def _str(x: Any) -> str:
+    """CounterFact targets are {"str": ..., "id": ...} in the ROME format, plain strings in the flat one."""
+    if isinstance(x, dict):
+        x = x.get("str", "")
+    return str(x).strip()
+
+
+def _prompt_of(x: Any) -> str:
+    return str(x["prompt"] if isinstance(x, dict) else x)
+
+
+# ---- CounterFact --------------------------------------------------------------------------
+
+
+def rome_case(rec: dict[str, Any]) -> Case:
+    """A case from an original ROME-format CounterFact record."""
+    rw = rec["requested_rewrite"]
+    subj = str(rw["subject"])
+    req = EditRequest.create(str(rw["prompt"]), subj, _str(rw["target_new"]))
+    true = _str(rw["target_true"])
+    nb = [_prompt_of(p) for p in rec.get("neighborhood_prompts", [])]
+    # ROME's neighbourhood prompts share the case's true object (that is how they were chosen);
+    # a dict entry may name its own target.
+    nb_t = [_str(p.get("target", true)) if isinstance(p, dict) else true for p in rec.get("neighborhood_prompts", [])]
+    gens = [str(g) for g in rec.get("generation_prompts", [])] or [req.text()[0], f"{subj} is"]
+    return Case(str(rec.get("case_id", "")), req, true, [_prompt_of(p) for p in rec.get("paraphrase_prompts", [])],
+                nb, nb_t, gens, rw.get("relation_id"))
+
+
+def _template(rec: dict[str, Any]) -> str:
+    return str(rec["prompt"]).replace(str(rec["subject"]), "{}", 1)
+
+
+def flat_cases(records: list[dict[str, Any]], n_neighbours: int = 10) -> list[Case]:
+    """Cases from flat CounterFact records; neighbours pooled by (template, true answer)."""
+    pool: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for r in records:
+        pool.setdefault((_template(r), _str(r["ground_truth"])), []).append((str(r["subject"]), str(r["prompt"])))
+    out = []
+    for r in records:
+        subj, true = str(r["subject"]), _str(r["ground_truth"])
+        req = EditRequest.create(str(r["prompt"]), subj, _str(r["target_new"]))
+        nb: list[tuple[str, str]] = []
+        if r.get("locality_prompt") and r.get("locality_ground_truth"):
+            nb.append((str(r["locality_prompt"]), _str(r["locality_ground_truth"])))
+        for s, p in pool[(_template(r), true)]:
+            if len(nb) >= n_neighbours:
+                break
+            if s != subj and p not in (q for q, _ in nb):
+                nb.append((p, true))
+        para = [str(r["rephrase_prompt"])] if r.get("rephrase_prompt") else []
+        out.append(Case(str(r.get("case_id", len(out))), req, true, para, [p for p, _ in nb], [t for _, t in nb],
+                        [req.text()[0], f"{subj} is"], r.get("relation")))
+    return out
+
+
+def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: int = 10) -> list[Case]:
+    """Detect each record's format (ROME, flat CounterFact, Case) and build the cases."""
+    flat: list[dict[str, Any]] = []
+    out: list[Case] = []
+    skipped = 0
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise RankoneError(f"{source}: record {i} is not a JSON object")
+        try:
+            if "requested_rewrite" in r:
+                rw = r["requested_rewrite"]
+                missing = [k for k in ("prompt", "subject", "target_new", "target_true") if k not in rw]
+                if missing:
+                    raise RankoneError(f"requested_rewrite lacks {missing}")
+                out.append(rome_case(r))
+            elif "request" in r and "target_true" in r:
+                out.append(Case.from_dict(r))
+            elif all(k in r for k in FLAT_KEYS):
+                if str(r["subject"]) not in str(r["prompt"]):
+                    skipped += 1  # a known CounterFact quirk: the subject is spelt otherwise in the prompt
+                    continue
+                EditRequest.create(str(r["prompt"]), str(r["subject"]), _str(r["target_new"]))  # validate here, with i
+                flat.append(r)
+            else:
+                raise RankoneError(
+                    f"neither flat CounterFact ({', '.join(FLAT_KEYS)}) nor ROME format (requested_rewrite); "
+                    f"it has keys {sorted(r)[:8]}")
+        except RankoneError as e:
+            raise RankoneError(f"{source}: record {i}: {e}") from None
+    if flat:
+        out += flat_cases(flat, n_neighbours)
+    if skipped:
+        log.warning("%s: skipped %d record(s) whose subject is not in the prompt", source, skipped)
+    return out
+
+
+# ---- testbed worlds -------------------------------------------------------------------------
+
+
+def cases_from_world(world: Any, seed: int = 0, n_neighbours: int = 5) -> list[Case]:
+    """One case per fact of a testbed world, ordered so that consecutive cases change subject.
+
+    The order goes round the subjects (shuffled by `seed`), one fact each, rotating the
+    relation, so the first len(subjects) cases edit every subject once; a sequential run then
+    edits a subject again only after all others. The new target is another object of the
+    relation; neighbours are other subjects' facts of the same relation, those with the same
+    true object first (as in CounterFact), never ones whose answer is the new target.
+    """
+    if getattr(world, "kind", "") == "counterfact" and getattr(world, "records", None):
+        return cases_from_records(list(world.records), f"world {world.name}", n_neighbours)
+    rng = random.Random(f"rankone-cases-{seed}")
+    rels = {r.id: r for r in world.relations}
+    by_subj = world.facts_by_subject()
+    subjects = list(by_subj)
+    rng.shuffle(subjects)
+    by_rel: dict[str, list[Any]] = {}
+    for f in world.facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    order = []
+    for rnd in range(max(len(v) for v in by_subj.values())):
+        for si, s in enumerate(subjects):
+            fs = by_subj[s]
+            if rnd < len(fs):
+                order.append(fs[(si + rnd) % len(fs)])
+    out = []
+    for f in order:
+        rel = rels[f.relation]
+        others = [o for o in rel.objects if o != f.object]
+        if not others:
+            continue
+        target = rng.choice(others)
+        train = [i for i in range(len(rel.phrasings)) if i not in set(f.heldout)]
+        template = rel.phrasings[train[0] if train else 0]
+        req = EditRequest.create(template, f.subject, target)
+        cands = [g for g in by_rel[f.relation] if g.subject != f.subject and g.object != target]
+        same = [g for g in cands if g.object == f.object]
+        rest = [g for g in cands if g.object != f.object]
+        rng.shuffle(same)
+        rng.shuffle(rest)
+        nb = (same + rest)[:n_neighbours]
+        nb_prompts = []
+        for j, g in enumerate(nb):  # a phrasing each neighbour was trained on, rotating
+            tr = [i for i in range(len(rel.phrasings)) if i not in set(g.heldout)] or [0]
+            nb_prompts.append(rel.phrasings[tr[j % len(tr)]].replace("{}", g.subject))
+        other = [g for g in by_subj[f.subject] if g.relation != f.relation]
+        gens = [req.text()[0]] + [rels[g.relation].phrasings[0].replace("{}", f.subject) for g in other[:1]]
+        out.append(Case(f"{f.subject}|{f.relation}", req, f.object, world.prompts(f, "heldout"), nb_prompts,
+                        [g.object for g in nb], gens, f.relation))
+    return out
+
+
+def heldout_text(world: Any, max_sentences: int = 400, seed: int = 0) -> str:
+    """Text the testbed model never saw verbatim: facts in their held-out phrasings."""
+    pairs = [(p, f.object) for f in world.facts for p in world.prompts(f, "heldout")]
+    random.Random(f"rankone-heldout-{seed}").shuffle(pairs)
+    # one line of sentences joined by spaces: how the testbed corpus rows read (no newlines in training)
+    return " ".join(f"{p} {o}." for p, o in pairs[:max_sentences])
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def _read_records(p: Path) -> list[Any]:
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        recs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RankoneError(f"{p}:{n} is not valid JSON ({e.msg}); one case object per line") from None
+        return recs
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RankoneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); give a CounterFact file, "
+                           "a .jsonl of cases or a testbed world.json") from None
+    if isinstance(data, dict) and "cases" in data:
+        data = data["cases"]
+    if isinstance(data, dict) and "facts" in data and "relations" in data:
+        return [data]  # a world; handled by the caller
+    if not isinstance(data, list):
+        raise RankoneError(f"{p} must hold a JSON list of case records (CounterFact flat or ROME format)")
+    return data
+
+
+def load_cases(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> list[Case]:
+    """Cases from a CounterFact file (flat or ROME; .json or .jsonl), a file of Case records, or a
+    testbed world (its world.json or the model folder holding it). `n` keeps the first n."""
+    p = Path(path)
+    if n is not None and n < 1:
+        raise RankoneError(f"the number of cases must be at least 1, not {n}")
+    if p.is_dir():
+        if not (p / "world.json").is_file():
+            raise RankoneError(f"{p} is a folder without world.json; give a cases file or a testbed model folder")
+        p = p / "world.json"
+    if not p.is_file():
+        raise RankoneError(f"cases file {p} does not exist; give a CounterFact .json/.jsonl or a testbed world.json")
+    recs = _read_records(p)
+    if len(recs) == 1 and isinstance(recs[0], dict) and "facts" in recs[0] and "relations" in recs[0]:
+        from rankone.testbed.world import World
+
+        cases = cases_from_world(World.from_dict(recs[0]), seed=seed)
+    else:
+        cases = cases_from_records(recs, str(p))
+    if not cases:
+        raise RankoneError(f"{p} holds no usable cases")
+    return cases[:n] if n is not None else cases
+
+
+def save_cases(path: str | os.PathLike, cases: Iterable[Case]) -> None:
+    from rankone.core.atomic import write_bytes
+
+    write_bytes(path, "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in cases).encode())

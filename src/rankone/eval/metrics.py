@@ -1,0 +1,367 @@
+"""The metrics of the ROME and r-ROME papers, per case and summarised.
+
+Probabilities are teacher-forced over *all* target tokens. Two normalisations:
+
+* ``norm="mean"`` (default, as ROME's CounterFact code): p = exp(mean log-prob per target
+  token), i.e. the per-token geometric mean. Comparisons p(new) > p(true) and the magnitudes
+  EM = E[p(new) − p(true)] use it (ROME's summarize.py: exp(−NLL_new) − exp(−NLL_true)).
+* ``norm="sum"``: p = exp(Σ log-prob), the probability of the whole target string, as
+  `rankone.models.generation.target_logprob` gives it.
+
+Per case: ES = 1[p(new) > p(true)] on the edit prompt, EM = p(new) − p(true); PS/PM the same
+averaged over the paraphrase prompts; NS = mean 1[p(true_nb) > p(new)] over neighbour prompts,
+NM = mean p(true_nb) − p(new). The summary averages over cases and S = harmonic mean of ES, PS,
+NS. Fluency is ROME's generation entropy: the weighted mean of bigram (2/3) and trigram (4/3)
+entropies, in bits, of the generated words.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from rankone.eval.cases import Case
+from rankone.core.errors import RankoneError
+from rankone.models.generation import perplexity  # noqa: F401  (re-exported: held-out perplexity)
+from rankone.core.tokens import encode, join_target, token_span
+
+NORMS = ("mean", "sum")
+
+
+# ---- teacher-forced scoring -----------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """One (prompt, target) pair read by the model with the target teacher-forced."""
+
+    logprob: float  # Σ log p over the target tokens
+    n_tokens: int
+    top1: bool  # argmax reproduces every target token (= greedy decoding yields the target)
+    first_ok: bool  # argmax at the first target position is the target's first token
+
+    def p(self, norm: str = "mean") -> float:
+        return math.exp(self.logprob / self.n_tokens if norm == "mean" else self.logprob)
+
+
+def _limit(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20)
+
+
+def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[int], int, int]:
+    """ids of prompt + ' ' + target and the target's token span [first, last], left-truncated to `limit`."""
+    full, t0 = join_target(prompt, target)
+    ids, offsets = encode(tok, full)
+    first, last = token_span(tok, full, t0, len(full), offsets, what="target")
+    if first == 0:
+        raise RankoneError(f"the target {target!r} starts the text {full!r}: there is no prompt to predict it from")
+    over = len(ids) - limit
+    if over > 0:
+        lead = 0  # keep leading special tokens (BOS): they have empty character spans
+        while lead < len(offsets) and offsets[lead][1] <= offsets[lead][0]:
+            lead += 1
+        if first - lead - over < 1:
+            raise RankoneError(f"the target {target!r} alone is longer than the model's {limit} positions")
+        ids = ids[:lead] + ids[lead + over:]
+        first, last = first - over, last - over
+    return ids, first, last
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[Scored]:
+    """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length."""
+    limit = _limit(model)
+    enc = [_encode_pair(tok, p, t, limit) for p, t in pairs]
+    dev = next(model.parameters()).device
+    out: list[Scored | None] = [None] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        n = max(len(enc[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), n, dtype=torch.long)
+        mask = torch.zeros(len(idx), n, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i][0])] = torch.tensor(enc[i][0])
+            mask[r, :len(enc[i][0])] = 1
+        # Right padding: every position read below lies before the row's padding.
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()  # [batch, pos, vocab]
+        for r, i in enumerate(idx):
+            seq, first, last = enc[i]
+            pos = torch.arange(first, last + 1)
+            tgt = torch.tensor(seq[first:last + 1])
+            lp = logp[r, pos - 1, tgt]  # [n_target_tokens]; the logit at p-1 predicts token p
+            am = logp[r, pos - 1].argmax(-1)
+            out[i] = Scored(float(lp.sum()), len(pos), bool((am == tgt).all()), bool(am[0] == tgt[0]))
+    return out  # type: ignore[return-value]
+
+
+def knows(model: torch.nn.Module, tok: Any, cases: Sequence[Case], batch_size: int = 64) -> list[bool]:
+    """Does the model answer each case's *true* target on the edit prompt (first token, greedy)?"""
+    return [s.first_ok for s in score(model, tok, [(c.prompt, c.target_true) for c in cases], batch_size)]
+
+
+# ---- the CounterFact metrics ----------------------------------------------------------------
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def hmean(xs: Sequence[float]) -> float:
+    """Harmonic mean (0 when any is 0, NaN when any is NaN): the papers' score S."""
+    if any(math.isnan(x) for x in xs):
+        return float("nan")
+    if any(x <= 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1.0 / x for x in xs)
+
+
+def _pairs_of(case: Case) -> list[tuple[str, str]]:
+    """The (prompt, target) pairs a case is scored on, in a fixed order (see case_metrics)."""
+    new, true = case.target_new, case.target_true
+    out = [(case.prompt, new), (case.prompt, true)]
+    for p in case.paraphrase_prompts:
+        out += [(p, new), (p, true)]
+    for p, t in case.neighbours():
+        out += [(p, new), (p, t)]
+    return out
+
+
+def case_metrics(case: Case, scored: Sequence[Scored], norm: str = "mean") -> dict[str, Any]:
+    """ES/EM, PS/PM, NS/NM of one case from its scored pairs (in `_pairs_of` order)."""
+    if norm not in NORMS:
+        raise RankoneError(f"norm must be one of {NORMS}, not {norm!r}")
+    p = [s.p(norm) for s in scored]
+    n_par = len(case.paraphrase_prompts)
+    par = list(zip(p[2:2 + 2 * n_par:2], p[3:2 + 2 * n_par:2]))  # (p_new, p_true) per paraphrase
+    nb = list(zip(p[2 + 2 * n_par::2], p[3 + 2 * n_par::2]))  # (p_new, p_true_nb) per neighbour
+    return {
+        "case_id": case.case_id,
+        "p_new": p[0], "p_true": p[1],
+        "es": float(p[0] > p[1]), "em": p[0] - p[1],
+        "top1_new": float(scored[0].top1), "top1_true": float(scored[1].top1),
+        "ps": _mean(float(a > b) for a, b in par), "pm": _mean(a - b for a, b in par),
+        "paraphrase_top1": _mean(float(scored[2 + 2 * j].top1) for j in range(n_par)),
+        "ns": _mean(float(t > a) for a, t in nb), "nm": _mean(t - a for a, t in nb),
+    }
+
+
+def evaluate_cases(model: torch.nn.Module, tok: Any, cases: Sequence[Case], norm: str = "mean",
+                   batch_size: int = 64) -> list[dict[str, Any]]:
+    """Per-case metrics on the model as it is now (all cases scored in one batched pass)."""
+    pairs = [_pairs_of(c) for c in cases]
+    flat = score(model, tok, [x for ps in pairs for x in ps], batch_size)
+    out, i = [], 0
+    for c, ps in zip(cases, pairs):
+        out.append(case_metrics(c, flat[i:i + len(ps)], norm))
+        i += len(ps)
+    return out
+
+
+SUMMARY_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "top1_new", "paraphrase_top1")
+
+
+def summarize(per_case: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Means over cases, and S = harmonic mean of ES, PS, NS."""
+    s = {k: _mean(m[k] for m in per_case) for k in SUMMARY_KEYS}
+    s["score"] = hmean([s["es"], s["ps"], s["ns"]])
+    for k in ("fluency", "delta_fro"):
+        if any(k in m for m in per_case):
+            s[k] = _mean(m.get(k, float("nan")) for m in per_case)
+    s["n"] = len(per_case)
+    return s
+
+
+# ---- fluency --------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens (words, and punctuation marks on their own), like nltk.word_tokenize."""
+    return _WORD.findall(text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's generation entropy: mean over n of weight_n · H(n-gram frequencies) in bits."""
+    w = words(text)
+    hs = []
+    for n, wt in zip(ns, weights):
+        grams = Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        hs.append(wt * h)
+    return sum(hs) / len(hs)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int = 50, top_k: int = 5,
+             seed: int = 0) -> str:
+    """prompt + continuation, sampled from the top-k tokens with a seeded generator (top_k=1: greedy)."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([encode(tok, prompt)[0]], device=dev)
+    gen = torch.Generator().manual_seed(seed)
+    limit = _limit(model)
+    out = model(input_ids=ids, use_cache=True)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        if ids.shape[1] + len(new) >= limit:
+            break
+        logits = out.logits[0, -1].float().cpu()
+        top = torch.topk(logits, min(top_k, logits.shape[-1]))
+        nxt = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]) if top_k > 1 \
+            else int(top.indices[0])
+        if tok.eos_token_id is not None and nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values, use_cache=True)
+    return prompt + tok.decode(new, skip_special_tokens=True)
+
+
+def fluency(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 50, top_k: int = 5,
+            seed: int = 0) -> tuple[float, list[str]]:
+    """Mean generation entropy over the prompts (each sampled with its own seed), and the texts."""
+    texts = [generate(model, tok, p, max_new_tokens, top_k, seed + i) for i, p in enumerate(prompts)]
+    return _mean(ngram_entropy(t) for t in texts), texts
+
+
+# ---- downstream: GLUE few-shot (the r-ROME protocol) ---------------------------------------
+
+# task -> (prompt template over the record's fields, label words by GLUE label id). The model
+# reads k solved examples, then the query; the prediction is the label word with the higher
+# teacher-forced log-probability. GLUE's RTE uses 0 = entailment, 1 = not entailment.
+GLUE_TASKS: dict[str, tuple[str, dict[int, str]]] = {
+    "sst2": ("Review: {sentence}\nSentiment:", {0: "negative", 1: "positive"}),
+    "mrpc": ("Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
+             {0: "No", 1: "Yes"}),
+    "rte": ("{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", {0: "True", 1: "False"}),
+    "cola": ("Sentence: {sentence}\nQuestion: Is this sentence grammatical?\nAnswer:", {0: "No", 1: "Yes"}),
+}
+
+
+def load_glue(path: str, task: str) -> list[dict[str, Any]]:
+    """A GLUE subset as a JSON list of records (a folder holding {task}.json, or the file)."""
+    import json
+    import os
+
+    if task not in GLUE_TASKS:
+        raise RankoneError(f"unknown GLUE task {task!r}; choose from {', '.join(GLUE_TASKS)}")
+    f = os.path.join(path, f"{task}.json") if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise RankoneError(f"GLUE file {f} does not exist; give a folder with {', '.join(t + '.json' for t in GLUE_TASKS)}")
+    try:
+        data = json.loads(open(f, encoding="utf-8").read())
+    except json.JSONDecodeError as e:
+        raise RankoneError(f"{f} is not valid JSON ({e.msg})") from None
+    fields = re.findall(r"{(\w+)}", GLUE_TASKS[task][0]) + ["label"]
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) and all(k in r for k in fields) for r in data):
+        raise RankoneError(f"{f} must be a non-empty JSON list of records with {fields}")
+    return data
+
+
+def binary_scores(gold: Sequence[int], pred: Sequence[int]) -> dict[str, float]:
+    """Accuracy, F1 of label 1, and Matthews correlation (CoLA's GLUE metric)."""
+    tp = sum(g == 1 and p == 1 for g, p in zip(gold, pred))
+    tn = sum(g == 0 and p == 0 for g, p in zip(gold, pred))
+    fp = sum(g == 0 and p == 1 for g, p in zip(gold, pred))
+    fn = sum(g == 1 and p == 0 for g, p in zip(gold, pred))
+    n = len(gold)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {"acc": (tp + tn) / n if n else float("nan"), "f1": f1, "mcc": (tp * tn - fp * fn) / den if den else 0.0, "n": n}
+
+
+def glue_fewshot(model: torch.nn.Module, tok: Any, records: Sequence[dict[str, Any]], task: str, shots: int = 4,
+                 n: int | None = None, seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """k-shot accuracy/F1/MCC. The k demonstrations (balanced over labels, seeded) are the same for
+    every query and never among the queries; prompts too long for the model lose their oldest tokens."""
+    import random
+
+    template, labels = GLUE_TASKS[task]
+    rng = random.Random(f"rankone-glue-{task}-{seed}")
+    idx = list(range(len(records)))
+    rng.shuffle(idx)
+    demo: list[int] = []
+    for i in idx:  # alternate labels so the demonstrations do not favour one answer
+        if len(demo) < shots and int(records[i]["label"]) == sorted(labels)[len(demo) % len(labels)]:
+            demo.append(i)
+    queries = [i for i in idx if i not in demo][:n]
+    context = "".join(template.format(**records[i]) + " " + labels[int(records[i]["label"])] + "\n\n" for i in demo)
+    pairs = [(context + template.format(**records[i]), labels[lab]) for i in queries for lab in sorted(labels)]
+    sc = score(model, tok, pairs, batch_size)
+    k = len(labels)
+    pred = [sorted(labels)[max(range(k), key=lambda j: sc[q * k + j].logprob)] for q in range(len(queries))]
+    return binary_scores([int(records[i]["label"]) for i in queries], pred)
+
+
+def glue_suite(model: torch.nn.Module, tok: Any, path: str, tasks: Sequence[str] = tuple(GLUE_TASKS), shots: int = 4,
+               n: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    return {t: glue_fewshot(model, tok, load_glue(path, t), t, shots, n, seed) for t in tasks}
+
+
+# ---- single edits ---------------------------------------------------------------------------
+
+
+def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case], hparams: Any,
+                          stats_corpus: Any = None, norm: str = "mean", gen_tokens: int = 50,
+                          progress: bool = True, on_result: Any = None) -> list[dict[str, Any]]:
+    """Each case edited alone on the base model, measured, then reverted exactly (the papers' protocol).
+
+    Per case: the metrics after the edit, fluency of its generation prompts (0 tokens: skipped),
+    ‖Δ‖_F, the update's denominators and the seconds the edit took; `on_result(metrics)` is
+    called after each case.
+    """
+    from tqdm.auto import tqdm
+
+    from rankone.edit.editor import Editor
+    from rankone.artifacts.patch import revert_patch
+
+    ed = Editor(model, tok, hparams, stats_corpus, progress=progress)
+    out = []
+    for c in tqdm(cases, desc=f"single edits ({hparams.method})", unit="edit", disable=not progress):
+        t0 = time.perf_counter()
+        patch = ed.edit([c.request], keep=True)
+        t_edit = time.perf_counter() - t0
+        try:
+            m = evaluate_cases(model, tok, [c], norm)[0]
+            if gen_tokens > 0:
+                m["fluency"] = fluency(model, tok, c.generation_prompts, gen_tokens)[0]
+        finally:
+            revert_patch(model, patch)
+        e = patch.edits[0]
+        m["delta_fro"] = e.delta_fro
+        m.update({k: e.diagnostics.get(k) for k in ("denominator", "denom_mean_mean", "denom_bare_bare",
+                                                     "denom_bare_mean", "key_cosine", "weight_fro")})
+        m["value_prob"] = e.diagnostics.get("value", {}).get("target_prob")
+        m["clamped"] = e.diagnostics.get("value", {}).get("clamped")
+        m["edit_seconds"] = t_edit
+        out.append(m)
+        if on_result is not None:  # e.g. append to a file, so that a long benchmark can resume
+            on_result(m)
+    return out
+
+
+def alignable(model: torch.nn.Module, tok: Any, cases: Sequence[Case]) -> tuple[list[Case], list[str]]:
+    """The cases whose request and every scored prompt align with the tokenizer, and why others do not."""
+    from rankone.core.tokens import encode_request
+
+    ok, why = [], []
+    limit = _limit(model)
+    for c in cases:
+        try:
+            encode_request(tok, c.request)
+            for p, t in _pairs_of(c):
+                _encode_pair(tok, p, t, limit)
+            ok.append(c)
+        except RankoneError as e:
+            why.append(f"case {c.case_id}: {e}")
+    return ok, why

@@ -1,0 +1,395 @@
+"""The sequential-editing experiment: N edits one after another, never reverted, measured every k.
+
+Why r-ROME exists: original ROME's update divides by k_oᵀC⁻¹k̄ (bare key against averaged key),
+which can be tiny, giving a huge ‖Δ‖ that disables the model. This loop records, per edit, ‖Δ‖_F,
+the three denominators and the key cosine, and every k edits: efficacy of the newest edits,
+retention of earlier edits (ES over a sample of all earlier ones), retention of facts never
+edited (top-1 on a fixed sample, all known at the start), NS, fluency, ‖W − W₀‖_F, perplexity
+and optionally GLUE. Edits whose ‖Δ‖ is far above the running median, and evaluation points
+where fluency collapses, are flagged as *disabling*.
+
+The `Guard` (on by default here) refuses such an update before it is written and logs why.
+
+Files in the run folder: run.json (settings; a resumed run must match), run.jsonl (one line per
+edit and per evaluation point), checkpoint/ (the running patch and the loop state, replaced
+atomically at every evaluation point). After an interruption the same command truncates the
+JSONL to the checkpoint, re-applies the patch (fingerprint-checked) and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rankone.core import architectures as arch
+from rankone.core.atomic import atomic_dir, write_bytes, write_json
+from rankone.eval.cases import Case
+from rankone.core.errors import RankoneError
+from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, perplexity, score
+from rankone.methods.hparams import EditHParams
+from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions, now
+from rankone.methods.rome import Update
+from rankone.core.tokens import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+# ---- the guard ------------------------------------------------------------------------------
+
+
+class Guard:
+    """Refuse an update whose ‖Δ‖_F or denominator is anomalous against the updates accepted so far.
+
+    Refused: non-finite numbers; a denominator ≤ 0 (ROME's k_oᵀC⁻¹k̄ can be, r-ROME's k̄ᵀC⁻¹k̄
+    cannot); and, once `warmup` updates were accepted, ‖Δ‖_F > norm_factor × their median or a
+    denominator < median / denom_factor (a small denominator is what blows ‖Δ‖ up; a large one
+    only makes the update small, which is harmless). Use as `Editor.edit(..., guard=Guard())`.
+    """
+
+    def __init__(self, norm_factor: float = 10.0, denom_factor: float = 10.0, warmup: int = 5) -> None:
+        if not (norm_factor > 1 and denom_factor > 1 and warmup >= 1):
+            raise RankoneError("guard factors must be > 1 and its warm-up at least 1 edit")
+        self.norm_factor, self.denom_factor, self.warmup = norm_factor, denom_factor, warmup
+        self.norms: list[float] = []
+        self.denoms: list[float] = []
+        self.refused: list[dict[str, Any]] = []
+
+    def check(self, delta_fro: float, denom: float) -> str | None:
+        if not (math.isfinite(delta_fro) and math.isfinite(denom)):
+            return f"non-finite update (‖Δ‖_F={delta_fro}, denominator={denom})"
+        if denom <= 0:
+            return f"denominator kᵀC⁻¹k = {denom:.3g} ≤ 0 (the keys disagree; ‖Δ‖_F would be {delta_fro:.3g})"
+        if len(self.norms) >= self.warmup:
+            med = statistics.median(self.norms)
+            if delta_fro > self.norm_factor * med:
+                return (f"‖Δ‖_F = {delta_fro:.3g} is {delta_fro / med:.1f}× the running median {med:.3g} "
+                        f"(limit {self.norm_factor:g}×)")
+            dmed = statistics.median(self.denoms)
+            if denom < dmed / self.denom_factor:
+                return (f"denominator kᵀC⁻¹k = {denom:.3g} is {dmed / denom:.1f}× below the running median "
+                        f"{dmed:.3g} (limit {self.denom_factor:g}×)")
+        return None
+
+    def accept(self, delta_fro: float, denom: float) -> None:
+        self.norms.append(float(delta_fro))
+        self.denoms.append(float(denom))
+
+    def __call__(self, update: Update, request: EditRequest) -> str | None:
+        d = update.diagnostics
+        why = self.check(float(d["delta_fro"]), float(d["denominator"]))
+        if why:
+            self.refused.append({"request": request.to_dict(), "reason": why, "delta_fro": d["delta_fro"],
+                                 "denominator": d["denominator"]})
+            log.warning("guard refused %s -> %s: %s", request.text()[0], request.target, why)
+        else:
+            self.accept(d["delta_fro"], d["denominator"])
+        return why
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@dataclass
+class SequentialConfig:
+    n: int = 1000  # edits to make
+    every: int = 10  # evaluate (and checkpoint) every k edits
+    retention_sample: int = 100  # earlier edits re-tested per evaluation point (evenly spaced)
+    ns_sample: int = 100  # cases whose neighbours give NS (fixed, evenly spaced over the run)
+    probe_sample: int = 100  # never-edited known facts (fixed)
+    gen_prompts: int = 4  # generation prompts for fluency (fixed)
+    gen_tokens: int = 40
+    top_k: int = 5
+    guard: bool = True
+    guard_factor: float = 10.0
+    denom_factor: float = 10.0
+    warmup: int = 5
+    spike_factor: float = 10.0  # flag an edit whose ‖Δ‖ exceeds this × the running median
+    fluency_drop: float = 0.25  # flag a collapse when fluency falls below (1 − drop) × its start
+    norm: str = "mean"
+    seed: int = 0
+    glue_dir: str | None = None
+    glue_n: int = 40  # queries per GLUE task
+    glue_every: int = 0  # GLUE every this many edits (0: at start and end only)
+
+    def __post_init__(self) -> None:
+        for k in ("n", "every", "retention_sample", "ns_sample", "gen_tokens", "top_k", "warmup"):
+            if int(getattr(self, k)) < 1:
+                raise RankoneError(f"{k.replace('_', '-')} must be at least 1, not {getattr(self, k)}")
+        if self.probe_sample < 0 or self.gen_prompts < 0:
+            raise RankoneError("probe-sample and gen-prompts cannot be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SequentialConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def spaced(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when n ≤ k)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n - 1]
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+class SequentialRun:
+    """One method's sequential run in `out_dir`; `run()` starts it or resumes it."""
+
+    def __init__(self, model: torch.nn.Module, tok: Any, cases: Sequence[Case], hp: EditHParams,
+                 out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] = (),
+                 ppl_text: str | None = None, meta: dict[str, Any] | None = None, stats_corpus: Any = None,
+                 progress: bool = True) -> None:
+        from rankone.edit.editor import Editor
+
+        if len(cases) < cfg.n:
+            raise RankoneError(f"only {len(cases)} usable case(s) for {cfg.n} edits; ask for fewer (--n) or give more cases")
+        self.model, self.tok, self.hp, self.cfg = model, tok, hp, cfg
+        self.cases = list(cases[:cfg.n])
+        self.out = Path(out_dir)
+        self.probes = list(probes)
+        self.ppl_text = ppl_text
+        self.meta = dict(meta or {})
+        self.progress = progress
+        self.editor = Editor(model, tok, hp, stats_corpus, progress=progress)
+        self.layer = self.editor.layer()
+        self.path = arch.proj_path(model, self.layer)
+        self.guard = Guard(cfg.guard_factor, cfg.denom_factor, cfg.warmup) if cfg.guard else None
+        self.patch = Patch([], base=self.editor.base_info(), created_at=now(), library_versions=library_versions())
+        self.lines: list[dict[str, Any]] = []
+        idx = spaced(len(self.cases), cfg.ns_sample)
+        self.ns_cases = [dataclasses.replace(self.cases[i], paraphrase_prompts=[]) for i in idx]
+        self.gen_prompts = [self.cases[i].generation_prompts[0] for i in spaced(len(self.cases), cfg.gen_prompts)
+                            if self.cases[i].generation_prompts] if cfg.gen_prompts else []
+
+    # -- identity and files --
+
+    def settings(self) -> dict[str, Any]:
+        ids = hashlib.sha256(json.dumps([c.to_dict() for c in self.cases], sort_keys=True).encode()).hexdigest()
+        return {"format": "rankone.eval.sequential/1", "method": self.hp.method, "hparams": self.hp.to_dict(),
+                "config": self.cfg.to_dict(), "layer": self.layer, "module": self.path, "cases_sha256": ids,
+                "probes": len(self.probes), "meta": self.meta}
+
+    @property
+    def jsonl(self) -> Path:
+        return self.out / "run.jsonl"
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        self.lines.append(rec)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _checkpoint(self, next_i: int) -> None:
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        with atomic_dir(self.out / "checkpoint", overwrite=True) as tmp:
+            self.patch.save(tmp / "patch")
+            write_json(tmp / "state.json", {"next": next_i, "lines": len(self.lines), "saved_at": now()})
+
+    def preflight(self, force: bool = False) -> str:
+        """Check the folder without writing: 'fresh', 'resume' or a RankoneError saying why not."""
+        run_json = self.out / "run.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise RankoneError(f"output {self.out} exists and is a file; choose another --out")
+        if force or not self.out.is_dir():
+            return "fresh"
+        if run_json.is_file():
+            old, new = json.loads(run_json.read_text()), json.loads(json.dumps(self.settings()))
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise RankoneError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
+                                   "pass --force to start it over or choose another --out")
+            return "resume" if (self.out / "checkpoint" / "state.json").is_file() else "fresh"
+        if any(self.out.iterdir()):
+            raise RankoneError(f"output folder {self.out} is not empty and holds no sequential run; "
+                               "choose another --out or pass --force")
+        return "fresh"
+
+    def _start_or_resume(self, force: bool) -> int:
+        """Prepare the folder; returns the index of the next edit (0 for a fresh run)."""
+        if self.preflight(force) == "resume":
+            return self._resume(json.loads((self.out / "checkpoint" / "state.json").read_text()))
+        for name in ("run.json", "run.jsonl", "checkpoint", "probes.json", "summary.json", "summary.md"):
+            p = self.out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "run.json", self.settings())
+        self.jsonl.write_text("")
+        return 0
+
+    def _resume(self, state: dict[str, Any]) -> int:
+        lines = [json.loads(x) for x in self.jsonl.read_text().splitlines() if x.strip()][: state["lines"]]
+        write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in lines).encode())  # drop work after the checkpoint
+        self.patch = Patch.load(self.out / "checkpoint" / "patch")
+        # The prefixes are sampled from the model at the first edit and the key statistics read the
+        # layer's inputs: both must come from the base model, as in an uninterrupted run.
+        self.editor.templates()
+        self.editor.stats(self.layer)
+        if self.patch.edits:
+            apply_patch(self.model, self.patch)  # checks the base fingerprint: same model or a clear error
+        self.lines = lines
+        for r in lines:
+            if r["type"] == "edit" and r["accepted"] and self.guard is not None:
+                self.guard.accept(r["delta_fro"], r["denominator"])
+        log.info("resuming %s at edit %d (%d edits in the checkpoint)", self.out, state["next"], len(self.patch.edits))
+        return int(state["next"])
+
+    # -- measurements --
+
+    def _weight(self) -> torch.Tensor:
+        return arch.weight_oi(arch.get_module(self.model, self.path))
+
+    def _w_dist(self) -> float:
+        return float((self._weight().detach().double().cpu() - self.w0).norm())
+
+    def evaluate(self, n_done: int) -> dict[str, Any]:
+        """The evaluation point after `n_done` attempted edits."""
+        t0 = time.perf_counter()
+        edits = [r for r in self.lines if r["type"] == "edit" and r["accepted"] and r["i"] < n_done]
+        rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self._w_dist()}
+        last_n = max([r["n"] for r in self.lines if r["type"] == "eval"] or [0])
+        newest = [r for r in edits if r["i"] >= last_n]
+        rec["es_newest"] = _mean([r["es"] for r in newest])
+        rec["top1_newest"] = _mean([r["top1"] for r in newest])
+        if edits:
+            sample = [edits[j] for j in spaced(len(edits), self.cfg.retention_sample)]
+            m = evaluate_cases(self.model, self.tok, [self.cases[r["i"]] for r in sample], self.cfg.norm)
+            rec["retention_es"] = _mean([x["es"] for x in m])
+            rec["retention_top1"] = _mean([x["top1_new"] for x in m])
+            rec["retention_ps"] = _mean([x["ps"] for x in m])
+            worked = [x for x, r in zip(m, sample) if r["es"]]
+            rec["retention_kept"] = _mean([x["es"] for x in worked])  # of the edits that worked when made
+        ns = evaluate_cases(self.model, self.tok, self.ns_cases, self.cfg.norm)
+        rec["ns"] = _mean([x["ns"] for x in ns])
+        rec["nm"] = _mean([x["nm"] for x in ns])
+        if self.probes:
+            rec["probe_top1"] = _mean([float(s.top1) for s in score(self.model, self.tok, self.probes)])
+        if self.gen_prompts:
+            rec["fluency"], texts = fluency(self.model, self.tok, self.gen_prompts, self.cfg.gen_tokens,
+                                            self.cfg.top_k, self.cfg.seed)
+            rec["sample_text"] = texts[0][:300]
+        if self.ppl_text:
+            rec["perplexity"] = perplexity(self.model, self.tok, self.ppl_text)
+        if self.cfg.glue_dir and (n_done in (0, self.cfg.n) or (self.cfg.glue_every and n_done % self.cfg.glue_every == 0)):
+            rec["glue"] = glue_suite(self.model, self.tok, self.cfg.glue_dir, n=self.cfg.glue_n, seed=self.cfg.seed)
+        base = next((r for r in self.lines if r["type"] == "eval" and r["n"] == 0), rec if n_done == 0 else None)
+        rec["flags"] = []
+        if base is not None and rec.get("fluency") is not None and base.get("fluency"):
+            if rec["fluency"] < (1 - self.cfg.fluency_drop) * base["fluency"]:
+                rec["flags"].append(f"fluency collapse: {rec['fluency']:.3f} < {1 - self.cfg.fluency_drop:.2f} × "
+                                    f"{base['fluency']:.3f} after edits {last_n}..{n_done - 1}")
+        rec["seconds"] = time.perf_counter() - t0
+        return rec
+
+    def _edit(self, i: int) -> dict[str, Any]:
+        case = self.cases[i]
+        t0 = time.perf_counter()
+        n_rej = len(self.editor.rejected)
+        rec: dict[str, Any] = {"type": "edit", "i": i, "case_id": case.case_id, "prompt": case.prompt,
+                               "target": case.target_new, "target_true": case.target_true}
+        try:
+            p = self.editor.edit([case.request], keep=True, guard=self.guard)
+        except FloatingPointError as e:  # the update overflows the weight's dtype: never written
+            p, rec["reason"] = None, f"overflow: {e}"
+        if p is not None and p.edits:
+            e = p.edits[0]
+            self.patch = compose([self.patch, p]) if self.patch.edits else Patch(
+                list(p.edits), self.patch.base, self.patch.created_at, self.patch.library_versions)
+            d = e.diagnostics
+            prev = [r["delta_fro"] for r in self.lines if r["type"] == "edit" and r["accepted"]]
+            sc = score(self.model, self.tok, [(case.prompt, case.target_new), (case.prompt, case.target_true)])
+            rec.update(accepted=True, es=float(sc[0].p(self.cfg.norm) > sc[1].p(self.cfg.norm)), top1=float(sc[0].top1),
+                       value_prob=d.get("value", {}).get("target_prob"))
+            flags = []
+            if len(prev) >= self.cfg.warmup and e.delta_fro > self.cfg.spike_factor * _median(prev):
+                flags.append(f"‖Δ‖ spike: {e.delta_fro:.3g} = {e.delta_fro / _median(prev):.1f}× the running median")
+            rec["flags"] = flags
+        else:
+            d = self.editor.rejected[-1].diagnostics if len(self.editor.rejected) > n_rej else {}
+            rec.update(accepted=False, reason=rec.get("reason") or (self.editor.rejected[-1].reason if d else "?"),
+                       flags=["refused by the guard" if d else "not written"])
+        for k in ("delta_fro", "denominator", "denom_mean_mean", "denom_bare_bare", "denom_bare_mean", "key_cosine",
+                  "weight_fro", "delta_norm", "v_init_norm"):
+            rec[k] = d.get(k)
+        rec["w_dist"] = self._w_dist()
+        rec["seconds"] = time.perf_counter() - t0
+        return rec
+
+    # -- the loop --
+
+    def run(self, force: bool = False, on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        w = self._weight()
+        original = w.detach().clone()  # the base weights: given back when the run ends, however it ends
+        self.w0 = original.double().cpu()
+        try:
+            return self._loop(force, on_eval)
+        finally:
+            with torch.no_grad():
+                w.copy_(original)
+
+    def _loop(self, force: bool, on_eval: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+        start = self._start_or_resume(force)
+        probes = self.probes
+        if start == 0 and not self.lines:
+            # never-edited facts: keep those the unedited model answers (so the start is 1.0 by construction)
+            if probes:
+                known = score(self.model, self.tok, probes)
+                self.probes = [p for p, s in zip(probes, known) if s.top1][: self.cfg.probe_sample]
+                write_json(self.out / "probes.json", self.probes)
+            self._emit(self.evaluate(0))
+            self._checkpoint(0)
+        elif (self.out / "probes.json").is_file():
+            self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
+        bar = tqdm(total=self.cfg.n, initial=start, desc=f"sequential {self.hp.method}", unit="edit",
+                   disable=not self.progress)
+        try:
+            for i in range(start, self.cfg.n):
+                rec = self._edit(i)
+                self._emit(rec)
+                bar.update(1)
+                if (i + 1) % self.cfg.every == 0 or i + 1 == self.cfg.n:
+                    ev = self.evaluate(i + 1)
+                    self._emit(ev)
+                    self._checkpoint(i + 1)
+                    bar.set_postfix(ret=f"{ev.get('retention_es') or 0:.2f}", probe=f"{ev.get('probe_top1') or 0:.2f}",
+                                    flu=f"{ev.get('fluency') or 0:.2f}")
+                    if on_eval:
+                        on_eval(ev)
+        finally:
+            bar.close()
+        return self.lines
+
+
+def read_run(out_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(run.json settings, JSONL records) of a run folder."""
+    d = Path(out_dir)
+    if not (d / "run.json").is_file() or not (d / "run.jsonl").is_file():
+        raise RankoneError(f"{d} is not a sequential run folder (no run.json / run.jsonl)")
+    recs = [json.loads(x) for x in (d / "run.jsonl").read_text().splitlines() if x.strip()]
+    return json.loads((d / "run.json").read_text()), recs

@@ -1,0 +1,263 @@
+"""The patch registry: a state machine over the registry's database and store, with an audit log.
+
+One registry releases onto one base model. The database, the content-addressed store, locking
+and crash safety are `registry_store`; this module is the patch lifecycle on top of them.
+
+States: proposed → validated → released → rolled_back, and proposed|validated → rejected.
+Every transition appends to `audit` (time, actor, action, states, reason) in the same
+transaction as the change; triggers make `audit` and `validations` append-only, and each audit
+entry carries the hash of the one before it, so `check` notices entries removed behind SQLite's
+back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rankone.core.errors import RankoneError
+from rankone.artifacts.patch import Patch
+from rankone.lifecycle.store import (  # noqa: F401  (re-exported: the registry's public names stay importable here)
+    FILES,
+    ID_LEN,
+    SCHEMA_VERSION,
+    STATES,
+    AuditEntry,
+    CheckReport,
+    PatchRecord,
+    RegistryStore,
+    _entry_hash,
+    _fsync_dir,
+    _safe_id,
+    content_id,
+    crash_point,
+    default_path,
+    is_patch_dir,
+    os_user,
+    utcnow,
+)
+
+
+class Registry(RegistryStore):
+    """One registry file and its store. Every public method is one transaction."""
+
+    # -- transitions --
+
+    def add(self, patch_dir: str | os.PathLike, actor: str | None = None, reason: str | None = None) -> tuple[PatchRecord, bool]:
+        """Register a patch folder; (record, True) if new, (existing record, False) if already there."""
+        src = Path(patch_dir)
+        patch = Patch.load(src)  # refuses anything that is not a readable patch
+        if not patch.edits:
+            raise RankoneError(f"patch {src} holds no edits; nothing to register")
+        pid = content_id(src)
+        self._store_put(src, pid)
+        crash_point("add:stored")
+        summary = [{"module": e.module, "subject": e.request.get("subject", ""), "prompt": e.request.get("prompt", ""),
+                    "target": e.request.get("target", "")} for e in patch.edits]
+        actor = actor or os_user()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
+                db.execute("INSERT INTO patches (id, state, n_edits, summary, base, added_at, added_by, reason) "
+                           "VALUES (?,?,?,?,?,?,?,?)",
+                           (pid, "proposed", len(patch.edits), json.dumps(summary), json.dumps(patch.base, sort_keys=True),
+                            utcnow(), actor, reason))
+                self._audit(db, actor, "add", pid, None, "proposed", reason,
+                            {"n_edits": len(patch.edits), "modules": sorted({e.module for e in patch.edits}),
+                             "facts": [f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in summary]})
+                crash_point("add:uncommitted")
+                created = True
+            else:
+                created = False
+        return self.get(pid), created
+
+    def record_validation(self, ref: str, report: dict[str, Any], passed: bool, actor: str | None = None,
+                          reason: str | None = None) -> PatchRecord:
+        """Store a gate report; the state becomes `validated` only if it passed."""
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state not in ("proposed", "validated"):
+                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches are validated")
+            db.execute("INSERT INTO validations (patch_id, at, actor, passed, report) VALUES (?,?,?,?,?)",
+                       (pid, utcnow(), actor, int(passed), json.dumps(report)))
+            new = "validated" if passed else state
+            if new != state:
+                db.execute("UPDATE patches SET state = ? WHERE id = ?", (new, pid))
+            n_fail = sum(not r["passed"] for r in report.get("results", []))
+            self._audit(db, actor, "validate" if passed else "validate-failed", pid, state, new, reason,
+                        {"passed": passed, "n_checks": len(report.get("results", [])), "n_failed": n_fail,
+                         "suite_sha256": report.get("suite", {}).get("sha256", "")})
+        return self.get(pid)
+
+    def _released_patches(self, db: Any) -> list[tuple[str, Patch]]:
+        rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
+        return [(r[0], self.load_patch(r[0])) for r in rows]
+
+    def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
+                conflict_threshold: float = 0.9, relations: dict[str, str] | None = None,
+                base_modules: dict[str, str] | None = None, base_info: dict[str, Any] | None = None,
+                verified_chain: list[str] | None = None) -> tuple[PatchRecord, list[Any]]:
+        """Append a validated patch to the release order. Conflicts refuse unless `force`.
+
+        `base_modules`/`base_info`: fingerprints and description of the real base model when the
+        caller loaded it (recorded on the first release, compared on later ones).
+        `verified_chain`: the released ids the caller applied, with this patch, to that base
+        model without error; it vouches for edits the fingerprint walk cannot place, provided the
+        release has not changed since.
+        """
+        from rankone.lifecycle.conflicts import explain, find_conflicts, fit_release
+
+        pid = self.resolve(ref)
+        patch = self.load_patch(pid)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state != "validated":
+                hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
+                raise RankoneError(f"patch {pid} cannot be released: {hint}")
+            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
+            if last is None or not last[0]:
+                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
+            self._check_base(db, pid, patch, base_modules)
+            released = self._released_patches(db)
+            base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
+            learnt, deps, problems = fit_release(base_fp, released, patch)
+            vouched = verified_chain is not None and verified_chain == [q for q, _ in released]
+            if problems and not vouched:
+                raise RankoneError(f"patch {pid} cannot be released onto this registry's base: {problems[0]}")
+            conflicts = find_conflicts(patch, released, conflict_threshold, relations)
+            if conflicts and not force:
+                raise RankoneError(explain(conflicts))
+            if not db.execute("SELECT 1 FROM base").fetchone():  # the first release fixes the base model
+                info = dict(base_info or {}, model_type=patch.base.get("model_type"), n_layers=patch.base.get("n_layers"))
+                for k, v in sorted(info.items()):
+                    db.execute("INSERT INTO base VALUES (?, ?)", (k, json.dumps(v)))
+            for m, sha in sorted((base_modules or {}).items()):  # checked against the known ones above
+                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
+            for m, sha in sorted(learnt.items()):
+                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
+            seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
+            db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
+                       (seq, utcnow(), pid))
+            for q in sorted(deps):
+                db.execute("INSERT OR IGNORE INTO depends VALUES (?, ?)", (pid, q))
+            details: dict[str, Any] = {"release_seq": seq, "depends_on": sorted(deps)}
+            if conflicts:
+                details["forced_over"] = [c.detail for c in conflicts]
+            self._audit(db, actor, "release", pid, state, "released", reason, details)
+            crash_point("release:uncommitted")
+        return self.get(pid), conflicts
+
+    def _check_base(self, db: Any, pid: str, patch: Patch, base_modules: dict[str, str] | None) -> None:
+        info = {r["key"]: json.loads(r["value"]) for r in db.execute("SELECT * FROM base")}
+        for k in ("model_type", "n_layers"):
+            if info and patch.base.get(k) is not None and info.get(k) is not None and patch.base[k] != info[k]:
+                raise RankoneError(f"patch {pid} was made for a {patch.base.get('model_type')} with {patch.base.get('n_layers')} "
+                                   f"layers; this registry releases onto a {info.get('model_type')} with "
+                                   f"{info.get('n_layers')} layers (use another --registry for another base model)")
+        if base_modules is not None:
+            self._compare_base(db, base_modules)
+
+    def _compare_base(self, db: Any, model_fp: dict[str, str]) -> None:
+        for r in db.execute("SELECT * FROM base_modules ORDER BY module"):
+            got = model_fp.get(r["module"])
+            if got != r["sha256"]:
+                have = f"weights {got[:12]}…" if got else "no such module"
+                raise RankoneError(f"the model given is not this registry's base model: {r['module']} has {have}, the "
+                                   f"patches were released onto {r['sha256'][:12]}… (see `rankone registry show`)")
+
+    def verify_base(self, model_fp: dict[str, str]) -> None:
+        """Refuse a model whose fingerprints differ from the base the registry released onto."""
+        self._compare_base(self.db, model_fp)
+
+    def base_module_names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT module FROM base_modules ORDER BY module")]
+
+    def rollback(self, ref: str, actor: str | None = None, reason: str | None = None, cascade: bool = False) -> list[str]:
+        """Take a released patch out of the release; patches built on it go too only with `cascade`."""
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state != "released":
+                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back")
+            order, todo = [], [pid]
+            while todo:  # released patches that depend on it, transitively
+                q = todo.pop()
+                if q in order:
+                    continue
+                order.append(q)
+                todo += [r[0] for r in db.execute("SELECT d.patch_id FROM depends d JOIN patches p ON p.id = d.patch_id "
+                                                  "WHERE d.on_id = ? AND p.state = 'released'", (q,))]
+            if len(order) > 1 and not cascade:
+                raise RankoneError(f"released patch(es) {', '.join(order[1:])} were made on top of {pid}; roll them back "
+                                   "first, or pass --cascade to roll back all of them")
+            for q in reversed(order):
+                db.execute("UPDATE patches SET state = 'rolled_back' WHERE id = ?", (q,))
+                self._audit(db, actor, "rollback", q, "released", "rolled_back", reason,
+                            {} if q == pid else {"cascade_from": pid})
+            crash_point("rollback:uncommitted")
+        return list(reversed(order))
+
+    def reject(self, ref: str, actor: str | None = None, reason: str | None = None) -> PatchRecord:
+        pid = self.resolve(ref)
+        actor = actor or os_user()
+        with self._tx() as db:
+            state = self._state(db, pid)
+            if state not in ("proposed", "validated"):
+                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches can be rejected")
+            db.execute("UPDATE patches SET state = 'rejected' WHERE id = ?", (pid,))
+            self._audit(db, actor, "reject", pid, state, "rejected", reason)
+        return self.get(pid)
+
+    def record_build(self, out: str, actor: str | None, ids: list[str], fmt: str) -> None:
+        """Builds are not transitions but belong in the audit trail of what was shipped."""
+        with self._tx() as db:
+            self._audit(db, actor or os_user(), "build", None, None, None, None, {"out": out, "patches": ids, "format": fmt})
+
+    # -- consistency --
+
+    def check(self, prune: bool = False, min_age_s: float = 600) -> CheckReport:
+        """Every row has its files and they hash to its id; the audit hash chain is intact.
+
+        Orphaned store folders (a crash between the store write and the commit) are reported;
+        with `prune`, those older than `min_age_s` (so never one a running `add` is making) and
+        leftover temporary folders are removed.
+        """
+        rep = CheckReport()
+        ids = {r[0] for r in self.db.execute("SELECT id FROM patches")}
+        for pid in sorted(ids):
+            d = self.patch_dir(pid)
+            if not is_patch_dir(d):
+                rep.problems.append(f"patch {pid} has no files in {self.store}")
+            elif _safe_id(d) != pid:
+                rep.problems.append(f"patch {pid}: files in {d} do not hash to its id (damaged)")
+        prev = ""
+        for e in self.log():
+            if e.prev_hash != prev or _entry_hash(prev, vars(e)) != e.hash:
+                rep.problems.append(f"audit entry {e.seq} does not continue the hash chain (the log was altered)")
+                break
+            prev = e.hash
+        seqs = [r[0] for r in self.db.execute("SELECT release_seq FROM patches WHERE release_seq IS NOT NULL ORDER BY release_seq")]
+        if len(seqs) != len(set(seqs)):
+            rep.problems.append("two patches share a release position")
+        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'release'").fetchone()[0]
+        if n_rel != len(seqs):
+            rep.problems.append(f"{len(seqs)} patches have a release position but the audit log records {n_rel} releases")
+        for d in sorted(self.store.iterdir()):
+            old = time.time() - d.stat().st_mtime > min_age_s
+            if d.name.startswith("."):
+                if prune and old:
+                    shutil.rmtree(d, ignore_errors=True)
+                    rep.pruned.append(d.name)
+            elif d.name not in ids:
+                rep.orphans.append(d.name)
+                if prune and old:
+                    shutil.rmtree(d, ignore_errors=True)
+                    rep.pruned.append(d.name)
+        return rep

@@ -1,0 +1,360 @@
+"""The registry's storage: a SQLite database and a content-addressed store beside it.
+
+    registry.db          patches, validation reports, release order, base identity, audit log
+    registry.store/<id>/ patch.json + patch.safetensors, byte-for-byte as added
+
+Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry.db
+(~/.local/share/rankone/registry.db).
+
+Crash safety: the store is written first (a temporary folder renamed into place), the database
+row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orphaned store folder
+(tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
+busy timeout let several processes add, validate and release at once without losing anything.
+
+The state machine on top of it (add, validate, release, roll back, reject) is `registry.Registry`.
+"""
+
+from __future__ import annotations
+
+import errno
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetensors.torch import load_file
+
+from rankone.core.errors import RankoneError
+from rankone.core.fingerprint import tensors_sha256
+from rankone.artifacts.patch import Patch
+
+SCHEMA_VERSION = 1
+STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
+ID_LEN = 16
+FILES = ("patch.json", "patch.safetensors")
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS patches (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('proposed','validated','released','rejected','rolled_back')),
+        n_edits INTEGER NOT NULL,
+        summary TEXT NOT NULL,            -- JSON: [{module, subject, prompt, target}]
+        base TEXT NOT NULL,               -- JSON: the patch's base description
+        added_at TEXT NOT NULL, added_by TEXT NOT NULL, reason TEXT,
+        release_seq INTEGER UNIQUE,       -- position in the release order (NULL until released)
+        released_at TEXT)""",
+    """CREATE TABLE IF NOT EXISTS validations (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        patch_id TEXT NOT NULL REFERENCES patches(id),
+        at TEXT NOT NULL, actor TEXT NOT NULL, passed INTEGER NOT NULL,
+        report TEXT NOT NULL)             -- JSON GateReport""",
+    """CREATE TABLE IF NOT EXISTS depends (
+        patch_id TEXT NOT NULL REFERENCES patches(id), on_id TEXT NOT NULL REFERENCES patches(id),
+        PRIMARY KEY (patch_id, on_id))""",
+    "CREATE TABLE IF NOT EXISTS base (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS base_modules (module TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, patch_id TEXT,
+        from_state TEXT, to_state TEXT, reason TEXT, details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+] + [
+    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+    for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
+]
+
+
+def default_path() -> Path:
+    if os.environ.get("RANKONE_REGISTRY"):
+        return Path(os.environ["RANKONE_REGISTRY"])
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "rankone" / "registry.db"
+
+
+def os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def crash_point(name: str) -> None:
+    """Test seam: RANKONE_TEST_CRASH_AT=name ends the process here, as a crash would.
+
+    With RANKONE_TEST_CRASH_WAIT=FILE it instead writes FILE and waits to be killed (SIGKILL
+    from the test), so the kill lands at exactly this point.
+    """
+    if os.environ.get("RANKONE_TEST_CRASH_AT") != name:
+        return
+    if wait := os.environ.get("RANKONE_TEST_CRASH_WAIT"):
+        Path(wait).write_text(str(os.getpid()))
+        time.sleep(120)
+    os._exit(99)
+
+
+# ---- content ids ----------------------------------------------------------------------------
+
+
+def content_id(patch_dir: str | os.PathLike) -> str:
+    """sha256 over the canonical manifest (sorted keys) and every tensor (name, dtype, shape, bytes)."""
+    p = Path(patch_dir)
+    man = json.loads((p / "patch.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(p / "patch.safetensors"))
+    h = hashlib.sha256(b"rankone.artifacts.patch-id/1\0")
+    h.update(json.dumps(man, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
+    h.update(tensors_sha256(sorted(tensors.items())).encode())
+    return h.hexdigest()[:ID_LEN]
+
+
+def is_patch_dir(ref: str | os.PathLike) -> bool:
+    return Path(ref).is_dir() and all((Path(ref) / f).is_file() for f in FILES)
+
+
+# ---- records --------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchRecord:
+    id: str
+    state: str
+    n_edits: int
+    summary: list[dict[str, Any]]
+    base: dict[str, Any]
+    added_at: str
+    added_by: str
+    reason: str | None
+    release_seq: int | None
+    released_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "PatchRecord":
+        d = dict(row)
+        d["summary"], d["base"] = json.loads(d["summary"]), json.loads(d["base"])
+        return cls(**d)
+
+
+@dataclass
+class AuditEntry:
+    seq: int
+    at: str
+    actor: str
+    action: str
+    patch_id: str | None
+    from_state: str | None
+    to_state: str | None
+    reason: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)  # inconsistencies: rows without files, bad hashes
+    orphans: list[str] = field(default_factory=list)  # store folders without a row (crash leftovers)
+    pruned: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _entry_hash(prev: str, e: dict[str, Any]) -> str:
+    body = json.dumps({k: e[k] for k in ("at", "actor", "action", "patch_id", "from_state", "to_state", "reason", "details")},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev + "\n" + body).encode()).hexdigest()
+
+
+# ---- the database and the store -------------------------------------------------------------
+
+
+class RegistryStore:
+    """One registry file and its store: opening, locking, the store, reading, the audit chain."""
+
+    def __init__(self, path: str | os.PathLike | None = None, create: bool = True) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.store = self.path.with_name(self.path.name.rsplit(".", 1)[0] + ".store")
+        if self.path.exists() and not self.path.is_file():
+            raise RankoneError(f"registry {self.path} is not a file; give the path of a registry database")
+        if not self.path.exists() and not create:
+            raise RankoneError(f"no registry at {self.path}; `rankone registry add PATCH --reason ...` creates one "
+                               "(choose the file with --registry or RANKONE_REGISTRY)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 120000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            with self._tx() as db:  # the schema is made under the write lock: two first users agree
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) != SCHEMA_VERSION:
+                    raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "RegistryStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- store --
+
+    def patch_dir(self, pid: str) -> Path:
+        return self.store / pid
+
+    def load_patch(self, pid: str) -> Patch:
+        d = self.patch_dir(pid)
+        if not is_patch_dir(d):
+            raise RankoneError(f"registry {self.path} lists patch {pid} but its files are missing from {self.store}; "
+                               "run `rankone registry check`")
+        return Patch.load(d)
+
+    def _store_put(self, src: Path, pid: str) -> None:
+        """Copy the patch files to store/<pid> by one rename; an existing good copy is kept."""
+        target = self.patch_dir(pid)
+        if is_patch_dir(target) and _safe_id(target) == pid:
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{pid}.", suffix=".tmp", dir=self.store))
+        try:
+            for f in FILES:
+                with open(src / f, "rb") as fi, open(tmp / f, "wb") as fo:
+                    shutil.copyfileobj(fi, fo)
+                    fo.flush()
+                    os.fsync(fo.fileno())
+            if _safe_id(tmp) != pid:
+                raise RankoneError(f"patch {src} changed while it was being added; add it again")
+            if target.exists():  # a damaged copy (never made by us: the rename is atomic)
+                shutil.rmtree(target)
+            try:
+                os.rename(tmp, target)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # another process placed the same content first: same id, same bytes' meaning
+            _fsync_dir(self.store)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- reading --
+
+    def resolve(self, ref: str) -> str:
+        """A full id from an id prefix (4+ characters) or a patch folder."""
+        if is_patch_dir(ref):
+            pid = content_id(ref)
+            if self.db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
+                raise RankoneError(f"patch {ref} (id {pid}) is not in the registry; add it with `rankone registry add`")
+            return pid
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref.lower()):
+            raise RankoneError(f"{ref!r} is neither a patch id (4+ hex characters) nor a patch folder")
+        rows = self.db.execute("SELECT id FROM patches WHERE id LIKE ?", (ref.lower() + "%",)).fetchall()
+        if not rows:
+            raise RankoneError(f"no patch {ref!r} in registry {self.path}; see `rankone registry list`")
+        if len(rows) > 1:
+            raise RankoneError(f"patch id {ref!r} is ambiguous ({', '.join(r[0] for r in rows)}); give more characters")
+        return rows[0][0]
+
+    def get(self, ref: str) -> PatchRecord:
+        pid = self.resolve(ref)
+        return PatchRecord.from_row(self.db.execute("SELECT * FROM patches WHERE id = ?", (pid,)).fetchone())
+
+    def list(self, state: str | None = None) -> list[PatchRecord]:
+        q = "SELECT * FROM patches" + (" WHERE state = ?" if state else "") + " ORDER BY added_at, id"
+        return [PatchRecord.from_row(r) for r in self.db.execute(q, (state,) if state else ())]
+
+    def released(self) -> list[PatchRecord]:
+        """Released patches in release order."""
+        rows = self.db.execute("SELECT * FROM patches WHERE state = 'released' ORDER BY release_seq")
+        return [PatchRecord.from_row(r) for r in rows]
+
+    def validations(self, pid: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM validations WHERE patch_id = ? ORDER BY n", (pid,))
+        return [dict(r, report=json.loads(r["report"])) for r in rows]
+
+    def log(self, pid: str | None = None) -> list[AuditEntry]:
+        q = "SELECT * FROM audit" + (" WHERE patch_id = ?" if pid else "") + " ORDER BY seq"
+        return [AuditEntry(**dict(r, details=json.loads(r["details"]))) for r in self.db.execute(q, (pid,) if pid else ())]
+
+    def base(self) -> dict[str, Any]:
+        """The base model this registry releases onto: info and module fingerprints ({} until the first release)."""
+        info = {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT * FROM base")}
+        if info:
+            info["modules"] = {r["module"]: r["sha256"] for r in self.db.execute("SELECT * FROM base_modules")}
+        return info
+
+    def dependents(self, pid: str) -> list[str]:
+        rows = self.db.execute("SELECT patch_id FROM depends WHERE on_id = ?", (pid,)).fetchall()
+        return [r[0] for r in rows]
+
+    # -- writing: the audit chain --
+
+    def _audit(self, db: Any, actor: str, action: str, pid: str | None, from_state: str | None,
+               to_state: str | None, reason: str | None, details: dict[str, Any] | None = None) -> None:
+        row = db.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        prev = row[0] if row else ""
+        e = {"at": utcnow(), "actor": actor, "action": action, "patch_id": pid, "from_state": from_state,
+             "to_state": to_state, "reason": reason, "details": details or {}}
+        db.execute("INSERT INTO audit (at, actor, action, patch_id, from_state, to_state, reason, details, prev_hash, hash) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (e["at"], actor, action, pid, from_state, to_state, reason, json.dumps(e["details"], sort_keys=True),
+                    prev, _entry_hash(prev, e)))
+
+    def _state(self, db: Any, pid: str) -> str:
+        return db.execute("SELECT state FROM patches WHERE id = ?", (pid,)).fetchone()[0]
+
+
+def _safe_id(d: Path) -> str | None:
+    try:
+        return content_id(d)
+    except Exception:
+        return None
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

