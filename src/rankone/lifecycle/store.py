@@ -24,12 +24,11 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from safetensors.torch import load_file
 
@@ -93,18 +92,21 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def crash_point(name: str) -> None:
-    """Test seam: RANKONE_TEST_CRASH_AT=name ends the process here, as a crash would.
+# Named points inside multi-step writes ("add:stored", "release:uncommitted", ...). Production code
+# only announces them; a test that wants to crash or stall the process at one sets the hook.
+_checkpoint_hook: Callable[[str], None] | None = None
 
-    With RANKONE_TEST_CRASH_WAIT=FILE it instead writes FILE and waits to be killed (SIGKILL
-    from the test), so the kill lands at exactly this point.
-    """
-    if os.environ.get("RANKONE_TEST_CRASH_AT") != name:
-        return
-    if wait := os.environ.get("RANKONE_TEST_CRASH_WAIT"):
-        Path(wait).write_text(str(os.getpid()))
-        time.sleep(120)
-    os._exit(99)
+
+def set_checkpoint_hook(hook: Callable[[str], None] | None) -> None:
+    """Call `hook(name)` at every named checkpoint of the registry's writes (None: no hook)."""
+    global _checkpoint_hook
+    _checkpoint_hook = hook
+
+
+def crash_point(name: str) -> None:
+    """A named checkpoint: nothing happens unless a hook was set with `set_checkpoint_hook`."""
+    if _checkpoint_hook is not None:
+        _checkpoint_hook(name)
 
 
 # ---- content ids ----------------------------------------------------------------------------
