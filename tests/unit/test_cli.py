@@ -90,7 +90,7 @@ def test_bad_edit_input(case, capsys, model_dir, tmp_path):
     assert path_sha256(model_dir) == before
 
 
-@pytest.mark.parametrize("kind,msg", [("unknown-type", "unknown model type 'bert'; supported: falcon, gemma"),
+@pytest.mark.parametrize("kind,msg", [("unknown-type", "model type 'bert': it is an encoder"),
                                       ("corrupt-config", "cannot read"), ("missing", "does not exist")])
 def test_bad_model_dir(kind, msg, capsys, tmp_path):
     d = bad_model(tmp_path, kind) if kind != "missing" else tmp_path / "missing"

@@ -2,20 +2,26 @@
 
 A path template holds `{}` for the layer index (pyvene style: where a hook goes is data).
 `proj` is the MLP's output projection, the module ROME edits: its input is the key k, its output
-the value v. Everything else in the package asks this table and never hard-codes a module name.
+the value v. Everything else in the package asks `spec_for` and never hard-codes a module name.
+A model type the table lacks is discovered from its modules (`rankone.core.discovery`); a user's
+`--arch-spec` overrides both. `ArchSpec.source` says which of the three a spec came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from rankone.core.discovery import OVERRIDE_HINT, Discovery, dense_in_out, discover, is_conv1d
 from rankone.core.errors import RankoneError
+
+SOURCES = ("table", "discovered", "override")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class ArchSpec:
     proj: str  # the MLP output projection that gets edited, e.g. "transformer.h.{}.mlp.c_proj"
     attn: str  # one block's attention (for tracing)
     embed: str  # the token embedding (for tracing's noise)
+    # where the paths came from: "table", "discovered" or "override" (not part of equality)
+    source: str = field(default="table", compare=False)
 
     def layer_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -32,16 +40,21 @@ class ArchSpec:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    def paths(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = set(d) - names - {"source"}
         missing = names - set(d)
         if unknown or missing:
             raise RankoneError(
                 f"architecture override needs exactly the keys {sorted(names)}; "
                 f"unknown {sorted(unknown)}, missing {sorted(missing)}"
             )
+        if d.get("source", "table") not in SOURCES:
+            raise RankoneError(f"architecture source {d['source']!r} is not one of {', '.join(SOURCES)}")
         return cls(**d)
 
 
@@ -78,33 +91,92 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "falcon": _decoder(
         "transformer.h", "mlp", "mlp.dense_4h_to_h", "self_attention", "transformer.word_embeddings"
     ),
+    # common types whose layout is known; discovery finds the same (tests/unit/test_discovery.py)
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "helium": _LLAMA_LIKE,
+    "glm": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "nemotron": _LLAMA_LIKE,
+    "starcoder2": _decoder("model.layers", "mlp", "mlp.c_proj", "self_attn", "model.embed_tokens"),
+    "gpt_bigcode": _decoder("transformer.h", "mlp", "mlp.c_proj", "attn", "transformer.wte"),
+    "codegen": _decoder("transformer.h", "mlp", "mlp.fc_out", "attn", "transformer.wte"),
+    "bloom": _decoder(
+        "transformer.h", "mlp", "mlp.dense_4h_to_h", "self_attention", "transformer.word_embeddings"
+    ),
+    "mpt": _decoder("transformer.blocks", "ffn", "ffn.down_proj", "attn", "transformer.wte"),
 }
 
-OVERRIDE_HINT = (
-    "pass the module path templates by hand with --arch-spec "
-    '\'{"layers": "model.layers", "mlp": "model.layers.{}.mlp", '
-    '"proj": "model.layers.{}.mlp.down_proj", "attn": "model.layers.{}.self_attn", '
-    '"embed": "model.embed_tokens"}\' (or a path to such a JSON file)'
-)
+# What discovery found per model object (weak: forgotten with the model; no attribute on it).
+_DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, tuple[ArchSpec, Discovery]]" = weakref.WeakKeyDictionary()
 
 
-def lookup(model_type: str, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
-    """The spec for `model_type`, or the user's override. Unknown types get a helpful error."""
+def lookup(
+    model_type: str, override: dict[str, Any] | ArchSpec | None = None, model: nn.Module | None = None
+) -> ArchSpec:
+    """The user's override, else the table's entry for `model_type`, else what discovery finds in
+    `model`. Without a model an unlisted type gets a helpful error."""
     if isinstance(override, ArchSpec):
         return override
     if override is not None:
-        return ArchSpec.from_dict(override)
+        return dataclasses.replace(ArchSpec.from_dict(override), source="override")
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if model is not None:
+        return _discovered(model, model_type)[0]
     raise RankoneError(
-        f"unknown model type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}; "
-        f"or {OVERRIDE_HINT}"
+        f"unknown model type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} and what "
+        f"discovery finds in a loaded model; or {OVERRIDE_HINT}"
     )
 
 
 def spec_for(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
-    spec = lookup(getattr(model.config, "model_type", "?"), override or _attached(model))
+    spec = lookup(getattr(model.config, "model_type", "?"), override or _attached(model), model)
     return spec
+
+
+def spec_for_config(config: Any, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
+    """The spec before any weights load: override, table, or discovery on a weightless copy of the
+    model built from `config` on the meta device (so a refused model costs no loading time)."""
+    model_type = getattr(config, "model_type", "?")
+    if override is not None or model_type in ARCHITECTURES:
+        return lookup(model_type, override)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - any failure to build means we cannot look inside
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RankoneError(
+            f"cannot build model type {model_type!r} from its config to find its layout ({first}); {OVERRIDE_HINT}"
+        ) from None
+    return _discovered(skeleton, model_type)[0]
+
+
+def _discovered(model: nn.Module, model_type: str) -> tuple[ArchSpec, Discovery]:
+    if model not in _DISCOVERED:
+        found = discover(model, model_type)
+        _DISCOVERED[model] = (ArchSpec(**found.paths(), source="discovered"), found)
+    return _DISCOVERED[model]
+
+
+def describe(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None) -> dict[str, Any]:
+    """What a patch records about where it edits: model type, source, the path templates, a report."""
+    model_type = getattr(model.config, "model_type", "?")
+    spec = spec_for(model, override)
+    if spec.source == "discovered":
+        report = _discovered(model, model_type)[1].report()
+    else:
+        proj = get_module(model, spec.proj.format(0))
+        d_in, d_out = dense_in_out(proj) if hasattr(proj, "weight") else ("?", "?")
+        report = (f"{spec.source} entry for {model_type!r}: {num_layers(model, spec)} blocks at {spec.layers}; "
+                  f"editing {spec.proj} ({type(proj).__name__} {d_in}->{d_out})")
+    return {"model_type": model_type, "source": spec.source, "spec": spec.paths(), "report": report}
 
 
 def attach_spec(model: nn.Module, spec: ArchSpec) -> None:
@@ -148,19 +220,9 @@ def proj_path(model: nn.Module, layer: int) -> str:
 # ---- weights in the nn.Linear [out, in] convention ------------------------------------------
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # GPT-2's Conv1D stores weight as [in, out]; recognised by type, never by shape, because a
-    # square matrix fits both ways.
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return isinstance(module, Conv1D)
-
-
 def weight_layout(module: nn.Module) -> str:
     """'linear' ([out, in]) or 'conv1d' ([in, out]); anything else is refused."""
-    if _is_conv1d(module):
+    if is_conv1d(module):  # [in, out], recognised by type (see discovery.is_conv1d)
         return "conv1d"
     if isinstance(module, nn.Linear):
         return "linear"

@@ -59,7 +59,7 @@ def load_model(
         config = AutoConfig.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as e:
         raise RankoneError(f"cannot read {p}/config.json: {str(e).splitlines()[0]}") from None
-    spec = arch.lookup(getattr(config, "model_type", "?"), arch_spec)
+    spec = arch.spec_for_config(config, arch_spec)  # table, else discovery on a weightless copy
     kw: dict[str, Any] = {"local_files_only": True}
     td = parse_dtype(dtype)
     kw["dtype"] = td if td is not None else torch.float32
