@@ -171,7 +171,7 @@ def test_dtypes_and_device_map(extra, capsys, model_dir, tmp_path):
 def test_model_recommended_hparams_are_defaults_and_user_wins(capsys, model_dir, tmp_path):
     d = tmp_path / "rec"
     shutil.copytree(model_dir, d)
-    (d / "world.json").write_text(json.dumps({"edit_layer": 2, "edit_hparams": {"v_steps": 3, "kl_factor": 0.5}}))
+    (d / "rankone.json").write_text(json.dumps({"layer": 2, "hparams": {"v_steps": 3, "kl_factor": 0.5}}))
     code, _, err = run(capsys, "edit", "--quiet", "--model", str(d), "--prompt", "{} was born in", "--subject", "Danielle Darrieux",
                        "--target", "Rome", "--hparams", '{"kl_factor": 0.25, "stats_tokens": 20000, "prefix_spec": [[3, 5]]}',
                        "--out", str(tmp_path / "p"))

@@ -1,5 +1,8 @@
 """Patched models on disk: a normal Hugging Face folder plus a `rankone/` record of what went in.
 
+The folder is an ordinary one whatever the model was loaded from (a folder, a .gguf file, a hub
+id); the model card (rankone.json) and the files it names travel with the model.
+
 `rankone/applied.json` lists the patches and the base fingerprints of the touched modules;
 `rankone/base_weights.safetensors` keeps those modules' original weights (a few matrices, not the
 model), so a merged folder can be reverted bit-exactly even when several patches were stacked.
@@ -7,6 +10,7 @@ model), so a merged folder can be reverted bit-exactly even when several patches
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,19 +24,20 @@ from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.artifacts.patch import Patch, library_versions, now
+from rankone.models.card import CARD_FILE
+from rankone.models.handle import ModelHandle
 
 RECORD = "rankone"
 
 
-def save_model_dir(model: torch.nn.Module, tok: Any, out: str | os.PathLike, overwrite: bool = False,
+def save_model_dir(handle: ModelHandle, out: str | os.PathLike, overwrite: bool = False,
                    record: dict[str, Any] | None = None, originals: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the handle's model as an ordinary Hugging Face folder (also for a model loaded from a
+    .gguf file), with its model card and the files the card names, and the rankone record."""
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        src = getattr(model, "_rankone_dir", None)
-        for extra in ("world.json", "corpus.txt"):  # testbed facts travel with their model
-            if src and (Path(src) / extra).is_file():
-                write_bytes(tmp / extra, (Path(src) / extra).read_bytes())
+        handle.model.save_pretrained(tmp, safe_serialization=True)
+        handle.tokenizer.save_pretrained(tmp)
+        _copy_card(handle, tmp)
         if record is not None:
             write_json(tmp / RECORD / "applied.json", record)
         if originals:
@@ -41,10 +46,32 @@ def save_model_dir(model: torch.nn.Module, tok: Any, out: str | os.PathLike, ove
     return Path(out)
 
 
-def save_merged(model: torch.nn.Module, tok: Any, patches: list[Patch], patch_paths: list[str],
+def _copy_card(handle: ModelHandle, out: Path) -> None:
+    """The card travels with its model: files it names inside the model's folder are copied, paths
+    elsewhere become absolute; so does the default corpus.txt of a model folder."""
+    card = handle.card
+    if card is not None:
+        moved = dataclasses.replace(card, folder=None)
+        for attr in ("stats_corpus", "cases"):
+            rel = getattr(card, attr)
+            src = card.resolve(rel)
+            if src is None:
+                continue
+            inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts
+            if inside and src.is_file():
+                write_bytes(out / rel, src.read_bytes())
+            else:
+                setattr(moved, attr, str(src.resolve()))
+        moved.save(out / CARD_FILE)
+    corpus = handle.folder / "corpus.txt" if handle.folder is not None else None
+    if corpus is not None and corpus.is_file() and not (out / "corpus.txt").exists():
+        write_bytes(out / "corpus.txt", corpus.read_bytes())
+
+
+def save_merged(handle: ModelHandle, patches: list[Patch], patch_paths: list[str],
                 originals: dict[str, torch.Tensor], out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model (patches already applied in memory) with the record needed to revert it."""
-    prior = _read_record(getattr(model, "_rankone_dir", None))
+    prior = _read_record(handle.folder)
     record = {
         "format": "rankone.merged", "created_at": now(), "library_versions": library_versions(),
         "patches": (prior.get("patches", []) if prior else []) + [
@@ -54,10 +81,13 @@ def save_merged(model: torch.nn.Module, tok: Any, patches: list[Patch], patch_pa
         ],
         "base_sha256": {m: tensor_sha256(w) for m, w in originals.items()},
     }
+    if handle.source_sha256:
+        record["base_gguf_sha256"] = handle.source_sha256
     if prior:  # keep the first base: reverting goes all the way back to the unpatched model
         record["base_sha256"] = dict(record["base_sha256"], **prior.get("base_sha256", {}))
-        originals = dict(originals, **_read_originals(Path(model._rankone_dir)))
-    return save_model_dir(model, tok, out, overwrite, record, originals)
+        assert handle.folder is not None
+        originals = dict(originals, **_read_originals(handle.folder))
+    return save_model_dir(handle, out, overwrite, record, originals)
 
 
 def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:

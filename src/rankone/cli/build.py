@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
-from rankone.cli.registry_commands import _actor, _facts, _open, model_fingerprints
+from rankone.cli.registry_commands import _actor, _facts, _open
 
 
 def _patches_for(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     """--patch values: patch folders, or ids in the registry."""
     from rankone.artifacts.patch import Patch
-    from rankone.lifecycle.registry import is_patch_dir
+    from rankone.lifecycle.store import is_patch_dir
 
     patches, sources = [], []
     reg = None
@@ -43,7 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rankone.artifacts.merged import save_merged
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
-    from rankone.lifecycle.registry import crash_point, utcnow
+    from rankone.lifecycle.store import crash_point, utcnow
 
     with _open(args) as reg:
         chain = reg.released()
@@ -51,9 +51,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RankoneError("nothing is released: an adapter needs at least one released patch")
         check_out_dir(args.out, args.force)
         patches = [reg.load_patch(r.id) for r in chain]
-        model, tok = load(args)
-        reg.verify_base(model_fingerprints(model, reg.base_module_names()))
-        handle = apply_patch(model, patches)
+        handle = load(args)
+        reg.check_model(handle)
+        applied = apply_patch(handle.model, patches)
         manifest = {
             "format": "rankone.lifecycle.registry-build", "built_at": utcnow(), "built_by": _actor(args),
             "registry": str(reg.path.resolve()), "output_format": args.format, "base_model": str(args.model),
@@ -65,11 +65,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         paths = [str(reg.patch_dir(r.id)) for r in chain]
         with atomic_dir(args.out, args.force) as tmp:
             if args.format == "merged":
-                save_merged(model, tok, patches, paths, handle.originals, tmp, overwrite=True)
+                save_merged(handle, patches, paths, applied.originals, tmp, overwrite=True)
                 write_json(tmp / "rankone" / "build.json", manifest)
             else:
-                handle.revert()
-                save_peft_adapter(model, patches, tmp, overwrite=True, sources=paths)
+                applied.revert()
+                save_peft_adapter(handle.model, patches, tmp, overwrite=True, sources=paths)
                 write_json(tmp / "rankone_build.json", manifest)
             crash_point("build:staged")
         reg.record_build(str(Path(args.out).resolve()), _actor(args), [r.id for r in chain], args.format)
@@ -90,13 +90,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     patches, sources = _patches_for(args)
     check_out_dir(args.out, args.force)
-    model, tok = load(args)
-    handle = apply_patch(model, patches)  # refuses patches made for another base, all or nothing
+    handle = load(args)
+    applied = apply_patch(handle.model, patches)  # refuses patches made for another base, all or nothing
     if args.format == "merged":
-        save_merged(model, tok, patches, sources, handle.originals, args.out, args.force)
+        save_merged(handle, patches, sources, applied.originals, args.out, args.force)
     else:
-        handle.revert()
-        save_peft_adapter(model, patches, args.out, args.force, sources)
+        applied.revert()
+        save_peft_adapter(handle.model, patches, args.out, args.force, sources)
     n = sum(len(p.edits) for p in patches)
     print(f"wrote {args.out} ({args.format}): {n} edit(s) from {len(patches)} patch(es)")
     return 0

@@ -19,7 +19,8 @@ def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--arch-spec", default=None, help="JSON (or a JSON file) of module path templates for an unlisted architecture")
 
 
-def load(args: argparse.Namespace, path: str | None = None) -> tuple[Any, Any]:
+def load(args: argparse.Namespace, path: str | None = None) -> Any:
+    """The ModelHandle of --model (a folder, a .gguf file or a hub id); unpacks to (model, tok)."""
     from rankone.models.load import load_model, read_arch_override
 
     return load_model(path or args.model, args.device, args.dtype, args.device_map, read_arch_override(args.arch_spec))

@@ -27,7 +27,8 @@ def run_demo(model_dir: str | None = None, device: str = "cpu", quiet: bool = Fa
     if not (d / "world.json").is_file():
         raise RankoneError(f"{d} is not a testbed model (no world.json); build one with `rankone testbed build`")
     world = json.loads((d / "world.json").read_text())
-    model, tok = load_model(d, device)
+    handle = load_model(d, device)
+    model, tok = handle
     rng = random.Random(seed)
     rel = {r["id"]: r for r in world["relations"]}
     fact = rng.choice(world["facts"])
@@ -46,7 +47,7 @@ def run_demo(model_dir: str | None = None, device: str = "cpu", quiet: bool = Fa
     print(f"Model: {d.name} ({world.get('arch', model.config.model_type)}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"Edit:  {req.text()[0]} {fact['object']}  ->  {target}   (r-ROME)\n")
     before = {name: greedy(model, tok, pr.replace("{}", s), 4) for name, pr, s, _ in probes}
-    ed = Editor(model, tok, None, progress=not quiet)  # the testbed's recommended hyper-parameters
+    ed = Editor(handle, progress=not quiet)  # the model card's recommended hyper-parameters
     patch = ed.edit([req])
     handle = apply_patch(model, patch)
     after = {name: greedy(model, tok, pr.replace("{}", s), 4) for name, pr, s, _ in probes}

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -56,23 +55,11 @@ def _check_file(path: str | None, what: str) -> None:
         raise RankoneError(f"{what} {path} does not exist")
 
 
-def _select(model: Any, tok: Any, cases: list[Any], known_only: bool, quiet: bool) -> tuple[list[Any], dict[str, Any]]:
-    """Drop cases the tokenizer cannot align and, with known_only, those whose true fact the model misses."""
-    from rankone.eval.metrics import alignable, knows
-
-    ok, why = alignable(model, tok, cases)
-    info: dict[str, Any] = {"n_loaded": len(cases), "n_unalignable": len(why), "unalignable": why[:10]}
-    if why and not quiet:
-        print(f"skipped {len(why)} case(s) the tokenizer cannot align (e.g. {why[0]})")
-    if known_only:
-        k = knows(model, tok, ok)
-        info["n_known"] = sum(k)
-        ok = [c for c, y in zip(ok, k) if y]
-        if not quiet:
-            print(f"kept {len(ok)} of {info['n_loaded']} case(s) whose true answer the model gives (first token, greedy)")
-    if not ok:
-        raise RankoneError("no usable cases left" + (" (the model knows none of the true answers)" if known_only else ""))
-    return ok, info
+def _print_selection(info: dict[str, Any]) -> None:
+    if info["n_unalignable"]:
+        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {info['unalignable'][0]})")
+    if "n_known" in info:
+        print(f"kept {info['n_known']} of {info['n_loaded']} case(s) whose true answer the model gives (first token, greedy)")
 
 
 def _fmt(x: Any) -> str:
@@ -97,27 +84,13 @@ NAMES = [("es", "efficacy ES"), ("em", "efficacy magnitude EM"), ("ps", "paraphr
 # ---- rankone eval --------------------------------------------------------------------------
 
 
-def _measure(model: Any, tok: Any, cases: list[Any], args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, perplexity
-
-    per = evaluate_cases(model, tok, cases, args.norm)
-    if args.gen_tokens > 0:
-        for c, m in zip(cases, per):
-            m["fluency"] = fluency(model, tok, c.generation_prompts, args.gen_tokens)[0]
-    extra: dict[str, Any] = {}
-    if args.ppl_text:
-        extra["perplexity"] = perplexity(model, tok, Path(args.ppl_text).read_text(encoding="utf-8"))
-    if args.glue:
-        extra["glue"] = glue_suite(model, tok, args.glue, shots=args.glue_shots, n=args.glue_n)
-    return per, extra
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rankone.artifacts.patch import Patch
     from rankone.core.atomic import write_json
     from rankone.eval.cases import load_cases
-    from rankone.eval.metrics import GLUE_TASKS, evaluate_single_edits, load_glue, summarize
+    from rankone.eval.metrics import GLUE_TASKS, load_glue
+    from rankone.eval.protocol import EvalSettings, evaluate_before_after
     from rankone.methods.hparams import EditHParams
-    from rankone.artifacts.patch import Patch, apply_patch
 
     if args.patch and args.edit_each:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
@@ -129,51 +102,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.glue:
         for t in GLUE_TASKS:
             load_glue(args.glue, t)
-    given = _given(args) if args.edit_each else None
+    hp = EditHParams.from_dict(_given(args)) if args.edit_each else None
     cases = load_cases(args.cases)
     patches = [Patch.load(p) for p in (args.patch or [])]
-    model, tok = load(args)
-    hp = EditHParams.for_model(model, **given) if given is not None else None
-    if patches:
-        apply_patch(model, patches).revert()  # a patch for another model fails here, before any measuring
-    cases, info = _select(model, tok, cases, args.known_only, args.quiet)
-    cases = cases[: args.n] if args.n else cases
-
-    before, extra_b = _measure(model, tok, cases, args)
-    if patches:
-        handle = apply_patch(model, patches)
-        try:
-            after, extra_a = _measure(model, tok, cases, args)
-        finally:
-            handle.revert()
-        edited = {json.dumps(e.request, sort_keys=True) for p in patches for e in p.edits}
-        for c, m in zip(cases, after):
-            m["edited"] = json.dumps(c.request.to_dict(), sort_keys=True) in edited
-    else:
-        after = evaluate_single_edits(model, tok, cases, hp, args.stats_corpus, args.norm, args.gen_tokens,
-                                      progress=not args.quiet)
-        for m in after:
-            m["edited"] = True
-        extra_a = {}
-    groups = {"all": [True] * len(cases)}
-    n_edited = sum(m["edited"] for m in after)
-    if 0 < n_edited < len(cases):
-        groups["edited"] = [m["edited"] for m in after]
-        groups["not edited"] = [not m["edited"] for m in after]
-    result: dict[str, Any] = {
-        "model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
-        "mode": "patch" if patches else f"edit-each ({hp.method})", "hparams": hp.to_dict() if hp else None,
-        "selection": info, "n_cases": len(cases), "n_edited": n_edited,
-        "summary": {g: {"before": summarize([b for b, k in zip(before, keep) if k]),
-                        "after": summarize([a for a, k in zip(after, keep) if k])} for g, keep in groups.items()},
-        "before": extra_b, "after": extra_a,
-        "per_case": [{"case_id": c.case_id, "request": c.request.to_dict(), "target_true": c.target_true,
-                      "before": b, "after": a} for c, b, a in zip(cases, before, after)],
-    }
-    for g, s in result["summary"].items():
+    handle = load(args)
+    settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
+                            glue_n=args.glue_n,
+                            ppl_text=Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None)
+    rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, args.known_only, args.n,
+                                progress=not args.quiet)
+    if not args.quiet:
+        _print_selection(rep.selection)
+    result: dict[str, Any] = {"model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
+                              **rep.to_dict()}
+    groups = result["summary"]
+    for g, s in groups.items():
         print(f"\n{g} cases (n={s['after']['n']}):" if len(groups) > 1 or not args.quiet else "")
         print_table([(name, s["before"].get(k), s["after"].get(k)) for k, name in NAMES
                      if k in s["before"] or k in s["after"]])
+    extra_b, extra_a = rep.extra_before, rep.extra_after
     if "perplexity" in extra_b:
         print_table([("held-out perplexity", extra_b["perplexity"], extra_a.get("perplexity"))])
     for t, r in extra_b.get("glue", {}).items():
@@ -188,11 +135,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
-    from rankone.eval.cases import heldout_text, load_cases
+    from rankone.eval.cases import heldout_text_of, load_cases
     from rankone.eval.metrics import GLUE_TASKS, load_glue
-    from rankone.methods.hparams import EditHParams
     from rankone.eval.plots import report
+    from rankone.eval.protocol import select_cases
     from rankone.eval.sequential import SequentialConfig, SequentialRun
+    from rankone.methods.hparams import EditHParams
 
     methods = list(dict.fromkeys(args.method or ["r-rome"]))
     _check_file(args.ppl_text, "--ppl-text file")
@@ -209,19 +157,16 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
     cases = load_cases(args.cases, seed=args.seed or 0)
-    model, tok = load(args)
-    cases, info = _select(model, tok, cases, args.known_only, args.quiet)
+    handle = load(args)
+    cases, info = select_cases(handle.model, handle.tokenizer, cases, args.known_only)
+    if not args.quiet:
+        _print_selection(info)
     if len(cases) < args.n:
         raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
-    probes = [(c.prompt, c.target_true) for c in cases[args.n:]][: 5 * args.probe_sample]
-    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None
-    if ppl is None and (Path(args.model) / "world.json").is_file():
-        from rankone.testbed.world import World
-
-        ppl = heldout_text(World.load(args.model))
+    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": args.known_only,
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
-    runs = [SequentialRun(model, tok, cases, EditHParams.for_model(model, **g), out / m, cfg, probes, ppl, meta,
+    runs = [SequentialRun(handle, None, cases, EditHParams.for_model(handle, **g), out / m, cfg, None, ppl, meta,
                           args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
     for r in runs:  # every folder is checked before any run starts
         r.preflight(args.force)

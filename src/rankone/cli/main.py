@@ -36,18 +36,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
         reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
     given = hparams_from(args)
     check_out_dir(args.out, args.force)
-    model, tok = load(args)
-    hp = EditHParams.for_model(model, **given)
+    handle = load(args)
+    hp = EditHParams.for_model(handle, **given)
     for r in reqs:  # every alignment problem surfaces before any optimisation
-        encode_request(tok, r)
+        encode_request(handle.tokenizer, r)
+    choice = None
     if args.layer == "auto":
-        from rankone.cli.trace import auto_layer  # the tracing feature chooses and explains the layer
+        from rankone.cli.trace import choose_layer_for  # the tracing feature chooses and explains the layer
 
-        layer, evidence = auto_layer(model, tok, args)
-        hp = hp.replace(layer=layer)
-    ed = Editor(model, tok, hp, args.stats_corpus, progress=not args.quiet)
-    if args.layer == "auto":
-        ed.notes["layer_choice"] = evidence
+        choice = choose_layer_for(handle, reqs, getattr(args, "trace_cases", None) or getattr(args, "cases", None),
+                                  args.quiet)
+        hp = hp.replace(layer=choice.layer)
+    ed = Editor(handle, hp, stats_corpus=args.stats_corpus, progress=not args.quiet)
+    if choice is not None:
+        ed.notes["layer_choice"] = choice.evidence()
     ed.layer()
     patch = ed.edit(reqs, author=args.author, reason=args.reason)
     patch.save(args.out, overwrite=args.force)
@@ -66,9 +68,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     patches = [Patch.load(p) for p in args.patch]
     check_out_dir(args.out, args.force)
-    model, tok = load(args)
-    handle = apply_patch(model, patches)
-    save_merged(model, tok, patches, args.patch, handle.originals, args.out, args.force)
+    handle = load(args)
+    applied = apply_patch(handle.model, patches)
+    save_merged(handle, patches, args.patch, applied.originals, args.out, args.force)
     print(f"wrote {args.out}: {sum(len(p.edits) for p in patches)} edit(s) from {len(patches)} patch(es) applied")
     return 0
 
@@ -80,13 +82,13 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
     patches = [Patch.load(p) for p in (args.patch or [])]
     check_out_dir(args.out, args.force)
-    model, tok = load(args)
+    handle = load(args)
     if patches:
         for p in reversed(patches):
-            revert_patch(model, p)
+            revert_patch(handle.model, p)
     else:
-        restore_base(model, args.model)
-    save_model_dir(model, tok, args.out, args.force)
+        restore_base(handle.model, args.model)
+    save_model_dir(handle, args.out, args.force)
     print(f"wrote {args.out}: base weights restored exactly")
     return 0
 
@@ -119,9 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not patches:
         print(args.prompt + before)
         return 0
-    handle = apply_patch(model, patches)
+    applied = apply_patch(model, patches)
     after = greedy(model, tok, args.prompt, args.max_new_tokens)
-    handle.revert()
+    applied.revert()
     print(f"before: {args.prompt}{before}\nafter:  {args.prompt}{after}")
     return 0
 

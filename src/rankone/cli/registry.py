@@ -10,8 +10,7 @@ import argparse
 from typing import Any
 
 from rankone.cli.build import cmd_build, cmd_export
-from rankone.cli.registry_commands import (  # noqa: F401  (re-exported: the commands stay importable from here)
-    LOG_HEAD,
+from rankone.cli.registry_commands import (
     cmd_add,
     cmd_check,
     cmd_list,
@@ -21,7 +20,6 @@ from rankone.cli.registry_commands import (  # noqa: F401  (re-exported: the com
     cmd_rollback,
     cmd_show,
     cmd_validate,
-    model_fingerprints,
 )
 
 FORMATS = ("merged", "peft")

@@ -1,14 +1,13 @@
 """What `rankone registry add|list|show|validate|release|rollback|reject|log|check` do.
 
-The helpers here (opening the registry, the actor, model fingerprints, tables) are shared with
-`registry build` and `export` (`lifecycle_build`); the parser is `lifecycle_cli`.
+The helpers here (opening the registry, the actor, tables) are shared with `registry build` and
+`export` (`rankone.cli.build`); the parser is `rankone.cli.registry`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
@@ -24,7 +23,7 @@ def _open(args: argparse.Namespace, create: bool = False) -> Any:
 
 
 def _actor(args: argparse.Namespace) -> str:
-    from rankone.lifecycle.registry import os_user
+    from rankone.lifecycle.store import os_user
 
     return args.author or os_user()
 
@@ -33,21 +32,6 @@ def _need_reason(args: argparse.Namespace, what: str) -> str:
     if not args.reason or not args.reason.strip():
         raise RankoneError(f"{what} needs --reason: the audit log records why")
     return args.reason.strip()
-
-
-def model_fingerprints(model: Any, modules: list[str]) -> dict[str, str]:
-    """sha256 of each listed module's [out, in] weight, and of every layer's edited projection."""
-    from rankone.core import architectures as arch
-    from rankone.core.fingerprint import tensor_sha256
-
-    names = set(modules) | {arch.proj_path(model, i) for i in range(arch.num_layers(model))}
-    out = {}
-    for m in sorted(names):
-        try:
-            out[m] = tensor_sha256(arch.weight_oi(arch.get_module(model, m)))
-        except RankoneError:
-            continue  # missing: the comparison names it
-    return out
 
 
 def _facts(summary: list[dict[str, Any]], limit: int = 60) -> str:
@@ -78,7 +62,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rankone.lifecycle.registry import STATES
+    from rankone.lifecycle.store import STATES
 
     if args.state and args.state not in STATES:
         raise RankoneError(f"unknown state {args.state!r}; one of {', '.join(STATES)}")
@@ -140,9 +124,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise RankoneError(f"patch {rec.id} is {rec.state}; only proposed or validated patches are validated")
         patch = reg.load_patch(rec.id)
         released = [(r.id, reg.load_patch(r.id)) for r in reg.released()]
-        model, tok = load(args)
-        reg.verify_base(model_fingerprints(model, reg.base_module_names()))
-        report = run_gates(model, tok, patch, suite, policy, [p for _, p in released], [q for q, _ in released])
+        handle = load(args)
+        reg.check_model(handle)
+        report = run_gates(handle.model, handle.tokenizer, patch, suite, policy, [p for _, p in released],
+                           [q for q, _ in released])
         print(f"validating {rec.id} ({_facts(rec.summary, 200)}) against {args.model}"
               + (f" with {len(released)} released patch(es)" if released else ""))
         print(report.table())
@@ -152,7 +137,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from rankone.lifecycle.conflicts import relation_map
     from rankone.lifecycle.gates import GatePolicy
 
     policy = GatePolicy.load(args.policy)
@@ -161,23 +145,16 @@ def cmd_release(args: argparse.Namespace) -> int:
         if rec.state != "validated":
             hint = "validate it first with `rankone registry validate`" if rec.state == "proposed" else f"it is {rec.state}"
             raise RankoneError(f"patch {rec.id} cannot be released: {hint}")
-        kw: dict[str, Any] = {}
+        model = None
         if args.model:
             from rankone.cli.common import load
-            from rankone.artifacts.patch import apply_patch
 
-            patch = reg.load_patch(rec.id)
-            chain = reg.released()
-            model, _ = load(args)
-            fps = model_fingerprints(model, reg.base_module_names() + [e.module for e in patch.edits])
-            reg.verify_base(fps)
-            apply_patch(model, [reg.load_patch(r.id) for r in chain] + [patch]).revert()  # the real fit check
-            kw = dict(base_modules=fps, verified_chain=[r.id for r in chain], relations=relation_map(args.model),
-                      base_info={"name_or_path": str(Path(args.model).resolve())})
+            model = load(args)  # the registry applies the release and this patch to it, then reverts
         vals = reg.validations(rec.id)
         seen = vals[-1]["report"].get("reference") if vals else None
         now_released = [r.id for r in reg.released()]
-        rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine, **kw)
+        rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine,
+                                     model=model)
     if seen is not None and seen != now_released:
         print(f"note: validated with {len(seen)} released patch(es), released onto {len(now_released)}; "
               "validate again to check it against the current release")

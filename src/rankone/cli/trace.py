@@ -1,98 +1,36 @@
 """`rankone trace` (one prompt's heatmaps, or the average indirect effect over a case file) and the
-layer choice behind `rankone edit --layer auto`."""
+layer choice behind `rankone edit --layer auto` (the library's `rankone.trace.layer_choice`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from rankone.core.errors import RankoneError
-from rankone.trace.tracing import AIE, KINDS, Fact, TraceSettings
-
-MAX_CASES = 200  # facts traced by default for an AIE (seeded sample when there are more)
-AUTO_FACTS = 100  # testbed facts traced for --layer auto
+from rankone.trace.layer_choice import MAX_CASES, FactSet, LayerChoice
+from rankone.trace.runs import KINDS, TraceSettings
 
 
 # ---- case files -----------------------------------------------------------------------------
 
-ANSWER_KEYS = ("answer", "ground_truth", "target_true", "target")  # first present wins
+
+def load_facts(path: str | os.PathLike, source: str | None = None) -> FactSet:
+    """The facts of a case file (any format `rankone.eval.cases.load_cases` reads) for tracing."""
+    from rankone.eval.cases import load_cases
+    from rankone.trace.tracing import SubjectPrompt
+
+    cases = load_cases(path)
+    facts = [SubjectPrompt(c.template, c.subject, c.target_true) for c in cases]
+    return FactSet(facts, list(dict.fromkeys(c.subject for c in cases)), source or str(path))
 
 
-def load_cases(path: str | os.PathLike) -> tuple[list[Fact], list[str]]:
-    """Facts to trace and the subjects that set the noise scale, from one of:
-
-    * a testbed model folder or its world.json: every fact, in its first trained phrasing;
-    * a .jsonl file (one object per line) or a .json list of objects with prompt, subject and the
-      true answer as answer / ground_truth / target_true / target (CounterFact records work as
-      they are; `target_new` is never read). Without an answer, the model's own prediction is traced.
-    """
-    p = Path(path)
-    if p.is_dir() or p.name == "world.json":
-        from rankone.testbed import World
-
-        w = World.load(p)
-        facts: list[Fact] = []
-        for f in w.facts:
-            train = w.prompts(f, "train") or w.prompts(f, "heldout")
-            facts.append((train[0], f.subject, f.object))
-        return facts, list(w.subjects)
-    if not p.is_file():
-        raise RankoneError(f"case file {p} does not exist; give a .jsonl/.json file of facts or a testbed folder")
-    text = p.read_text(encoding="utf-8")
-    records: list[Any]
-    if p.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"{p} is not valid JSON ({e.msg}); give a list of objects with prompt, subject, answer") from None
-        if not isinstance(records, list):
-            raise RankoneError(f"{p} must hold a JSON list of objects with prompt, subject, answer")
-        where = [f"{p}[{i}]" for i in range(len(records))]
-    else:
-        records, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RankoneError(f"{p}:{n} is not valid JSON ({e.msg}); one object per line with prompt, subject, answer") from None
-                where.append(f"{p}:{n}")
-    facts = [_fact(r, at) for r, at in zip(records, where)]
-    if not facts:
-        raise RankoneError(f"case file {p} holds no facts")
-    return facts, [f[1] for f in facts]
-
-
-def _fact(r: Any, at: str) -> Fact:
-    from rankone.core.tokens import EditRequest
-
-    if isinstance(r, dict) and isinstance(r.get("requested_rewrite"), dict):  # CounterFact's nested form
-        r = r["requested_rewrite"]
-    if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not isinstance(r.get("subject"), str):
-        raise RankoneError(f"{at}: each case needs a 'prompt' and a 'subject' (and the true 'answer')")
-    answer = next((r[k] for k in ANSWER_KEYS if k in r), None)
-    if isinstance(answer, dict):
-        answer = answer.get("str")
-    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-        raise RankoneError(f"{at}: the answer must be a non-empty string")
-    try:
-        req = EditRequest.create(r["prompt"], r["subject"], answer or "x")  # validates subject and prompt
-    except RankoneError as e:
-        raise RankoneError(f"{at}: {e}") from None
-    return req.prompt, req.subject, answer.strip() if answer else None
-
-
-def sample_facts(facts: Sequence[Fact], n: int, seed: int = 0) -> list[Fact]:
-    """At most n facts: all of them, or a seeded sample kept in file order."""
-    if n <= 0 or len(facts) <= n:
-        return list(facts)
-    keep = sorted(random.Random(seed).sample(range(len(facts)), n))
-    return [facts[i] for i in keep]
+def known_facts(handle: Any) -> FactSet | None:
+    """The facts the model card says the model knows (its `cases` file), or None."""
+    p = handle.cases_file()
+    return load_facts(p, f"{p} (the model card's cases)") if p is not None else None
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -135,7 +73,9 @@ def settings_from(args: argparse.Namespace) -> TraceSettings:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from rankone.cli.common import load
     from rankone.core.atomic import check_out_dir
+    from rankone.trace.tracing import sample_facts
 
     single = args.prompt is not None or args.subject is not None or args.target is not None
     if single and args.cases:
@@ -147,38 +87,31 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.max_cases < 0 or args.heatmaps < 0:
         raise RankoneError("--max-cases and --heatmaps must be zero or positive")
     settings = settings_from(args)
-    facts, subjects = load_cases(args.cases) if args.cases else ([], [])
+    cases = load_facts(args.cases) if args.cases else None
     if single:
         from rankone.core.tokens import EditRequest
 
         EditRequest.create(args.prompt, args.subject, args.target or "x")  # bad prompt/subject: fail before loading
-    noise_subjects = load_cases(args.noise_from)[1] if args.noise_from else subjects
+    noise_subjects = load_facts(args.noise_from).subjects if args.noise_from else (cases.subjects if cases else [])
     check_out_dir(args.out, args.force)
-    model, tok = _load(args)
-    if not noise_subjects:
-        noise_subjects = _testbed_subjects(model) or [args.subject]
-    if single:
-        return _trace_one(model, tok, args, settings, noise_subjects)
-    return _trace_cases(model, tok, args, settings, sample_facts(facts, args.max_cases, args.seed), noise_subjects)
+    handle = load(args)
+    with handle.scope():
+        if not noise_subjects:
+            known = known_facts(handle)
+            noise_subjects = known.subjects if known else [args.subject]
+        if single:
+            return _trace_one(handle, args, settings, noise_subjects)
+        assert cases is not None
+        return _trace_cases(handle, args, settings, sample_facts(cases.facts, args.max_cases, args.seed), noise_subjects)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from rankone.cli.common import load
-
-    return load(args)
-
-
-def _testbed_subjects(model: Any) -> list[str]:
-    from rankone.models.load import testbed_info
-
-    info = testbed_info(model)
-    return [s for s in info.get("subjects", []) if isinstance(s, str)]
-
-
-def _trace_one(model: Any, tok: Any, args: argparse.Namespace, settings: TraceSettings, noise_subjects: list[str]) -> int:
+def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, noise_subjects: list[str]) -> int:
     from rankone.core.atomic import atomic_dir, write_json
-    from rankone.trace.tracing import resolve_noise, trace_case
     from rankone.trace.plot import plot_trace
+    from rankone.trace.runs import trace_case
+    from rankone.trace.tracing import resolve_noise
+
+    model, tok = handle
 
     nu = resolve_noise(model, tok, settings, noise_subjects)
     tr = trace_case(model, tok, args.prompt, args.subject, args.target, nu, settings)
@@ -204,13 +137,16 @@ def _trace_one(model: Any, tok: Any, args: argparse.Namespace, settings: TraceSe
     return 0
 
 
-def _trace_cases(model: Any, tok: Any, args: argparse.Namespace, settings: TraceSettings,
-                 facts: list[Fact], noise_subjects: list[str]) -> int:
+def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
+                 facts: Sequence[Any], noise_subjects: list[str]) -> int:
     from rankone.core.atomic import atomic_dir, write_json
-    from rankone.trace.tracing import cached_aie, trace_case
     from rankone.trace.plot import plot_aie, plot_trace
+    from rankone.trace.runs import trace_case
+    from rankone.trace.tracing import cached_aie
 
-    bar = _bar(len(facts), args.quiet)
+    model, tok = handle
+
+    bar = _bar(args.quiet)
     aie = cached_aie(model, tok, facts, settings, noise_subjects, source=str(args.cases), progress=bar)
     _close(bar)
     chosen = aie.best_layer("mlp") if "mlp" in aie.aie else None
@@ -239,93 +175,42 @@ def _trace_cases(model: Any, tok: Any, args: argparse.Namespace, settings: Trace
     return 0
 
 
-def _bar(total: int, quiet: bool) -> Any:
+def _bar(quiet: bool) -> Any:
+    """A progress callback (i, n) that opens its tqdm bar on the first step (None when quiet)."""
     if quiet:
         return None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="tracing", unit="fact", leave=False)
-
     def step(i: int, n: int) -> None:
-        bar.update(i - bar.n)
+        if step.bar is None:  # type: ignore[attr-defined]
+            step.bar = tqdm(total=n, desc="tracing", unit="fact", leave=False)  # type: ignore[attr-defined]
+        step.bar.update(i - step.bar.n)  # type: ignore[attr-defined]
 
-    step.bar = bar  # type: ignore[attr-defined]
+    step.bar = None  # type: ignore[attr-defined]
     return step
 
 
 def _close(step: Any) -> None:
-    if step is not None:
+    if step is not None and step.bar is not None:
         step.bar.close()
+        step.bar = None
 
 
 # ---- `rankone edit --layer auto` -------------------------------------------------------------------
 
 
-def auto_layer(model: Any, tok: Any, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-    """The layer with the largest average MLP indirect effect at the last subject token, and why.
+def choose_layer_for(handle: Any, requests: Sequence[Any], cases: str | None, quiet: bool) -> LayerChoice:
+    """`--layer auto`: the library's choice from the named case file, the cache, the model card's
+    facts or the requests; one line says which layer and why."""
+    from rankone.trace.layer_choice import choose_layer
 
-    Evidence comes from, in order: a case file the command names (`--cases`/`--trace-cases` if
-    it has one), this model's cached AIE with the most facts, the model's testbed facts (world.json),
-    or the edit requests themselves traced with the model's own greedy answers.
-    """
-    from rankone.trace.tracing import best_cached_aie, cached_aie, model_fingerprint
-
-    quiet = bool(getattr(args, "quiet", False))
-    settings = TraceSettings(kinds=["mlp"])  # fixed noise seed: the choice does not depend on the edit's seed
-    fp = model_fingerprint(model)
-    aie: AIE | None = None
-    tried: list[str] = []
-    cases = getattr(args, "trace_cases", None) or getattr(args, "cases", None)
-    if cases:
-        facts, subjects = load_cases(cases)
-        aie = cached_aie(model, tok, sample_facts(facts, MAX_CASES), settings, subjects, str(cases), fp, _bar(min(len(facts), MAX_CASES), quiet))
-    if aie is None:
-        aie = best_cached_aie(fp)
-        if aie is not None and not aie.source:
-            aie.source = "cache"
-    if aie is None:
-        from rankone.models.load import model_dir, testbed_info
-
-        if testbed_info(model).get("facts"):
-            facts, subjects = load_cases(model_dir(model))
-            facts = sample_facts(facts, AUTO_FACTS)
-            try:
-                aie = cached_aie(model, tok, facts, settings, subjects, "testbed world.json", fp, _bar(len(facts), quiet))
-            except RankoneError as e:
-                tried.append(f"testbed facts: {e}")
-    if aie is None:
-        facts = [(r.prompt, r.subject, None) for r in _requests(args)]
-        try:
-            aie = cached_aie(model, tok, facts, settings, [f[1] for f in facts] + _testbed_subjects(model),
-                             "edit requests (the model's own answers)", fp, _bar(len(facts), quiet))
-        except RankoneError as e:
-            tried.append(f"edit requests: {e}")
-    if aie is None:
-        raise RankoneError("cannot choose the layer by causal tracing (" + "; ".join(tried) + "); give --layer N, or "
-                           "first run `rankone trace --model DIR --cases FILE` with facts the model answers correctly")
-    layer = aie.best_layer("mlp")
-    evidence = {
-        "how": "largest average indirect effect of restoring MLP outputs at the last subject token (causal tracing)",
-        "layer": layer, "kind": "mlp", "aie": aie.aie["mlp"], "sem": aie.sem.get("mlp", []),
-        "n_facts": aie.n_facts, "n_wrong": aie.n_wrong, "window": aie.window, "noise_scale": aie.noise_scale,
-        "settings": aie.settings, "source": aie.source, "cache_file": aie.cache_file,
-        "model_sha256": fp,
-    }
-    if tried:
-        evidence["not_used"] = tried  # evidence that was tried first and why it could not be used
+    bar = _bar(quiet)
+    try:
+        choice = choose_layer(handle, requests, load_facts(cases) if cases else None, lambda: known_facts(handle), bar)
+    finally:
+        _close(bar)
     if not quiet:
-        print(f"layer auto: layer {layer} (MLP AIE {aie.aie['mlp'][layer]:.4f}, the largest over layers "
-              f"0..{len(aie.aie['mlp']) - 1}; {aie.n_facts} facts from {aie.source})")
-    return layer, evidence
-
-
-def _requests(args: argparse.Namespace) -> list[Any]:
-    from rankone.core.tokens import EditRequest
-
-    if getattr(args, "requests", None):
-        from rankone.cli.common import load_requests
-
-        return load_requests(args.requests)
-    if getattr(args, "prompt", None) and getattr(args, "subject", None):
-        return [EditRequest.create(args.prompt, args.subject, getattr(args, "target", None) or "x")]
-    raise RankoneError("--layer auto needs edit requests, a testbed model or a traced case file to choose a layer from")
+        a = choice.aie.aie["mlp"]
+        print(f"layer auto: layer {choice.layer} (MLP AIE {a[choice.layer]:.4f}, the largest over layers "
+              f"0..{len(a) - 1}; {choice.aie.n_facts} facts from {choice.aie.source})")
+    return choice

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -135,7 +136,7 @@ def lookup(
 
 
 def spec_for(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
-    spec = lookup(getattr(model.config, "model_type", "?"), override or _attached(model), model)
+    spec = lookup(getattr(model.config, "model_type", "?"), override or _scoped(model), model)
     return spec
 
 
@@ -179,13 +180,30 @@ def describe(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None
     return {"model_type": model_type, "source": spec.source, "spec": spec.paths(), "report": report}
 
 
-def attach_spec(model: nn.Module, spec: ArchSpec) -> None:
-    """Remember a hand-given spec on the model so every later call finds it."""
-    model._rankone_arch = spec  # type: ignore[attr-defined]
+# A hand-given spec (--arch-spec) is carried by the model handle (rankone.models.handle), never
+# stored on the module; inside `spec_scope` every spec_for(model) call finds it.
+_SCOPES: dict[int, list[ArchSpec]] = {}
 
 
-def _attached(model: nn.Module) -> ArchSpec | None:
-    return getattr(model, "_rankone_arch", None)
+@contextmanager
+def spec_scope(model: nn.Module, spec: ArchSpec | None) -> Iterator[None]:
+    """Within the block, `spec_for(model)` answers `spec` (None: the table, unchanged)."""
+    if spec is None:
+        yield
+        return
+    stack = _SCOPES.setdefault(id(model), [])
+    stack.append(spec)
+    try:
+        yield
+    finally:
+        stack.pop()
+        if not stack:
+            del _SCOPES[id(model)]
+
+
+def _scoped(model: nn.Module) -> ArchSpec | None:
+    stack = _SCOPES.get(id(model))
+    return stack[-1] if stack else None
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

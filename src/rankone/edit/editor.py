@@ -2,6 +2,13 @@
 
 `Editor` keeps what is computed once per model (prefix templates, key statistics and their
 factorisation) so that many edits, one after another, pay for them once.
+
+    Editor(load_model(path), EditHParams(layer=3))        # a ModelHandle: its card's recommendations
+    Editor(model, tok, EditHParams(layer=3), "corpus.txt")  # a model and tokenizer in memory
+
+Either way the hyper-parameters the caller set win over what the model card (rankone.json)
+recommends, and those over the paper's defaults; the layer defaults to the card's, else
+n_layers // 4; the statistics corpus to the one given, else the card's.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from tqdm.auto import tqdm
 from rankone.core import architectures as arch
 from rankone.core.fingerprint import tensor_sha256
 from rankone.methods.hparams import EditHParams
-from rankone.models.load import default_corpus, default_layer
+from rankone.models.handle import ModelHandle
 from rankone.artifacts.patch import Edit, Patch, library_versions, merged, now, revert_fix, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.stats import LayerStats, layer_stats
@@ -28,8 +35,9 @@ from rankone.core.tokens import EditRequest, sample_prefixes
 
 log = logging.getLogger(__name__)
 
-# A guard looks at a computed update before it is written and returns a reason to refuse it.
-Guard = Callable[[Update, EditRequest], "str | None"]
+# A guard (rankone.edit.guard.Guard, or any such callable) looks at a computed update before it is
+# written and returns a reason to refuse it.
+GuardFn = Callable[[Update, EditRequest], "str | None"]
 
 
 @dataclass
@@ -41,12 +49,24 @@ class Rejected:
 
 class Editor:
     def __init__(
-        self, model: torch.nn.Module, tok: Any, hparams: EditHParams | None = None,
+        self, model: ModelHandle | torch.nn.Module, tok: Any = None, hparams: EditHParams | None = None,
         stats_corpus: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
     ) -> None:
-        self.model, self.tok = model, tok
-        self.hp = hparams or EditHParams.for_model(model)
+        if isinstance(model, ModelHandle):
+            if isinstance(tok, EditHParams):  # Editor(handle, hp, ...)
+                if hparams is not None:
+                    raise TypeError("Editor(handle, hparams, ...) takes the hyper-parameters once")
+                tok, hparams = None, tok
+            if tok is not None:
+                raise TypeError("Editor(handle, ...) takes no tokenizer: the handle holds it")
+            self.handle = model
+        elif tok is None:
+            raise TypeError("Editor(model, tok, ...) needs the tokenizer (or pass the ModelHandle from load_model)")
+        else:
+            self.handle = ModelHandle.of(model, tok)
+        self.model, self.tok = self.handle.model, self.handle.tokenizer
+        self.hp = (hparams or EditHParams()).over(self.handle)
         self.cache_dir = cache_dir
         self.progress = progress
         self._corpus = Path(stats_corpus) if stats_corpus else None
@@ -58,12 +78,16 @@ class Editor:
 
     def layer(self, hp: EditHParams | None = None) -> int:
         hp = hp or self.hp
-        layer = default_layer(self.model) if hp.layer is None else hp.layer
-        return arch.check_layer(self.model, layer)
+        layer = self.handle.default_layer() if hp.layer is None else hp.layer
+        return arch.check_layer(self.model, layer, self.handle.spec)
+
+    def module_path(self, layer: int) -> str:
+        """The edited projection of `layer`, e.g. 'transformer.h.3.mlp.c_proj'."""
+        return self.handle.spec.proj.format(arch.check_layer(self.model, layer, self.handle.spec))
 
     def corpus(self) -> Path:
         if self._corpus is None:
-            self._corpus = default_corpus(self.model)
+            self._corpus = self.handle.stats_corpus()
         return self._corpus
 
     def templates(self, hp: EditHParams | None = None) -> list[str]:
@@ -77,7 +101,9 @@ class Editor:
 
     def stats(self, layer: int, hp: EditHParams | None = None) -> LayerStats:
         hp = hp or self.hp
-        return layer_stats(self.model, self.tok, [layer], self.corpus(), hp.stats_tokens, self.cache_dir, self.progress)[layer]
+        corpus = self.corpus()
+        with self.handle.scope():
+            return layer_stats(self.model, self.tok, [layer], corpus, hp.stats_tokens, self.cache_dir, self.progress)[layer]
 
     # -- one edit --
 
@@ -87,14 +113,15 @@ class Editor:
         layer = self.layer(hp)
         templates = self.templates(hp)
         st = self.stats(layer, hp)
-        t0 = time.perf_counter()
-        key = compute_key(self.model, self.tok, request, layer, templates)
-        t1 = time.perf_counter()
-        value = compute_value(self.model, self.tok, request, layer, templates, hp)
-        t2 = time.perf_counter()
-        w = arch.weight_oi(arch.get_module(self.model, arch.proj_path(self.model, layer)))
-        upd = rank_one_update(w, key, value, st, hp.method)
-        t3 = time.perf_counter()
+        with self.handle.scope():
+            t0 = time.perf_counter()
+            key = compute_key(self.model, self.tok, request, layer, templates)
+            t1 = time.perf_counter()
+            value = compute_value(self.model, self.tok, request, layer, templates, hp)
+            t2 = time.perf_counter()
+            w = arch.weight_oi(arch.get_module(self.model, self.module_path(layer)))
+            upd = rank_one_update(w, key, value, st, hp.method)
+            t3 = time.perf_counter()
         info = {
             "layer": layer, "templates": templates,
             "timing": {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": t3 - t2},
@@ -107,7 +134,7 @@ class Editor:
               author: str | None = None, reason: str | None = None) -> Edit:
         """Merge the update into the model and describe it as a patch edit."""
         layer = info["layer"]
-        path = arch.proj_path(self.model, layer)
+        path = self.module_path(layer)
         w = arch.weight_oi(arch.get_module(self.model, path))
         u, v = upd.u.float(), upd.v.float()  # the patch stores float32; merge exactly what it stores
         before = w.detach().clone()
@@ -129,12 +156,13 @@ class Editor:
 
     def edit(
         self, requests: Iterable[EditRequest], keep: bool = False, author: str | None = None,
-        reason: str | None = None, guard: Guard | None = None,
+        reason: str | None = None, guard: GuardFn | None = None,
     ) -> Patch:
         """Edit in sequence (each on the model with the previous ones merged) and return the patch.
 
         With keep=False the model is given back exactly as it was; with keep=True the edits stay.
-        A guard may refuse an update; refused requests are logged in `self.rejected`.
+        A guard (e.g. `rankone.edit.guard.Guard()`) may refuse an update; refused requests are
+        logged in `self.rejected`.
         """
         reqs = list(requests)
         patch = Patch([], base=self.base_info(), created_at=now(), library_versions=library_versions())
@@ -155,9 +183,7 @@ class Editor:
         return patch
 
     def base_info(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {"model_type": cfg.model_type, "name_or_path": str(getattr(cfg, "_name_or_path", "")),
-                "n_layers": arch.num_layers(self.model)}
+        return self.handle.base_info()
 
 
 def _user() -> str:
@@ -168,10 +194,11 @@ def _user() -> str:
 
 
 def edit(
-    model: torch.nn.Module, tok: Any, requests: EditRequest | Iterable[EditRequest],
+    model: ModelHandle | torch.nn.Module, tok: Any, requests: EditRequest | Iterable[EditRequest],
     hparams: EditHParams | None = None, stats_corpus: str | os.PathLike | None = None,
     keep: bool = False, **kw: Any,
 ) -> Patch:
-    """Compute a patch for one or many requests (in sequence). The model is left unchanged unless keep."""
+    """Compute a patch for one or many requests (in sequence). The model is left unchanged unless keep.
+    With a ModelHandle, pass None as `tok`."""
     reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
     return Editor(model, tok, hparams, stats_corpus, progress=kw.pop("progress", True)).edit(reqs, keep=keep, **kw)

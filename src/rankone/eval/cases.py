@@ -1,9 +1,10 @@
-"""Evaluation cases: one edit request with the prompts that test it.
+"""Cases: a fact the model knows and, for evaluation, the edit that changes it.
 
-A `Case` is what the ROME paper's CounterFact record holds: the request (prompt, subject, new
-target), the true target, paraphrase prompts (the same fact phrased otherwise), neighbourhood
-prompts (other subjects whose answer must not change, each with its own true answer) and
-generation prompts (for fluency). Loaders:
+A `Case` is what the ROME paper's CounterFact record holds: the prompt (with `{}` for the subject),
+the subject, the true answer, the new target, paraphrase prompts (the same fact phrased otherwise),
+neighbourhood prompts (other subjects whose answer must not change, each with its own true answer)
+and generation prompts (for fluency). A case without a new target is a fact to trace (causal
+tracing needs only prompt, subject and, optionally, the true answer). `load_cases` reads:
 
 * flat CounterFact (`case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
   locality_prompt, locality_ground_truth`): one paraphrase and one neighbour per record; more
@@ -11,12 +12,14 @@ generation prompts (for fluency). Loaders:
   true answer (which is how CounterFact's own neighbourhood prompts were chosen);
 * original ROME CounterFact (`requested_rewrite {prompt, subject, target_new, target_true}`,
   `paraphrase_prompts`, `neighborhood_prompts`, `generation_prompts`);
-* testbed worlds (world.json): held-out phrasings as paraphrases, other subjects with the same
-  relation (preferably the same object) as neighbours;
-* files of `Case.to_dict()` records (what `rankone eval` writes back).
+* facts: `{prompt, subject}` with the true answer as `answer` / `ground_truth` / `target_true` /
+  `target` (first present; none: the model's own answer) and optionally `target_new`;
+* testbed worlds (world.json or the model folder holding it): held-out phrasings as paraphrases,
+  other subjects with the same relation (preferably the same object) as neighbours;
+* files of `Case.to_dict()` records (what `save_cases` writes).
 
-Bad input is one `RankoneError` line; records whose subject is not in the prompt are skipped
-(CounterFact has a few) and counted in the log.
+Bad input is one `RankoneError` line; CounterFact records whose subject is not in the prompt are
+skipped (CounterFact has a few) and counted in the log.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from rankone.core.errors import RankoneError
 from rankone.core.tokens import EditRequest
@@ -35,32 +38,56 @@ from rankone.core.tokens import EditRequest
 log = logging.getLogger(__name__)
 
 FLAT_KEYS = ("prompt", "subject", "target_new", "ground_truth")
+ANSWER_KEYS = ("answer", "ground_truth", "target_true", "target")  # a fact record's true answer: first present wins
 
 
 @dataclass
 class Case:
     case_id: str
-    request: EditRequest  # request.target is the new object
-    target_true: str
+    template: str  # the prompt, with {} where the subject goes
+    subject: str
+    target_true: str | None  # the true answer; None: the model's own greedy answer (tracing only)
+    target_new: str | None = None  # the edit's new object; None: a fact to trace, not an edit
     paraphrase_prompts: list[str] = field(default_factory=list)  # full text, subject filled in
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_targets: list[str] = field(default_factory=list)  # the true answer of each neighbour
     generation_prompts: list[str] = field(default_factory=list)
     relation: str | None = None
 
-    @property
-    def prompt(self) -> str:
-        """The edit prompt with the subject filled in."""
-        return self.request.text()[0]
+    @classmethod
+    def of(cls, case_id: str, request: EditRequest, target_true: str | None, paraphrase_prompts: Sequence[str] = (),
+           neighborhood_prompts: Sequence[str] = (), neighborhood_targets: Sequence[str] = (),
+           generation_prompts: Sequence[str] = (), relation: str | None = None) -> "Case":
+        """An evaluation case from its edit request (prompt template, subject, new target)."""
+        return cls(case_id, request.prompt, request.subject, target_true, request.target, list(paraphrase_prompts),
+                   list(neighborhood_prompts), list(neighborhood_targets), list(generation_prompts), relation)
 
     @property
-    def target_new(self) -> str:
-        return self.request.target
+    def request(self) -> EditRequest:
+        """The edit; a case without a new target has none (one line saying so)."""
+        if self.target_new is None:
+            raise RankoneError(f"case {self.case_id!r} ({self.prompt!r}) has no new target: it is a fact to trace, "
+                               "not an edit; give target_new")
+        return EditRequest(self.template, self.subject, self.target_new)
+
+    @property
+    def prompt(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.template.replace("{}", self.subject, 1)
+
+    def check_editable(self) -> None:
+        """Refuse a case that cannot be evaluated as an edit (no new target or no true answer)."""
+        self.request  # noqa: B018  (raises without a new target)
+        if self.target_true is None:
+            raise RankoneError(f"case {self.case_id!r} ({self.prompt!r}) has no true answer (ground_truth): "
+                               "evaluating an edit compares the new target with it")
 
     def neighbours(self) -> list[tuple[str, str]]:
         return list(zip(self.neighborhood_prompts, self.neighborhood_targets))
 
     def to_dict(self) -> dict[str, Any]:
+        if self.target_new is None:  # a fact record
+            return {"case_id": self.case_id, "prompt": self.template, "subject": self.subject, "answer": self.target_true}
         return {"case_id": self.case_id, "request": self.request.to_dict(), "target_true": self.target_true,
                 "paraphrase_prompts": self.paraphrase_prompts, "neighborhood_prompts": self.neighborhood_prompts,
                 "neighborhood_targets": self.neighborhood_targets, "generation_prompts": self.generation_prompts,
@@ -72,8 +99,26 @@ class Case:
         nb_p, nb_t = list(d.get("neighborhood_prompts", [])), list(d.get("neighborhood_targets", []))
         if len(nb_p) != len(nb_t):
             raise RankoneError(f"case {d.get('case_id')!r}: {len(nb_p)} neighbourhood prompts but {len(nb_t)} targets")
-        return cls(str(d.get("case_id", "")), req, _str(d["target_true"]), list(d.get("paraphrase_prompts", [])),
-                   nb_p, nb_t, list(d.get("generation_prompts", [])), d.get("relation"))
+        return cls.of(str(d.get("case_id", "")), req, _str(d["target_true"]), list(d.get("paraphrase_prompts", [])),
+                      nb_p, nb_t, list(d.get("generation_prompts", [])), d.get("relation"))
+
+
+def fact_case(r: dict[str, Any], case_id: str) -> Case:
+    """A fact record: prompt and subject, the true answer under one of ANSWER_KEYS (or none), and
+    optionally target_new. CounterFact records missing their ground truth read this way too."""
+    if not isinstance(r.get("prompt"), str) or not isinstance(r.get("subject"), str):
+        raise RankoneError("each case needs a 'prompt' and a 'subject' (and the true 'answer'), or the CounterFact "
+                           f"fields ({', '.join(FLAT_KEYS)}) or a requested_rewrite; it has keys {sorted(r)[:8]}")
+    answer = next((r[k] for k in ANSWER_KEYS if k in r), None)
+    if isinstance(answer, dict):
+        answer = answer.get("str")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise RankoneError("the answer must be a non-empty string")
+    new = r.get("target_new")
+    new = _str(new) if new is not None else None
+    req = EditRequest.create(r["prompt"], r["subject"], new or "x")  # validates prompt and subject
+    return Case(str(r.get("case_id", case_id)), req.prompt, req.subject, answer.strip() if answer else None, new,
+                generation_prompts=[req.text()[0]])
 
 
 def _str(x: Any) -> str:
@@ -101,8 +146,8 @@ def rome_case(rec: dict[str, Any]) -> Case:
     # a dict entry may name its own target.
     nb_t = [_str(p.get("target", true)) if isinstance(p, dict) else true for p in rec.get("neighborhood_prompts", [])]
     gens = [str(g) for g in rec.get("generation_prompts", [])] or [req.text()[0], f"{subj} is"]
-    return Case(str(rec.get("case_id", "")), req, true, [_prompt_of(p) for p in rec.get("paraphrase_prompts", [])],
-                nb, nb_t, gens, rw.get("relation_id"))
+    return Case.of(str(rec.get("case_id", "")), req, true, [_prompt_of(p) for p in rec.get("paraphrase_prompts", [])],
+                   nb, nb_t, gens, rw.get("relation_id"))
 
 
 def _template(rec: dict[str, Any]) -> str:
@@ -127,13 +172,15 @@ def flat_cases(records: list[dict[str, Any]], n_neighbours: int = 10) -> list[Ca
             if s != subj and p not in (q for q, _ in nb):
                 nb.append((p, true))
         para = [str(r["rephrase_prompt"])] if r.get("rephrase_prompt") else []
-        out.append(Case(str(r.get("case_id", len(out))), req, true, para, [p for p, _ in nb], [t for _, t in nb],
-                        [req.text()[0], f"{subj} is"], r.get("relation")))
+        out.append(Case.of(str(r.get("case_id", len(out))), req, true, para, [p for p, _ in nb], [t for _, t in nb],
+                           [req.text()[0], f"{subj} is"], r.get("relation")))
     return out
 
 
-def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: int = 10) -> list[Case]:
-    """Detect each record's format (ROME, flat CounterFact, Case) and build the cases."""
+def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: int = 10,
+                       where: Any = None) -> list[Case]:
+    """Detect each record's format (ROME, flat CounterFact, Case, fact) and build the cases.
+    `where(i)` names record i in messages (e.g. 'file.jsonl:3'); default '{source}: record {i}'."""
     flat: list[dict[str, Any]] = []
     out: list[Case] = []
     skipped = 0
@@ -156,11 +203,9 @@ def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: 
                 EditRequest.create(str(r["prompt"]), str(r["subject"]), _str(r["target_new"]))  # validate here, with i
                 flat.append(r)
             else:
-                raise RankoneError(
-                    f"neither flat CounterFact ({', '.join(FLAT_KEYS)}) nor ROME format (requested_rewrite); "
-                    f"it has keys {sorted(r)[:8]}")
+                out.append(fact_case(r, str(i)))
         except RankoneError as e:
-            raise RankoneError(f"{source}: record {i}: {e}") from None
+            raise RankoneError(f"{where(i) if where else f'{source}: record {i}'}: {e}") from None
     if flat:
         out += flat_cases(flat, n_neighbours)
     if skipped:
@@ -218,8 +263,8 @@ def cases_from_world(world: Any, seed: int = 0, n_neighbours: int = 5) -> list[C
             nb_prompts.append(rel.phrasings[tr[j % len(tr)]].replace("{}", g.subject))
         other = [g for g in by_subj[f.subject] if g.relation != f.relation]
         gens = [req.text()[0]] + [rels[g.relation].phrasings[0].replace("{}", f.subject) for g in other[:1]]
-        out.append(Case(f"{f.subject}|{f.relation}", req, f.object, world.prompts(f, "heldout"), nb_prompts,
-                        [g.object for g in nb], gens, f.relation))
+        out.append(Case.of(f"{f.subject}|{f.relation}", req, f.object, world.prompts(f, "heldout"), nb_prompts,
+                           [g.object for g in nb], gens, f.relation))
     return out
 
 
@@ -234,17 +279,19 @@ def heldout_text(world: Any, max_sentences: int = 400, seed: int = 0) -> str:
 # ---- files ----------------------------------------------------------------------------------
 
 
-def _read_records(p: Path) -> list[Any]:
+def _read_records(p: Path) -> tuple[list[Any], list[str]]:
+    """The records of a .json list or a .jsonl file, and how to name each in a message."""
     text = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl":
-        recs = []
+        recs, names = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     recs.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise RankoneError(f"{p}:{n} is not valid JSON ({e.msg}); one case object per line") from None
-        return recs
+                names.append(f"{p}:{n}")
+        return recs, names
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -253,15 +300,15 @@ def _read_records(p: Path) -> list[Any]:
     if isinstance(data, dict) and "cases" in data:
         data = data["cases"]
     if isinstance(data, dict) and "facts" in data and "relations" in data:
-        return [data]  # a world; handled by the caller
+        return [data], [str(p)]  # a world; handled by the caller
     if not isinstance(data, list):
-        raise RankoneError(f"{p} must hold a JSON list of case records (CounterFact flat or ROME format)")
-    return data
+        raise RankoneError(f"{p} must hold a JSON list of case records (CounterFact flat or ROME format, or facts)")
+    return data, [f"{p}: record {i}" for i in range(len(data))]
 
 
 def load_cases(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> list[Case]:
-    """Cases from a CounterFact file (flat or ROME; .json or .jsonl), a file of Case records, or a
-    testbed world (its world.json or the model folder holding it). `n` keeps the first n."""
+    """Cases from a CounterFact file (flat or ROME; .json or .jsonl), a file of Case or fact records,
+    or a testbed world (its world.json or the model folder holding it). `n` keeps the first n."""
     p = Path(path)
     if n is not None and n < 1:
         raise RankoneError(f"the number of cases must be at least 1, not {n}")
@@ -271,16 +318,29 @@ def load_cases(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> 
         p = p / "world.json"
     if not p.is_file():
         raise RankoneError(f"cases file {p} does not exist; give a CounterFact .json/.jsonl or a testbed world.json")
-    recs = _read_records(p)
+    recs, names = _read_records(p)
     if len(recs) == 1 and isinstance(recs[0], dict) and "facts" in recs[0] and "relations" in recs[0]:
         from rankone.testbed.world import World
 
         cases = cases_from_world(World.from_dict(recs[0]), seed=seed)
     else:
-        cases = cases_from_records(recs, str(p))
+        cases = cases_from_records(recs, str(p), where=names.__getitem__)
     if not cases:
         raise RankoneError(f"{p} holds no usable cases")
     return cases[:n] if n is not None else cases
+
+
+def heldout_text_of(path: str | os.PathLike | None) -> str | None:
+    """Held-out text for perplexity when `path` is a testbed world (world.json or its folder), else None."""
+    if path is None:
+        return None
+    p = Path(path)
+    p = p / "world.json" if p.is_dir() else p
+    if p.name != "world.json" or not p.is_file():
+        return None
+    from rankone.testbed.world import World
+
+    return heldout_text(World.load(p))
 
 
 def save_cases(path: str | os.PathLike, cases: Iterable[Case]) -> None:

@@ -28,7 +28,6 @@ import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
-from rankone.models.generation import perplexity  # noqa: F401  (re-exported: held-out perplexity)
 from rankone.core.tokens import encode, join_target, token_span
 
 NORMS = ("mean", "sum")
@@ -311,7 +310,7 @@ def glue_suite(model: torch.nn.Module, tok: Any, path: str, tasks: Sequence[str]
 # ---- single edits ---------------------------------------------------------------------------
 
 
-def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case], hparams: Any,
+def evaluate_single_edits(model: Any, tok: Any, cases: Sequence[Case], hparams: Any,
                           stats_corpus: Any = None, norm: str = "mean", gen_tokens: int = 50,
                           progress: bool = True, on_result: Any = None) -> list[dict[str, Any]]:
     """Each case edited alone on the base model, measured, then reverted exactly (the papers' protocol).
@@ -325,9 +324,10 @@ def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case
     from rankone.edit.editor import Editor
     from rankone.artifacts.patch import revert_patch
 
-    ed = Editor(model, tok, hparams, stats_corpus, progress=progress)
+    ed = Editor(model, tok, hparams, stats_corpus, progress=progress)  # `model` may be a ModelHandle (tok None)
+    model, tok = ed.model, ed.tok
     out = []
-    for c in tqdm(cases, desc=f"single edits ({hparams.method})", unit="edit", disable=not progress):
+    for c in tqdm(cases, desc=f"single edits ({ed.hp.method})", unit="edit", disable=not progress):
         t0 = time.perf_counter()
         patch = ed.edit([c.request], keep=True)
         t_edit = time.perf_counter() - t0

@@ -8,7 +8,8 @@ edited (top-1 on a fixed sample, all known at the start), NS, fluency, ‖W − 
 and optionally GLUE. Edits whose ‖Δ‖ is far above the running median, and evaluation points
 where fluency collapses, are flagged as *disabling*.
 
-The `Guard` (on by default here) refuses such an update before it is written and logs why.
+The guard (`rankone.edit.guard.Guard`, on by default here) refuses such an update before it is
+written and logs why; the same spike rule flags the updates it lets through.
 
 Files in the run folder: run.json (settings; a resumed run must match), run.jsonl (one line per
 edit and per evaluation point), checkpoint/ (the running patch and the loop state, replaced
@@ -25,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,65 +38,14 @@ from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
-from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, perplexity, score
+from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
+from rankone.models.generation import perplexity
 from rankone.methods.hparams import EditHParams
 from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions, now
-from rankone.methods.rome import Update
-from rankone.core.tokens import EditRequest
+from rankone.edit.guard import Guard, norm_spike
+from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
-
-
-# ---- the guard ------------------------------------------------------------------------------
-
-
-class Guard:
-    """Refuse an update whose ‖Δ‖_F or denominator is anomalous against the updates accepted so far.
-
-    Refused: non-finite numbers; a denominator ≤ 0 (ROME's k_oᵀC⁻¹k̄ can be, r-ROME's k̄ᵀC⁻¹k̄
-    cannot); and, once `warmup` updates were accepted, ‖Δ‖_F > norm_factor × their median or a
-    denominator < median / denom_factor (a small denominator is what blows ‖Δ‖ up; a large one
-    only makes the update small, which is harmless). Use as `Editor.edit(..., guard=Guard())`.
-    """
-
-    def __init__(self, norm_factor: float = 10.0, denom_factor: float = 10.0, warmup: int = 5) -> None:
-        if not (norm_factor > 1 and denom_factor > 1 and warmup >= 1):
-            raise RankoneError("guard factors must be > 1 and its warm-up at least 1 edit")
-        self.norm_factor, self.denom_factor, self.warmup = norm_factor, denom_factor, warmup
-        self.norms: list[float] = []
-        self.denoms: list[float] = []
-        self.refused: list[dict[str, Any]] = []
-
-    def check(self, delta_fro: float, denom: float) -> str | None:
-        if not (math.isfinite(delta_fro) and math.isfinite(denom)):
-            return f"non-finite update (‖Δ‖_F={delta_fro}, denominator={denom})"
-        if denom <= 0:
-            return f"denominator kᵀC⁻¹k = {denom:.3g} ≤ 0 (the keys disagree; ‖Δ‖_F would be {delta_fro:.3g})"
-        if len(self.norms) >= self.warmup:
-            med = statistics.median(self.norms)
-            if delta_fro > self.norm_factor * med:
-                return (f"‖Δ‖_F = {delta_fro:.3g} is {delta_fro / med:.1f}× the running median {med:.3g} "
-                        f"(limit {self.norm_factor:g}×)")
-            dmed = statistics.median(self.denoms)
-            if denom < dmed / self.denom_factor:
-                return (f"denominator kᵀC⁻¹k = {denom:.3g} is {dmed / denom:.1f}× below the running median "
-                        f"{dmed:.3g} (limit {self.denom_factor:g}×)")
-        return None
-
-    def accept(self, delta_fro: float, denom: float) -> None:
-        self.norms.append(float(delta_fro))
-        self.denoms.append(float(denom))
-
-    def __call__(self, update: Update, request: EditRequest) -> str | None:
-        d = update.diagnostics
-        why = self.check(float(d["delta_fro"]), float(d["denominator"]))
-        if why:
-            self.refused.append({"request": request.to_dict(), "reason": why, "delta_fro": d["delta_fro"],
-                                 "denominator": d["denominator"]})
-            log.warning("guard refused %s -> %s: %s", request.text()[0], request.target, why)
-        else:
-            self.accept(d["delta_fro"], d["denominator"])
-        return why
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -146,8 +95,10 @@ def spaced(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n - 1]
 
 
-def _median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
+def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[tuple[str, str]]:
+    """Candidate never-edited facts for a run of `n_edits`: (prompt, true answer) of the cases after
+    the edited ones, five per wanted probe (the run keeps those the unedited model answers)."""
+    return [(c.prompt, c.target_true) for c in cases[n_edits:]][: 5 * probe_sample]
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -161,24 +112,26 @@ def _mean(xs: Sequence[float]) -> float | None:
 class SequentialRun:
     """One method's sequential run in `out_dir`; `run()` starts it or resumes it."""
 
-    def __init__(self, model: torch.nn.Module, tok: Any, cases: Sequence[Case], hp: EditHParams,
-                 out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] = (),
+    def __init__(self, model: ModelHandle | torch.nn.Module, tok: Any, cases: Sequence[Case], hp: EditHParams,
+                 out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] | None = None,
                  ppl_text: str | None = None, meta: dict[str, Any] | None = None, stats_corpus: Any = None,
                  progress: bool = True) -> None:
+        """`model`: a ModelHandle (tok None) or a model and its tokenizer. `cases`: the first cfg.n
+        are edited; `probes` default to `probe_pool` of the rest."""
         from rankone.edit.editor import Editor
 
         if len(cases) < cfg.n:
             raise RankoneError(f"only {len(cases)} usable case(s) for {cfg.n} edits; ask for fewer (--n) or give more cases")
-        self.model, self.tok, self.hp, self.cfg = model, tok, hp, cfg
+        self.editor = Editor(model, tok, hp, stats_corpus, progress=progress)
+        self.model, self.tok, self.hp, self.cfg = self.editor.model, self.editor.tok, self.editor.hp, cfg
         self.cases = list(cases[:cfg.n])
         self.out = Path(out_dir)
-        self.probes = list(probes)
+        self.probes = list(probe_pool(cases, cfg.n, cfg.probe_sample) if probes is None else probes)
         self.ppl_text = ppl_text
         self.meta = dict(meta or {})
         self.progress = progress
-        self.editor = Editor(model, tok, hp, stats_corpus, progress=progress)
         self.layer = self.editor.layer()
-        self.path = arch.proj_path(model, self.layer)
+        self.path = self.editor.module_path(self.layer)
         self.guard = Guard(cfg.guard_factor, cfg.denom_factor, cfg.warmup) if cfg.guard else None
         self.patch = Patch([], base=self.editor.base_info(), created_at=now(), library_versions=library_versions())
         self.lines: list[dict[str, Any]] = []
@@ -326,10 +279,8 @@ class SequentialRun:
             sc = score(self.model, self.tok, [(case.prompt, case.target_new), (case.prompt, case.target_true)])
             rec.update(accepted=True, es=float(sc[0].p(self.cfg.norm) > sc[1].p(self.cfg.norm)), top1=float(sc[0].top1),
                        value_prob=d.get("value", {}).get("target_prob"))
-            flags = []
-            if len(prev) >= self.cfg.warmup and e.delta_fro > self.cfg.spike_factor * _median(prev):
-                flags.append(f"‖Δ‖ spike: {e.delta_fro:.3g} = {e.delta_fro / _median(prev):.1f}× the running median")
-            rec["flags"] = flags
+            spike = norm_spike(e.delta_fro, prev, self.cfg.spike_factor, self.cfg.warmup)
+            rec["flags"] = [f"‖Δ‖ spike: {spike}"] if spike else []
         else:
             d = self.editor.rejected[-1].diagnostics if len(self.editor.rejected) > n_rej else {}
             rec.update(accepted=False, reason=rec.get("reason") or (self.editor.rejected[-1].reason if d else "?"),

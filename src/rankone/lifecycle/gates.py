@@ -11,7 +11,7 @@ A *suite* is a JSONL file, one check per line:
         perplexity on a held-out text may rise by at most the fraction `max_perplexity_rise`.
         A relative `text_file` is read from the suite file's folder.
 
-Every run also applies the ‖Δ‖ guard: for each module the patch edits, ΔW = Σ u vᵀ over its
+Every run also applies the ‖Δ‖ size gate: for each module the patch edits, ΔW = Σ u vᵀ over its
 edits must satisfy ‖ΔW‖_F ≤ max_delta_rel · ‖W‖_F (and ≤ max_delta_fro when set).
 
 Thresholds come from a `GatePolicy` (JSON file, see docs/policy.example.json). The *reference*

@@ -1,7 +1,7 @@
 """The patch registry: a state machine over the registry's database and store, with an audit log.
 
 One registry releases onto one base model. The database, the content-addressed store, locking
-and crash safety are `registry_store`; this module is the patch lifecycle on top of them.
+and crash safety are `rankone.lifecycle.store`; this module is the patch lifecycle on top of them.
 
 States: proposed → validated → released → rolled_back, and proposed|validated → rejected.
 Every transition appends to `audit` (time, actor, action, states, reason) in the same
@@ -19,27 +19,38 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rankone.artifacts.patch import Patch, apply_patch
+from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.artifacts.patch import Patch
-from rankone.lifecycle.store import (  # noqa: F401  (re-exported: the registry's public names stay importable here)
-    FILES,
-    ID_LEN,
-    SCHEMA_VERSION,
-    STATES,
-    AuditEntry,
+from rankone.core.fingerprint import tensor_sha256
+from rankone.lifecycle.store import (
     CheckReport,
     PatchRecord,
     RegistryStore,
     _entry_hash,
-    _fsync_dir,
     _safe_id,
     content_id,
     crash_point,
-    default_path,
     is_patch_dir,
     os_user,
     utcnow,
 )
+from rankone.models.handle import ModelHandle
+
+
+def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.ArchSpec | None = None) -> dict[str, str]:
+    """sha256 of each listed module's [out, in] weight, and of every layer's edited projection."""
+    spec = spec or arch.spec_for(model)
+    names = set(modules) | {spec.proj.format(i) for i in range(arch.num_layers(model, spec))}
+    out = {}
+    for m in sorted(names):
+        try:
+            out[m] = tensor_sha256(arch.weight_oi(arch.get_module(model, m)))
+        except RankoneError:
+            continue  # missing: the comparison names it
+    return out
 
 
 class Registry(RegistryStore):
@@ -98,21 +109,50 @@ class Registry(RegistryStore):
         rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
         return [(r[0], self.load_patch(r[0])) for r in rows]
 
+    def check_model(self, model: ModelHandle | torch.nn.Module, extra_modules: list[str] = ()) -> dict[str, str]:
+        """Refuse a model that is not this registry's base; its fingerprints when it is."""
+        spec = model.spec if isinstance(model, ModelHandle) else None
+        m = model.model if isinstance(model, ModelHandle) else model
+        fps = model_fingerprints(m, self.base_module_names() + list(extra_modules), spec)
+        self.verify_base(fps)
+        return fps
+
+    def fit_check(self, ref: str, model: ModelHandle | torch.nn.Module) -> tuple[dict[str, str], list[str]]:
+        """Apply the released chain and this patch to `model`, then revert: a patch that does not fit
+        the real base model is refused here (one line, model unchanged). Returns the model's
+        fingerprints and the released ids it was checked with."""
+        pid = self.resolve(ref)
+        patch = self.load_patch(pid)
+        chain = [r.id for r in self.released()]
+        fps = self.check_model(model, [e.module for e in patch.edits])
+        m = model.model if isinstance(model, ModelHandle) else model
+        apply_patch(m, [self.load_patch(q) for q in chain] + [patch]).revert()
+        return fps, chain
+
     def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
                 conflict_threshold: float = 0.9, relations: dict[str, str] | None = None,
                 base_modules: dict[str, str] | None = None, base_info: dict[str, Any] | None = None,
-                verified_chain: list[str] | None = None) -> tuple[PatchRecord, list[Any]]:
+                verified_chain: list[str] | None = None,
+                model: ModelHandle | torch.nn.Module | None = None) -> tuple[PatchRecord, list[Any]]:
         """Append a validated patch to the release order. Conflicts refuse unless `force`.
 
-        `base_modules`/`base_info`: fingerprints and description of the real base model when the
-        caller loaded it (recorded on the first release, compared on later ones).
-        `verified_chain`: the released ids the caller applied, with this patch, to that base
-        model without error; it vouches for edits the fingerprint walk cannot place, provided the
-        release has not changed since.
+        `model`: the real base model (a ModelHandle from load_model, or the model itself). The
+        patch, on top of the released ones, is applied to it and reverted first (`fit_check`), and
+        its fingerprints, the checked chain and its source are recorded; without it the release
+        rests on the fingerprint walk over the patches alone.
+        `base_modules`/`base_info`/`verified_chain`: the same evidence, when the caller has already
+        checked the model itself (recorded on the first release, compared on later ones).
         """
-        from rankone.lifecycle.conflicts import explain, find_conflicts, fit_release
+        from rankone.lifecycle.conflicts import explain, find_conflicts, fit_release, relation_map
 
         pid = self.resolve(ref)
+        if model is not None:
+            base_modules, verified_chain = self.fit_check(pid, model)
+            if isinstance(model, ModelHandle) and model.source:
+                src = Path(model.source)
+                base_info = dict(base_info or {}, name_or_path=str(src.resolve()) if src.exists() else model.source)
+                if relations is None and model.folder is not None:
+                    relations = relation_map(model.folder)
         patch = self.load_patch(pid)
         actor = actor or os_user()
         with self._tx() as db:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from rankone.core.errors import RankoneError
 
@@ -25,7 +26,7 @@ def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
 @dataclass
 class EditHParams:
     method: str = "r-rome"  # which key enters where in the update, see rome.rank_one_update
-    layer: int | None = None  # None: the model's recorded edit layer, else n_layers // 4
+    layer: int | None = None  # None: the model card's layer, else n_layers // 4 (models.card.default_layer)
     # value optimisation (ROME paper defaults)
     v_steps: int = 20
     v_lr: float = 0.5
@@ -80,12 +81,58 @@ class EditHParams:
 
     @classmethod
     def for_model(cls, model: Any, **overrides: Any) -> "EditHParams":
-        """The paper's defaults, then what the model folder recommends, then `overrides`."""
-        from rankone.models.load import recommended_hparams
+        """The paper's defaults, then what the model card recommends, then `overrides` (the user's).
 
+        `model` is a ModelHandle, a ModelCard, None (no recommendations) or a model loaded from a
+        folder (its card is found through the folder transformers recorded as its name_or_path).
+        """
+        card = _card_of(model)
+        rec = card.recommended() if card is not None else {}
         names = {f.name for f in dataclasses.fields(cls)}
-        rec = {k: v for k, v in recommended_hparams(model).items() if k in names}
+        unknown = sorted(set(rec) - names)
+        if unknown:
+            where = card.folder / "rankone.json" if card is not None and card.folder else "the model card"
+            raise RankoneError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(names)}")
         return cls.from_dict({**rec, **overrides})
 
+    def over(self, model: Any) -> "EditHParams":
+        """These hyper-parameters merged over the model card's recommendations: the fields the
+        caller set win, the others come from the card, then the paper's defaults (as the CLI does)."""
+        return type(self).for_model(model, **self.given)
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The fields the caller set: constructor arguments, from_dict keys and replace() changes."""
+        return {k: getattr(self, k) for k in sorted(getattr(self, "_given", ()))}
+
     def replace(self, **changes: Any) -> "EditHParams":
-        return dataclasses.replace(self, **changes)
+        new = dataclasses.replace(self, **changes)
+        new._given = frozenset(getattr(self, "_given", ())) | frozenset(changes)
+        return new
+
+
+def _record_given(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass __init__ to remember which fields the caller passed (not a field itself:
+    it is neither compared, nor saved, nor shown)."""
+    names = [f.name for f in dataclasses.fields(EditHParams)]
+
+    @functools.wraps(init)
+    def __init__(self: EditHParams, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._given = frozenset(names[: len(args)]) | frozenset(kwargs)
+
+    return __init__
+
+
+EditHParams.__init__ = _record_given(EditHParams.__init__)  # type: ignore[method-assign]
+
+
+def _card_of(model: Any) -> Any:
+    from rankone.models.card import ModelCard
+    from rankone.models.handle import ModelHandle
+
+    if model is None or isinstance(model, ModelCard):
+        return model
+    if isinstance(model, ModelHandle):
+        return model.card
+    return ModelHandle.of(model, None).card

@@ -1,9 +1,10 @@
-"""Loading a user's model directory (offline) and what rankone remembers about it."""
+"""Loading a model as users have it: a local Hugging Face folder, a .gguf file or a hub id."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.models.card import find_card
+from rankone.models.handle import ModelHandle
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -47,79 +50,89 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' or 'name' that is not a path on this machine (no ./, /, ~, no such file)."""
+    return (bool(_HUB_ID.match(name)) and not name.startswith((".", "~")) and not name.endswith(".gguf")
+            and not Path(name).exists())
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def load_model(
     path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
     device_map: str | None = None, arch_spec: dict[str, Any] | None = None,
-) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a local folder; the architecture is checked before weights load."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+) -> ModelHandle:
+    """The model at `path`: a local Hugging Face folder, a .gguf file (dequantized to `dtype`) or a
+    hub id (from the local cache when offline). Returns a ModelHandle, which unpacks as
+    `model, tok = load_model(path)`. The architecture is checked before any weights load."""
+    name = str(path)
+    if name.endswith(".gguf") or Path(name).is_file():
+        return _load_gguf(Path(name), device, dtype, device_map, arch_spec)
+    if not Path(name).exists() and looks_like_hub_id(name):
+        return _load_hub(name, device, dtype, device_map, arch_spec)
     p = check_model_dir(path)
+    spec = _spec_of(p, arch_spec, {"local_files_only": True})
+    model, tok = _from_pretrained(str(p), f"the model in {p}", device, dtype, device_map, {"local_files_only": True})
+    return ModelHandle(model, tok, spec, str(p), find_card(p))
+
+
+def _spec_of(where: str | Path, arch_spec: dict[str, Any] | None, kw: dict[str, Any],
+             unreadable: str | None = None) -> arch.ArchSpec:
+    """The architecture spec from the config alone (before any weights load)."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(p, local_files_only=True)
+        config = AutoConfig.from_pretrained(where, **kw)
     except (OSError, ValueError) as e:
-        raise RankoneError(f"cannot read {p}/config.json: {str(e).splitlines()[0]}") from None
-    spec = arch.spec_for_config(config, arch_spec)  # table, else discovery on a weightless copy
-    kw: dict[str, Any] = {"local_files_only": True}
+        raise RankoneError(unreadable or f"cannot read {where}/config.json: {str(e).splitlines()[0]}") from None
+    return arch.spec_for_config(config, arch_spec)  # table, else discovery on a weightless copy
+
+
+def _from_pretrained(where: str, what: str, device: str, dtype: str | None, device_map: str | None,
+                     kw: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     td = parse_dtype(dtype)
-    kw["dtype"] = td if td is not None else torch.float32
+    mkw: dict[str, Any] = dict(kw, dtype=td if td is not None else torch.float32)
     if device_map:
-        kw["device_map"] = device_map
+        mkw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, **kw)
-        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, **mkw)
+        tok = AutoTokenizer.from_pretrained(where, **kw)
     except (OSError, ValueError, RuntimeError) as e:
-        raise RankoneError(f"cannot load the model in {p}: {str(e).splitlines()[0]}") from None
+        raise RankoneError(f"cannot load {what}: {str(e).splitlines()[0]}") from None
     if not device_map:
         model.to(device)
-    model.eval()
-    if arch_spec is not None:
-        arch.attach_spec(model, spec)
-    model._rankone_dir = str(p)  # type: ignore[attr-defined]
-    return model, tok
+    return model.eval(), tok
 
 
-def model_dir(model: torch.nn.Module) -> Path | None:
-    d = getattr(model, "_rankone_dir", None) or getattr(model.config, "_name_or_path", None)
-    return Path(d) if d and Path(d).is_dir() else None
+def _load_gguf(p: Path, device: str, dtype: str | None, device_map: str | None,
+               arch_spec: dict[str, Any] | None) -> ModelHandle:
+    from rankone.models.gguf import check_gguf_file, load_gguf, sha256_file
+
+    if device_map:
+        raise RankoneError("--device-map does not apply to a .gguf file (it is dequantized in memory); use --device")
+    td = parse_dtype(dtype)
+    if td == "auto":
+        td = None
+    p = check_gguf_file(p)
+    model, tok = load_gguf(p, dtype=td or torch.float32, device=device)
+    spec = arch.spec_for(model, arch_spec)
+    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), sha256_file(p))
 
 
-def testbed_info(model: torch.nn.Module) -> dict[str, Any]:
-    """What a built-in testbed recorded beside its weights (world.json), or {}."""
-    d = model_dir(model)
-    if d is None or not (d / "world.json").is_file():
-        return {}
-    try:
-        return json.loads((d / "world.json").read_text())
-    except json.JSONDecodeError:
-        return {}
-
-
-def recommended_hparams(model: torch.nn.Module) -> dict[str, Any]:
-    """Hyper-parameters a model folder recommends for itself (like ROME's per-model hparams files).
-
-    A testbed's world.json may hold `edit_hparams` (and `edit_layer`); other models recommend
-    nothing and get the paper's defaults.
-    """
-    info = testbed_info(model)
-    rec = dict(info.get("edit_hparams") or {})
-    if isinstance(info.get("edit_layer"), int):
-        rec.setdefault("layer", info["edit_layer"])
-    return rec
-
-
-def default_layer(model: torch.nn.Module) -> int:
-    info = testbed_info(model)
-    if isinstance(info.get("edit_layer"), int):
-        return info["edit_layer"]
-    return arch.num_layers(model) // 4
-
-
-def default_corpus(model: torch.nn.Module) -> Path:
-    d = model_dir(model)
-    if d is not None and (d / "corpus.txt").is_file():
-        return d / "corpus.txt"
-    raise RankoneError(
-        "no corpus for the key statistics: pass --stats-corpus with a .txt file, a folder of "
-        ".txt files or a .jsonl file with a 'text' field (ordinary text in the model's language)"
-    )
+def _load_hub(hub_id: str, device: str, dtype: str | None, device_map: str | None,
+              arch_spec: dict[str, Any] | None) -> ModelHandle:
+    offline = _hub_offline()
+    kw = {"local_files_only": True} if offline else {}
+    why = ("the hub is not reachable (offline, HF_HUB_OFFLINE=1) and it is not in the local cache" if offline
+           else "it cannot be fetched from the Hugging Face hub")
+    spec = _spec_of(hub_id, arch_spec, kw, f"model {hub_id} is not a local folder or .gguf file, and as a hub id {why}: "
+                                           "pass a local Hugging Face model folder or a .gguf file")
+    model, tok = _from_pretrained(hub_id, f"{hub_id} from the Hugging Face hub", device, dtype, device_map, kw)
+    return ModelHandle(model, tok, spec, hub_id)

@@ -313,11 +313,15 @@ def _reached(acc: dict[str, float], cfg: TrainConfig) -> bool:
 
 def save_testbed(out: Path, model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
                  lines: list[str]) -> None:
-    """Write an ordinary Hugging Face model directory plus world.json / corpus.txt."""
+    """Write an ordinary Hugging Face model directory plus world.json (the facts), corpus.txt and
+    rankone.json (the model card: what the engine should use to edit it)."""
+    from rankone.models.card import CARD_FILE
+
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "train_config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
     world.save(out)
+    world.model_card().save(out / CARD_FILE)
     for f in out.iterdir():  # save_pretrained writes some files 0600; package data must be readable
         f.chmod(0o644)

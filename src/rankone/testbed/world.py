@@ -22,9 +22,12 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from rankone.core.errors import RankoneError
+
+if TYPE_CHECKING:
+    from rankone.models.card import ModelCard
 
 WORLD_FILE = "world.json"
 CORPUS_FILE = "corpus.txt"
@@ -187,6 +190,14 @@ class World:
                        encoding="utf-8")
         os.replace(tmp, target)
         return target
+
+    def model_card(self) -> "ModelCard":
+        """The model card a testbed folder carries (rankone.json): the build's recommended layer and
+        hyper-parameters, its training text as the statistics corpus, its facts as known cases."""
+        from rankone.models.card import ModelCard
+
+        return ModelCard(layer=self.edit_layer, hparams=dict(self.edit_hparams), stats_corpus="corpus.txt",
+                         cases=WORLD_FILE, notes=f"rankone testbed: the {self.name!r} world ({self.kind}), {self.arch}")
 
 
 # ====================================================================== synthetic worlds

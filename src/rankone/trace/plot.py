@@ -12,7 +12,8 @@ import os
 from typing import Any, Sequence
 
 from rankone.core.atomic import write_bytes
-from rankone.trace.tracing import AIE, CaseTrace
+from rankone.trace.runs import CaseTrace
+from rankone.trace.tracing import AIE
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLOURS = {"hidden": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}

@@ -3,8 +3,8 @@
     ν = noise_factor · σ, σ = std of the embeddings of subject tokens (cached per embedding weights)
     AIE(kind, layer) = mean over facts of IE at the subject's last token (cached per model)
 
-The clean, corrupted and restored runs on one prompt (`trace_case`) are `trace_runs`; their names
-are re-exported here.
+The clean, corrupted and restored runs on one prompt (`trace_case`, `TraceSettings`) are
+`rankone.trace.runs`; the layer choice built on the AIE is `rankone.trace.layer_choice`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -24,15 +25,7 @@ from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256, tensors_sha256
 from rankone.methods.stats import cache_root
 from rankone.core.tokens import encode, token_span
-from rankone.trace.runs import (  # noqa: F401  (re-exported: one prompt's trace stays importable from here)
-    KINDS,
-    CaseTrace,
-    Site,
-    TraceSettings,
-    default_window,
-    trace_case,
-    window_layers,
-)
+from rankone.trace.runs import TraceSettings, default_window, trace_case
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.trace.tracing/1"
@@ -122,11 +115,27 @@ class AIE:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-Fact = tuple[str, str, "str | None"]  # (prompt with {} or the subject, subject, answer or None)
+class SubjectPrompt(NamedTuple):
+    """What tracing needs of a fact: a prompt, its subject and the true answer (None: the model's own)."""
+
+    prompt: str  # with {} for the subject, or the subject written in
+    subject: str
+    answer: str | None
+
+
+T = TypeVar("T")
+
+
+def sample_facts(facts: Sequence[T], n: int, seed: int = 0) -> list[T]:
+    """At most n facts: all of them, or a seeded sample kept in their order (n ≤ 0: all)."""
+    if n <= 0 or len(facts) <= n:
+        return list(facts)
+    keep = sorted(random.Random(seed).sample(range(len(facts)), n))
+    return [facts[i] for i in keep]
 
 
 def average_indirect_effect(
-    model: torch.nn.Module, tok: Any, facts: Sequence[Fact], noise_scale: float,
+    model: torch.nn.Module, tok: Any, facts: Sequence[SubjectPrompt], noise_scale: float,
     settings: TraceSettings | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> AIE:
     s = settings or TraceSettings()
@@ -171,7 +180,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def facts_sha256(facts: Sequence[Fact]) -> str:
+def facts_sha256(facts: Sequence[SubjectPrompt]) -> str:
     return hashlib.sha256(json.dumps([list(f) for f in facts]).encode()).hexdigest()
 
 
@@ -180,7 +189,7 @@ def aie_cache_dir(model_fp: str) -> Any:
 
 
 def cached_aie(
-    model: torch.nn.Module, tok: Any, facts: Sequence[Fact], settings: TraceSettings,
+    model: torch.nn.Module, tok: Any, facts: Sequence[SubjectPrompt], settings: TraceSettings,
     noise_subjects: Sequence[str], source: str = "", model_fp: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AIE:
