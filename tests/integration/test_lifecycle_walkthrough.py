@@ -63,7 +63,8 @@ def plan(base: Path, world: dict) -> dict:
 
     from rankone.models.generation import target_logprob
 
-    model, tok = load_model(base)
+    handle = load_model(base)
+    model, tok = handle
     rel = {r["id"]: r for r in world["relations"]}
     facts = world["facts"]
     ask = lambda f: rel[f["relation"]]["phrasings"][0].replace("{}", f["subject"])  # noqa: E731
@@ -81,7 +82,7 @@ def plan(base: Path, world: dict) -> dict:
          "heldout": " ".join(rel[f["relation"]]["phrasings"][f["heldout"][0]].replace("{}", f["subject"]) + f" {f['object']}."
                              for f in held)}
     avoid = {f["subject"] for f in keep + held}
-    editor = Editor(model, tok, EditHParams.for_model(model, **json.loads(WALK_HPARAMS)), progress=False)  # as `rankone edit` does
+    editor = Editor(handle, EditHParams.from_dict(json.loads(WALK_HPARAMS)), progress=False)  # over the card, as `rankone edit`
 
     def passing(name: str, relations: list[str], ok_subject, reference: list, limit: int, n_targets: int = 2,
                 skip_target: str = ""):

@@ -104,7 +104,7 @@ def test_world_folder_loads(tmp_path):
     ('{"a": 1}\n{oops', "bad.jsonl", r"bad.jsonl:2 is not valid JSON"),
     ("[]", "empty.json", "holds no usable cases"),
     ('{"x": 1}', "obj.json", "must hold a JSON list"),
-    ('[{"prompt": "a"}]', "keys.json", "record 0: neither flat CounterFact"),
+    ('[{"prompt": "a"}]', "keys.json", "record 0: each case needs a 'prompt' and a 'subject'"),
     ('[{"requested_rewrite": {"prompt": "{} is", "subject": "A"}}]', "rw.json", r"record 0: requested_rewrite lacks \['target_new', 'target_true'\]"),
     ('[{"prompt": "Alba is in", "subject": "Alba", "target_new": " ", "ground_truth": "B"}]', "empty_target.json", "record 0: the target is empty"),
 ])

@@ -61,7 +61,7 @@ def test_top1_and_knows_agree_with_the_argmax(tok):
         m.transformer.ln_f.bias += 200 * w / w.norm()
     prompt = "Danielle Darrieux was born in"
     assert greedy(m, tok, prompt, 2).replace(" ", "").startswith("P")
-    case = lambda true: Case("c", EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"), true)  # noqa: E731
+    case = lambda true: Case.of("c", EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"), true)  # noqa: E731
     assert knows(m, tok, [case("P"), case("Paris"), case("Rome")]) == [True, True, False]
     s = score(m, tok, [(prompt, "P"), (prompt, "Paris"), (prompt, "Rome")])
     assert [x.first_ok for x in s] == [True, True, False]
@@ -70,7 +70,7 @@ def test_top1_and_knows_agree_with_the_argmax(tok):
 
 def test_case_metrics_match_hand_computation(model, tok):
     req = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
-    case = Case("c1", req, "Paris", paraphrase_prompts=["Danielle Darrieux is a native of", "The home town of Danielle Darrieux is"],
+    case = Case.of("c1", req, "Paris", paraphrase_prompts=["Danielle Darrieux is a native of", "The home town of Danielle Darrieux is"],
                 neighborhood_prompts=["Toko Yasuda was born in", "The Eiffel Tower is in"],
                 neighborhood_targets=["Tokyo", "Paris"])
     for norm in ("mean", "sum"):
@@ -92,7 +92,7 @@ def test_case_metrics_match_hand_computation(model, tok):
 
 def test_a_case_whose_new_target_is_the_true_one_scores_no_efficacy(model, tok):
     # p(new) > p(true) is strict: equal probabilities are not a success (ES = PS = 0)
-    case = Case("c", EditRequest.create("{} plays the", "Toko Yasuda", "guitar"), "guitar",
+    case = Case.of("c", EditRequest.create("{} plays the", "Toko Yasuda", "guitar"), "guitar",
                 ["Toko Yasuda is a player of the"], ["Danielle Darrieux plays the"], ["guitar"])
     m = evaluate_cases(model, tok, [case])[0]
     assert m["es"] == 0.0 and m["ps"] == 0.0 and m["ns"] == 0.0 and m["em"] == 0.0

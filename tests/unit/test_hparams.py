@@ -6,7 +6,7 @@ import pytest
 
 from rankone.core.errors import RankoneError
 from rankone.methods.hparams import EditHParams
-from rankone.trace.tracing import TraceSettings
+from rankone.trace.runs import TraceSettings
 
 
 def test_hparams_round_trip_through_json() -> None:

@@ -14,7 +14,8 @@ from rankone.edit.editor import Editor
 from rankone.core.errors import RankoneError
 from rankone.methods.hparams import EditHParams
 from rankone.eval.plots import report, summarize_run
-from rankone.eval.sequential import Guard, SequentialConfig, SequentialRun, read_run, spaced
+from rankone.edit.guard import Guard
+from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run, spaced
 from rankone.core.tokens import EditRequest
 from tiny import corpus_text, make_model
 
@@ -28,7 +29,7 @@ def make_cases():
     out = []
     for i, s in enumerate(SUBJECTS):
         other = SUBJECTS[(i + 1) % len(SUBJECTS)]
-        out.append(Case(f"c{i}", EditRequest.create("{} was born in", s, CITIES[i]), CITIES[(i + 3) % 8],
+        out.append(Case.of(f"c{i}", EditRequest.create("{} was born in", s, CITIES[i]), CITIES[(i + 3) % 8],
                         [f"The birthplace of {s} is"], [f"{other} was born in"], [CITIES[(i + 4) % 8]],
                         [f"{s} was born in", f"{s} is"]))
     return out

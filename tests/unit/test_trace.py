@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from rankone.core import architectures as arch
+from rankone.core.errors import RankoneError
+from rankone.trace import runs as R
 from rankone.trace import tracing as T
-from rankone.trace.tracing import TraceSettings, average_indirect_effect, cached_aie, trace_case, window_layers
+from rankone.trace.runs import TraceSettings, trace_case, window_layers
+from rankone.trace.tracing import average_indirect_effect, cached_aie
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
 PROMPT, SUBJECT = "The home of {} is", "Danielle Darrieux"
@@ -25,7 +28,7 @@ def test_zero_noise_every_restoration_gives_the_clean_probability(model_type, to
     assert tr.correct and len(tr.positions) == len(tr.tokens)
     assert tr.p_clean > 0.05
     assert tr.p_corrupted == pytest.approx(tr.p_clean, rel=1e-4)
-    for kind in T.KINDS:
+    for kind in R.KINDS:
         s = torch.tensor(tr.scores[kind])
         assert s.shape == (len(tr.tokens), arch.num_layers(model))
         assert torch.allclose(s, torch.full_like(s, tr.p_clean), rtol=1e-4, atol=0), (kind, s, tr.p_clean)
@@ -43,7 +46,7 @@ def test_noise_corrupts_and_restorations_act_where_they_should(model_type, tok, 
     # The last block's output at the last token fixes the logits: restoring it restores p_clean.
     assert hidden[-1, n_layers - 1].item() == pytest.approx(tr.p_clean, rel=1e-4)
     # Tokens before the subject never see the noise (causal attention): restoring them does nothing.
-    for kind in T.KINDS:
+    for kind in R.KINDS:
         before = torch.tensor(tr.scores[kind])[:first]
         assert first > 0 and torch.allclose(before, torch.full_like(before, tr.p_corrupted), rtol=1e-4, atol=0)
 
@@ -79,7 +82,7 @@ def test_wrong_answer_is_reported_not_traced(tok):
 
 
 def test_window_follows_the_paper():
-    assert T.default_window(4) == 1 and T.default_window(12) == 3 and T.default_window(48) == 10
+    assert R.default_window(4) == 1 and R.default_window(12) == 3 and R.default_window(48) == 10
     assert window_layers(0, 10, 48) == [0, 1, 2, 3, 4]
     assert window_layers(20, 10, 48) == list(range(15, 25))
     assert window_layers(47, 10, 48) == list(range(42, 48))
@@ -91,7 +94,7 @@ def test_settings_round_trip_and_refuse_bad_values():
     assert TraceSettings.from_dict(s.to_dict()) == s
     for bad, msg in [(dict(n_samples=0), "noise samples"), (dict(window=0), "window"),
                      (dict(kinds=["mlpp"]), "unknown trace kind"), (dict(noise_factor=-1), "noise level")]:
-        with pytest.raises(T.RankoneError, match=msg):
+        with pytest.raises(RankoneError, match=msg):
             TraceSettings(**bad)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rankone.cli.main import main
-from rankone.cli.trace import load_cases
+from rankone.cli.trace import load_facts
 from tiny import corpus_text, make_model
 
 FAST_EDIT = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
@@ -60,8 +60,9 @@ def test_cases_give_the_aie_per_layer_and_a_plot(capsys, model_dir, tmp_path):
         {"prompt": "The home of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "Rome"},
         {"prompt": "{} was born in", "subject": "Toko Yasuda", "target_new": "Paris", "ground_truth": "Tokyo"},
     ]))
-    facts, subjects = load_cases(cases)
-    assert facts[0][2] is None and facts[1][2] == "Tokyo" and subjects == ["Danielle Darrieux", "Toko Yasuda"]
+    fs = load_facts(cases)
+    facts, subjects = fs.facts, fs.subjects
+    assert facts[0].answer is None and facts[0].prompt == "The home of {} is" and facts[1].answer == "Tokyo" and subjects == ["Danielle Darrieux", "Toko Yasuda"]
     code, out, err = trace(capsys, model_dir, tmp_path / "a", "--cases", cases, "--heatmaps", "1", "--kinds", "mlp,attn")
     assert code == 0, err
     d = json.loads((tmp_path / "a" / "aie.json").read_text())
@@ -132,28 +133,32 @@ def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
 
 
-def test_auto_layer_falls_back_to_the_requests_when_the_testbed_facts_are_unknown(tmp_path, tok, monkeypatch):
-    import argparse
+def test_choose_layer_falls_back_to_the_requests_when_the_card_facts_are_unknown(tmp_path, tok, monkeypatch):
     import shutil
 
     from rankone.core.errors import RankoneError
+    from rankone.core.tokens import EditRequest
+    from rankone.models.card import ModelCard
     from rankone.models.load import load_model
     from rankone.testbed.world import SyntheticSpec, synthetic_world
-    from rankone.cli.trace import auto_layer
+    from rankone.cli.trace import known_facts
+    from rankone.trace.layer_choice import choose_layer
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "tiny-testbed"
     make_model("gpt2", initializer_range=0.5).save_pretrained(d)
     tok.save_pretrained(d)
     synthetic_world("tiny", SyntheticSpec(n_subjects=3, n_relations=2), seed=0).save(d)  # facts it never learnt
-    model, t = load_model(d)
-    args = argparse.Namespace(requests=None, prompt="The home of {} is", subject="Danielle Darrieux", target="Rome", quiet=True)
-    layer, ev = auto_layer(model, t, args)
-    assert "edit requests" in ev["source"] and ev["n_facts"] == 1 and layer == ev["layer"]
-    assert "testbed facts" in ev["not_used"][0] and "none of the 6 facts" in ev["not_used"][0]
+    ModelCard(cases="world.json").save(d / "rankone.json")  # the card says the model knows them
+    handle = load_model(d)
+    req = EditRequest.create("The home of {} is", "Danielle Darrieux", "Rome")
+    choice = choose_layer(handle, [req], known=lambda: known_facts(handle))
+    ev = choice.evidence()
+    assert "edit requests" in ev["source"] and ev["n_facts"] == 1 and choice.layer == ev["layer"]
+    assert "the model card's cases" in ev["not_used"][0] and "none of the 6 facts" in ev["not_used"][0]
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(RankoneError, match="needs edit requests"):
-        auto_layer(model, t, argparse.Namespace(requests=None, prompt=None, subject=None, target=None, quiet=True))
+        choose_layer(handle, [])
 
 
 def test_edit_layer_auto_on_the_builtin_testbed_traces_its_facts(capsys, tmp_path, monkeypatch):
@@ -172,6 +177,6 @@ def test_edit_layer_auto_on_the_builtin_testbed_traces_its_facts(capsys, tmp_pat
     assert code == 0, err
     e = json.loads((tmp_path / "p" / "patch.json").read_text())["edits"][0]
     choice = e["diagnostics"]["layer_choice"]
-    assert choice["source"] == "testbed world.json" and choice["n_facts"] >= 90
-    assert len(choice["aie"]) == w.get("n_layer", len(choice["aie"])) and e["layer"] == choice["layer"]
+    assert choice["source"] == f"{d / 'world.json'} (the model card's cases)" and choice["n_facts"] >= 90
+    assert len(choice["aie"]) == 4 and e["layer"] == choice["layer"]  # the built-in has 4 layers
     assert max(choice["aie"]) > 0.01  # the testbed knows its facts: restoring some MLP matters

@@ -154,11 +154,16 @@ def _template(rec: dict[str, Any]) -> str:
     return str(rec["prompt"]).replace(str(rec["subject"]), "{}", 1)
 
 
+def _filled(rec: dict[str, Any]) -> str:
+    """The record's prompt with the subject written in (CounterFact writes it in; a `{}` is filled)."""
+    return str(rec["prompt"]).replace("{}", str(rec["subject"]), 1)
+
+
 def flat_cases(records: list[dict[str, Any]], n_neighbours: int = 10) -> list[Case]:
     """Cases from flat CounterFact records; neighbours pooled by (template, true answer)."""
     pool: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for r in records:
-        pool.setdefault((_template(r), _str(r["ground_truth"])), []).append((str(r["subject"]), str(r["prompt"])))
+        pool.setdefault((_template(r), _str(r["ground_truth"])), []).append((str(r["subject"]), _filled(r)))
     out = []
     for r in records:
         subj, true = str(r["subject"]), _str(r["ground_truth"])
@@ -197,7 +202,7 @@ def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: 
             elif "request" in r and "target_true" in r:
                 out.append(Case.from_dict(r))
             elif all(k in r for k in FLAT_KEYS):
-                if str(r["subject"]) not in str(r["prompt"]):
+                if str(r["subject"]) not in _filled(r):
                     skipped += 1  # a known CounterFact quirk: the subject is spelt otherwise in the prompt
                     continue
                 EditRequest.create(str(r["prompt"]), str(r["subject"]), _str(r["target_new"]))  # validate here, with i

@@ -90,7 +90,7 @@ class ModelHandle:
         """What a patch records as its base model."""
         cfg = self.model.config
         info: dict[str, Any] = {"model_type": cfg.model_type, "name_or_path": str(getattr(cfg, "_name_or_path", "")),
-                                "n_layers": self.n_layers}
+                                "n_layers": self.n_layers, "arch": arch.describe(self.model, self.spec)}
         if self.source_sha256:
             info["gguf_sha256"] = self.source_sha256
         return info
