@@ -26,7 +26,7 @@ from _report import table, write_section  # noqa: E402
 
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.methods.hparams import EditHParams  # noqa: E402
-from rankone.models.load import default_corpus, default_layer, load_model  # noqa: E402
+from rankone.models.load import load_model  # noqa: E402
 from rankone.methods.stats import collect_mom2  # noqa: E402
 from rankone.core.tokens import EditRequest  # noqa: E402
 
@@ -56,9 +56,10 @@ def main() -> None:
 
         args.model = str(builtin_model_dir())
     d = Path(args.model)
-    model, tok = load_model(d)
-    layer = default_layer(model)
-    corpus = default_corpus(model)
+    handle = load_model(d)
+    model, tok = handle
+    layer = handle.default_layer()
+    corpus = handle.stats_corpus()
 
     t0 = time.perf_counter()
     _, count = collect_mom2(model, tok, [layer], corpus, n_tokens=10**9, progress=False)

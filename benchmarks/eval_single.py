@@ -52,7 +52,8 @@ def main() -> None:
 
     out = ROOT / "runs" / "eval_single" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model)
+    handle = load_model(args.model)
+    model, tok = handle
     t0 = time.perf_counter()
     cases = load_cases(args.cases)
     n_loaded = len(cases)
@@ -76,7 +77,7 @@ def main() -> None:
     extra = json.loads(args.hparams) if args.hparams else {}
     rows, results = [], {}
     for method in args.methods.split(","):
-        hp = EditHParams.for_model(model, **extra, method=method, **({"layer": args.layer} if args.layer is not None else {}))
+        hp = EditHParams.for_model(handle, **extra, method=method, **({"layer": args.layer} if args.layer is not None else {}))
         f = out / f"{method}.jsonl"
         done = {r["case_id"]: r for r in read_jsonl(f)}
         todo = [c for c in cases if c.case_id not in done]
@@ -86,7 +87,7 @@ def main() -> None:
             with open(f, "a") as fh:
                 fh.write(json.dumps(m) + "\n")
 
-        evaluate_single_edits(model, tok, todo, hp, gen_tokens=args.gen_tokens, progress=True, on_result=save)
+        evaluate_single_edits(handle, None, todo, hp, gen_tokens=args.gen_tokens, progress=True, on_result=save)
         got = {r["case_id"]: r for r in read_jsonl(f)}
         per = [got[c.case_id] for c in cases]
         s = summarize(per)

@@ -52,10 +52,11 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     from rankone.core.tokens import EditRequest
 
     world = World.load(model_dir)
-    model, tok = load_model(model_dir)
+    handle = load_model(model_dir)
+    model, tok = handle
     rng = random.Random(seed)
     facts = rng.sample(world.facts, n)
-    ed = Editor(model, tok, EditHParams.for_model(model), progress=False)  # as `rankone edit` does
+    ed = Editor(handle, EditHParams(), progress=False)  # the model card's recommendations, as `rankone edit`
     flips = para = para_n = kept = kept_n = own = own_n = 0
     t0 = time.monotonic()
     for f in facts:

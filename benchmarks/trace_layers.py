@@ -47,8 +47,9 @@ from rankone.methods.hparams import EditHParams  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
 from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.testbed import World, builtin_model_dir  # noqa: E402
-from rankone.trace.tracing import TraceSettings, aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, trace_case  # noqa: E402
-from rankone.cli.trace import load_cases, sample_facts  # noqa: E402
+from rankone.trace.runs import TraceSettings, trace_case  # noqa: E402
+from rankone.trace.tracing import aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, sample_facts  # noqa: E402
+from rankone.cli.trace import load_facts  # noqa: E402
 from rankone.trace.plot import plot_aie, plot_trace  # noqa: E402
 
 
@@ -121,7 +122,8 @@ def main() -> int:
 
     # 1. average indirect effect over testbed facts (cached per model)
     settings = TraceSettings(n_samples=args.samples, seed=args.seed)
-    facts, subjects = load_cases(model_dir)
+    known = load_facts(model_dir)
+    facts, subjects = known.facts, known.subjects
     t0 = time.perf_counter()
     before = set((aie_cache_dir(fp)).glob("aie-*.json")) if aie_cache_dir(fp).is_dir() else set()
     aie = cached_aie(model, tok, sample_facts(facts, args.n_aie, args.seed), settings, subjects, "testbed world.json", fp)

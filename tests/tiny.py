@@ -61,3 +61,50 @@ def make_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def write_gguf(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """A tiny llama model and its byte-level BPE tokenizer as a float32 .gguf file (llama.cpp's
+    layout, q/k rows permuted as llama.cpp's converter does), written with the `gguf` package."""
+    import json
+
+    import gguf
+
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(cfg.hidden_size // n_head)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+    w.add_token_types([1] * len(tok))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+
+    def permute(t: torch.Tensor, heads: int) -> torch.Tensor:  # HF rotary halves -> llama.cpp interleaved
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    for k, v in model.state_dict().items():
+        base, suffix = k.rsplit(".", 1)
+        t = v.detach().float()
+        if base.endswith("q_proj"):
+            t = permute(t, n_head)
+        elif base.endswith("k_proj"):
+            t = permute(t, n_kv)
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

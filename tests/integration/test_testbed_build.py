@@ -65,6 +65,14 @@ def test_builtin_was_trained_on_what_the_build_would_write(where) -> None:
     assert cfg.label_smoothing == preset.label_smoothing
     fresh.profile_style = preset.profile_style
     assert (d / "corpus.txt").read_text(encoding="utf-8").splitlines() == corpus_lines(fresh, cfg.filler_ratio)
+    # the model card is what the build writes: its layer rule and hyper-parameters for this world
+    from rankone.models.card import ModelCard
+    from rankone.testbed.build import edit_hparams_for, edit_layer_for
+
+    card = ModelCard.load(d / "rankone.json")
+    assert card == w.model_card()
+    assert card.layer == edit_layer_for(cfg.n_layer) and card.hparams == edit_hparams_for(fresh)
+    assert card.resolve(card.stats_corpus) == d.resolve() / "corpus.txt" and card.resolve(card.cases) == d.resolve() / "world.json"
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_build_writes_an_ordinary_hf_directory(tiny_build: tuple[Path, dict]) ->
     out, rep = tiny_build
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "world.json", "corpus.txt",
-            "train_config.json", "report.json"} <= names
+            "train_config.json", "report.json", "rankone.json"} <= names
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temp dirs left
     model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -77,6 +77,10 @@ def test_build_writes_an_ordinary_hf_directory(tiny_build: tuple[Path, dict]) ->
     assert len(tok) == model.config.vocab_size
     w = World.load(out)
     assert w.arch == "gpt2" and w.edit_layer == 0 and set(w.accuracy) >= {"train", "heldout"}
+    from rankone.models.card import ModelCard
+
+    card = ModelCard.load(out / "rankone.json")  # what the engine reads: the build's recommendations
+    assert (card.layer, card.hparams, card.stats_corpus, card.cases) == (0, w.edit_hparams, "corpus.txt", "world.json")
     assert rep["train"]["params"] == sum(p.numel() for p in model.parameters())
     assert (out / "corpus.txt").read_text().count("\n") > len(w.facts)
 

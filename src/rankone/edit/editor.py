@@ -54,9 +54,13 @@ class Editor:
         progress: bool = True,
     ) -> None:
         if isinstance(model, ModelHandle):
-            if isinstance(tok, EditHParams):  # Editor(handle, hp, ...)
-                if hparams is not None:
+            if isinstance(tok, EditHParams):  # Editor(handle, hp[, stats_corpus[, cache_dir]], ...)
+                if isinstance(hparams, EditHParams):
                     raise TypeError("Editor(handle, hparams, ...) takes the hyper-parameters once")
+                if hparams is not None:  # the positions after the handle's hparams shift by one
+                    if cache_dir is not None:
+                        raise TypeError("Editor(handle, hparams, stats_corpus, cache_dir): too many arguments")
+                    stats_corpus, cache_dir = hparams, stats_corpus
                 tok, hparams = None, tok
             if tok is not None:
                 raise TypeError("Editor(handle, ...) takes no tokenizer: the handle holds it")
