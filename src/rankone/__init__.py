@@ -1,6 +1,7 @@
 """rankone: rank-one model editing (ROME, r-ROME, p-ROME) for Hugging Face causal LMs.
 
     from rankone import load_model, EditRequest, EditHParams, Editor, Patch, apply_patch, revert_patch
+    from rankone import ModelHandle, ModelCard     # what load_model returns; rankone.json beside a model
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ _API = {
     "load_model": "rankone.models.load", "EditRequest": "rankone.core.tokens", "EditHParams": "rankone.methods.hparams",
     "Editor": "rankone.edit.editor", "edit": "rankone.edit.editor", "Patch": "rankone.artifacts.patch",
     "apply_patch": "rankone.artifacts.patch", "revert_patch": "rankone.artifacts.patch", "compose": "rankone.artifacts.patch",
-    "RankoneError": "rankone.core.errors",
+    "RankoneError": "rankone.core.errors", "ModelHandle": "rankone.models.handle", "ModelCard": "rankone.models.card",
 }
 __all__ = sorted(_API)
 

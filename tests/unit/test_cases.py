@@ -127,3 +127,30 @@ def test_the_shared_counterfact_file_loads():
     assert len(cases) == 300
     assert sum(len(c.neighborhood_prompts) for c in cases) > 300  # pooled neighbours beyond the record's own
     assert all(isinstance(c, Case) and c.request.subject in c.prompt for c in cases)
+
+
+def test_fact_records_are_cases_to_trace_not_to_edit(tmp_path):
+    # one loader for every case file: facts (prompt, subject, the true answer under any of its names)
+    p = write(tmp_path, "facts.jsonl", "\n".join(json.dumps(r) for r in [
+        {"prompt": "{} was born in", "subject": "Toko Yasuda", "answer": "Tokyo"},
+        {"prompt": "The home of Danielle Darrieux is", "subject": "Danielle Darrieux"},
+        {"prompt": "{} plays the", "subject": "Toko Yasuda", "target": "guitar", "target_new": "violin"},
+    ]))
+    a, b, c = load_cases(p)
+    assert (a.template, a.subject, a.target_true, a.target_new) == ("{} was born in", "Toko Yasuda", "Tokyo", None)
+    assert (b.template, b.target_true) == ("The home of {} is", None) and b.prompt == "The home of Danielle Darrieux is"
+    assert (c.target_true, c.target_new, c.request.target) == ("guitar", "violin", "violin")
+    with pytest.raises(RankoneError, match="has no new target"):
+        a.check_editable()
+    with pytest.raises(RankoneError, match="has no true answer"):
+        Case("x", "{} is", "A", None, "B").check_editable()
+    save_cases(tmp_path / "again.jsonl", [a, b])
+    assert [x.to_dict() for x in load_cases(tmp_path / "again.jsonl")] == [a.to_dict(), b.to_dict()]
+    with pytest.raises(RankoneError, match=r"facts.jsonl:2: each case needs a 'prompt' and a 'subject'"):
+        load_cases(write(tmp_path, "facts.jsonl", '{"prompt": "{} is", "subject": "A"}\n{"prompt": "x"}\n'))
+
+
+def test_flat_records_may_mark_the_subject_with_braces(tmp_path):
+    recs = [dict(FLAT[0], prompt="The mother tongue of {} is"), FLAT[1]]
+    a, b = load_cases(write(tmp_path, "cf.json", recs))
+    assert a.prompt == FLAT[0]["prompt"] and b.neighbours() == [("The mother tongue of Danielle Darrieux is", "French")]
