@@ -112,7 +112,6 @@ def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, n
     from rankone.trace.tracing import resolve_noise
 
     model, tok = handle
-
     nu = resolve_noise(model, tok, settings, noise_subjects)
     tr = trace_case(model, tok, args.prompt, args.subject, args.target, nu, settings)
     if not tr.correct:

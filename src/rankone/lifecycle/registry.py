@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -109,7 +109,7 @@ class Registry(RegistryStore):
         rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
         return [(r[0], self.load_patch(r[0])) for r in rows]
 
-    def check_model(self, model: ModelHandle | torch.nn.Module, extra_modules: list[str] = ()) -> dict[str, str]:
+    def check_model(self, model: ModelHandle | torch.nn.Module, extra_modules: Sequence[str] = ()) -> dict[str, str]:
         """Refuse a model that is not this registry's base; its fingerprints when it is."""
         spec = model.spec if isinstance(model, ModelHandle) else None
         m = model.model if isinstance(model, ModelHandle) else model
