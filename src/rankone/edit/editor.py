@@ -18,10 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
-from rankone.core.fingerprint import tensor_sha256
 from rankone.methods.hparams import EditHParams
 from rankone.models.load import default_corpus, default_layer
-from rankone.artifacts.patch import Edit, Patch, library_versions, merged, now, revert_fix, revert_patch
+from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, now, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.stats import LayerStats, layer_stats
 from rankone.core.tokens import EditRequest, sample_prefixes
@@ -109,23 +108,14 @@ class Editor:
         layer = info["layer"]
         path = arch.proj_path(self.model, layer)
         w = arch.weight_oi(arch.get_module(self.model, path))
-        u, v = upd.u.float(), upd.v.float()  # the patch stores float32; merge exactly what it stores
-        before = w.detach().clone()
-        after = merged(before, u, v)
-        if not torch.isfinite(after).all():
-            raise FloatingPointError(f"edit of {path} overflows {w.dtype}")
-        fix_idx, fix_val = revert_fix(before, after, u, v)
+        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
+        e, after = make_edit(  # the method's rank-one u vᵀ is the patch's B = u (one column), A = vᵀ (one row)
+            w.detach().clone(), upd.u[:, None], upd.v[None, :], module=path, layer=layer, request=request.to_dict(),
+            method=hp.method, hparams=hp.to_dict(), seed=hp.seed, context_templates=info["templates"],
+            diagnostics=diag, author=author, reason=reason)
         with torch.no_grad():
             w.copy_(after)
-        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
-        return Edit(
-            module=path, layer=layer, u=u.cpu(), v=v.cpu(), request=request.to_dict(),
-            method=hp.method, hparams=hp.to_dict(), seed=hp.seed,
-            delta_fro=float(u.double().norm() * v.double().norm()), weight_dtype=str(w.dtype).replace("torch.", ""),
-            weight_shape=list(w.shape), sha256_before=tensor_sha256(before), sha256_after=tensor_sha256(after),
-            fix_idx=fix_idx, fix_val=fix_val, context_templates=info["templates"], diagnostics=diag,
-            author=author, reason=reason, created_at=now(),
-        )
+        return e
 
     def edit(
         self, requests: Iterable[EditRequest], keep: bool = False, author: str | None = None,
