@@ -44,12 +44,14 @@ def save_model_dir(model: torch.nn.Module, tok: Any, out: str | os.PathLike, ove
 def save_merged(model: torch.nn.Module, tok: Any, patches: list[Patch], patch_paths: list[str],
                 originals: dict[str, torch.Tensor], out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model (patches already applied in memory) with the record needed to revert it."""
+    refuse_reapplied(getattr(model, "_rankone_dir", None), patches)
     prior = _read_record(getattr(model, "_rankone_dir", None))
     record = {
         "format": "rankone.merged", "created_at": now(), "library_versions": library_versions(),
         "patches": (prior.get("patches", []) if prior else []) + [
-            {"path": str(pp), "n_edits": len(p.edits), "created_at": p.created_at,
-             "edits": [{"module": e.module, "request": e.request, "method": e.method} for e in p.edits]}
+            {"path": str(pp), "id": p.content_id(), "n_edits": len(p.edits), "created_at": p.created_at,
+             "edits": [{"module": e.module, "request": e.request, "method": e.method, "rank": e.rank,
+                        "sha256_before": e.sha256_before, "sha256_after": e.sha256_after} for e in p.edits]}
             for p, pp in zip(patches, patch_paths)
         ],
         "base_sha256": {m: tensor_sha256(w) for m, w in originals.items()},
@@ -63,7 +65,33 @@ def save_merged(model: torch.nn.Module, tok: Any, patches: list[Patch], patch_pa
 def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:
     if d is None or not (Path(d) / RECORD / "applied.json").is_file():
         return None
-    return json.loads((Path(d) / RECORD / "applied.json").read_text())
+    f = Path(d) / RECORD / "applied.json"
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RankoneError(f"{f} is corrupt ({e}); restore the folder or start from the base model") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
+        raise RankoneError(f"{f} is not a rankone record; restore the folder or start from the base model")
+    return rec
+
+
+def refuse_reapplied(model_dir: str | os.PathLike | None, patches: list[Patch]) -> None:
+    """Refuse patches (or edits) that the model folder's `rankone/` record says are already merged in."""
+    prior = _read_record(model_dir)
+    if not prior:
+        return
+    done = [q for q in prior.get("patches", []) if isinstance(q, dict)]
+    ids = {q.get("id") for q in done}
+    after = {(e.get("module"), e.get("sha256_after")) for q in done for e in q.get("edits", []) if isinstance(e, dict)}
+    for p in patches:
+        pid = p.content_id()
+        if pid in ids:
+            raise RankoneError(f"{model_dir} already carries patch {pid[:16]} (its {RECORD}/applied.json lists it); "
+                               "a patch applies once: apply it to the base model instead")
+        for e in p.edits:
+            if (e.module, e.sha256_after) in after:
+                raise RankoneError(f"{model_dir} already carries this edit of {e.module} ({e.sha256_after[:12]}…, "
+                                   f"listed in {RECORD}/applied.json); an edit applies once")
 
 
 def _read_originals(d: Path) -> dict[str, torch.Tensor]:
