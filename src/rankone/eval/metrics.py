@@ -28,7 +28,7 @@ import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
-from rankone.models.generation import perplexity  # noqa: F401  (re-exported: held-out perplexity)
+from rankone.models.generation import context_limit, perplexity  # noqa: F401  (re-exported: held-out perplexity)
 from rankone.core.tokens import encode, join_target, token_span
 
 NORMS = ("mean", "sum")
@@ -48,11 +48,6 @@ class Scored:
 
     def p(self, norm: str = "mean") -> float:
         return math.exp(self.logprob / self.n_tokens if norm == "mean" else self.logprob)
-
-
-def _limit(model: torch.nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20)
 
 
 def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[int], int, int]:
@@ -77,7 +72,7 @@ def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[i
 @torch.no_grad()
 def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[Scored]:
     """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length."""
-    limit = _limit(model)
+    limit = context_limit(model)
     enc = [_encode_pair(tok, p, t, limit) for p, t in pairs]
     dev = next(model.parameters()).device
     out: list[Scored | None] = [None] * len(enc)
@@ -210,7 +205,7 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int 
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(tok, prompt)[0]], device=dev)
     gen = torch.Generator().manual_seed(seed)
-    limit = _limit(model)
+    limit = context_limit(model)
     out = model(input_ids=ids, use_cache=True)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -355,7 +350,7 @@ def alignable(model: torch.nn.Module, tok: Any, cases: Sequence[Case]) -> tuple[
     from rankone.core.tokens import encode_request
 
     ok, why = [], []
-    limit = _limit(model)
+    limit = context_limit(model)
     for c in cases:
         try:
             encode_request(tok, c.request)

@@ -34,7 +34,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.models.generation import first_word, greedy, perplexity, target_logprob
+from rankone.models.generation import answer_matches, first_word, greedy, perplexity, target_logprob  # noqa: F401  (answer_matches re-exported)
 from rankone.artifacts.patch import Patch, apply_patch, lowrank_fro, now
 
 CHECK_TYPES = ("target", "keep", "perplexity")
@@ -235,12 +235,6 @@ def format_table(report: GateReport, width: int = 34) -> str:
 
 
 # ---- running the gates ----------------------------------------------------------------------
-
-
-def answer_matches(continuation: str, target: str) -> bool:
-    """Does the continuation start with the target as whole words ("Paris" ≠ "Parisian")?"""
-    c, t = " ".join(continuation.split()), " ".join(target.split())
-    return c.startswith(t) and (len(c) == len(t) or not c[len(t)].isalnum())
 
 
 def _answer(model: torch.nn.Module, tok: Any, prompt: str, n_tokens: int) -> str:
