@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,12 +86,14 @@ NAMES = [("es", "efficacy ES"), ("em", "efficacy magnitude EM"), ("ps", "paraphr
 # ---- rankone eval --------------------------------------------------------------------------
 
 
-def _measure(model: Any, tok: Any, cases: list[Any], args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _measure(model: Any, tok: Any, cases: list[Any], args: argparse.Namespace,
+             label: str = "") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from rankone.core.progress import track
     from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, perplexity
 
-    per = evaluate_cases(model, tok, cases, args.norm)
+    per = evaluate_cases(model, tok, cases, args.norm, desc=f"scoring ({label})")
     if args.gen_tokens > 0:
-        for c, m in zip(cases, per):
+        for c, m in track(list(zip(cases, per)), f"fluency ({label})", "cases"):
             m["fluency"] = fluency(model, tok, c.generation_prompts, args.gen_tokens)[0]
     extra: dict[str, Any] = {}
     if args.ppl_text:
@@ -102,8 +104,8 @@ def _measure(model: Any, tok: Any, cases: list[Any], args: argparse.Namespace) -
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rankone.core.atomic import write_json
-    from rankone.eval.cases import load_cases
+    from rankone.core.atomic import check_out_file, write_json
+    from rankone.eval.cases import edited_by, load_cases
     from rankone.eval.metrics import GLUE_TASKS, evaluate_single_edits, load_glue, summarize
     from rankone.methods.hparams import EditHParams
     from rankone.artifacts.patch import Patch, apply_patch
@@ -112,8 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
     if not args.patch and not args.edit_each:
         raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
-    if os.path.isdir(args.out):
-        raise RankoneError(f"--out {args.out} is a folder; give a .json file path")
+    check_out_file(args.out)  # not a folder, and writable: refused now, not after the measuring
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -128,16 +129,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cases, info = _select(model, tok, cases, args.known_only, args.quiet)
     cases = cases[: args.n] if args.n else cases
 
-    before, extra_b = _measure(model, tok, cases, args)
+    before, extra_b = _measure(model, tok, cases, args, "before")
     if patches:
         handle = apply_patch(model, patches)
         try:
-            after, extra_a = _measure(model, tok, cases, args)
+            after, extra_a = _measure(model, tok, cases, args, "after")
         finally:
             handle.revert()
-        edited = {json.dumps(e.request, sort_keys=True) for p in patches for e in p.edits}
-        for c, m in zip(cases, after):
-            m["edited"] = json.dumps(c.request.to_dict(), sort_keys=True) in edited
+        exact, same_fact = edited_by(cases, [e.request for p in patches for e in p.edits])
+        for m, x in zip(after, exact):
+            m["edited"] = x
+        _say_edited(patches, cases, exact, same_fact)
     else:
         after = evaluate_single_edits(model, tok, cases, hp, args.stats_corpus, args.norm, args.gen_tokens,
                                       progress=not args.quiet)
@@ -171,6 +173,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
+
+
+def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
+    """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
+    facts = [f"{e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}" for p in patches for e in p.edits]
+    print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
+    hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
+    if hit:
+        print(f"edited cases among the {len(cases)}: {', '.join(hit[:20])}" + (" …" if len(hit) > 20 else ""))
+        return
+    near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
+    why = (f"; case(s) {', '.join(near[:3])} ask the same question with another target" if near else "")
+    print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
+          f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
 
 
 # ---- rankone bench sequential ----------------------------------------------------------------

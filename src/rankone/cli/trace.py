@@ -240,11 +240,10 @@ def _trace_cases(model: Any, tok: Any, args: argparse.Namespace, settings: Trace
 
 
 def _bar(total: int, quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
+    """A progress callback step(i, n) for the tracing library (core.progress display)."""
+    from rankone.core.progress import Progress
 
-    bar = tqdm(total=total, desc="tracing", unit="fact", leave=False)
+    bar = Progress(total, "tracing", "facts", enabled=not quiet)
 
     def step(i: int, n: int) -> None:
         bar.update(i - bar.n)
@@ -254,8 +253,7 @@ def _bar(total: int, quiet: bool) -> Any:
 
 
 def _close(step: Any) -> None:
-    if step is not None:
-        step.bar.close()
+    step.bar.close()
 
 
 # ---- `rankone edit --layer auto` -------------------------------------------------------------------

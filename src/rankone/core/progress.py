@@ -33,12 +33,17 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """A counted piece of work. `update(n)` after each step; `close()` (or leave the `with`) at the end."""
+    """A counted piece of work. `update(n)` after each step; `close()` (or leave the `with`) at the end.
 
-    def __init__(self, total: int | None, desc: str, unit: str = "step", enabled: bool = True,
-                 delay: float = 0.0, min_interval: float = 2.0, stream: TextIO | None = None) -> None:
+    `unit` is plural ("cases"); `initial` counts steps done before (a resumed run): the estimate
+    uses the rate of this session only. `note(text)` adds a short status (e.g. the latest scores).
+    """
+
+    def __init__(self, total: int | None, desc: str, unit: str = "steps", enabled: bool = True,
+                 delay: float = 0.0, min_interval: float = 2.0, stream: TextIO | None = None, initial: int = 0) -> None:
         self.total, self.desc, self.unit = total, desc, unit
-        self.n = 0
+        self.n = self.initial = initial
+        self._note = ""
         self.delay, self.min_interval = delay, min_interval
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled and not _QUIET
@@ -51,7 +56,7 @@ class Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, delay=delay,
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, initial=initial)
         elif self.enabled and delay <= 0:
             self._line(force=True)
 
@@ -71,14 +76,21 @@ class Progress:
         else:
             self._line(force=not self._estimated)  # the first estimate as soon as there is one
 
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        self._note = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def left(self) -> float | None:
         """Seconds left at the mean rate so far (None before the first step or without a total)."""
-        if self.total is None or self.n == 0:
+        if self.total is None or self.n == self.initial:
             return None
-        return self.elapsed() / self.n * (self.total - self.n)
+        return self.elapsed() / (self.n - self.initial) * (self.total - self.n)
 
     def _line(self, force: bool = False, final: bool = False) -> None:
         now = time.perf_counter()
@@ -91,8 +103,9 @@ class Progress:
             tail = f"done in {clock(self.elapsed())}"
         elif (left := self.left()) is not None:
             tail += f", about {clock(left)} left"
-        self._estimated = self._estimated or self.n > 0
-        print(f"rankone: {self.desc}: {count} {self.unit}s, {tail}", file=self.stream, flush=True)
+        self._estimated = self._estimated or self.n > self.initial
+        note = f" ({self._note})" if self._note else ""
+        print(f"rankone: {self.desc}: {count} {self.unit}{note}, {tail}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
@@ -105,7 +118,7 @@ class Progress:
         self.enabled = False
 
 
-def progress(items: Iterable[Any], desc: str, unit: str = "step", total: int | None = None,
+def track(items: Iterable[Any], desc: str, unit: str = "steps", total: int | None = None,
              enabled: bool = True, delay: float = 0.0) -> Iterator[Any]:
     """Iterate with a progress display (see `Progress`)."""
     if total is None and hasattr(items, "__len__"):

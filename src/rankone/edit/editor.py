@@ -19,7 +19,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.hooks import after_forward
-from rankone.core.progress import Progress, progress
+from rankone.core.progress import Progress, track
 from rankone.methods.hparams import EditHParams
 from rankone.models.load import default_corpus, default_layer
 from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, now, revert_patch
@@ -92,7 +92,7 @@ class Editor:
         t0 = time.perf_counter()
         key = compute_key(self.model, self.tok, request, layer, templates)
         t1 = time.perf_counter()
-        with Progress(hp.v_steps, f"value optimisation ({request.subject} -> {request.target})", "step",
+        with Progress(hp.v_steps, f"value optimisation ({request.subject} -> {request.target})", "steps",
                       enabled=self.progress, delay=2.0) as bar, after_forward(self.model, bar.update):
             value = compute_value(self.model, self.tok, request, layer, templates, hp)  # one forward pass a step
         t2 = time.perf_counter()
@@ -134,7 +134,7 @@ class Editor:
         reqs = list(requests)
         patch = Patch([], base=self.base_info(), created_at=now(), library_versions=library_versions())
         try:
-            for req in progress(reqs, "edits", "edit", enabled=self.progress and len(reqs) > 1):
+            for req in track(reqs, "edits", "edits", enabled=self.progress and len(reqs) > 1):
                 upd, info = self.compute(req)
                 why = guard(upd, req) if guard is not None else None
                 if why:

@@ -22,12 +22,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
+from rankone.core.progress import Progress, track
 from rankone.models.generation import context_limit, perplexity  # noqa: F401  (re-exported: held-out perplexity)
 from rankone.core.tokens import encode, join_target, token_span
 
@@ -70,8 +71,10 @@ def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[i
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[Scored]:
-    """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length."""
+def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+          on_batch: Callable[[int], None] | None = None) -> list[Scored]:
+    """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length.
+    `on_batch(n)` is called after each batch with the number of pairs it scored (for progress)."""
     limit = context_limit(model)
     enc = [_encode_pair(tok, p, t, limit) for p, t in pairs]
     dev = next(model.parameters()).device
@@ -95,6 +98,8 @@ def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], ba
             lp = logp[r, pos - 1, tgt]  # [n_target_tokens]; the logit at p-1 predicts token p
             am = logp[r, pos - 1].argmax(-1)
             out[i] = Scored(float(lp.sum()), len(pos), bool((am == tgt).all()), bool(am[0] == tgt[0]))
+        if on_batch is not None:
+            on_batch(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -151,10 +156,13 @@ def case_metrics(case: Case, scored: Sequence[Scored], norm: str = "mean") -> di
 
 
 def evaluate_cases(model: torch.nn.Module, tok: Any, cases: Sequence[Case], norm: str = "mean",
-                   batch_size: int = 64) -> list[dict[str, Any]]:
-    """Per-case metrics on the model as it is now (all cases scored in one batched pass)."""
+                   batch_size: int = 64, desc: str = "") -> list[dict[str, Any]]:
+    """Per-case metrics on the model as it is now (all cases scored in one batched pass).
+    With `desc`, a progress display (see core.progress) counts the scored prompts."""
     pairs = [_pairs_of(c) for c in cases]
-    flat = score(model, tok, [x for ps in pairs for x in ps], batch_size)
+    flat_pairs = [x for ps in pairs for x in ps]
+    with Progress(len(flat_pairs), desc, "prompts", enabled=bool(desc)) as bar:
+        flat = score(model, tok, flat_pairs, batch_size, on_batch=bar.update)
     out, i = [], 0
     for c, ps in zip(cases, pairs):
         out.append(case_metrics(c, flat[i:i + len(ps)], norm))
@@ -315,14 +323,12 @@ def evaluate_single_edits(model: torch.nn.Module, tok: Any, cases: Sequence[Case
     ‖Δ‖_F, the update's denominators and the seconds the edit took; `on_result(metrics)` is
     called after each case.
     """
-    from tqdm.auto import tqdm
-
     from rankone.edit.editor import Editor
     from rankone.artifacts.patch import revert_patch
 
     ed = Editor(model, tok, hparams, stats_corpus, progress=progress)
     out = []
-    for c in tqdm(cases, desc=f"single edits ({hparams.method})", unit="edit", disable=not progress):
+    for c in track(cases, f"single edits ({hparams.method})", "edits", enabled=progress):
         t0 = time.perf_counter()
         patch = ed.edit([c.request], keep=True)
         t_edit = time.perf_counter() - t0

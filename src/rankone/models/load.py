@@ -68,8 +68,10 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(p, **kw)
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise RankoneError(f"cannot load the model in {p}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch, safetensors and tokenizers each raise their own types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RankoneError(f"cannot load the model in {p} ({type(e).__name__}: {first}); "
+                           "check that its files are complete (a truncated download?)") from None
     if not device_map:
         model.to(device)
     model.eval()
