@@ -67,6 +67,10 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(getattr(args, "layer", None), int):
         given["layer"] = args.layer
     EditHParams.from_dict(given)  # fail before loading anything
+    corpus = getattr(args, "stats_corpus", None)
+    if corpus and not os.path.exists(corpus):
+        raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "
+                           "or a .jsonl file with a 'text' field")
     return given
 
 

@@ -150,10 +150,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): every sub-command's parser is of this class."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rankone import __version__
 
-    ap = argparse.ArgumentParser(prog="rankone", description="Rank-one model editing (ROME, r-ROME, p-ROME).")
+    ap = Parser(prog="rankone", description="Rank-one model editing (ROME, r-ROME, p-ROME).")
     ap.add_argument("--version", action="version", version=f"rankone {__version__}", help="print the version and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
