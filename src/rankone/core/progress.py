@@ -73,7 +73,7 @@ class Progress:
         self.n += step
         if self._bar is not None:
             self._bar.update(step)
-        else:
+        elif self.total is None or self.n < self.total:  # the last step is close()'s line
             self._line(force=not self._estimated)  # the first estimate as soon as there is one
 
     def note(self, text: str) -> None:
