@@ -111,7 +111,7 @@ def restore_base(model: torch.nn.Module, model_dir: str | os.PathLike) -> list[s
     if not record or not originals:
         raise RankoneError(f"{model_dir} has no rankone record of its base weights; pass the applied patches with --patch")
     for m, w in originals.items():
-        if tensor_sha256(w) != record["base_sha256"].get(m):
+        if tensor_sha256(w) != (record.get("base_sha256") or {}).get(m):
             raise RankoneError(f"{model_dir}/{RECORD} is inconsistent for {m}; revert with --patch instead")
         target = arch.weight_oi(arch.get_module(model, m))
         if list(target.shape) != list(w.shape):

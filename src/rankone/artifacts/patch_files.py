@@ -41,7 +41,8 @@ _HEX = set("0123456789abcdef")
 
 
 def canonical(man: dict[str, Any]) -> bytes:
-    return json.dumps(man, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # default=str: an in-memory patch may hold values JSON lacks (its id is still defined; saving would refuse them)
+    return json.dumps(man, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
 def manifest_sha256(man: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from rankone.core import architectures as arch
+from rankone.core.errors import RankoneError
 from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress, track
 from rankone.methods.hparams import EditHParams
@@ -166,7 +167,10 @@ def outcome(model: torch.nn.Module, tok: Any, request: EditRequest) -> dict[str,
     prompt = request.text()[0]
     n = len(tok(" " + request.target, add_special_tokens=False)["input_ids"]) + 1
     answer = greedy(model, tok, prompt, n)
-    p = math.exp(target_logprob(model, tok, prompt, request.target))
+    try:
+        p = math.exp(target_logprob(model, tok, prompt, request.target))
+    except RankoneError:  # a target the tokenizer cannot align after this prompt: no probability, still an answer
+        p = float("nan")
     return {"p_target": p, "answer": answer.strip(), "reached": answer_matches(answer, request.target)}
 
 
