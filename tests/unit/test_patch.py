@@ -39,16 +39,18 @@ def test_save_load_roundtrip(made, tmp_path):
     model, p1, _ = made
     p1.save(tmp_path / "p")
     man = json.loads((tmp_path / "p" / "patch.json").read_text())
-    assert man["schema_version"] == 1 and man["edits"][0]["module"] == "transformer.h.1.mlp.c_proj"
+    assert man["schema_version"] == 2 and man["edits"][0]["module"] == "transformer.h.1.mlp.c_proj"
     e = man["edits"][0]
-    for k in ("u", "v", "request", "method", "layer", "hparams", "seed", "delta_fro", "sha256_before",
+    assert e["rank"] == 1 and sorted(man["payload_sha256"]) == ["edits.0.A", "edits.0.B", "edits.0.fix.idx", "edits.0.fix.val"]
+    for k in ("B", "A", "request", "method", "layer", "hparams", "seed", "delta_fro", "sha256_before",
               "sha256_after", "author", "reason", "created_at"):
         assert k in e
     assert man["library_versions"]["torch"]
     q = Patch.load(tmp_path / "p")
-    assert torch.equal(q.edits[0].u, p1.edits[0].u) and torch.equal(q.edits[0].v, p1.edits[0].v)
+    assert torch.equal(q.edits[0].B, p1.edits[0].B) and torch.equal(q.edits[0].A, p1.edits[0].A)
+    assert q.edits[0].B.shape == (32, 1) and q.edits[0].A.shape == (1, 128)  # gpt2 c_proj [out 32, in 128], k = 1
     assert q.edits[0].author == "ana" and q.edits[0].hparams == HP.to_dict()
-    assert abs(q.edits[0].delta_fro - float(p1.edits[0].u.norm() * p1.edits[0].v.norm())) < 1e-4
+    assert abs(q.edits[0].delta_fro - float(p1.edits[0].B.norm() * p1.edits[0].A.norm())) < 1e-4
     assert not [f for f in (tmp_path).iterdir() if f.name.startswith(".")]  # no temp leftovers
 
 
@@ -75,8 +77,8 @@ def test_foreign_base_is_refused_and_model_untouched(made, tok, corpus):
 
 def test_non_finite_delta_is_refused(made):
     model, p1, _ = made
-    bad = Patch([p1.edits[0].__class__(**{**p1.edits[0].__dict__, "u": p1.edits[0].u.clone()})])
-    bad.edits[0].u[0] = float("nan")
+    bad = Patch([p1.edits[0].__class__(**{**p1.edits[0].__dict__, "B": p1.edits[0].B.clone()})])
+    bad.edits[0].B[0, 0] = float("nan")
     st = state(model)
     with pytest.raises(RankoneError, match="non-finite"):
         apply_patch(model, bad)
@@ -90,7 +92,7 @@ def test_overflow_in_half_precision_is_refused(made):
     w = arch.weight_oi(arch.get_module(half, e.module))
     from rankone.core.fingerprint import tensor_sha256
 
-    huge = Patch([e.__class__(**{**e.__dict__, "u": e.u * 1e6, "v": e.v * 1e6, "sha256_before": tensor_sha256(w)})])
+    huge = Patch([e.__class__(**{**e.__dict__, "B": e.B * 1e6, "A": e.A * 1e6, "sha256_before": tensor_sha256(w)})])
     st = state(half)
     with pytest.raises(RankoneError, match="overflow"):
         apply_patch(half, huge)

@@ -12,7 +12,7 @@ import torch
 from rankone.core import architectures as arch
 from rankone.cli.main import main
 from rankone.core.fingerprint import tensor_sha256
-from rankone.artifacts.patch import Edit, Patch, apply_patch, merged, now, revert_fix
+from rankone.artifacts.patch import Patch, apply_patch, make_edit, now
 from rankone.lifecycle.registry import Registry, content_id
 from tiny import make_model
 
@@ -23,18 +23,15 @@ FAIL = {"results": [{"passed": False}], "suite": {"sha256": "x"}}
 
 
 def synth_patch(model, module=M1, seed=0, subject="Danielle Darrieux", prompt="{} was born in", target="Rome",
-                scale=1e-3, v=None) -> Patch:
-    """A real one-edit patch (exact revert fix and fingerprints) with a random rank-one ΔW."""
+                scale=1e-3, A=None, rank=1) -> Patch:
+    """A real one-edit patch (exact revert fix and fingerprints) with a random ΔW = B A of rank `rank`."""
     w = arch.weight_oi(arch.get_module(model, module)).detach().clone()
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(w.shape[0], generator=g) * scale
-    v = torch.randn(w.shape[1], generator=g) if v is None else v.float()
-    after = merged(w, u, v)
-    fi, fv = revert_fix(w, after, u, v)
-    e = Edit(module=module, layer=int(module.split(".")[-3]), u=u, v=v,
-             request={"prompt": prompt, "subject": subject, "target": target}, method="r-rome", hparams={}, seed=seed,
-             delta_fro=float(u.norm() * v.norm()), weight_dtype="float32", weight_shape=list(w.shape),
-             sha256_before=tensor_sha256(w), sha256_after=tensor_sha256(after), fix_idx=fi, fix_val=fv, created_at=now())
+    k = rank if A is None else A.shape[0]
+    B = torch.randn(w.shape[0], k, generator=g) * scale  # [out, k]
+    A = torch.randn(k, w.shape[1], generator=g) if A is None else A.float()  # [k, in]
+    e, _ = make_edit(w, B, A, module=module, layer=int(module.split(".")[-3]), method="r-rome", hparams={}, seed=seed,
+                     request={"prompt": prompt, "subject": subject, "target": target})
     base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
     return Patch([e], base=base, created_at=now())
 
@@ -79,7 +76,7 @@ def test_content_id_store_and_idempotent_add(reg, model, tmp_path):
     assert reg.add(b, "alice", "second")[0].id != rec.id
     # the id is the content: one changed float gives another id
     p = Patch.load(a)
-    p.edits[0].u[0] += 1.0
+    p.edits[0].B[0, 0] += 1.0
     assert content_id(saved(p, tmp_path / "a2")) != rec.id
     assert reg.resolve(rec.id[:6]) == rec.id and reg.resolve(a) == rec.id
 
@@ -145,13 +142,13 @@ def test_conflicts_refused_unless_forced(reg, model, tmp_path):
     with pytest.raises(Exception, match=r"conflict.*rewrites the fact.*--force") as ei:
         reg.release(same)
     assert "Danielle Darrieux was born in -> Rome" in str(ei.value)
-    # another fact whose C⁻¹-weighted key (v) nearly equals the released one's
-    near = first.edits[0].v + 0.05 * torch.randn(first.edits[0].v.shape, generator=torch.Generator().manual_seed(3))
-    close = ready(reg, saved(synth_patch(model, seed=3, subject="Toko Yasuda", v=near), tmp_path / "c"))
+    # another fact whose C⁻¹-weighted key (the row of A) nearly equals the released one's
+    near = first.edits[0].A + 0.05 * torch.randn(first.edits[0].A.shape, generator=torch.Generator().manual_seed(3))
+    close = ready(reg, saved(synth_patch(model, seed=3, subject="Toko Yasuda", A=near), tmp_path / "c"))
     with pytest.raises(Exception, match=r"keys of cosine 0\.9\d+ > 0\.9"):
         reg.release(close)
     # the same key on another module is no conflict; an unrelated key is none either
-    reg.release(ready(reg, saved(synth_patch(model, M2, seed=4, subject="Paris", v=first.edits[0].v), tmp_path / "d")))
+    reg.release(ready(reg, saved(synth_patch(model, M2, seed=4, subject="Paris", A=first.edits[0].A), tmp_path / "d")))
     reg.release(ready(reg, saved(synth_patch(model, seed=5, subject="Rome", prompt="{} is in"), tmp_path / "e")))
     rec, conflicts = reg.release(same, "alice", force=True)
     assert rec.state == "released" and [c.kind for c in conflicts] == ["same-fact"]

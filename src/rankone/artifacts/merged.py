@@ -71,12 +71,14 @@ def _copy_card(handle: ModelHandle, out: Path) -> None:
 def save_merged(handle: ModelHandle, patches: list[Patch], patch_paths: list[str],
                 originals: dict[str, torch.Tensor], out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model (patches already applied in memory) with the record needed to revert it."""
+    refuse_reapplied(handle.folder, patches)
     prior = _read_record(handle.folder)
     record = {
         "format": "rankone.merged", "created_at": now(), "library_versions": library_versions(),
         "patches": (prior.get("patches", []) if prior else []) + [
-            {"path": str(pp), "n_edits": len(p.edits), "created_at": p.created_at,
-             "edits": [{"module": e.module, "request": e.request, "method": e.method} for e in p.edits]}
+            {"path": str(pp), "id": p.content_id(), "n_edits": len(p.edits), "created_at": p.created_at,
+             "edits": [{"module": e.module, "request": e.request, "method": e.method, "rank": e.rank,
+                        "sha256_before": e.sha256_before, "sha256_after": e.sha256_after} for e in p.edits]}
             for p, pp in zip(patches, patch_paths)
         ],
         "base_sha256": {m: tensor_sha256(w) for m, w in originals.items()},
@@ -93,7 +95,33 @@ def save_merged(handle: ModelHandle, patches: list[Patch], patch_paths: list[str
 def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:
     if d is None or not (Path(d) / RECORD / "applied.json").is_file():
         return None
-    return json.loads((Path(d) / RECORD / "applied.json").read_text())
+    f = Path(d) / RECORD / "applied.json"
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RankoneError(f"{f} is corrupt ({e}); restore the folder or start from the base model") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
+        raise RankoneError(f"{f} is not a rankone record; restore the folder or start from the base model")
+    return rec
+
+
+def refuse_reapplied(model_dir: str | os.PathLike | None, patches: list[Patch]) -> None:
+    """Refuse patches (or edits) that the model folder's `rankone/` record says are already merged in."""
+    prior = _read_record(model_dir)
+    if not prior:
+        return
+    done = [q for q in prior.get("patches", []) if isinstance(q, dict)]
+    ids = {q.get("id") for q in done}
+    after = {(e.get("module"), e.get("sha256_after")) for q in done for e in q.get("edits", []) if isinstance(e, dict)}
+    for p in patches:
+        pid = p.content_id()
+        if pid in ids:
+            raise RankoneError(f"{model_dir} already carries patch {pid[:16]} (its {RECORD}/applied.json lists it); "
+                               "a patch applies once: apply it to the base model instead")
+        for e in p.edits:
+            if (e.module, e.sha256_after) in after:
+                raise RankoneError(f"{model_dir} already carries this edit of {e.module} ({e.sha256_after[:12]}…, "
+                                   f"listed in {RECORD}/applied.json); an edit applies once")
 
 
 def _read_originals(d: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +141,7 @@ def restore_base(model: torch.nn.Module, model_dir: str | os.PathLike) -> list[s
     if not record or not originals:
         raise RankoneError(f"{model_dir} has no rankone record of its base weights; pass the applied patches with --patch")
     for m, w in originals.items():
-        if tensor_sha256(w) != record["base_sha256"].get(m):
+        if tensor_sha256(w) != (record.get("base_sha256") or {}).get(m):
             raise RankoneError(f"{model_dir}/{RECORD} is inconsistent for {m}; revert with --patch instead")
         target = arch.weight_oi(arch.get_module(model, m))
         if list(target.shape) != list(w.shape):

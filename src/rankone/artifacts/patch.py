@@ -1,16 +1,19 @@
-"""The patch artifact: rank-one edits as `patch.safetensors` + `patch.json`, applied and reverted exactly.
+"""The patch artifact: low-rank edits, applied and reverted exactly.
 
-Each edit is ΔW = u vᵀ in the nn.Linear [out, in] orientation. Merging computes W + u vᵀ in
-float64 and rounds once to the weight's dtype, which gives the same bits on every device. Since
-rounding can lose information, each edit also stores a sparse *revert fix*: the few elements
-where round(W' − u vᵀ) ≠ W, with their original values. Revert is therefore bit-exact from the
-patch alone, in fp32, fp16 and bf16 alike.
+Each edit is ΔW = B A in the nn.Linear [out, in] orientation, with LoRA's names: B [out, k] and
+A [k, in]; a rank-one edit (ROME's u vᵀ) is k = 1, B = u as one column and A = vᵀ as one row.
+Merging computes W + B A in float64 and rounds once to the weight's dtype; the k rank-one terms
+are added one at a time in a fixed order (a matrix product's summation order is not fixed across
+devices), which gives the same bits on every device. Since rounding can lose information, each
+edit also stores a sparse *revert fix*: the few elements where round(W' − B A) ≠ W, with their
+original values. Revert is therefore bit-exact from the patch alone, in fp32, fp16 and bf16 alike.
+
+The files (`patch.safetensors` + `patch.json`, digests, schema versions) are `patch_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,41 +21,47 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save
 
 from rankone.core import architectures as arch
-from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
+from rankone.artifacts.patch_files import FORMAT, SCHEMA_VERSION, content_id_of, read_patch_files, write_patch_files
 
-SCHEMA_VERSION = 1
-FORMAT = "rankone.artifacts.patch"
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 # ---- exact arithmetic on one weight ---------------------------------------------------------
 
 
-def merged(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """round(W + u vᵀ) in W's dtype; W [out, in], u [out], v [in]. Row blocks bound the float64 memory."""
+def merged(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """round(W + B A) in W's dtype; W [out, in], B [out, k], A [k, in]. Row blocks bound the float64 memory."""
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)  # contiguous even for Conv1D's transposed view
-    u64, v64 = u.to(w.device, torch.float64), v.to(w.device, torch.float64)
+    b64, a64 = B.to(w.device, torch.float64), A.to(w.device, torch.float64)
     step = max(1, (1 << 24) // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
-        out[r:r + step] = (w[r:r + step].double() + torch.outer(u64[r:r + step], v64)).to(w.dtype)
+        acc = w[r:r + step].double()  # [rows, in]
+        for j in range(a64.shape[0]):  # one rank-one term at a time: a fixed order of float64 adds
+            acc += torch.outer(b64[r:r + step, j], a64[j])
+        out[r:r + step] = acc.to(w.dtype)
     return out
 
 
-def unmerged(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return merged(w, -u, v)
+def unmerged(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    return merged(w, -B, A)
 
 
-def revert_fix(before: torch.Tensor, after: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def revert_fix(before: torch.Tensor, after: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices and values where unmerging `after` misses `before` by a rounding step."""
-    back = unmerged(after, u, v)
+    back = unmerged(after, B, A)
     it = _INT[before.dtype]
     bad = (back.reshape(-1).view(it) != before.reshape(-1).view(it)).nonzero()[:, 0]
     return bad.cpu(), before.reshape(-1)[bad].cpu()
+
+
+def lowrank_fro(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B A‖_F without forming B A: ‖BA‖² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ. B [out, k], A [k, in]."""
+    b, a = B.double(), A.double()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
 
 
 # ---- the artifact ---------------------------------------------------------------------------
@@ -62,8 +71,8 @@ def revert_fix(before: torch.Tensor, after: torch.Tensor, u: torch.Tensor, v: to
 class Edit:
     module: str  # e.g. "transformer.h.3.mlp.c_proj"
     layer: int
-    u: torch.Tensor  # [out] float32
-    v: torch.Tensor  # [in] float32
+    B: torch.Tensor  # [out, k] float32
+    A: torch.Tensor  # [k, in] float32; ΔW = B A
     request: dict[str, str]
     method: str
     hparams: dict[str, Any]
@@ -81,16 +90,42 @@ class Edit:
     reason: str | None = None
     created_at: str = ""
 
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
     def delta(self) -> torch.Tensor:
-        return torch.outer(self.u.double(), self.v.double())  # [out, in]
+        return self.B.double() @ self.A.double()  # [out, in]
 
     def manifest(self, i: int) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in (
             "module", "layer", "request", "method", "hparams", "seed", "delta_fro", "weight_dtype",
             "weight_shape", "sha256_before", "sha256_after", "context_templates", "diagnostics",
             "author", "reason", "created_at")}
-        d.update(u=f"edits.{i}.u", v=f"edits.{i}.v", fix=f"edits.{i}.fix", n_fix=int(self.fix_idx.numel()))
+        d.update(rank=self.rank, B=f"edits.{i}.B", A=f"edits.{i}.A", fix=f"edits.{i}.fix", n_fix=int(self.fix_idx.numel()))
         return d
+
+
+def make_edit(before: torch.Tensor, B: torch.Tensor, A: torch.Tensor, **fields: Any) -> tuple[Edit, torch.Tensor]:
+    """The edit ΔW = B A of weights `before` [out, in], and the weights it merges to (written nowhere).
+
+    The patch stores float32 factors, so the merge uses exactly what it stores. `fields` are the
+    Edit's descriptive fields (module, layer, request, method, hparams, seed, ...); the
+    fingerprints, the revert fix, ‖Δ‖_F, dtype and shape are computed here.
+    """
+    B, A = B.detach().float().cpu().contiguous(), A.detach().float().cpu().contiguous()
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0] or [B.shape[0], A.shape[1]] != list(before.shape):
+        raise RankoneError(f"edit factors B {list(B.shape)} and A {list(A.shape)} do not make a {list(before.shape)} update")
+    after = merged(before, B, A)
+    if not torch.isfinite(after).all():
+        raise RankoneError(f"the edit of {fields.get('module', 'the module')} overflows {before.dtype}; "
+                           "it is refused (nothing written)")
+    fix_idx, fix_val = revert_fix(before, after, B, A)
+    fields.setdefault("created_at", now())
+    e = Edit(B=B, A=A, delta_fro=lowrank_fro(B, A), weight_dtype=str(before.dtype).replace("torch.", ""),
+             weight_shape=list(before.shape), sha256_before=tensor_sha256(before), sha256_after=tensor_sha256(after),
+             fix_idx=fix_idx, fix_val=fix_val, **fields)
+    return e, after
 
 
 @dataclass
@@ -99,14 +134,16 @@ class Patch:
     base: dict[str, Any] = field(default_factory=dict)  # model_type, name_or_path
     created_at: str = ""
     library_versions: dict[str, str] = field(default_factory=dict)
+    # the content id of the files this patch was read from ("" when made in memory)
+    loaded_id: str = field(default="", repr=False, compare=False)
 
-    # -- files --
+    # -- files (see patch_files) --
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t: dict[str, torch.Tensor] = {}
         for i, e in enumerate(self.edits):
-            t[f"edits.{i}.u"] = e.u.float().contiguous()
-            t[f"edits.{i}.v"] = e.v.float().contiguous()
+            t[f"edits.{i}.B"] = e.B.float().contiguous()
+            t[f"edits.{i}.A"] = e.A.float().contiguous()
             t[f"edits.{i}.fix.idx"] = e.fix_idx.long().contiguous()
             t[f"edits.{i}.fix.val"] = e.fix_val.contiguous()
         return t
@@ -116,40 +153,22 @@ class Patch:
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "created_at": self.created_at,
             "base": self.base, "library_versions": self.library_versions,
             "edits": [e.manifest(i) for i, e in enumerate(self.edits)],
+            "payload_sha256": {k: tensor_sha256(v) for k, v in sorted(self.tensors().items())},
         }
 
+    def content_id(self) -> str:
+        """The id of the patch's content (the registry's id): of the files it was read from, else of what it would write."""
+        return self.loaded_id or content_id_of(self.manifest(), self.tensors())
+
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        with atomic_dir(path, overwrite) as tmp:
-            write_bytes(tmp / "patch.safetensors", save(self.tensors(), metadata={"format": FORMAT}))
-            write_json(tmp / "patch.json", self.manifest())
-        return Path(path)
+        return write_patch_files(path, self.manifest(), self.tensors(), overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Patch":
-        p = Path(path)
-        if not (p / "patch.json").is_file() or not (p / "patch.safetensors").is_file():
-            raise RankoneError(f"{p} is not a patch: it needs patch.json and patch.safetensors (made by `rankone edit --out`)")
-        try:
-            man = json.loads((p / "patch.json").read_text())
-            tensors = load_file(str(p / "patch.safetensors"))
-        except Exception as e:
-            raise RankoneError(f"patch {p} is corrupt ({type(e).__name__}: {e}); re-create it with `rankone edit`") from None
-        if man.get("format") != FORMAT or not isinstance(man.get("edits"), list):
-            raise RankoneError(f"{p}/patch.json is not a rankone patch manifest")
-        if man.get("schema_version") != SCHEMA_VERSION:
-            raise RankoneError(f"patch {p} has schema version {man.get('schema_version')}; this rankone reads version {SCHEMA_VERSION}")
-        edits = []
-        try:
-            for i, m in enumerate(man["edits"]):
-                kw = {k: m[k] for k in (f.name for f in dataclasses.fields(Edit)) if k in m}
-                kw.update(u=tensors[m["u"]], v=tensors[m["v"]], fix_idx=tensors[f"{m['fix']}.idx"], fix_val=tensors[f"{m['fix']}.val"])
-                e = Edit(**kw)
-                if list(e.u.shape) != [e.weight_shape[0]] or list(e.v.shape) != [e.weight_shape[1]]:
-                    raise ValueError(f"edit {i}: u/v shapes do not match weight_shape {e.weight_shape}")
-                edits.append(e)
-        except (KeyError, TypeError, ValueError) as e:
-            raise RankoneError(f"patch {p} is corrupt: {e}") from None
-        return cls(edits, man.get("base", {}), man.get("created_at", ""), man.get("library_versions", {}))
+        """Read and verify a patch folder (digests, shapes, types); any mismatch is one RankoneError line."""
+        man, edits, cid = read_patch_files(path, {f.name for f in dataclasses.fields(Edit)})
+        return cls([Edit(**kw) for kw in edits], man.get("base", {}), str(man.get("created_at", "")),
+                   man.get("library_versions", {}), loaded_id=cid)
 
     # -- composition --
 
@@ -207,13 +226,42 @@ def apply_edit(model: torch.nn.Module, e: Edit, check: bool = True) -> None:
             f"patch does not fit this model: {e.module} has weights {fp[:12]}…, the patch was made on {e.sha256_before[:12]}…; "
             "apply it to the base model it was made for (see `rankone show`)"
         )
-    if not (torch.isfinite(e.u).all() and torch.isfinite(e.v).all()):
+    if not (torch.isfinite(e.B).all() and torch.isfinite(e.A).all()):
         raise RankoneError(f"patch edit for {e.module} holds non-finite numbers; refusing to apply it")
-    new = merged(w.detach(), e.u, e.v)
+    new = merged(w.detach(), e.B, e.A)
     if not torch.isfinite(new).all():
         raise RankoneError(f"applying the edit to {e.module} would overflow {w.dtype}; refusing (model untouched)")
+    if check and (fp := tensor_sha256(new)) != e.sha256_after:
+        raise RankoneError(
+            f"patch edit for {e.module} does not give the weights it records ({fp[:12]}… vs sha256_after "
+            f"{e.sha256_after[:12]}…): the patch was altered or damaged; refusing it (model untouched)"
+        )
     with torch.no_grad():
         w.copy_(new)
+
+
+def _edit_key(e: Edit) -> tuple[str, str, str]:
+    return e.module, e.sha256_before, e.sha256_after
+
+
+def refuse_duplicates(patches: list[Patch]) -> None:
+    """A patch applies once: the same content twice, or one edit carried by two patches, is refused."""
+    ids: dict[str, int] = {}
+    for n, p in enumerate(patches):
+        pid = p.content_id()
+        if pid in ids:
+            raise RankoneError(f"patch {n + 1} is patch {ids[pid] + 1} again (content id {pid[:16]}); "
+                               "a patch applies once: give each patch one time")
+        ids[pid] = n
+    seen: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for n, p in enumerate(patches):
+        for i, e in enumerate(p.edits):
+            k = _edit_key(e)
+            if k in seen and seen[k][0] != n:
+                m, j = seen[k]
+                raise RankoneError(f"edit {i} of patch {n + 1} is edit {j} of patch {m + 1} again ({e.module}, "
+                                   f"{e.sha256_before[:12]}… -> {e.sha256_after[:12]}…): an edit applies once")
+            seen.setdefault(k, (n, i))
 
 
 def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> Applied:
@@ -222,9 +270,11 @@ def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> App
     A patch's first edit on a module must find either the module's current weights (the patch
     was made on top of what is applied) or its weights before this call (patches made
     independently on one base, stacked). Its later edits on that module must continue the
-    patch's own chain (each one's base is the previous one's result).
+    patch's own chain (each one's base is the previous one's result). Where an edit finds its
+    base, the result must be its recorded after-fingerprint. One patch (or edit) twice is refused.
     """
     ps = [patches] if isinstance(patches, Patch) else list(patches)
+    refuse_duplicates(ps)
     originals: dict[str, torch.Tensor] = {}
     base_fp: dict[str, str] = {}
     applied = Applied(model, originals)
@@ -259,7 +309,7 @@ def revert_patch(model: torch.nn.Module, patch: Patch) -> None:
                     f"cannot revert: {e.module} is not in the state this patch left it ({fp[:12]}… vs "
                     f"{e.sha256_after[:12]}…); revert later patches first, or restore from the base model"
                 )
-            back = unmerged(w.detach(), e.u, e.v)
+            back = unmerged(w.detach(), e.B, e.A)
             flat = back.reshape(-1)
             flat[e.fix_idx.to(flat.device)] = e.fix_val.to(flat.device, flat.dtype)
             if tensor_sha256(back) != e.sha256_before:

@@ -1,13 +1,15 @@
 """Patches as a PEFT LoRA adapter: `adapter_config.json` + `adapter_model.safetensors`.
 
 A LoRA layer adds (lora_alpha / r) · B A x to a linear layer's output, with A [r, in] and
-B [out, r]. The k rank-one edits of a module, ΔW = Σᵢ uᵢ vᵢᵀ, are exactly that with
+B [out, r]. A patch edit is already ΔW = Bᵢ Aᵢ with LoRA's names (Bᵢ [out, kᵢ], Aᵢ [kᵢ, in]), so
+the edits of a module, ΔW = Σᵢ Bᵢ Aᵢ, are exactly one LoRA with
 
-    B = [u₁ … u_k]   (columns),   A = [v₁; …; v_k]   (rows),   r = lora_alpha = k  (scaling 1).
+    B = [B₁ … B_n]   (columns side by side),   A = [A₁; …; A_n]   (rows stacked),
+    r = lora_alpha = Σᵢ kᵢ   (scaling 1).
 
 Edits made one after another on a module (each computed on the weights the previous one left)
-still merge to W + Σ uᵢvᵢᵀ, so stacking them is exact up to float rounding. When modules carry
-different numbers of edits, r is the largest k and the other modules' A and B get zero rows and
+still merge to W + Σ BᵢAᵢ, so stacking them is exact up to float rounding. When modules carry
+different total ranks, r is the largest and the other modules' A and B get zero rows and
 columns (they add nothing): one rank for every module is what PEFT and vLLM read most simply.
 
 `target_modules` lists the exact edited module names (PEFT matches a list entry against the full
@@ -35,14 +37,14 @@ MANIFEST = "rankone_export.json"
 
 
 def lora_factors(patches: list[Patch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A [k, in], B [out, k])} with the edits of all patches, in order."""
-    us: dict[str, list[torch.Tensor]] = {}
-    vs: dict[str, list[torch.Tensor]] = {}
+    """{module: (A [r, in], B [out, r])}: the module's edits of all patches, in order, stacked (r = their total rank)."""
+    bs: dict[str, list[torch.Tensor]] = {}
+    as_: dict[str, list[torch.Tensor]] = {}
     for p in patches:
         for e in p.edits:
-            us.setdefault(e.module, []).append(e.u.float())
-            vs.setdefault(e.module, []).append(e.v.float())
-    return {m: (torch.stack(vs[m], 0), torch.stack(us[m], 1)) for m in us}
+            bs.setdefault(e.module, []).append(e.B.float())
+            as_.setdefault(e.module, []).append(e.A.float())
+    return {m: (torch.cat(as_[m], 0), torch.cat(bs[m], 1)) for m in bs}
 
 
 def layout_of(model: torch.nn.Module, modules: list[str]) -> bool:
@@ -102,7 +104,8 @@ def save_peft_adapter(model: torch.nn.Module, patches: list[Patch], out: str | o
     base_name = str(getattr(model, "_rankone_dir", None) or getattr(model.config, "_name_or_path", "") or "") or None
     manifest = {
         "format": "rankone.peft", "created_at": now(), "library_versions": library_versions(),
-        "rank": rank, "modules": {m: {"edits": int(factors[m][0].shape[0])} for m in modules},
+        "rank": rank, "modules": {m: {"edits": sum(e.module == m for p in patches for e in p.edits),
+                                          "rank": int(factors[m][0].shape[0])} for m in modules},
         "patches": [{"source": s, "n_edits": len(p.edits), "created_at": p.created_at,
                      "edits": [{"module": e.module, "request": e.request, "sha256_before": e.sha256_before} for e in p.edits]}
                     for p, s in zip(patches, sources or [""] * len(patches))],

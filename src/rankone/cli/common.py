@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
+from rankone.methods.hparams import EditHParams, describe_fields
+
+HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters, any of: "
+                f"{describe_fields(EditHParams)}. The model folder's recommendations fill what is not given")
 
 
 def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,8 +57,6 @@ def load_requests(path: str) -> list[Any]:
 
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     """The user's hyper-parameters (--hparams, then flags), checked now, merged with the model's later."""
-    from rankone.methods.hparams import EditHParams
-
     given: dict[str, Any] = {}
     if args.hparams:
         text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
@@ -66,7 +68,24 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(getattr(args, "layer", None), int):
         given["layer"] = args.layer
     EditHParams.from_dict(given)  # fail before loading anything
+    corpus = getattr(args, "stats_corpus", None)
+    if corpus and not os.path.exists(corpus):
+        raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "
+                           "or a .jsonl file with a 'text' field")
     return given
+
+
+def positive_int(name: str) -> Any:
+    """An argparse type: a whole number ≥ 1, or argparse's one-line error naming the option."""
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a whole number, not {v!r}") from None
+        if x < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {x}")
+        return x
+    return parse
 
 
 def layer_arg(value: str) -> int | str:

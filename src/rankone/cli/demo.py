@@ -57,7 +57,8 @@ def run_demo(model_dir: str | None = None, device: str = "cpu", quiet: bool = Fa
         print(f"{name:28} {first_word(before[name]):>14} → {first_word(after[name]):<14} {want}")
         print(f"{'':28} ({pr.replace('{}', s)})")
     e = patch.edits[0]
-    print(f"\n|Δ|_F = {e.delta_fro:.4g} on {e.module}; patch = 2 vectors ({e.u.numel()} + {e.v.numel()} floats); "
+    print(f"\n|Δ|_F = {e.delta_fro:.4g} on {e.module}; patch = rank {e.rank}, B {list(e.B.shape)} and A {list(e.A.shape)} "
+          f"({e.B.numel() + e.A.numel()} floats); "
           f"done in {time.perf_counter() - t0:.1f}s")
     ok = first_word(after["edited prompt"]) == target
     print("edit took effect" if ok else "edit did NOT take effect")

@@ -11,10 +11,12 @@ import argparse
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from rankone.cli.common import hparams_from, layer_arg, load, model_args
+from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
+from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
 
 log = logging.getLogger(__name__)
@@ -23,24 +25,12 @@ log = logging.getLogger(__name__)
 # ---- shared --------------------------------------------------------------------------------
 
 
-def _positive(name: str) -> Any:
-    def parse(v: str) -> int:
-        try:
-            x = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a whole number, not {v!r}") from None
-        if x < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {x}")
-        return x
-    return parse
-
-
 def _hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=layer_arg, default=None, help="layer to edit (default: the model's recorded one)")
-    p.add_argument("--hparams", help="JSON object (or file) of hyper-parameters, see rankone.methods.hparams.EditHParams")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--hparams", help=HPARAMS_HELP)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes and of the case order (default 0)")
     p.add_argument("--stats-corpus", help="corpus for the key statistics (default: corpus.txt in the model folder)")
-    p.add_argument("--stats-tokens", type=int, default=None)
+    p.add_argument("--stats-tokens", type=int, default=None, help="tokens of the corpus for the key statistics (default 1,000,000)")
 
 
 def _given(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
@@ -86,7 +76,7 @@ NAMES = [("es", "efficacy ES"), ("em", "efficacy magnitude EM"), ("ps", "paraphr
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rankone.artifacts.patch import Patch
-    from rankone.core.atomic import write_json
+    from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.metrics import GLUE_TASKS, load_glue
     from rankone.eval.protocol import EvalSettings, evaluate_before_after
@@ -96,8 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
     if not args.patch and not args.edit_each:
         raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
-    if os.path.isdir(args.out):
-        raise RankoneError(f"--out {args.out} is a folder; give a .json file path")
+    check_out_file(args.out)  # not a folder, and writable: refused now, not after the measuring
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -113,6 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
     if not args.quiet:
         _print_selection(rep.selection)
+    if patches:
+        _say_edited(patches, rep.cases, [bool(m["edited"]) for m in rep.after], rep.same_fact)
     result: dict[str, Any] = {"model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
                               **rep.to_dict()}
     groups = result["summary"]
@@ -129,6 +120,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
+
+
+def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
+    """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
+    facts = [f"{e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}" for p in patches for e in p.edits]
+    print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
+    hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
+    if hit:
+        print(f"edited cases among the {len(cases)}: {', '.join(hit[:20])}" + (" …" if len(hit) > 20 else ""))
+        return
+    near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
+    why = (f"; case(s) {', '.join(near[:3])} ask the same question with another target" if near else "")
+    print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
+          f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
 
 
 # ---- rankone bench sequential ----------------------------------------------------------------
@@ -208,10 +213,10 @@ def register(sub: Any) -> None:
     p.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per prompt for fluency (0: skip)")
     p.add_argument("--ppl-text", help="held-out text file for perplexity")
     p.add_argument("--glue", help="folder with sst2/mrpc/rte/cola .json for few-shot downstream scores")
-    p.add_argument("--glue-n", type=_positive("--glue-n"), default=100)
-    p.add_argument("--glue-shots", type=int, default=4)
+    p.add_argument("--glue-n", type=_positive("--glue-n"), default=100, help="GLUE records per task (default 100)")
+    p.add_argument("--glue-shots", type=int, default=4, help="solved examples shown before each GLUE query (default 4)")
     p.add_argument("--out", default="rankone-eval.json", help="JSON file to write (default rankone-eval.json)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress display and fewer notes")
     p.set_defaults(func=cmd_eval)
 
     bench = _subparsers(sub, "bench", "benchmarks on your own model and data")
@@ -231,16 +236,18 @@ def register(sub: Any) -> None:
     p.add_argument("--guard-factor", type=float, default=10.0, help="refuse/flag ‖Δ‖ above this × the running median")
     p.add_argument("--denom-factor", type=float, default=10.0, help="refuse a denominator below running median / this")
     p.add_argument("--known-only", action="store_true", help="edit only cases whose true answer the model gives")
-    p.add_argument("--retention-sample", type=_positive("--retention-sample"), default=100)
-    p.add_argument("--ns-sample", type=_positive("--ns-sample"), default=100)
+    p.add_argument("--retention-sample", type=_positive("--retention-sample"), default=100,
+                   help="earlier edits re-tested at each evaluation (default 100)")
+    p.add_argument("--ns-sample", type=_positive("--ns-sample"), default=100, help="neighbourhood prompts tested (default 100)")
     p.add_argument("--probe-sample", type=int, default=100, help="never-edited known facts tested (0: none)")
-    p.add_argument("--gen-prompts", type=int, default=4)
-    p.add_argument("--gen-tokens", type=_positive("--gen-tokens"), default=40)
-    p.add_argument("--norm", choices=["mean", "sum"], default="mean")
+    p.add_argument("--gen-prompts", type=int, default=4, help="generation prompts for fluency at each evaluation (default 4)")
+    p.add_argument("--gen-tokens", type=_positive("--gen-tokens"), default=40, help="tokens generated per fluency prompt (default 40)")
+    p.add_argument("--norm", choices=["mean", "sum"], default="mean",
+                   help="compare per-token mean log-probs (default) or whole-target log-probs")
     p.add_argument("--ppl-text", help="held-out text for perplexity (default for testbeds: held-out phrasings)")
     p.add_argument("--glue", help="folder with GLUE subsets: few-shot scores at the start and the end")
-    p.add_argument("--glue-n", type=_positive("--glue-n"), default=40)
+    p.add_argument("--glue-n", type=_positive("--glue-n"), default=40, help="GLUE records per task (default 40)")
     p.add_argument("--title", help="title of the plots")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds another run")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_bench_sequential)

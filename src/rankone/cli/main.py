@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
-from rankone.cli.common import hparams_from, layer_arg, load, load_requests, model_args
+from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, load_requests, model_args, positive_int
 from rankone.core.errors import RankoneError
+from rankone.core.progress import set_quiet
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
 PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
@@ -22,9 +24,9 @@ PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "r
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.edit.editor import Editor
+    from rankone.edit.editor import Editor, check_request
     from rankone.methods.hparams import EditHParams
-    from rankone.core.tokens import EditRequest, encode_request
+    from rankone.core.tokens import EditRequest
 
     if args.requests and (args.prompt or args.subject or args.target):
         raise RankoneError("give either --requests FILE or --prompt/--subject/--target, not both")
@@ -38,8 +40,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     check_out_dir(args.out, args.force)
     handle = load(args)
     hp = EditHParams.for_model(handle, **given)
-    for r in reqs:  # every alignment problem surfaces before any optimisation
-        encode_request(handle.tokenizer, r)
+    for r in reqs:  # every alignment or length problem surfaces before any optimisation
+        check_request(handle.model, handle.tokenizer, r, hp)
     choice = None
     if args.layer == "auto":
         from rankone.cli.trace import choose_layer_for  # the tracing feature chooses and explains the layer
@@ -52,21 +54,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
         ed.notes["layer_choice"] = choice.evidence()
     ed.layer()
     patch = ed.edit(reqs, author=args.author, reason=args.reason)
+    missed = [e for e in patch.edits if not e.diagnostics["outcome"]["reached"]]
+    if missed and args.require_success:
+        print(f"rankone: error: {len(missed)} of {len(patch.edits)} edit(s) did not reach the target (see the warnings "
+              f"above); nothing written (--require-success)", file=sys.stderr)
+        return 1
     patch.save(args.out, overwrite=args.force)
     for e in patch.edits:
-        d = e.diagnostics
+        o = e.diagnostics["outcome"]
         print(f"edited {e.module}: {e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}"
-              f"  |Δ|={e.delta_fro:.4g}  p(target)={d['value']['target_prob']:.3f}")
-    print(f"wrote {args.out} ({len(patch.edits)} edit(s))")
+              f"  |Δ|={e.delta_fro:.4g}  p(target)={o['p_target']:.3f}  the model now says {o['answer']!r}"
+              + ("" if o["reached"] else "  (target NOT reached)"))
+    print(f"wrote {args.out} ({len(patch.edits)} edit(s)" + (f", {len(missed)} not reaching the target" if missed else "") + ")")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.artifacts.merged import save_merged
-    from rankone.artifacts.patch import Patch, apply_patch
+    from rankone.artifacts.merged import refuse_reapplied, save_merged
+    from rankone.artifacts.patch import Patch, apply_patch, refuse_duplicates
 
     patches = [Patch.load(p) for p in args.patch]
+    refuse_duplicates(patches)
+    refuse_reapplied(args.model, patches)
     check_out_dir(args.out, args.force)
     handle = load(args)
     applied = apply_patch(handle.model, patches)
@@ -78,9 +88,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.artifacts.merged import restore_base, save_model_dir
-    from rankone.artifacts.patch import Patch, revert_patch
+    from rankone.artifacts.patch import Patch, refuse_duplicates, revert_patch
 
     patches = [Patch.load(p) for p in (args.patch or [])]
+    refuse_duplicates(patches)
     check_out_dir(args.out, args.force)
     handle = load(args)
     if patches:
@@ -101,10 +112,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(p.manifest(), indent=2))
         return 0
     print(f"patch {args.patch}: {len(p.edits)} edit(s) for {p.base.get('model_type', '?')} "
-          f"({p.base.get('name_or_path', '')}), made {p.created_at}")
+          f"({p.base.get('name_or_path', '')}), made {p.created_at}; content id {p.content_id()[:16]}")
     for i, e in enumerate(p.edits):
         r = e.request
-        print(f"  [{i}] {e.module} ({e.method}, layer {e.layer}, {e.weight_dtype}) "
+        print(f"  [{i}] {e.module} ({e.method}, rank {e.rank}, layer {e.layer}, {e.weight_dtype}) "
               f"{r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  |Δ|_F={e.delta_fro:.4g}  "
               f"base {e.sha256_before[:12]}… -> {e.sha256_after[:12]}…"
               + (f"  by {e.author}" if e.author else "") + (f": {e.reason}" if e.reason else ""))
@@ -112,11 +123,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rankone.models.generation import greedy
-    from rankone.artifacts.patch import Patch, apply_patch
+    from rankone.models.generation import check_fits, greedy
+    from rankone.artifacts.patch import Patch, apply_patch, refuse_duplicates
 
+    if not args.prompt.strip():
+        raise RankoneError("the prompt is empty; give some text, e.g. --prompt 'The capital of France is'")
     patches = [Patch.load(p) for p in (args.patch or [])]
+    refuse_duplicates(patches)
     model, tok = load(args)
+    check_fits(model, tok, args.prompt)
     before = greedy(model, tok, args.prompt, args.max_new_tokens)
     if not patches:
         print(args.prompt + before)
@@ -137,10 +152,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): every sub-command's parser is of this class."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rankone", description="Rank-one model editing (ROME, r-ROME, p-ROME).")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+    from rankone import __version__
+
+    ap = Parser(prog="rankone", description="Rank-one model editing (ROME, r-ROME, p-ROME).")
+    ap.add_argument("--version", action="version", version=f"rankone {__version__}", help="print the version and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -150,48 +175,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("edit", cmd_edit, "compute a rank-one edit (or several in sequence) and save it as a patch")
     model_args(p)
     p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
-    p.add_argument("--subject")
-    p.add_argument("--target")
+    p.add_argument("--subject", help="the entity whose fact changes, as it appears in the prompt, e.g. 'Danielle Darrieux'")
+    p.add_argument("--target", help="the new object the model should say after the prompt, e.g. 'Rome'")
     p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence")
-    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None)
+    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None,
+                   help="which keys enter the update (default r-rome; see the README's Methods)")
     p.add_argument("--layer", type=layer_arg, default=None,
                    help="layer to edit, or 'auto' to choose it by causal tracing (default: the model's recorded one, else n_layers/4)")
     p.add_argument("--stats-corpus", help=".txt file, folder of .txt, or .jsonl with 'text' (default: corpus.txt in the model folder)")
-    p.add_argument("--stats-tokens", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--hparams", help="JSON object (or file) of hyper-parameters, see rankone.methods.hparams.EditHParams")
-    p.add_argument("--author")
-    p.add_argument("--reason")
+    p.add_argument("--stats-tokens", type=int, default=None,
+                   help="tokens of the corpus for the key statistics C (default 1,000,000; cached per model and layer)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes (default 0)")
+    p.add_argument("--hparams", help=HPARAMS_HELP)
+    p.add_argument("--author", help="who makes the edit, recorded in the patch (default: the OS user)")
+    p.add_argument("--reason", help="why, recorded in the patch (e.g. a ticket number)")
+    p.add_argument("--require-success", action="store_true",
+                   help="exit 1 and write nothing when an edit does not make the model answer the target")
     p.add_argument("--out", required=True, help="patch folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = add("apply", cmd_apply, "write a Hugging Face model folder with patches merged (exactly revertible)")
     model_args(p)
     p.add_argument("--patch", action="append", required=True, help="patch folder; repeat to apply several in order")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", required=True, help="model folder to write (with a rankone/ record for revert)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = add("revert", cmd_revert, "restore the exact base weights of a patched model folder")
     model_args(p)
     p.add_argument("--patch", action="append", help="the applied patches (default: use the folder's rankone record)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
-    p = add("show", cmd_show, "describe a patch")
-    p.add_argument("patch")
+    p = add("show", cmd_show, "describe a patch (its files are verified first)")
+    p.add_argument("patch", help="patch folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
 
     p = add("generate", cmd_generate, "greedy generation, before and after patches")
     model_args(p)
-    p.add_argument("--patch", action="append")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--patch", action="append", help="patch folder to compare with; repeat to apply several in order")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=12,
+                   help="tokens to generate (default 12)")
 
     p = add("demo", cmd_demo, "edit a fact on the built-in model and show the answer before and after")
     p.add_argument("--model", default=None, help="a testbed model folder (default: the built-in one)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
     for mod in PLUGINS:
         try:
@@ -207,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation notes for developers
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rankone: %(message)s")
+    set_quiet(bool(getattr(args, "quiet", False)))
     try:
         from transformers.utils import logging as hf_logging
 
@@ -217,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
     except RankoneError as e:
-        print(f"rankone: error: {e}", file=sys.stderr)
+        print(f"rankone: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the file system said no (permissions, a full disk): one line, nothing half-written
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"rankone: error: {e.strerror or e}{where}; check the paths and free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rankone: interrupted", file=sys.stderr)
         return 130

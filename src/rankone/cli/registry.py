@@ -23,6 +23,8 @@ from rankone.cli.registry_commands import (
 )
 
 FORMATS = ("merged", "peft")
+FORMAT_HELP = "merged: a Hugging Face model folder (default); peft: a LoRA adapter for the base model"
+ID_HELP = "patch id (or a unique prefix, or the patch folder)"
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -46,48 +48,48 @@ def register(subparsers: Any) -> None:
         return p
 
     p = add("add", cmd_add, "register a patch folder (state: proposed)")
-    p.add_argument("patch")
+    p.add_argument("patch", help="patch folder (verified, then copied into the registry's store)")
     p.add_argument("--reason", help="why this patch exists (required)")
 
     p = add("list", cmd_list, "list patches")
-    p.add_argument("--state", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", default=None, help="only patches in this state: proposed, validated, released, rejected, rolled_back")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("show", cmd_show, "a patch: its edits, latest validation report and history")
     p.add_argument("id", help="patch id (or a unique prefix, or the patch folder)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("validate", cmd_validate, "run a validation suite; the state becomes validated only on pass (exit 1 on fail)")
-    p.add_argument("id")
+    p.add_argument("id", help=ID_HELP)
     model_args(p)
     p.add_argument("--suite", required=True, help="JSONL checks: target, keep, perplexity (see rankone.lifecycle.gates)")
     p.add_argument("--policy", default=None, help="JSON thresholds (default: rankone.lifecycle.gates.GatePolicy; docs/policy.example.json)")
-    p.add_argument("--reason", default=None)
+    p.add_argument("--reason", default=None, help="a note for the audit log")
 
     p = add("release", cmd_release, "append a validated patch to the release order (refuses conflicts unless --force)")
-    p.add_argument("id")
+    p.add_argument("id", help=ID_HELP)
     model_args(p, required=False)
-    p.add_argument("--policy", default=None)
+    p.add_argument("--policy", default=None, help="JSON thresholds; its conflict_key_cosine decides key overlaps (default 0.9)")
     p.add_argument("--force", action="store_true", help="release despite conflicts (recorded in the audit log)")
-    p.add_argument("--reason", default=None)
+    p.add_argument("--reason", default=None, help="a note for the audit log")
 
     p = add("rollback", cmd_rollback, "take a released patch out of the release")
-    p.add_argument("id")
+    p.add_argument("id", help=ID_HELP)
     p.add_argument("--reason", help="why (required)")
     p.add_argument("--cascade", action="store_true", help="also roll back released patches made on top of it")
 
     p = add("reject", cmd_reject, "reject a proposed or validated patch")
-    p.add_argument("id")
+    p.add_argument("id", help=ID_HELP)
     p.add_argument("--reason", help="why (required)")
 
     p = add("log", cmd_log, "the audit log (append-only)")
-    p.add_argument("id", nargs="?", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", nargs="?", default=None, help="only this patch's entries (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("build", cmd_build, "write the base model with every released patch applied in release order")
     model_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=FORMATS, default="merged")
+    p.add_argument("--out", required=True, help="folder to write (whole or not at all)")
+    p.add_argument("--format", choices=FORMATS, default="merged", help=FORMAT_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = add("check", cmd_check, "verify that database, store and audit chain agree")
@@ -98,7 +100,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_export)
     model_args(p)
     p.add_argument("--patch", action="append", required=True, help="patch folder or registry id; repeat for several, in order")
-    p.add_argument("--format", choices=FORMATS, default="merged")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--format", choices=FORMATS, default="merged", help=FORMAT_HELP)
+    p.add_argument("--out", required=True, help="folder to write (whole or not at all)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--registry", default=None, help="registry for --patch ids")

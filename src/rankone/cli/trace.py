@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
                        "heatmaps; --cases gives the average indirect effect per layer that `edit --layer auto` uses.")
     model_args(p)
     p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject, or write it literally)")
-    p.add_argument("--subject")
+    p.add_argument("--subject", help="the entity in the prompt whose tokens are corrupted, e.g. 'Danielle Darrieux'")
     p.add_argument("--target", help="the true answer (default: the model's own prediction)")
     p.add_argument("--cases", help="facts for the average indirect effect: .jsonl/.json of {prompt, subject, answer}, "
                    "CounterFact records, or a testbed folder")
@@ -58,11 +58,11 @@ def register(sub: Any) -> None:
                    "(default: the cases, else the model's testbed, else the traced subject)")
     p.add_argument("--window", type=int, default=None, help="MLP/attention layers restored together (default min(10, n_layers//4), at least 1)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of hidden,mlp,attn")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise samples (default 0)")
     p.add_argument("--batch-rows", type=int, default=128, help="rows per forward pass (lower for big models)")
     p.add_argument("--out", required=True, help="folder for the JSON and PNG files")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_trace)
 
 
@@ -175,14 +175,12 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
 
 
 def _bar(quiet: bool) -> Any:
-    """A progress callback (i, n) that opens its tqdm bar on the first step (None when quiet)."""
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
+    """A progress callback step(i, n) for the tracing library (core.progress display, opened on the first step)."""
+    from rankone.core.progress import Progress
 
     def step(i: int, n: int) -> None:
         if step.bar is None:  # type: ignore[attr-defined]
-            step.bar = tqdm(total=n, desc="tracing", unit="fact", leave=False)  # type: ignore[attr-defined]
+            step.bar = Progress(n, "tracing", "facts", enabled=not quiet)  # type: ignore[attr-defined]
         step.bar.update(i - step.bar.n)  # type: ignore[attr-defined]
 
     step.bar = None  # type: ignore[attr-defined]

@@ -78,6 +78,16 @@ def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) ->
         h.remove()
 
 
+@contextmanager
+def after_forward(module: nn.Module, fn: Callable[[], None]) -> Iterator[None]:
+    """Call fn() after each forward pass of the module (e.g. to count optimisation steps)."""
+    h = module.register_forward_hook(lambda mod, args, output: fn())
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def add_at_positions(
     hidden: torch.Tensor, delta: torch.Tensor, positions: list[int] | torch.Tensor
 ) -> torch.Tensor:

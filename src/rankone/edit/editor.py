@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,16 +23,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
-from rankone.core.fingerprint import tensor_sha256
+from rankone.core.errors import RankoneError
+from rankone.core.hooks import after_forward
+from rankone.core.progress import Progress, track
 from rankone.methods.hparams import EditHParams
 from rankone.models.handle import ModelHandle
-from rankone.artifacts.patch import Edit, Patch, library_versions, merged, now, revert_fix, revert_patch
+from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, now, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.stats import LayerStats, layer_stats
-from rankone.core.tokens import EditRequest, sample_prefixes
+from rankone.core.tokens import EditRequest, encode_request, join_target, sample_prefixes
+from rankone.models.generation import answer_matches, check_fits, greedy, target_logprob
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,9 @@ class Editor:
             t0 = time.perf_counter()
             key = compute_key(self.model, self.tok, request, layer, templates)
             t1 = time.perf_counter()
-            value = compute_value(self.model, self.tok, request, layer, templates, hp)
+            with Progress(hp.v_steps, f"value optimisation ({request.subject} -> {request.target})", "steps",
+                          enabled=self.progress, delay=2.0) as bar, after_forward(self.model, bar.update):
+                value = compute_value(self.model, self.tok, request, layer, templates, hp)  # one forward pass a step
             t2 = time.perf_counter()
             w = arch.weight_oi(arch.get_module(self.model, self.module_path(layer)))
             upd = rank_one_update(w, key, value, st, hp.method)
@@ -140,23 +145,14 @@ class Editor:
         layer = info["layer"]
         path = self.module_path(layer)
         w = arch.weight_oi(arch.get_module(self.model, path))
-        u, v = upd.u.float(), upd.v.float()  # the patch stores float32; merge exactly what it stores
-        before = w.detach().clone()
-        after = merged(before, u, v)
-        if not torch.isfinite(after).all():
-            raise FloatingPointError(f"edit of {path} overflows {w.dtype}")
-        fix_idx, fix_val = revert_fix(before, after, u, v)
+        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
+        e, after = make_edit(  # the method's rank-one u vᵀ is the patch's B = u (one column), A = vᵀ (one row)
+            w.detach().clone(), upd.u[:, None], upd.v[None, :], module=path, layer=layer, request=request.to_dict(),
+            method=hp.method, hparams=hp.to_dict(), seed=hp.seed, context_templates=info["templates"],
+            diagnostics=diag, author=author, reason=reason)
         with torch.no_grad():
             w.copy_(after)
-        diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
-        return Edit(
-            module=path, layer=layer, u=u.cpu(), v=v.cpu(), request=request.to_dict(),
-            method=hp.method, hparams=hp.to_dict(), seed=hp.seed,
-            delta_fro=float(u.double().norm() * v.double().norm()), weight_dtype=str(w.dtype).replace("torch.", ""),
-            weight_shape=list(w.shape), sha256_before=tensor_sha256(before), sha256_after=tensor_sha256(after),
-            fix_idx=fix_idx, fix_val=fix_val, context_templates=info["templates"], diagnostics=diag,
-            author=author, reason=reason, created_at=now(),
-        )
+        return e
 
     def edit(
         self, requests: Iterable[EditRequest], keep: bool = False, author: str | None = None,
@@ -171,14 +167,19 @@ class Editor:
         reqs = list(requests)
         patch = Patch([], base=self.base_info(), created_at=now(), library_versions=library_versions())
         try:
-            for req in tqdm(reqs, desc="edits", unit="edit", disable=not self.progress or len(reqs) < 2):
+            for req in track(reqs, "edits", "edits", enabled=self.progress and len(reqs) > 1):
                 upd, info = self.compute(req)
                 why = guard(upd, req) if guard is not None else None
                 if why:
                     log.warning("refused edit %r: %s", req.subject, why)
                     self.rejected.append(Rejected(req, why, upd.diagnostics))
                     continue
-                patch.edits.append(self.write(req, upd, info, self.hp, author or _user(), reason))
+                e = self.write(req, upd, info, self.hp, author or _user(), reason)
+                e.diagnostics["outcome"] = out = outcome(self.model, self.tok, req)
+                if not out["reached"]:
+                    log.warning("the edit %r -> %r did not reach its target: p(target) = %.3f, the model now says %r",
+                                req.text()[0], req.target, out["p_target"], out["answer"])
+                patch.edits.append(e)
         except BaseException:
             revert_patch(self.model, patch)
             raise
@@ -188,6 +189,28 @@ class Editor:
 
     def base_info(self) -> dict[str, Any]:
         return self.handle.base_info()
+
+
+def outcome(model: torch.nn.Module, tok: Any, request: EditRequest) -> dict[str, Any]:
+    """What the model says now for the request: p(target) (teacher forced) and its greedy answer;
+    `reached` when the answer starts with the target as whole words."""
+    prompt = request.text()[0]
+    n = len(tok(" " + request.target, add_special_tokens=False)["input_ids"]) + 1
+    answer = greedy(model, tok, prompt, n)
+    try:
+        p = math.exp(target_logprob(model, tok, prompt, request.target))
+    except RankoneError:  # a target the tokenizer cannot align after this prompt: no probability, still an answer
+        p = float("nan")
+    return {"p_target": p, "answer": answer.strip(), "reached": answer_matches(answer, request.target)}
+
+
+def check_request(model: torch.nn.Module, tok: Any, request: EditRequest, hp: EditHParams) -> None:
+    """Refuse, before any work, a request the tokenizer cannot align or that does not fit the context window."""
+    encode_request(tok, request)
+    given = [len(tok(p.replace("{}", ""))["input_ids"]) for p in hp.prefixes or []]
+    longest = max([n for n, _ in hp.prefix_spec] + given + [0])  # tokens a context prefix adds
+    check_fits(model, tok, join_target(request.text()[0], request.target)[0], extra_tokens=longest + 2,
+               what="the edit prompt with its target")  # + 2: the prefix's separator and a BOS
 
 
 def _user() -> str:

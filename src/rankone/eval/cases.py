@@ -352,3 +352,19 @@ def save_cases(path: str | os.PathLike, cases: Iterable[Case]) -> None:
     from rankone.core.atomic import write_bytes
 
     write_bytes(path, "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in cases).encode())
+
+
+def edited_by(cases: list[Case], requests: list[dict[str, str]]) -> tuple[list[bool], list[bool]]:
+    """Per case: is its request one of the patch's (`edited`), and does a patch edit rewrite the
+    same fact (same subject and prompt, maybe another target)? Spacing and case are ignored."""
+    def fact(r: dict[str, str]) -> tuple[str, str]:
+        return " ".join(r.get("subject", "").lower().split()), " ".join(r.get("prompt", "").lower().split())
+
+    exact = {(fact(r), " ".join(r.get("target", "").lower().split())) for r in requests}
+    facts = {f for f, _ in exact}
+    out_exact, out_fact = [], []
+    for c in cases:
+        r = c.request.to_dict()
+        out_exact.append((fact(r), " ".join(r["target"].lower().split())) in exact)
+        out_fact.append(fact(r) in facts)
+    return out_exact, out_fact

@@ -22,12 +22,14 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
+from rankone.core.progress import Progress, track
+from rankone.models.generation import context_limit
 from rankone.core.tokens import encode, join_target, token_span
 
 NORMS = ("mean", "sum")
@@ -47,11 +49,6 @@ class Scored:
 
     def p(self, norm: str = "mean") -> float:
         return math.exp(self.logprob / self.n_tokens if norm == "mean" else self.logprob)
-
-
-def _limit(model: torch.nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20)
 
 
 def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[int], int, int]:
@@ -74,9 +71,11 @@ def _encode_pair(tok: Any, prompt: str, target: str, limit: int) -> tuple[list[i
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[Scored]:
-    """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length."""
-    limit = _limit(model)
+def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+          on_batch: Callable[[int], None] | None = None) -> list[Scored]:
+    """Teacher-forced log-probabilities of many (prompt, target) pairs, batched by length.
+    `on_batch(n)` is called after each batch with the number of pairs it scored (for progress)."""
+    limit = context_limit(model)
     enc = [_encode_pair(tok, p, t, limit) for p, t in pairs]
     dev = next(model.parameters()).device
     out: list[Scored | None] = [None] * len(enc)
@@ -99,6 +98,8 @@ def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], ba
             lp = logp[r, pos - 1, tgt]  # [n_target_tokens]; the logit at p-1 predicts token p
             am = logp[r, pos - 1].argmax(-1)
             out[i] = Scored(float(lp.sum()), len(pos), bool((am == tgt).all()), bool(am[0] == tgt[0]))
+        if on_batch is not None:
+            on_batch(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -155,10 +156,13 @@ def case_metrics(case: Case, scored: Sequence[Scored], norm: str = "mean") -> di
 
 
 def evaluate_cases(model: torch.nn.Module, tok: Any, cases: Sequence[Case], norm: str = "mean",
-                   batch_size: int = 64) -> list[dict[str, Any]]:
-    """Per-case metrics on the model as it is now (all cases scored in one batched pass)."""
+                   batch_size: int = 64, desc: str = "") -> list[dict[str, Any]]:
+    """Per-case metrics on the model as it is now (all cases scored in one batched pass).
+    With `desc`, a progress display (see core.progress) counts the scored prompts."""
     pairs = [_pairs_of(c) for c in cases]
-    flat = score(model, tok, [x for ps in pairs for x in ps], batch_size)
+    flat_pairs = [x for ps in pairs for x in ps]
+    with Progress(len(flat_pairs), desc, "prompts", enabled=bool(desc)) as bar:
+        flat = score(model, tok, flat_pairs, batch_size, on_batch=bar.update)
     out, i = [], 0
     for c, ps in zip(cases, pairs):
         out.append(case_metrics(c, flat[i:i + len(ps)], norm))
@@ -209,7 +213,7 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int 
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(tok, prompt)[0]], device=dev)
     gen = torch.Generator().manual_seed(seed)
-    limit = _limit(model)
+    limit = context_limit(model)
     out = model(input_ids=ids, use_cache=True)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -319,15 +323,13 @@ def evaluate_single_edits(model: Any, tok: Any, cases: Sequence[Case], hparams: 
     ‖Δ‖_F, the update's denominators and the seconds the edit took; `on_result(metrics)` is
     called after each case.
     """
-    from tqdm.auto import tqdm
-
     from rankone.edit.editor import Editor
     from rankone.artifacts.patch import revert_patch
 
     ed = Editor(model, tok, hparams, stats_corpus, progress=progress)  # `model` may be a ModelHandle (tok None)
     model, tok = ed.model, ed.tok
     out = []
-    for c in tqdm(cases, desc=f"single edits ({ed.hp.method})", unit="edit", disable=not progress):
+    for c in track(cases, f"single edits ({ed.hp.method})", "edits", enabled=progress):
         t0 = time.perf_counter()
         patch = ed.edit([c.request], keep=True)
         t_edit = time.perf_counter() - t0
@@ -355,7 +357,7 @@ def alignable(model: torch.nn.Module, tok: Any, cases: Sequence[Case]) -> tuple[
     from rankone.core.tokens import encode_request
 
     ok, why = [], []
-    limit = _limit(model)
+    limit = context_limit(model)
     for c in cases:
         try:
             encode_request(tok, c.request)

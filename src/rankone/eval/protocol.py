@@ -15,13 +15,13 @@ Nothing here prints; `rankone eval` prints the report's tables.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rankone.artifacts.patch import Patch, apply_patch
 from rankone.core.errors import RankoneError
-from rankone.eval.cases import Case
+from rankone.core.progress import track
+from rankone.eval.cases import Case, edited_by
 from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, glue_suite, knows, summarize
 from rankone.methods.hparams import EditHParams
 from rankone.models.generation import perplexity
@@ -48,6 +48,9 @@ class EvalReport:
     after: list[dict[str, Any]]  # per-case metrics after the edit(s); "edited" says whether the case was
     extra_before: dict[str, Any]  # perplexity, GLUE
     extra_after: dict[str, Any]
+    # with patches: per case, does a patch edit rewrite the same fact (same subject and prompt),
+    # perhaps towards another target ("edited" in `after` is the exact request)
+    same_fact: list[bool] = field(default_factory=list)
 
     @property
     def n_edited(self) -> int:
@@ -90,11 +93,12 @@ def select_cases(model: Any, tok: Any, cases: Sequence[Case], known_only: bool =
     return ok, info
 
 
-def measure(model: Any, tok: Any, cases: Sequence[Case], settings: EvalSettings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure(model: Any, tok: Any, cases: Sequence[Case], settings: EvalSettings, label: str = "",
+            progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-case metrics (and fluency) of the model as it is now, and perplexity / GLUE when asked."""
-    per = evaluate_cases(model, tok, cases, settings.norm)
+    per = evaluate_cases(model, tok, cases, settings.norm, desc=f"scoring ({label})" if progress else "")
     if settings.gen_tokens > 0:
-        for c, m in zip(cases, per):
+        for c, m in track(list(zip(cases, per)), f"fluency ({label})", "cases", enabled=progress):
             m["fluency"] = fluency(model, tok, c.generation_prompts, settings.gen_tokens)[0]
     extra: dict[str, Any] = {}
     if settings.ppl_text:
@@ -117,17 +121,18 @@ def evaluate_before_after(
         apply_patch(model, list(patches)).revert()  # a patch for another model fails here, before any measuring
     chosen, info = select_cases(model, tok, cases, known_only)
     chosen = chosen[:n] if n else chosen
-    before, extra_b = measure(model, tok, chosen, settings)
+    before, extra_b = measure(model, tok, chosen, settings, "before", progress)
     hp: EditHParams | None = None
+    same_fact: list[bool] = []
     if patches:
         applied = apply_patch(model, list(patches))
         try:
-            after, extra_a = measure(model, tok, chosen, settings)
+            after, extra_a = measure(model, tok, chosen, settings, "after", progress)
         finally:
             applied.revert()
-        edited = {json.dumps(e.request, sort_keys=True) for p in patches for e in p.edits}
-        for c, m in zip(chosen, after):
-            m["edited"] = json.dumps(c.request.to_dict(), sort_keys=True) in edited
+        exact, same_fact = edited_by(chosen, [e.request for p in patches for e in p.edits])
+        for m, x in zip(after, exact):
+            m["edited"] = x
         mode = "patch"
     else:
         hp = (hparams or EditHParams()).over(handle)
@@ -137,4 +142,4 @@ def evaluate_before_after(
             m["edited"] = True
         extra_a = {}
         mode = f"edit-each ({hp.method})"
-    return EvalReport(mode, hp.to_dict() if hp else None, info, chosen, before, after, extra_b, extra_a)
+    return EvalReport(mode, hp.to_dict() if hp else None, info, chosen, before, after, extra_b, extra_a, same_fact)

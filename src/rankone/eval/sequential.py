@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
@@ -44,6 +43,7 @@ from rankone.methods.hparams import EditHParams
 from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions, now
 from rankone.edit.guard import Guard, norm_spike
 from rankone.models.handle import ModelHandle
+from rankone.core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +317,7 @@ class SequentialRun:
             self._checkpoint(0)
         elif (self.out / "probes.json").is_file():
             self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
-        bar = tqdm(total=self.cfg.n, initial=start, desc=f"sequential {self.hp.method}", unit="edit",
-                   disable=not self.progress)
+        bar = Progress(self.cfg.n, f"sequential {self.hp.method}", "edits", enabled=self.progress, initial=start)
         try:
             for i in range(start, self.cfg.n):
                 rec = self._edit(i)
@@ -328,8 +327,8 @@ class SequentialRun:
                     ev = self.evaluate(i + 1)
                     self._emit(ev)
                     self._checkpoint(i + 1)
-                    bar.set_postfix(ret=f"{ev.get('retention_es') or 0:.2f}", probe=f"{ev.get('probe_top1') or 0:.2f}",
-                                    flu=f"{ev.get('fluency') or 0:.2f}")
+                    bar.note(f"retention {ev.get('retention_es') or 0:.2f}, probes {ev.get('probe_top1') or 0:.2f}, "
+                             f"fluency {ev.get('fluency') or 0:.2f}")
                     if on_eval:
                         on_eval(ev)
         finally:

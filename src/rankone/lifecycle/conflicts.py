@@ -10,14 +10,17 @@ files alone (no model, no statistics):
   `{}` for the subject (lower case, single spaces); when the base model is a testbed whose
   world.json lists the template among a relation's phrasings, that relation's id is used
   instead, so "{} was born in" and "The birthplace of {} is" are one relation.
-* **key overlap** — two edits of the same module whose keys point the same way. Each edit
-  stores v = C⁻¹k / (kᵀC⁻¹k): its key weighted by C⁻¹ (and scaled). The overlap is
+* **key overlap** — two edits of the same module whose keys point the same way. A rank-one
+  edit's A is one row, vᵀ with v = C⁻¹k / (kᵀC⁻¹k): its key weighted by C⁻¹ (and scaled). The
+  overlap is
 
       overlap(e₁, e₂) = |cos(v₁, v₂)| = |k₁ᵀ C⁻² k₂| / (‖C⁻¹k₁‖ ‖C⁻¹k₂‖),
 
   the cosine of the C⁻¹-weighted keys. The update of edit 2 moves the output at edit 1's key by
   u₂ (v₂ᵀk₁); keys that are close after whitening by C⁻¹ are the ones that collide. Edits of
-  different modules never overlap. Absolute value: an anti-aligned key collides as well.
+  different modules never overlap. Absolute value: an anti-aligned key collides as well. A rank-k
+  edit (a batch) has k rows in A, one weighted key direction each; its overlap with another edit
+  is the largest |cos| over pairs of rows.
 """
 
 from __future__ import annotations
@@ -110,12 +113,16 @@ def fact_key(request: dict[str, Any], relations: dict[str, str] | None = None) -
 
 
 def key_overlap(a: Edit, b: Edit) -> float:
-    """|cos| of the stored C⁻¹-weighted keys; 0 for edits of different modules."""
-    if a.module != b.module or a.v.shape != b.v.shape:
+    """Largest |cos| between a key direction of one edit and one of the other (the rows of their A;
+    one row each for rank-one edits); 0 for edits of different modules."""
+    if a.module != b.module or a.A.shape[1:] != b.A.shape[1:]:
         return 0.0
-    va, vb = a.v.double(), b.v.double()
-    den = float(va.norm() * vb.norm())
-    return abs(float(va @ vb)) / den if den > 0 else 0.0
+    ra, rb = a.A.double(), b.A.double()  # [k_a, in], [k_b, in]
+    na, nb = ra.norm(dim=1, keepdim=True), rb.norm(dim=1, keepdim=True)
+    ra, rb = ra[na[:, 0] > 0] / na[na[:, 0] > 0], rb[nb[:, 0] > 0] / nb[nb[:, 0] > 0]
+    if not len(ra) or not len(rb):
+        return 0.0
+    return float((ra @ rb.T).abs().max())
 
 
 def find_conflicts(candidate: Patch, released: Iterable[tuple[str, Patch]], threshold: float,

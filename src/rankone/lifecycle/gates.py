@@ -34,8 +34,8 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.models.generation import first_word, greedy, perplexity, target_logprob
-from rankone.artifacts.patch import Patch, apply_patch, now
+from rankone.models.generation import answer_matches, first_word, greedy, perplexity, target_logprob  # noqa: F401  (answer_matches re-exported)
+from rankone.artifacts.patch import Patch, apply_patch, lowrank_fro, now
 
 CHECK_TYPES = ("target", "keep", "perplexity")
 
@@ -237,12 +237,6 @@ def format_table(report: GateReport, width: int = 34) -> str:
 # ---- running the gates ----------------------------------------------------------------------
 
 
-def answer_matches(continuation: str, target: str) -> bool:
-    """Does the continuation start with the target as whole words ("Paris" ≠ "Parisian")?"""
-    c, t = " ".join(continuation.split()), " ".join(target.split())
-    return c.startswith(t) and (len(c) == len(t) or not c[len(t)].isalnum())
-
-
 def _answer(model: torch.nn.Module, tok: Any, prompt: str, n_tokens: int) -> str:
     return greedy(model, tok, prompt, n_tokens)
 
@@ -270,16 +264,11 @@ def _measure(model: torch.nn.Module, tok: Any, checks: list[Check], policy: Gate
 
 
 def delta_norms(patch: Patch) -> dict[str, float]:
-    """‖Σ u vᵀ‖_F per module, exactly from the vectors: ‖Σᵢ uᵢvᵢᵀ‖² = Σᵢⱼ (uᵢ·uⱼ)(vᵢ·vⱼ)."""
+    """‖Σ Bᵢ Aᵢ‖_F per module, exactly from the factors (stacked into one low-rank product)."""
     by: dict[str, list[Any]] = {}
     for e in patch.edits:
         by.setdefault(e.module, []).append(e)
-    out = {}
-    for m, es in by.items():
-        U = torch.stack([e.u.double() for e in es], 1)  # [out, k]
-        V = torch.stack([e.v.double() for e in es], 1)  # [in, k]
-        out[m] = float(((U.T @ U) * (V.T @ V)).sum().clamp_min(0).sqrt())
-    return out
+    return {m: lowrank_fro(torch.cat([e.B for e in es], 1), torch.cat([e.A for e in es], 0)) for m, es in by.items()}
 
 
 def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, policy: GatePolicy,

@@ -277,6 +277,11 @@ class Registry(RegistryStore):
                 rep.problems.append(f"patch {pid} has no files in {self.store}")
             elif _safe_id(d) != pid:
                 rep.problems.append(f"patch {pid}: files in {d} do not hash to its id (damaged)")
+            else:
+                try:
+                    Patch.load(d)  # the digests inside the files, shapes and types
+                except RankoneError as e:
+                    rep.problems.append(f"patch {pid}: {e}")
         prev = ""
         for e in self.log():
             if e.prev_hash != prev or _entry_hash(prev, vars(e)) != e.hash:

@@ -30,11 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from safetensors.torch import load_file
-
 from rankone.core.errors import RankoneError
-from rankone.core.fingerprint import tensors_sha256
 from rankone.artifacts.patch import Patch
+from rankone.artifacts.patch_files import content_id_of, read_files
 
 SCHEMA_VERSION = 1
 STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
@@ -114,13 +112,8 @@ def crash_point(name: str) -> None:
 
 def content_id(patch_dir: str | os.PathLike) -> str:
     """sha256 over the canonical manifest (sorted keys) and every tensor (name, dtype, shape, bytes)."""
-    p = Path(patch_dir)
-    man = json.loads((p / "patch.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(p / "patch.safetensors"))
-    h = hashlib.sha256(b"rankone.artifacts.patch-id/1\0")
-    h.update(json.dumps(man, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
-    h.update(tensors_sha256(sorted(tensors.items())).encode())
-    return h.hexdigest()[:ID_LEN]
+    man, tensors, _ = read_files(patch_dir)
+    return content_id_of(man, tensors)[:ID_LEN]
 
 
 def is_patch_dir(ref: str | os.PathLike) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,12 +17,75 @@ METHODS = ("r-rome", "p-rome", "rome")
 
 def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
     """cls(**d) for a dataclass, refusing unknown keys with one line that lists the known ones
-    (a typo in a JSON setting must not be silently ignored)."""
+    (a typo in a JSON setting must not be silently ignored) and values of the wrong type."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise RankoneError(f"unknown {what}(s) {unknown}; known: {sorted(names)}")
+    check_types(cls, d, what)
     return cls(**d)
+
+
+def check_types(cls: Any, values: dict[str, Any], what: str) -> None:
+    """Each value against its dataclass field's annotation (int, float, str, bool, lists, None)."""
+    hints = typing.get_type_hints(cls)
+    for name, v in values.items():
+        t = hints.get(name)
+        if t is not None and not _fits(v, t):
+            raise RankoneError(f"{what} {name} must be {_say(t)}, not {json.dumps(v) if _jsonable(v) else repr(v)}")
+
+
+def _fits(v: Any, t: Any) -> bool:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if t is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(v, a) for a in args)
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if origin in (list, tuple):
+        return isinstance(v, (list, tuple)) and all(_fits(x, args[0]) for x in v) if args else isinstance(v, (list, tuple))
+    if origin is dict or t is dict:
+        return isinstance(v, dict)
+    return isinstance(v, t) if isinstance(t, type) else True
+
+
+_NAMES = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "true/false values"), type(None): ("null", "nulls"), dict: ("an object", "objects")}
+
+
+def _say(t: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_say(a, plural) for a in args)
+    if origin in (list, tuple):
+        return ("lists" if plural else "a list") + (f" of {_say(args[0], True)}" if args else "")
+    names = _NAMES.get(t, (getattr(t, "__name__", str(t)),) * 2)
+    return names[plural]
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def describe_fields(cls: Any) -> str:
+    """'name (type, default X), …' of a dataclass, for command-line help."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(f"{f.name} ({_say(hints[f.name]).removeprefix('a ').removeprefix('an ')}, default {json.dumps(default)})")
+    return ", ".join(out)
 
 
 @dataclass
@@ -44,6 +109,7 @@ class EditHParams:
     stats_tokens: int = 1_000_000
 
     def __post_init__(self) -> None:
+        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "hyper-parameter")
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name in ("v_steps", "stats_tokens"):
@@ -52,6 +118,8 @@ class EditHParams:
         for name in ("v_lr", "clamp_norm_factor"):
             if not float(getattr(self, name)) > 0:
                 raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
+        if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.prefix_spec):
+            raise RankoneError(f"prefix_spec holds [new tokens ≥ 1, count ≥ 0] pairs, not {self.prefix_spec}")
         if "{}" not in self.kl_prompt:
             raise RankoneError(f"kl_prompt {self.kl_prompt!r} needs a '{{}}' for the subject")
         if self.prefixes is not None:

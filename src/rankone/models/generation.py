@@ -6,7 +6,24 @@ from typing import Any
 
 import torch
 
+from rankone.core.errors import RankoneError
 from rankone.core.tokens import encode, join_target, token_span
+
+
+def context_limit(model: torch.nn.Module) -> int:
+    """How many positions the model reads (its context window)."""
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20)
+
+
+def check_fits(model: torch.nn.Module, tok: Any, text: str, extra_tokens: int = 0, what: str = "the prompt") -> None:
+    """Refuse text that is empty or, with `extra_tokens` more, longer than the model's context window."""
+    if not text.strip():
+        raise RankoneError(f"{what} is empty; give some text, e.g. --prompt 'The capital of France is'")
+    n, limit = len(encode(tok, text)[0]), context_limit(model)
+    if n + extra_tokens > limit:
+        more = f" (+{extra_tokens} that rankone adds)" if extra_tokens else ""
+        raise RankoneError(f"{what} is {n} tokens{more}; the model reads at most {limit} positions: shorten it")
 
 
 @torch.no_grad()
@@ -14,7 +31,7 @@ def greedy(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int = 
     """The greedy continuation of `prompt` (text after the prompt only)."""
     ids = torch.tensor([encode(tok, prompt)[0]], device=next(model.parameters()).device)
     n0 = ids.shape[1]
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1 << 30)
+    limit = context_limit(model)
     for _ in range(max_new_tokens):
         if ids.shape[1] >= limit:
             break
@@ -36,6 +53,12 @@ def target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -
     return float(sum(logp[p - 1, ids[p]] for p in range(first, last + 1)))
 
 
+def answer_matches(continuation: str, target: str) -> bool:
+    """Does the continuation start with the target as whole words ("Paris" ≠ "Parisian")?"""
+    c, t = " ".join(continuation.split()), " ".join(target.split())
+    return c.startswith(t) and (len(c) == len(t) or not c[len(t)].isalnum())
+
+
 def first_word(text: str) -> str:
     """The first word of a continuation, without punctuation: how a one-word answer is read."""
     words = text.strip().split()
@@ -46,8 +69,7 @@ def first_word(text: str) -> str:
 def perplexity(model: torch.nn.Module, tok: Any, text: str, window: int = 256, max_tokens: int = 50_000) -> float:
     """exp(mean next-token NLL) over `text`, in non-overlapping windows of at most `window` tokens."""
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", window)
-    window = min(window, limit)
+    window = min(window, context_limit(model))
     dev = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, max(1, len(ids) - 1), window):

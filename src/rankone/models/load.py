@@ -104,8 +104,10 @@ def _from_pretrained(where: str, what: str, device: str, dtype: str | None, devi
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **mkw)
         tok = AutoTokenizer.from_pretrained(where, **kw)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise RankoneError(f"cannot load {what}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch, safetensors and tokenizers each raise their own types for damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RankoneError(f"cannot load {what} ({type(e).__name__}: {first}); "
+                           "check that its files are complete (a truncated download?)") from None
     if not device_map:
         model.to(device)
     return model.eval(), tok

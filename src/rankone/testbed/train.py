@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rankone.core.errors import RankoneError
+from rankone.core.progress import Progress
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.world import World, corpus_lines
 
@@ -255,9 +254,7 @@ def train(model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
     t0 = time.monotonic()
     acc: dict[str, float] = {}
     reason = "time budget"
-    bar = tqdm(total=int(cfg.time_budget_s), unit="s", file=sys.stderr, leave=False,
-               mininterval=2.0, desc=f"training {world.name}/{cfg.arch}",
-               bar_format="{desc}: {n}/{total}s budget {postfix}")
+    bar = Progress(int(cfg.time_budget_s), f"training {world.name}/{cfg.arch}", "s of the time budget", min_interval=10.0)
     done = False
     while not done and epoch < cfg.max_epochs:
         batches = make_batches(sents, cfg, rng, bos, pad)
@@ -276,12 +273,12 @@ def train(model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
             steps += 1
             tokens += int((tw > 0).sum())
             elapsed = time.monotonic() - t0
-            bar.update(max(0, min(int(elapsed), bar.total) - bar.n))
+            bar.update(max(0, int(elapsed) - bar.n))
             if steps % cfg.eval_every_steps == 0 or elapsed > cfg.time_budget_s:
                 acc = {k: v for k, v in evaluate_world(model, tokenizer, world,
                                                        cfg.eval_max_prompts).items()
                        if k in ("train", "heldout", "trained_prompts_first_token")}
-                bar.set_postfix(loss=f"{loss.item():.3f}", **{k[:5]: f"{v:.3f}" for k, v in acc.items()})
+                bar.note(f"loss {loss.item():.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
                 if log:
                     log(f"step {steps} epoch {epoch} {elapsed:.0f}s loss {loss.item():.3f} {acc}")
                 model.train()

@@ -1,0 +1,93 @@
+"""Progress displays: counts and time left on every line, --quiet silences them, and `rankone eval`
+on the built-in model shows an estimate within 2 seconds."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import pytest
+
+from rankone.core import progress as prog
+from rankone.core.progress import Progress, clock, track
+
+
+def test_lines_have_counts_and_time_left_and_a_final_line():
+    s = io.StringIO()
+    with Progress(4, "work", "cases", stream=s, min_interval=0) as bar:
+        for _ in range(4):
+            time.sleep(0.01)
+            bar.update()
+    lines = s.getvalue().splitlines()
+    assert lines[0] == "rankone: work: 0/4 cases, 0:00 elapsed"
+    assert re.fullmatch(r"rankone: work: 1/4 cases, 0:00 elapsed, about 0:00 left", lines[1])
+    assert lines[-1].startswith("rankone: work: 4/4 cases, done in") and len(lines) == 5
+
+
+def test_rate_limit_delay_quiet_and_resumed_counts():
+    s = io.StringIO()
+    with Progress(1000, "many", stream=s, min_interval=60) as bar:
+        for _ in range(1000):
+            bar.update()
+    assert len(s.getvalue().splitlines()) == 3  # start, the first estimate, done: not 1000 lines
+    s = io.StringIO()
+    with Progress(10, "short", stream=s, delay=5) as bar:
+        bar.update(10)
+    assert s.getvalue() == ""  # work shorter than the delay shows nothing
+    s = io.StringIO()
+    prog.set_quiet(True)
+    try:
+        with Progress(3, "hush", stream=s) as bar:
+            bar.update(3)
+    finally:
+        prog.set_quiet(False)
+    assert s.getvalue() == ""
+    s = io.StringIO()
+    with Progress(100, "resumed", "edits", stream=s, initial=90, min_interval=0) as bar:
+        time.sleep(0.05)
+        bar.update()
+        assert bar.left() == pytest.approx(bar.elapsed() * 9, rel=0.01)  # the rate of this session only
+    assert "91/100 edits" in s.getvalue()
+    assert clock(7) == "0:07" and clock(205) == "3:25" and clock(3729) == "1:02:09"
+    assert list(track(range(3), "t", enabled=False)) == [0, 1, 2]
+
+
+class _Seen(Exception):
+    pass
+
+
+class _Clock(io.TextIOBase):
+    """stderr that notes when the first line with an estimate arrives, then stops the command."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.lines, self.at = t0, [], None
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        if "left" in text and self.at is None:
+            self.at = time.perf_counter() - self.t0
+            raise _Seen()
+        return len(text)
+
+
+def test_eval_on_the_builtin_model_shows_an_estimate_within_two_seconds(tmp_path, monkeypatch):
+    from rankone.cli.main import main
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+    from test_hostile import synth
+
+    m = builtin_model_dir()
+    model, _ = load_model(m)  # the one-time import cost of the model classes is not the command's
+    synth(model).save(tmp_path / "p")
+    monkeypatch.chdir(tmp_path)
+    err = _Clock(time.perf_counter())
+    monkeypatch.setattr("sys.stderr", err)
+    err.t0 = time.perf_counter()
+    with pytest.raises(_Seen):
+        main(["eval", "--model", str(m), "--patch", str(tmp_path / "p"), "--cases", str(m), "--out", str(tmp_path / "e.json")])
+    assert err.at is not None and err.at < 2.0, (err.at, err.lines)
+    print(f"first estimate after {err.at:.2f} s")
+    shown = "".join(err.lines)
+    assert re.search(r"rankone: scoring \(before\): \d+/\d+ prompts, .* about \d+:\d\d left", shown), shown
+    assert not (tmp_path / "e.json").exists()
