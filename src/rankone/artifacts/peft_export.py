@@ -101,7 +101,7 @@ def save_peft_adapter(model: torch.nn.Module, patches: list[Patch], out: str | o
         b_pad = torch.zeros(b.shape[0], rank); b_pad[:, :k] = b  # [out, r]
         tensors[f"base_model.model.{m}.lora_A.weight"] = a_pad.contiguous()
         tensors[f"base_model.model.{m}.lora_B.weight"] = b_pad.contiguous()
-    base_name = str(getattr(model, "_rankone_dir", None) or getattr(model.config, "_name_or_path", "") or "") or None
+    base_name = str(getattr(model.config, "_name_or_path", "") or "") or None
     manifest = {
         "format": "rankone.peft", "created_at": now(), "library_versions": library_versions(),
         "rank": rank, "modules": {m: {"edits": sum(e.module == m for p in patches for e in p.edits),
