@@ -119,3 +119,13 @@ def test_aie_is_zero_without_noise_and_cached_per_model(tok, monkeypatch):
         model.transformer.h[0].mlp.c_proj.weight.add_(0.01)
     third = cached_aie(model, tok, facts, s, [SUBJECT, "Toko Yasuda"], source="test")
     assert calls == [1] and third.cache_file != first.cache_file
+
+
+def test_an_unalignable_fact_is_skipped_not_fatal(tok):
+    # a long AIE run over a case file must not end on one fact whose subject sits inside a token
+    model = make_model("gpt2")
+    word = next(w for w in ("king", "the", "and") if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    facts = [T.SubjectPrompt("{} is in", "Paris", None), T.SubjectPrompt(f"My {word} is", word[:-1], None)]
+    aie = T.average_indirect_effect(model, tok, facts, 0.1, T.TraceSettings(kinds=["mlp"], n_samples=2))
+    assert aie.n_facts + aie.n_wrong == 1 and len(aie.skipped) == 1
+    assert "token" in aie.skipped[0]["why"] and aie.skipped[0]["subject"] == word[:-1]

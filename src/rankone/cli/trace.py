@@ -164,7 +164,7 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
                 done += 1
     if not args.quiet:
         print(f"average indirect effect at the last subject token over {aie.n_facts} facts "
-              f"({aie.n_wrong} answered wrongly, not traced); total effect {aie.ate:.3f}")
+              f"({aie.n_wrong} answered wrongly, {len(aie.skipped)} not alignable: not traced); total effect {aie.ate:.3f}")
         print("layer " + " ".join(f"{k:>8}" for k in aie.aie))
         for layer in range(len(next(iter(aie.aie.values())))):
             print(f"{layer:5} " + " ".join(f"{aie.aie[k][layer]:8.4f}" for k in aie.aie))

@@ -97,6 +97,7 @@ class AIE:
     noise_scale: float
     settings: dict[str, Any]
     wrong: list[dict[str, str]] = field(default_factory=list)  # the cases not traced, and why
+    skipped: list[dict[str, str]] = field(default_factory=list)  # facts the tokenizer cannot align, and why
     source: str = ""
     cache_file: str = ""
 
@@ -141,11 +142,17 @@ def average_indirect_effect(
     s = settings or TraceSettings()
     n_layers = arch.num_layers(model)
     ies: dict[str, list[torch.Tensor]] = {k: [] for k in s.kinds}
-    clean, corr, wrong = [], [], []
+    clean, corr, wrong, skipped = [], [], [], []
     for i, (prompt, subject, answer) in enumerate(facts):
-        tr = trace_case(model, tok, prompt, subject, answer, noise_scale, s, positions="subject_last")
+        try:
+            tr = trace_case(model, tok, prompt, subject, answer, noise_scale, s, positions="subject_last")
+        except RankoneError as e:  # one unalignable fact (subject inside a token) must not end a long run
+            skipped.append({"prompt": prompt, "subject": subject, "why": str(e)})
+            tr = None
         if progress is not None:
             progress(i + 1, len(facts))
+        if tr is None:
+            continue
         if not tr.correct:
             wrong.append({"prompt": tr.prompt, "answer": tr.answer, "predicted": tr.predicted})
             continue
@@ -165,6 +172,7 @@ def average_indirect_effect(
         n_facts=len(clean), n_wrong=len(wrong), ate=sum(clean) / len(clean) - sum(corr) / len(corr),
         p_clean=sum(clean) / len(clean), p_corrupted=sum(corr) / len(corr),
         window=s.window or default_window(n_layers), noise_scale=noise_scale, settings=s.to_dict(), wrong=wrong,
+        skipped=skipped,
     )
 
 
