@@ -166,6 +166,15 @@ def test_dtypes_and_device_map(extra, capsys, model_dir, tmp_path):
     assert code == 0, err
     code, _, err = run(capsys, "revert", "--model", str(tmp_path / "m"), *extra, "--out", str(tmp_path / "r"))
     assert code == 0, err
+    from safetensors.torch import load_file
+
+    from rankone.models.load import load_model
+
+    base = load_model(model_dir, dtype=extra[1] if extra[0] == "--dtype" else None).model.state_dict()
+    merged, restored = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("m", "r"))
+    edited = json.loads((tmp_path / "p" / "patch.json").read_text())["edits"][0]["module"] + ".weight"
+    assert not torch.equal(merged[edited], base[edited].to(merged[edited].dtype))  # the merged folder is edited
+    assert restored.keys() <= base.keys() and all(torch.equal(v, base[k]) for k, v in restored.items())
 
 
 def test_model_recommended_hparams_are_defaults_and_user_wins(capsys, model_dir, tmp_path):

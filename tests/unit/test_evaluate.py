@@ -153,7 +153,10 @@ def test_binary_scores_by_hand():
 def test_glue_fewshot_runs_and_refuses_bad_files(model, tok, tmp_path):
     recs = [{"sentence": f"this film is {'great' if i % 2 else 'awful'} number {i}", "label": i % 2} for i in range(12)]
     r = glue_fewshot(model, tok, recs, "sst2", shots=2, n=6)
-    assert r["n"] == 6 and 0.0 <= r["acc"] <= 1.0
+    # six queries (the demonstrations are never among them): acc is a count of six, and batching
+    # (left padding) does not change any prediction
+    assert r["n"] == 6 and round(r["acc"] * 6, 9).is_integer()
+    assert glue_fewshot(model, tok, recs, "sst2", shots=2, n=6, batch_size=1) == r
     with pytest.raises(RankoneError, match="does not exist"):
         load_glue(str(tmp_path), "sst2")
     (tmp_path / "sst2.json").write_text('[{"text": "x"}]')
