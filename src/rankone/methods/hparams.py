@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rankone.core.errors import RankoneError
 
 METHODS = ("r-rome", "p-rome", "rome")
+S = TypeVar("S", bound="JsonSettings")
 
 
 def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
@@ -22,8 +23,45 @@ def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
     return cls(**d)
 
 
+class JsonSettings:
+    """JSON round trip, strict loading, per-model defaults and `replace` for a settings dataclass
+    (EditHParams here; the batch methods' settings in memit.py and alphaedit.py)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[S], d: dict[str, Any]) -> S:
+        return strict_from_dict(cls, d, "hyper-parameter")
+
+    @classmethod
+    def from_json(cls: type[S], text: str) -> S:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise RankoneError("hyper-parameters must be a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def for_model(cls: type[S], model: Any, **overrides: Any) -> S:
+        """The paper's defaults, then what the model folder recommends, then `overrides`."""
+        from rankone.models.load import recommended_hparams
+
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        rec = {k: v for k, v in recommended_hparams(model).items() if k in names}
+        return cls.from_dict({**rec, **overrides})
+
+    def replace(self: S, **changes: Any) -> S:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass
-class EditHParams:
+class EditHParams(JsonSettings):
     method: str = "r-rome"  # which key enters where in the update, see rome.rank_one_update
     layer: int | None = None  # None: the model's recorded edit layer, else n_layers // 4
     # value optimisation (ROME paper defaults)
@@ -45,47 +83,20 @@ class EditHParams:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("v_steps", "stats_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise RankoneError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if not float(getattr(self, name)) > 0:
-                raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
-        if "{}" not in self.kl_prompt:
-            raise RankoneError(f"kl_prompt {self.kl_prompt!r} needs a '{{}}' for the subject")
-        if self.prefixes is not None:
-            bad = [p for p in self.prefixes if p.count("{}") != 1]
-            if bad:
-                raise RankoneError(f"each prefix template needs exactly one '{{}}' where the prompt goes: {bad[0]!r}")
+        check_value_settings(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
-        return strict_from_dict(cls, d, "hyper-parameter")
-
-    @classmethod
-    def from_json(cls, text: str) -> "EditHParams":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise RankoneError("hyper-parameters must be a JSON object")
-        return cls.from_dict(d)
-
-    @classmethod
-    def for_model(cls, model: Any, **overrides: Any) -> "EditHParams":
-        """The paper's defaults, then what the model folder recommends, then `overrides`."""
-        from rankone.models.load import recommended_hparams
-
-        names = {f.name for f in dataclasses.fields(cls)}
-        rec = {k: v for k, v in recommended_hparams(model).items() if k in names}
-        return cls.from_dict({**rec, **overrides})
-
-    def replace(self, **changes: Any) -> "EditHParams":
-        return dataclasses.replace(self, **changes)
+def check_value_settings(hp: Any) -> None:
+    """The checks every method's settings share: the value optimisation, prefixes, statistics."""
+    for name in ("v_steps", "stats_tokens"):
+        if int(getattr(hp, name)) < 1:
+            raise RankoneError(f"{name} must be at least 1, got {getattr(hp, name)}")
+    for name in ("v_lr", "clamp_norm_factor"):
+        if not float(getattr(hp, name)) > 0:
+            raise RankoneError(f"{name} must be positive, got {getattr(hp, name)}")
+    if "{}" not in hp.kl_prompt:
+        raise RankoneError(f"kl_prompt {hp.kl_prompt!r} needs a '{{}}' for the subject")
+    if hp.prefixes is not None:
+        bad = [p for p in hp.prefixes if p.count("{}") != 1]
+        if bad:
+            raise RankoneError(f"each prefix template needs exactly one '{{}}' where the prompt goes: {bad[0]!r}")
