@@ -45,7 +45,7 @@ from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output, replace_forward
 from rankone.core.tokens import EditRequest, encode_request, pad_batch, sample_prefixes
 from rankone.methods.hparams import JsonSettings, check_value_settings
-from rankone.methods.rome import _skip_lower_layers
+from rankone.methods.rome import _device, _skip_lower_layers
 from rankone.methods.stats import LayerStats
 
 GPTJ_LAMBDA, GPTJ_D_IN = 15000.0, 16384  # MEMIT's mom2_update_weight for GPT-J and its key size
@@ -124,10 +124,6 @@ def context_templates(model: torch.nn.Module, tok: Any, hp: MemitHParams) -> lis
     return ["{}"] + sample_prefixes(model, tok, hp.prefix_spec, hp.seed)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---- (1) targets ------------------------------------------------------------------------------
 
 
@@ -145,6 +141,8 @@ def _logits_only_at(model: torch.nn.Module, rows: torch.Tensor, pos: torch.Tenso
     """Inside, the model's logits are [1, N, vocab] at (rows[i], pos[i]) only: for n facts × T
     templates the full [rows, pos, vocab] logits would dominate memory (vocab up to 262k)."""
     head = model.get_output_embeddings()
+    if head is None:
+        raise RankoneError(f"{type(model).__name__} has no output embedding module to read the logits from")
     original = head.forward
 
     def gathered(h: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
@@ -293,10 +291,6 @@ def spread_residual(z: torch.Tensor, h: torch.Tensor, remaining: int) -> torch.T
     return (z.T.double() - h.double()) / remaining
 
 
-def as_stats(C: LayerStats | torch.Tensor) -> LayerStats:
-    return C if isinstance(C, LayerStats) else LayerStats(C.detach().to("cpu", torch.float64), 0)
-
-
 def memit_update(
     K: torch.Tensor, R: torch.Tensor, C: LayerStats | torch.Tensor, lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +298,7 @@ def memit_update(
 
     K: [in, k] keys; R: [out, k] residuals; C: the layer's statistics (its Cholesky factor is
     made once and reused) or E[k kᵀ] itself."""
-    st = as_stats(C)
+    st = C if isinstance(C, LayerStats) else LayerStats(C.detach().to("cpu", torch.float64), 0)
     K, R = K.to("cpu", torch.float64), R.to("cpu", torch.float64)
     cinv_k = st.solve(K)  # [in, k] C⁻¹K
     small = lam * torch.eye(K.shape[1], dtype=torch.float64) + K.T @ cinv_k  # [k, k] λI + KᵀC⁻¹K
@@ -321,19 +315,17 @@ def updates_applied(model: torch.nn.Module, updates: Sequence[LayerUpdate]) -> I
     """Inside, each updated projection computes (W + B A) x: its output gets B (A x) added by a
     hook. The weights are never touched, so nothing can be left half-edited."""
 
-    def hook_for(u: LayerUpdate) -> Callable[[torch.Tensor], torch.Tensor]:
-        proj = arch.get_module(model, u.module)
-        A, B = u.A.to(_device(proj)), u.B.to(_device(proj))
-
-        def add(args: tuple, y: torch.Tensor) -> torch.Tensor:
-            x = args[0]  # [..., in]
-            return y + ((x.to(A.dtype) @ A.T) @ B.T).to(y.dtype)  # [..., out]
+    def hook_for(A: torch.Tensor, B: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def add(mod: torch.nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
+            # float32 like the patch that will hold B and A; x: [..., in] -> [..., out]
+            return y + ((args[0].float() @ A.T) @ B.T).to(y.dtype)
         return add
 
     with ExitStack() as stack:
         for u in updates:
-            fn = hook_for(u)
-            h = arch.get_module(model, u.module).register_forward_hook(lambda m, a, y, fn=fn: fn(a, y))
+            proj = arch.get_module(model, u.module)
+            dev = next(proj.parameters()).device
+            h = proj.register_forward_hook(hook_for(u.A.to(dev, torch.float32), u.B.to(dev, torch.float32)))
             stack.callback(h.remove)
         yield
 
@@ -360,11 +352,11 @@ def run_window(
             K, H = read_keys(model, tok, requests, layer, templates, L, hp.batch_rows)
         R = spread_residual(targets.z, H, len(hp.layers) - t)  # [d, n]
         B, A, extra = solver(layer, K, R)
+        dW = B @ A  # [out, in]
         diag = {
             "layer": layer, "layers": list(hp.layers), "n_facts": len(requests), "share": 1 / (len(hp.layers) - t),
             "residual_norm_mean": float(R.norm(dim=0).mean()), "key_norm_mean": float(K.norm(dim=0).mean()),
-            "delta_fro": float(torch.linalg.matrix_norm(B @ A)),
-            "written_fraction": float(((B @ A @ K) * R).sum() / (R * R).sum().clamp_min(1e-300)),
+            "delta_fro": float(dW.norm()), "written_fraction": float(((dW @ K) * R).sum() / (R * R).sum().clamp_min(1e-300)),
             "timing": {"target_s": t_target, "layer_s": time.perf_counter() - t1},
             "targets": {"target_prob": targets.target_prob, "final_loss": [x[-1] for x in targets.losses],
                         "steps": [len(x) for x in targets.losses], "clamped": sum(targets.clamped),
