@@ -8,11 +8,12 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 from rankone.core.errors import RankoneError
 
 METHODS = ("r-rome", "p-rome", "rome")
+S = TypeVar("S", bound="JsonSettings")
 
 
 def strict_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
@@ -88,8 +89,106 @@ def describe_fields(cls: Any) -> str:
     return ", ".join(out)
 
 
-@dataclass
-class EditHParams:
+S = TypeVar("S", bound="JsonSettings")
+
+
+class JsonSettings:
+    """JSON round trip, strict and type-checked loading, the model card's recommendations and
+    `replace` for a settings dataclass made with `@settings` (EditHParams here; the batch methods'
+    settings in memit.py and alphaedit.py). The fields a caller set are remembered (`given`), so
+    that they win over the card's recommendations, which win over the paper's defaults."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[S], d: dict[str, Any]) -> S:
+        return strict_from_dict(cls, d, "hyper-parameter")
+
+    @classmethod
+    def from_json(cls: type[S], text: str) -> S:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise RankoneError("hyper-parameters must be a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def for_model(cls: type[S], model: Any, **overrides: Any) -> S:
+        """The paper's defaults, then what the model card recommends, then `overrides` (the user's).
+
+        `model` is a ModelHandle, a ModelCard, None (no recommendations) or a model loaded from a
+        folder (its card is found through the folder transformers recorded as its name_or_path).
+        A card's recommendation that this method has no field for is left out (a card written for
+        r-ROME also serves MEMIT); one that no method knows is refused.
+        """
+        card = _card_of(model)
+        rec = card.recommended() if card is not None else {}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(rec) - names - {f.name for f in dataclasses.fields(EditHParams)})
+        if unknown:
+            where = card.folder / "rankone.json" if card is not None and card.folder else "the model card"
+            raise RankoneError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(names)}")
+        return cls.from_dict({**{k: v for k, v in rec.items() if k in names}, **overrides})
+
+    def over(self: S, model: Any) -> S:
+        """These hyper-parameters merged over the model card's recommendations: the fields the
+        caller set win, the others come from the card, then the paper's defaults (as the CLI does)."""
+        return type(self).for_model(model, **self.given)
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The fields the caller set: constructor arguments, from_dict keys and replace() changes."""
+        return {k: getattr(self, k) for k in sorted(getattr(self, "_given", ()))}
+
+    def replace(self: S, **changes: Any) -> S:
+        new = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        new._given = frozenset(getattr(self, "_given", ())) | frozenset(changes)
+        return new
+
+
+def settings(cls: type[S]) -> type[S]:
+    """`@dataclass` for a JsonSettings class, wrapping __init__ to remember which fields the caller
+    passed (`_given` is not a field: it is neither compared, nor saved, nor shown)."""
+    cls = dataclass(cls)
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._given = frozenset(names[: len(args)]) | frozenset(kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def check_value_settings(hp: Any) -> None:
+    """The checks every method's settings share: field types, the value optimisation, prefixes, statistics."""
+    check_types(type(hp), {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}, "hyper-parameter")
+    for name in ("v_steps", "stats_tokens"):
+        if int(getattr(hp, name)) < 1:
+            raise RankoneError(f"{name} must be at least 1, got {getattr(hp, name)}")
+    for name in ("v_lr", "clamp_norm_factor"):
+        if not float(getattr(hp, name)) > 0:
+            raise RankoneError(f"{name} must be positive, got {getattr(hp, name)}")
+    if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in hp.prefix_spec):
+        raise RankoneError(f"prefix_spec holds [new tokens ≥ 1, count ≥ 0] pairs, not {hp.prefix_spec}")
+    if "{}" not in hp.kl_prompt:
+        raise RankoneError(f"kl_prompt {hp.kl_prompt!r} needs a '{{}}' for the subject")
+    if hp.prefixes is not None:
+        bad = [p for p in hp.prefixes if p.count("{}") != 1]
+        if bad:
+            raise RankoneError(f"each prefix template needs exactly one '{{}}' where the prompt goes: {bad[0]!r}")
+
+
+@settings
+class EditHParams(JsonSettings):
     method: str = "r-rome"  # which key enters where in the update, see rome.rank_one_update
     layer: int | None = None  # None: the model card's layer, else n_layers // 4 (models.card.default_layer)
     # value optimisation (ROME paper defaults)
@@ -109,90 +208,9 @@ class EditHParams:
     stats_tokens: int = 1_000_000
 
     def __post_init__(self) -> None:
-        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "hyper-parameter")
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("v_steps", "stats_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise RankoneError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if not float(getattr(self, name)) > 0:
-                raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
-        if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.prefix_spec):
-            raise RankoneError(f"prefix_spec holds [new tokens ≥ 1, count ≥ 0] pairs, not {self.prefix_spec}")
-        if "{}" not in self.kl_prompt:
-            raise RankoneError(f"kl_prompt {self.kl_prompt!r} needs a '{{}}' for the subject")
-        if self.prefixes is not None:
-            bad = [p for p in self.prefixes if p.count("{}") != 1]
-            if bad:
-                raise RankoneError(f"each prefix template needs exactly one '{{}}' where the prompt goes: {bad[0]!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
-        return strict_from_dict(cls, d, "hyper-parameter")
-
-    @classmethod
-    def from_json(cls, text: str) -> "EditHParams":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise RankoneError("hyper-parameters must be a JSON object")
-        return cls.from_dict(d)
-
-    @classmethod
-    def for_model(cls, model: Any, **overrides: Any) -> "EditHParams":
-        """The paper's defaults, then what the model card recommends, then `overrides` (the user's).
-
-        `model` is a ModelHandle, a ModelCard, None (no recommendations) or a model loaded from a
-        folder (its card is found through the folder transformers recorded as its name_or_path).
-        """
-        card = _card_of(model)
-        rec = card.recommended() if card is not None else {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(rec) - names)
-        if unknown:
-            where = card.folder / "rankone.json" if card is not None and card.folder else "the model card"
-            raise RankoneError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(names)}")
-        return cls.from_dict({**rec, **overrides})
-
-    def over(self, model: Any) -> "EditHParams":
-        """These hyper-parameters merged over the model card's recommendations: the fields the
-        caller set win, the others come from the card, then the paper's defaults (as the CLI does)."""
-        return type(self).for_model(model, **self.given)
-
-    @property
-    def given(self) -> dict[str, Any]:
-        """The fields the caller set: constructor arguments, from_dict keys and replace() changes."""
-        return {k: getattr(self, k) for k in sorted(getattr(self, "_given", ()))}
-
-    def replace(self, **changes: Any) -> "EditHParams":
-        new = dataclasses.replace(self, **changes)
-        new._given = frozenset(getattr(self, "_given", ())) | frozenset(changes)
-        return new
-
-
-def _record_given(init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap the dataclass __init__ to remember which fields the caller passed (not a field itself:
-    it is neither compared, nor saved, nor shown)."""
-    names = [f.name for f in dataclasses.fields(EditHParams)]
-
-    @functools.wraps(init)
-    def __init__(self: EditHParams, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        self._given = frozenset(names[: len(args)]) | frozenset(kwargs)
-
-    return __init__
-
-
-EditHParams.__init__ = _record_given(EditHParams.__init__)  # type: ignore[method-assign]
+        check_value_settings(self)
 
 
 def _card_of(model: Any) -> Any:

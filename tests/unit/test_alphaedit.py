@@ -1,0 +1,191 @@
+"""AlphaEdit: the projector, the update's closed form and what it leaves alone (the preserved
+subspace, earlier edits' keys), the key store across sessions, and lifelong edits on the testbed."""
+
+import pytest
+import torch
+
+from rankone.core.errors import RankoneError
+from rankone.core.tokens import EditRequest
+from rankone.methods import alphaedit as ae
+from rankone.methods.alphaedit import (
+    AlphaEditHParams, PreservedKeys, alphaedit_update, cached_null_basis, null_space_basis,
+    null_space_projector, projector_key,
+)
+from rankone.methods.memit import updates_applied
+from rankone.methods.stats import LayerStats, layer_stats
+from tiny import make_model
+
+F64 = dict(dtype=torch.float64)
+
+
+def _problem(d_in=40, d_out=16, k=4, n_prev=6, null=24, seed=0):
+    """C with `null` eigenvalues under 1e-2 (the rest ≥ 0.5), fresh keys and earlier keys."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, **F64))[0]
+    ev = torch.cat([torch.rand(null, generator=g, **F64) * 1e-2, 0.5 + torch.rand(d_in - null, generator=g, **F64)])
+    C = Q @ torch.diag(ev) @ Q.T
+    K = torch.randn(d_in, k, generator=g, **F64)
+    Kp = torch.randn(d_in, n_prev, generator=g, **F64)
+    R = torch.randn(d_out, k, generator=g, **F64)
+    return C, K, Kp, R, Q[:, null:]  # the last: an orthonormal basis of the preserved subspace
+
+
+def _paper(K, R, P, Kp, alpha):
+    """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹, literally."""
+    M = Kp @ Kp.T @ P + K @ K.T @ P + alpha * torch.eye(P.shape[0], **F64)
+    return R @ K.T @ P @ torch.linalg.inv(M)
+
+
+@pytest.mark.parametrize("n_prev, null", [(6, 24), (30, 24), (0, 24), (6, 8)])  # m < r and m ≥ r
+def test_factors_are_the_papers_update(n_prev, null):
+    C, K, Kp, R, _ = _problem(n_prev=n_prev, null=null)
+    U = null_space_basis(C, 1e-2)
+    assert U.shape[1] == null
+    B, A = alphaedit_update(K, R, U, Kp, 10.0)
+    assert B.shape == (16, 4) and A.shape == (4, 40)
+    ref = _paper(K, R, U @ U.T, Kp, 10.0)
+    assert (B @ A - ref).norm() / ref.norm() < 1e-8
+
+
+def test_preserved_subspace_is_untouched():
+    C, K, Kp, R, keep = _problem()
+    B, A = alphaedit_update(K, R, null_space_basis(C, 1e-2), Kp, 10.0)
+    dW = B @ A
+    x = keep @ torch.randn(keep.shape[1], 9, generator=torch.Generator().manual_seed(3), **F64)  # [in, 9]
+    rel = (dW @ x).norm() / (torch.linalg.matrix_norm(dW, 2) * x.norm())
+    assert rel < 1e-6, rel
+    # while a key with a null-space part is moved
+    assert (dW @ K).norm() / (torch.linalg.matrix_norm(dW, 2) * K.norm()) > 1e-2
+
+
+def test_preserved_subspace_of_a_models_own_statistics(tok, corpus):
+    model = make_model("gpt2")
+    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)[1]
+    evals, evecs = torch.linalg.eigh(st.mom2)
+    thr = float(evals.median())  # half of the directions are preserved
+    U = cached_null_basis(st, thr)
+    P = U @ U.T
+    assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P, P.T)
+    g = torch.Generator().manual_seed(0)
+    K, R = torch.randn(128, 3, generator=g, **F64), torch.randn(32, 3, generator=g, **F64)
+    dW = torch.mm(*alphaedit_update(K, R, U, None, 1e-3))
+    kept = evecs[:, evals >= thr]  # the directions C's preserved keys live in
+    x = kept @ torch.randn(kept.shape[1], 5, generator=g, **F64)
+    assert (dW @ x).norm() / (torch.linalg.matrix_norm(dW, 2) * x.norm()) < 1e-6
+
+
+def test_earlier_edits_keys_keep_their_outputs():
+    C, K, Kp, R, _ = _problem(n_prev=6, null=24)
+    U = null_space_basis(C, 1e-2)
+    G = U.T @ torch.cat([Kp, K], 1)
+    smin2 = float(torch.linalg.svdvals(G)[-1]) ** 2
+    for alpha in (10.0, 1e-8 * smin2):
+        dW = torch.mm(*alphaedit_update(K, R, U, Kp, alpha))
+        # ‖ΔW K_p‖ ≤ α ‖R‖ / (σ_min(G)² + α): ~0 once α is small next to the keys
+        assert (dW @ Kp).norm() <= alpha * R.norm() / (smin2 + alpha) * (1 + 1e-9)
+    assert (dW @ Kp).norm() / R.norm() < 1e-6
+    assert (dW @ K - R).norm() / R.norm() < 1e-6  # and this batch is written
+    # without the earlier keys the same batch does move their outputs
+    free = torch.mm(*alphaedit_update(K, R, U, None, alpha))
+    assert (free @ Kp).norm() / R.norm() > 1e-2
+
+
+def test_projector_and_its_cache(tmp_path, tok, corpus):
+    C, *_ = _problem()
+    P = null_space_projector(C, 1e-2)
+    assert torch.allclose(P @ P, P, atol=1e-12)
+    assert float(torch.linalg.matrix_norm(P @ C @ P, 2)) < 1e-2  # only small eigenvalues survive
+    model = make_model("gpt2")
+    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)[1]
+    thr = float(torch.linalg.eigvalsh(st.mom2).median())
+    key = projector_key(st, thr)
+    assert key != projector_key(st, thr * 2) and key == projector_key(st, thr)
+    U = cached_null_basis(st, thr, tmp_path)
+    files = list(tmp_path.glob("null-*.safetensors"))
+    assert len(files) == 1
+    ae._NULL_MEMO.clear()
+    assert torch.equal(cached_null_basis(st, thr, tmp_path), U)  # from the file
+    files[0].write_bytes(files[0].read_bytes()[:-40])  # a truncated file is recomputed, not trusted
+    ae._NULL_MEMO.clear()
+    assert torch.equal(cached_null_basis(st, thr, tmp_path), U)
+    # statistics without a cache key (a bare C) are kept in memory only
+    cached_null_basis(LayerStats(C, 10), 1e-2, tmp_path)
+    assert len(list(tmp_path.glob("null-*.safetensors"))) == 1
+
+
+def test_preserved_keys_survive_a_session(tmp_path):
+    C, K, Kp, R, _ = _problem()
+    U = null_space_basis(C, 1e-2)
+    store = PreservedKeys()
+    store.add(3, Kp[:, :4])
+    store.add(3, Kp[:, 4:])
+    store.add(5, K)
+    store.save(tmp_path / "keys.safetensors")
+    back = PreservedKeys.load(tmp_path / "keys.safetensors")
+    assert torch.equal(back.get(3, 40), Kp) and back.count(5) == 4 and back.count(7) == 0
+    assert torch.equal(torch.mm(*alphaedit_update(K, R, U, back.get(3, 40))),
+                       torch.mm(*alphaedit_update(K, R, U, store.get(3, 40))))
+    with pytest.raises(RankoneError):
+        back.get(3, 41)  # another model's keys
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(RankoneError):
+        PreservedKeys.load(tmp_path / "bad.safetensors")
+    with pytest.raises(RankoneError):
+        PreservedKeys.load(tmp_path / "missing.safetensors")
+
+
+def test_settings_round_trip():
+    hp = AlphaEditHParams(layers=[1, 2], nullspace_threshold=1e-3, l2=0.5)
+    assert AlphaEditHParams.from_json(hp.to_json()) == hp
+    assert hp.method == "alphaedit"
+    model = make_model("llama", num_hidden_layers=12)
+    assert AlphaEditHParams().resolve(model).mom2_update_weight is None  # λ is MEMIT's, not used here
+    for bad in ({"l2": 0.0}, {"nullspace_threshold": -1.0}, {"method": "memit"}):
+        with pytest.raises(RankoneError):
+            AlphaEditHParams.from_dict(bad)
+
+
+def test_lifelong_batches_on_the_testbed():
+    """Two batches of testbed facts, one after the other: the second keeps the first written."""
+    import random
+
+    from rankone.models.load import load_model
+    from rankone.testbed import World, builtin_model_dir
+    from rankone.testbed.check import greedy_hits
+
+    d = builtin_model_dir()
+    model, tok = load_model(d)
+    world = World.load(d)
+    rng = random.Random(1)
+    batches = []
+    for f in rng.sample(world.facts, 8):
+        target = rng.choice([o for o in world.relation(f.relation).objects if o != f.object])
+        batches.append((EditRequest.create(world.prompts(f, "train")[0], f.subject, target), target))
+    first, second = batches[:4], batches[4:]
+    # As for MEMIT, this toy model needs δ ≈ 2–4 ‖h‖ (clamp 4), and its null-space keys are short
+    # (‖Û ᵀk‖² of a few units), so the authors' α = 10 would write a third of each fact: α = 1.
+    hp = AlphaEditHParams.for_model(model, clamp_norm_factor=4.0, l2=1.0, v_steps=60)
+    layers = hp.resolve(model).layers
+    st = layer_stats(model, tok, layers, d / "corpus.txt", hp.stats_tokens, progress=False)
+    store = PreservedKeys()
+    pairs = lambda b: [(r.prompt.replace("{}", r.subject), t) for r, t in b]  # noqa: E731
+    ups1 = ae.edit_batch(model, tok, [r for r, _ in first], hp, lambda l: st[l], store)
+    assert [store.count(l) for l in layers] == [len(first)] * len(layers)
+    with updates_applied(model, ups1):
+        hit1 = greedy_hits(model, tok, pairs(first))[1]
+        ups2 = ae.edit_batch(model, tok, [r for r, _ in second], hp, lambda l: st[l], store)
+    assert ups2[0].diagnostics["n_preserved"] == len(first)
+    # the same batch solved without the first batch's keys would move their outputs much more
+    layer, n1 = ups2[-1].layer, len(first)
+    Kp, K2 = store.get(layer, ups2[-1].A.shape[1])[:, :n1], store.get(layer, ups2[-1].A.shape[1])[:, n1:]
+    U = cached_null_basis(st[layer], hp.nullspace_threshold)
+    B2, A2 = alphaedit_update(K2, ups2[-1].B, U, Kp, hp.l2)
+    assert torch.allclose(A2, ups2[-1].A, rtol=1e-9, atol=1e-12)  # the store holds what was solved with
+    shift = (B2 @ A2 @ Kp).norm() / B2.norm()
+    unguarded = torch.mm(*alphaedit_update(K2, ups2[-1].B, U, None, hp.l2)) @ Kp
+    assert shift == pytest.approx(ups2[-1].diagnostics["preserved_shift"])
+    assert shift < 0.5 * unguarded.norm() / B2.norm(), (shift, unguarded.norm() / B2.norm())
+    with updates_applied(model, ups1 + ups2):
+        both1, both2 = greedy_hits(model, tok, pairs(first))[1], greedy_hits(model, tok, pairs(second))[1]
+    assert sum(hit1) >= 3 and sum(both2) >= 3, (hit1, both2)
+    assert sum(both1) >= sum(hit1), (hit1, both1)  # the second batch costs the first nothing
