@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rankone.artifacts.patch import Patch, apply_patch, library_versions, now, revert_patch
+from rankone.artifacts.patch import Patch, apply_patch, library_versions, revert_patch
+from rankone.core.util import utcnow
 from rankone.cli.main import main
 from rankone.core import architectures as arch
 from rankone.core.discovery import dense_in_out, discover, is_dense
@@ -133,7 +134,7 @@ def test_discovered_edit_is_rank_one_and_reverts_exactly(model_type, models, unl
     s = torch.linalg.svdvals(W1 - W)
     assert s[1] / s[0] < 1e-5
 
-    patch = Patch([edit], base=dict(ed.base_info(), arch=arch.describe(model)), created_at=now(),
+    patch = Patch([edit], base=dict(ed.base_info(), arch=arch.describe(model)), created_at=utcnow(),
                   library_versions=library_versions())
     revert_patch(model, patch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

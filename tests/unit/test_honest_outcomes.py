@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
-from rankone.artifacts.patch import Patch, make_edit, now
+from rankone.artifacts.patch import Patch, make_edit
+from rankone.core.util import utcnow
 from rankone.cli.main import main
 from rankone.core import architectures as arch
 from rankone.eval.cases import load_cases
@@ -38,7 +39,7 @@ def _patch_for(request: dict, model, path) -> None:
     g = torch.Generator().manual_seed(0)
     e, _ = make_edit(w, torch.randn(w.shape[0], 1, generator=g) * 1e-3, torch.randn(1, w.shape[1], generator=g),
                      module="transformer.h.0.mlp.c_proj", layer=0, method="r-rome", hparams={}, seed=0, request=request)
-    Patch([e], base={"model_type": "gpt2"}, created_at=now()).save(path)
+    Patch([e], base={"model_type": "gpt2"}, created_at=utcnow()).save(path)
 
 
 def test_eval_names_the_edited_cases_and_warns_when_none_is_among_them(tmp_path, capsys):

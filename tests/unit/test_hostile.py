@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 
 from rankone.artifacts.merged import save_merged
-from rankone.artifacts.patch import Patch, apply_patch, make_edit, now
+from rankone.artifacts.patch import Patch, apply_patch, make_edit
+from rankone.core.util import utcnow
 from rankone.cli.main import main
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
@@ -34,7 +35,7 @@ def synth(model, module=MODULE, seed=0, subject="Stoukthen Fokai Thathai") -> Pa
     e, _ = make_edit(w, torch.randn(w.shape[0], 1, generator=g) * 1e-2, torch.randn(1, w.shape[1], generator=g),
                      module=module, layer=int(module.split(".")[-3]), method="r-rome", hparams={}, seed=seed,
                      request={"prompt": "{} was born in", "subject": subject, "target": "Lisbon"})
-    return Patch([e], base={"model_type": model.config.model_type, "name_or_path": "", "n_layers": 4}, created_at=now())
+    return Patch([e], base={"model_type": model.config.model_type, "name_or_path": "", "n_layers": 4}, created_at=utcnow())
 
 
 def rewrite_payload(src: Path, dst: Path, change) -> None:

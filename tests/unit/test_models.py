@@ -184,12 +184,12 @@ def gguf_file(tmp_path_factory):
 
 
 def test_gguf_file_loads_as_a_handle_with_its_sha256(gguf_file):
-    from rankone.models.gguf import sha256_file
+    from rankone.core.fingerprint import file_sha256
 
     path, weights = gguf_file
     h = load_model(path)
     model, tok = h
-    assert h.source == str(path.resolve()) and h.source_sha256 == sha256_file(path) and h.folder is None
+    assert h.source == str(path.resolve()) and h.source_sha256 == file_sha256(path) and h.folder is None
     assert model.config.model_type == "llama" and h.spec == arch.ARCHITECTURES["llama"]
     sd = model.state_dict()
     assert sd.keys() == weights.keys() and all(torch.equal(sd[k], weights[k]) for k in weights)  # F32: exact

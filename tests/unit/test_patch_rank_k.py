@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankone.artifacts.patch import Patch, apply_patch, compose, make_edit, merged, now, revert_patch
+from rankone.artifacts.patch import Patch, apply_patch, compose, make_edit, merged, revert_patch
+from rankone.core.util import utcnow
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
@@ -31,7 +32,7 @@ def rank_k_patch(model, module, k=3, seed=0, scale=0.02, subject="Danielle Darri
     e, _ = make_edit(w, B, A, module=module, layer=1, method="memit", hparams={}, seed=seed,
                      request={"prompt": "{} was born in", "subject": subject, "target": "Rome"})
     base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
-    return Patch([e], base=base, created_at=now())
+    return Patch([e], base=base, created_at=utcnow())
 
 
 def state(model):
@@ -186,7 +187,7 @@ def test_the_registry_stores_releases_and_checks_rank_k_patches(tmp_path):
     w = arch.weight_oi(arch.get_module(model, module)).detach().clone()
     near, _ = make_edit(w, torch.randn(w.shape[0], 1) * 1e-3, a.edits[0].A[2:3].clone(), module=module, layer=1,
                         method="r-rome", hparams={}, seed=0, request={"prompt": "{} is in", "subject": "Z", "target": "Y"})
-    Patch([near], base=a.base, created_at=now()).save(tmp_path / "b")
+    Patch([near], base=a.base, created_at=utcnow()).save(tmp_path / "b")
     with Registry(tmp_path / "reg.db") as reg:
         ids = []
         for d in ("a", "b"):

@@ -12,7 +12,8 @@ import torch
 from rankone.core import architectures as arch
 from rankone.cli.main import main
 from rankone.core.fingerprint import tensor_sha256
-from rankone.artifacts.patch import Patch, apply_patch, make_edit, now
+from rankone.artifacts.patch import Patch, apply_patch, make_edit
+from rankone.core.util import utcnow
 from rankone.lifecycle.registry import Registry, content_id
 from tiny import make_model
 
@@ -33,7 +34,7 @@ def synth_patch(model, module=M1, seed=0, subject="Danielle Darrieux", prompt="{
     e, _ = make_edit(w, B, A, module=module, layer=int(module.split(".")[-3]), method="r-rome", hparams={}, seed=seed,
                      request={"prompt": prompt, "subject": subject, "target": target})
     base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
-    return Patch([e], base=base, created_at=now())
+    return Patch([e], base=base, created_at=utcnow())
 
 
 @pytest.fixture
@@ -329,7 +330,7 @@ def test_multi_edit_patch_stacks_on_released_ones(reg, model, tmp_path):
     h = apply_patch(model, b1)
     b2 = synth_patch(model, seed=3, subject="Rome", prompt="{} is in")
     h.revert()
-    b = Patch(b1.edits + b2.edits, b1.base, now())
+    b = Patch(b1.edits + b2.edits, b1.base, utcnow())
     bid = ready(reg, saved(b, tmp_path / "b"))
     assert reg.release(bid)[0].state == "released"
     base = arch.weight_oi(arch.get_module(model, M1)).detach().double().clone()

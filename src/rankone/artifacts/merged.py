@@ -23,7 +23,8 @@ from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
-from rankone.artifacts.patch import Patch, library_versions, now
+from rankone.artifacts.patch import Patch, library_versions
+from rankone.core.util import utcnow
 from rankone.models.card import CARD_FILE
 from rankone.models.handle import ModelHandle
 
@@ -74,7 +75,7 @@ def save_merged(handle: ModelHandle, patches: list[Patch], patch_paths: list[str
     refuse_reapplied(handle.folder, patches)
     prior = _read_record(handle.folder)
     record = {
-        "format": "rankone.merged", "created_at": now(), "library_versions": library_versions(),
+        "format": "rankone.merged", "created_at": utcnow(), "library_versions": library_versions(),
         "patches": (prior.get("patches", []) if prior else []) + [
             {"path": str(pp), "id": p.content_id(), "n_edits": len(p.edits), "created_at": p.created_at,
              "edits": [{"module": e.module, "request": e.request, "method": e.method, "rank": e.rank,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,6 +23,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.core.util import utcnow
 from rankone.core.fingerprint import tensor_sha256
 from rankone.artifacts.patch_files import FORMAT, SCHEMA_VERSION, content_id_of, read_patch_files, write_patch_files
 
@@ -121,7 +121,7 @@ def make_edit(before: torch.Tensor, B: torch.Tensor, A: torch.Tensor, **fields: 
         raise RankoneError(f"the edit of {fields.get('module', 'the module')} overflows {before.dtype}; "
                            "it is refused (nothing written)")
     fix_idx, fix_val = revert_fix(before, after, B, A)
-    fields.setdefault("created_at", now())
+    fields.setdefault("created_at", utcnow())
     e = Edit(B=B, A=A, delta_fro=lowrank_fro(B, A), weight_dtype=str(before.dtype).replace("torch.", ""),
              weight_shape=list(before.shape), sha256_before=tensor_sha256(before), sha256_after=tensor_sha256(after),
              fix_idx=fix_idx, fix_val=fix_val, **fields)
@@ -181,11 +181,7 @@ def compose(patches: Iterable[Patch]) -> Patch:
     ps = list(patches)
     if not ps:
         raise RankoneError("nothing to compose")
-    return Patch([e for p in ps for e in p.edits], dict(ps[0].base), now(), dict(ps[0].library_versions))
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return Patch([e for p in ps for e in p.edits], dict(ps[0].base), utcnow(), dict(ps[0].library_versions))
 
 
 def library_versions() -> dict[str, str]:

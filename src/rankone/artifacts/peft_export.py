@@ -29,7 +29,8 @@ from safetensors.torch import save
 from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
-from rankone.artifacts.patch import Patch, library_versions, now
+from rankone.artifacts.patch import Patch, library_versions
+from rankone.core.util import utcnow
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,18 +50,12 @@ def lora_factors(patches: list[Patch]) -> dict[str, tuple[torch.Tensor, torch.Te
 
 def layout_of(model: torch.nn.Module, modules: list[str]) -> bool:
     """fan_in_fan_out for these modules; a clear error where LoRA cannot express the edits."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - very old transformers
-        Conv1D = ()  # type: ignore[assignment]
     kinds = {}
     for m in modules:
         mod = arch.get_module(model, m)
-        if isinstance(mod, Conv1D):
-            kinds[m] = "conv1d"
-        elif isinstance(mod, torch.nn.Linear):
-            kinds[m] = "linear"
-        else:
+        try:
+            kinds[m] = arch.weight_layout(mod)  # "conv1d" or "linear", recognised by type
+        except RankoneError:
             raise RankoneError(f"cannot export a PEFT LoRA adapter for {model.config.model_type}: the edited module {m} is a "
                                f"{type(mod).__name__}, which LoRA does not wrap; export --format merged instead")
     if len(set(kinds.values())) > 1:
@@ -103,7 +98,7 @@ def save_peft_adapter(model: torch.nn.Module, patches: list[Patch], out: str | o
         tensors[f"base_model.model.{m}.lora_B.weight"] = b_pad.contiguous()
     base_name = str(getattr(model.config, "_name_or_path", "") or "") or None
     manifest = {
-        "format": "rankone.peft", "created_at": now(), "library_versions": library_versions(),
+        "format": "rankone.peft", "created_at": utcnow(), "library_versions": library_versions(),
         "rank": rank, "modules": {m: {"edits": sum(e.module == m for p in patches for e in p.edits),
                                           "rank": int(factors[m][0].shape[0])} for m in modules},
         "patches": [{"source": s, "n_edits": len(p.edits), "created_at": p.created_at,

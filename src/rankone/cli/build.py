@@ -43,7 +43,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rankone.artifacts.merged import save_merged
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
-    from rankone.lifecycle.store import crash_point, utcnow
+    from rankone.core.util import utcnow
+    from rankone.lifecycle.store import crash_point
 
     with _open(args) as reg:
         chain = reg.released()

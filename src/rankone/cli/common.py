@@ -35,21 +35,14 @@ def load_requests(path: str) -> list[Any]:
 
     if not os.path.isfile(path):
         raise RankoneError(f"requests file {path} does not exist")
+    from rankone.core.jsonfiles import json_lines
+
     reqs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RankoneError(f"{path}:{n} is not valid JSON ({e.msg}); one object per line with prompt, subject, target") from None
-            if not isinstance(d, dict):
-                raise RankoneError(f"{path}:{n} is not a JSON object; one object per line with prompt, subject, target")
-            try:
-                reqs.append(EditRequest.from_dict(d))
-            except RankoneError as e:
-                raise RankoneError(f"{path}:{n}: {e}") from None
+    for where, d in json_lines(path, "one object per line with prompt, subject, target"):
+        try:
+            reqs.append(EditRequest.from_dict(d))
+        except RankoneError as e:
+            raise RankoneError(f"{where}: {e}") from None
     if not reqs:
         raise RankoneError(f"requests file {path} holds no requests")
     return reqs

@@ -23,9 +23,9 @@ def _open(args: argparse.Namespace, create: bool = False) -> Any:
 
 
 def _actor(args: argparse.Namespace) -> str:
-    from rankone.lifecycle.store import os_user
+    from rankone.core.util import user_name
 
-    return args.author or os_user()
+    return args.author or user_name()
 
 
 def _need_reason(args: argparse.Namespace, what: str) -> str:

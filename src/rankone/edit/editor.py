@@ -13,7 +13,6 @@ n_layers // 4; the statistics corpus to the one given, else the card's.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import math
 import os
@@ -26,11 +25,12 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.core.util import user_name, utcnow
 from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress, track
 from rankone.methods.hparams import EditHParams
 from rankone.models.handle import ModelHandle
-from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, now, revert_patch
+from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.stats import LayerStats, layer_stats
 from rankone.core.tokens import EditRequest, encode_request, join_target, sample_prefixes
@@ -165,7 +165,7 @@ class Editor:
         logged in `self.rejected`.
         """
         reqs = list(requests)
-        patch = Patch([], base=self.base_info(), created_at=now(), library_versions=library_versions())
+        patch = Patch([], base=self.base_info(), created_at=utcnow(), library_versions=library_versions())
         try:
             for req in track(reqs, "edits", "edits", enabled=self.progress and len(reqs) > 1):
                 upd, info = self.compute(req)
@@ -174,7 +174,7 @@ class Editor:
                     log.warning("refused edit %r: %s", req.subject, why)
                     self.rejected.append(Rejected(req, why, upd.diagnostics))
                     continue
-                e = self.write(req, upd, info, self.hp, author or _user(), reason)
+                e = self.write(req, upd, info, self.hp, author or user_name(), reason)
                 e.diagnostics["outcome"] = out = outcome(self.model, self.tok, req)
                 if not out["reached"]:
                     log.warning("the edit %r -> %r did not reach its target: p(target) = %.3f, the model now says %r",
@@ -211,13 +211,6 @@ def check_request(model: torch.nn.Module, tok: Any, request: EditRequest, hp: Ed
     longest = max([n for n, _ in hp.prefix_spec] + given + [0])  # tokens a context prefix adds
     check_fits(model, tok, join_target(request.text()[0], request.target)[0], extra_tokens=longest + 2,
                what="the edit prompt with its target")  # + 2: the prefix's separator and a BOS
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
 
 
 def edit(

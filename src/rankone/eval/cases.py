@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_file, json_lines
 from rankone.core.tokens import EditRequest
 
 log = logging.getLogger(__name__)
@@ -286,22 +287,10 @@ def heldout_text(world: Any, max_sentences: int = 400, seed: int = 0) -> str:
 
 def _read_records(p: Path) -> tuple[list[Any], list[str]]:
     """The records of a .json list or a .jsonl file, and how to name each in a message."""
-    text = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl":
-        recs, names = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RankoneError(f"{p}:{n} is not valid JSON ({e.msg}); one case object per line") from None
-                names.append(f"{p}:{n}")
-        return recs, names
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RankoneError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); give a CounterFact file, "
-                           "a .jsonl of cases or a testbed world.json") from None
+        rows = json_lines(p, "one case object per line", objects=False)
+        return [v for _, v in rows], [w for w, _ in rows]
+    data = json_file(p, "give a CounterFact file, a .jsonl of cases or a testbed world.json")
     if isinstance(data, dict) and "cases" in data:
         data = data["cases"]
     if isinstance(data, dict) and "facts" in data and "relations" in data:

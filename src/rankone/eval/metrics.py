@@ -28,6 +28,7 @@ import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
+from rankone.core.util import mean
 from rankone.core.progress import Progress, track
 from rankone.models.generation import context_limit
 from rankone.core.tokens import encode, join_target, token_span
@@ -112,8 +113,8 @@ def knows(model: torch.nn.Module, tok: Any, cases: Sequence[Case], batch_size: i
 
 
 def _mean(xs: Iterable[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+    m = mean(xs)
+    return float("nan") if m is None else m  # the metrics' convention: NaN, not None, when empty
 
 
 def hmean(xs: Sequence[float]) -> float:

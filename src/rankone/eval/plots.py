@@ -16,18 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rankone.core.atomic import write_bytes
+from rankone.core.util import mean, median
 
 COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green"}
 Runs = dict[str, list[dict[str, Any]]]  # label -> JSONL records of one run
-
-
-def _median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def _mean(xs: Sequence[Any]) -> float | None:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else None
 
 
 def _plt() -> Any:
@@ -181,14 +173,14 @@ def summarize_run(settings: dict[str, Any], recs: Sequence[dict[str, Any]], leve
         "method": settings.get("method"), "layer": settings.get("layer"), "n_attempted": len(edits),
         "n_accepted": len(acc), "n_refused": len(edits) - len(acc),
         "refusals": [f"edit {r['i']}: {r.get('reason')}" for r in edits if not r["accepted"]][:20],
-        "delta_fro_median": _median(norms), "delta_fro_max": norms[-1] if norms else None,
+        "delta_fro_median": median(norms), "delta_fro_max": norms[-1] if norms else None,
         "n_spikes": sum(1 for r in acc if r.get("flags")),
         "spikes": [r["i"] for r in acc if r.get("flags")][:50],
         "fluency_collapses": [f for r in evals for f in r.get("flags", [])][:20],
-        "es_immediate": _mean([r["es"] for r in acc]),
+        "es_immediate": mean([r["es"] for r in acc]),
         "denominator_min": min((r["denominator"] for r in edits if r.get("denominator") is not None), default=None),
-        "key_cosine_mean": _mean([r.get("key_cosine") for r in edits]),
-        "seconds_per_edit": _mean([r["seconds"] for r in edits]),
+        "key_cosine_mean": mean([r.get("key_cosine") for r in edits]),
+        "seconds_per_edit": mean([r["seconds"] for r in edits]),
     }
     for k in ("retention_es", "retention_kept", "retention_top1", "probe_top1", "ns", "es_newest"):
         out[f"first_below_{k}"] = first_below(evals, k, level)

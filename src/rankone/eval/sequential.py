@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -37,10 +36,11 @@ from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
+from rankone.core.util import mean, utcnow
 from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
 from rankone.models.generation import perplexity
 from rankone.methods.hparams import EditHParams
-from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions, now
+from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions
 from rankone.edit.guard import Guard, norm_spike
 from rankone.models.handle import ModelHandle
 from rankone.core.progress import Progress
@@ -101,11 +101,6 @@ def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[t
     return [(c.prompt, c.target_true) for c in cases[n_edits:]][: 5 * probe_sample]
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else None
-
-
 # ---- the run --------------------------------------------------------------------------------
 
 
@@ -133,7 +128,7 @@ class SequentialRun:
         self.layer = self.editor.layer()
         self.path = self.editor.module_path(self.layer)
         self.guard = Guard(cfg.guard_factor, cfg.denom_factor, cfg.warmup) if cfg.guard else None
-        self.patch = Patch([], base=self.editor.base_info(), created_at=now(), library_versions=library_versions())
+        self.patch = Patch([], base=self.editor.base_info(), created_at=utcnow(), library_versions=library_versions())
         self.lines: list[dict[str, Any]] = []
         idx = spaced(len(self.cases), cfg.ns_sample)
         self.ns_cases = [dataclasses.replace(self.cases[i], paraphrase_prompts=[]) for i in idx]
@@ -163,7 +158,7 @@ class SequentialRun:
             os.fsync(f.fileno())
         with atomic_dir(self.out / "checkpoint", overwrite=True) as tmp:
             self.patch.save(tmp / "patch")
-            write_json(tmp / "state.json", {"next": next_i, "lines": len(self.lines), "saved_at": now()})
+            write_json(tmp / "state.json", {"next": next_i, "lines": len(self.lines), "saved_at": utcnow()})
 
     def preflight(self, force: bool = False) -> str:
         """Check the folder without writing: 'fresh', 'resume' or a RankoneError saying why not."""
@@ -228,21 +223,21 @@ class SequentialRun:
         rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self._w_dist()}
         last_n = max([r["n"] for r in self.lines if r["type"] == "eval"] or [0])
         newest = [r for r in edits if r["i"] >= last_n]
-        rec["es_newest"] = _mean([r["es"] for r in newest])
-        rec["top1_newest"] = _mean([r["top1"] for r in newest])
+        rec["es_newest"] = mean([r["es"] for r in newest])
+        rec["top1_newest"] = mean([r["top1"] for r in newest])
         if edits:
             sample = [edits[j] for j in spaced(len(edits), self.cfg.retention_sample)]
             m = evaluate_cases(self.model, self.tok, [self.cases[r["i"]] for r in sample], self.cfg.norm)
-            rec["retention_es"] = _mean([x["es"] for x in m])
-            rec["retention_top1"] = _mean([x["top1_new"] for x in m])
-            rec["retention_ps"] = _mean([x["ps"] for x in m])
+            rec["retention_es"] = mean([x["es"] for x in m])
+            rec["retention_top1"] = mean([x["top1_new"] for x in m])
+            rec["retention_ps"] = mean([x["ps"] for x in m])
             worked = [x for x, r in zip(m, sample) if r["es"]]
-            rec["retention_kept"] = _mean([x["es"] for x in worked])  # of the edits that worked when made
+            rec["retention_kept"] = mean([x["es"] for x in worked])  # of the edits that worked when made
         ns = evaluate_cases(self.model, self.tok, self.ns_cases, self.cfg.norm)
-        rec["ns"] = _mean([x["ns"] for x in ns])
-        rec["nm"] = _mean([x["nm"] for x in ns])
+        rec["ns"] = mean([x["ns"] for x in ns])
+        rec["nm"] = mean([x["nm"] for x in ns])
         if self.probes:
-            rec["probe_top1"] = _mean([float(s.top1) for s in score(self.model, self.tok, self.probes)])
+            rec["probe_top1"] = mean([float(s.top1) for s in score(self.model, self.tok, self.probes)])
         if self.gen_prompts:
             rec["fluency"], texts = fluency(self.model, self.tok, self.gen_prompts, self.cfg.gen_tokens,
                                             self.cfg.top_k, self.cfg.seed)

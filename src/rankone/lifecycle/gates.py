@@ -34,8 +34,10 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_lines
 from rankone.models.generation import answer_matches, first_word, greedy, perplexity, target_logprob  # noqa: F401  (answer_matches re-exported)
-from rankone.artifacts.patch import Patch, apply_patch, lowrank_fro, now
+from rankone.artifacts.patch import Patch, apply_patch, lowrank_fro
+from rankone.core.util import utcnow
 
 CHECK_TYPES = ("target", "keep", "perplexity")
 
@@ -125,18 +127,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
     if not p.is_file():
         raise RankoneError(f"suite file {p} does not exist")
     raw = p.read_bytes()
-    checks: list[Check] = []
-    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"{where} is not valid JSON ({e.msg}); one check object per line") from None
-        if not isinstance(d, dict):
-            raise RankoneError(f"{where} is not a JSON object")
-        checks.append(parse_check(d, where, p.parent))
+    checks = [parse_check(d, where, p.parent) for where, d in json_lines(p, "one check object per line")]
     if not checks:
         raise RankoneError(f"suite file {p} holds no checks; add lines like "
                            '{"type": "target", "prompt": "...", "target": "..."}')
@@ -300,7 +291,7 @@ def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, poli
             "" if ok_abs else f"|ΔW|_F {d:.4g} exceeds max_delta_fro {policy.max_delta_fro}"))
     return GateReport(all(r.passed for r in results), results, policy.to_dict(),
                       {"path": suite.path, "sha256": suite.sha256, "n_checks": len(suite.checks)},
-                      list(reference_ids), now())
+                      list(reference_ids), utcnow())
 
 
 def _fmt_p(p: float | None) -> str:

@@ -34,9 +34,8 @@ from rankone.lifecycle.store import (
     content_id,
     crash_point,
     is_patch_dir,
-    os_user,
-    utcnow,
 )
+from rankone.core.util import user_name, utcnow
 from rankone.models.handle import ModelHandle
 
 
@@ -69,7 +68,7 @@ class Registry(RegistryStore):
         crash_point("add:stored")
         summary = [{"module": e.module, "subject": e.request.get("subject", ""), "prompt": e.request.get("prompt", ""),
                     "target": e.request.get("target", "")} for e in patch.edits]
-        actor = actor or os_user()
+        actor = actor or user_name()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
                 db.execute("INSERT INTO patches (id, state, n_edits, summary, base, added_at, added_by, reason) "
@@ -89,7 +88,7 @@ class Registry(RegistryStore):
                           reason: str | None = None) -> PatchRecord:
         """Store a gate report; the state becomes `validated` only if it passed."""
         pid = self.resolve(ref)
-        actor = actor or os_user()
+        actor = actor or user_name()
         with self._tx() as db:
             state = self._state(db, pid)
             if state not in ("proposed", "validated"):
@@ -154,7 +153,7 @@ class Registry(RegistryStore):
                 if relations is None and model.folder is not None:
                     relations = relation_map(model.folder)
         patch = self.load_patch(pid)
-        actor = actor or os_user()
+        actor = actor or user_name()
         with self._tx() as db:
             state = self._state(db, pid)
             if state != "validated":
@@ -221,7 +220,7 @@ class Registry(RegistryStore):
     def rollback(self, ref: str, actor: str | None = None, reason: str | None = None, cascade: bool = False) -> list[str]:
         """Take a released patch out of the release; patches built on it go too only with `cascade`."""
         pid = self.resolve(ref)
-        actor = actor or os_user()
+        actor = actor or user_name()
         with self._tx() as db:
             state = self._state(db, pid)
             if state != "released":
@@ -246,7 +245,7 @@ class Registry(RegistryStore):
 
     def reject(self, ref: str, actor: str | None = None, reason: str | None = None) -> PatchRecord:
         pid = self.resolve(ref)
-        actor = actor or os_user()
+        actor = actor or user_name()
         with self._tx() as db:
             state = self._state(db, pid)
             if state not in ("proposed", "validated"):
@@ -258,7 +257,7 @@ class Registry(RegistryStore):
     def record_build(self, out: str, actor: str | None, ids: list[str], fmt: str) -> None:
         """Builds are not transitions but belong in the audit trail of what was shipped."""
         with self._tx() as db:
-            self._audit(db, actor or os_user(), "build", None, None, None, None, {"out": out, "patches": ids, "format": fmt})
+            self._audit(db, actor or user_name(), "build", None, None, None, None, {"out": out, "patches": ids, "format": fmt})
 
     # -- consistency --
 

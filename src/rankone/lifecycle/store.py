@@ -17,7 +17,6 @@ The state machine on top of it (add, validate, release, roll back, reject) is `r
 from __future__ import annotations
 
 import errno
-import getpass
 import hashlib
 import json
 import os
@@ -26,11 +25,11 @@ import sqlite3
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rankone.core.errors import RankoneError
+from rankone.core.util import utcnow
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
@@ -77,17 +76,6 @@ def default_path() -> Path:
         return Path(os.environ["RANKONE_REGISTRY"])
     data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data / "rankone" / "registry.db"
-
-
-def os_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # Named points inside multi-step writes ("add:stored", "release:uncommitted", ...). Production code

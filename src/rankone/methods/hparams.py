@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_object
 
 METHODS = ("r-rome", "p-rome", "rome")
 S = TypeVar("S", bound="JsonSettings")
@@ -110,13 +111,7 @@ class JsonSettings:
 
     @classmethod
     def from_json(cls: type[S], text: str) -> S:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise RankoneError("hyper-parameters must be a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, "hyper-parameters"))
 
     @classmethod
     def for_model(cls: type[S], model: Any, **overrides: Any) -> S:

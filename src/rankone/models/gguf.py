@@ -12,32 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:
-    from rankone.core.errors import RankoneError
-except ImportError:  # before the restructure lands
-    from rankone.errors import RankoneError
+from rankone.core.atomic import atomic_dir
+from rankone.core.errors import RankoneError
+from rankone.core.fingerprint import file_sha256
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
@@ -132,17 +119,11 @@ def gguf_to_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise RankoneError(f"{out} already exists; remove it or pass overwrite=True")
     if out.exists() and not out.is_dir():
         raise RankoneError(f"{out} exists and is a file; choose another output folder")
-    digest = sha256_file(src)
+    digest = file_sha256(src)
     model, tok = load_gguf(src, dtype=torch.float32)
     model.config.name_or_path = out.name  # no local paths of this machine in config.json
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the folder is an ordinary one
-    old = None
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # the folder appears complete or not at all
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
@@ -150,22 +131,6 @@ def gguf_to_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             raise RankoneError(f"conversion of {src} kept a quantization_config; not writing {out}")
         source = {"gguf_file": src.name, "sha256": digest, "size_bytes": src.stat().st_size}
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        for f in tmp.iterdir():  # some writers create their files private (0600)
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists() and not _is_empty_dir(out):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError as e:  # another process put a folder there meanwhile
-            if old is not None and not out.exists():
-                os.replace(old, out)
-                old = None
-            raise RankoneError(f"cannot move the converted folder to {out}: {e.strerror}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_object
 from rankone.models.card import find_card
 from rankone.models.handle import ModelHandle
 
@@ -32,13 +32,7 @@ def read_arch_override(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
     text = Path(value).read_text() if os.path.isfile(value) else value
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RankoneError(f"--arch-spec is neither a JSON object nor a JSON file: {e}") from None
-    if not isinstance(d, dict):
-        raise RankoneError("--arch-spec must be a JSON object of module path templates")
-    return d
+    return json_object(text, "--arch-spec", "give a JSON object (or a JSON file) of module path templates")
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -115,7 +109,8 @@ def _from_pretrained(where: str, what: str, device: str, dtype: str | None, devi
 
 def _load_gguf(p: Path, device: str, dtype: str | None, device_map: str | None,
                arch_spec: dict[str, Any] | None) -> ModelHandle:
-    from rankone.models.gguf import check_gguf_file, load_gguf, sha256_file
+    from rankone.core.fingerprint import file_sha256
+    from rankone.models.gguf import check_gguf_file, load_gguf
 
     if device_map:
         raise RankoneError("--device-map does not apply to a .gguf file (it is dequantized in memory); use --device")
@@ -125,7 +120,7 @@ def _load_gguf(p: Path, device: str, dtype: str | None, device_map: str | None,
     p = check_gguf_file(p)
     model, tok = load_gguf(p, dtype=td or torch.float32, device=device)
     spec = arch.spec_for(model, arch_spec)
-    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), sha256_file(p))
+    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), file_sha256(p))
 
 
 def _load_hub(hub_id: str, device: str, dtype: str | None, device_map: str | None,

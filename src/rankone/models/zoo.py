@@ -18,12 +18,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import gguf_to_folder, read_gguf_source
+from rankone.models.gguf import gguf_to_folder, read_gguf_source
 
-try:
-    from rankone.core.errors import RankoneError
-except ImportError:  # before the restructure lands
-    from rankone.errors import RankoneError
+from rankone.core.errors import RankoneError
 
 
 class ModelUnavailable(RankoneError):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from rankone.core.atomic import atomic_dir
 from rankone.core.errors import RankoneError
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.train import (ARCHS, TrainConfig, build_model, build_tokenizer,
@@ -103,20 +103,9 @@ def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.Path
               "eval_seconds": round(time.monotonic() - t_eval, 1),
               "build_seconds": round(time.monotonic() - t0, 1), "config": dataclasses.asdict(cfg)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(out, overwrite=True) as tmp:  # the folder appears complete or not at all
         save_testbed(tmp, model, tok, w, cfg, lines)
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        if out.exists():  # os.replace cannot replace a non-empty directory: swap it aside
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     report["out_dir"] = str(out)
     return report
 

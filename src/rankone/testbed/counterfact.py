@@ -21,13 +21,13 @@ several relations and are left out of that union.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_file
 from rankone.testbed.world import Fact, Relation, World
 
 MAX_PHRASINGS = 6  # per relation: the most frequent templates (more would only slow training)
@@ -62,10 +62,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise RankoneError(f"CounterFact file not found: {p}; pass counterfact:PATH to a "
                            "counterfact JSON file (flat or original ROME format)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RankoneError(f"{p} is not valid JSON ({e})") from None
+    data = json_file(p)
     if not isinstance(data, list) or not data:
         raise RankoneError(f"{p} must hold a non-empty JSON list of CounterFact records")
     recs = [_norm_record(r) for r in data]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_file
 
 if TYPE_CHECKING:
     from rankone.models.card import ModelCard
@@ -174,11 +175,7 @@ class World:
         if not p.is_file():
             raise RankoneError(f"no world file at {p}; pass a testbed model directory "
                                "(built with `rankone testbed build`) or a world.json path")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"{p} is not valid JSON ({e}); rebuild the testbed") from None
-        return cls.from_dict(d)
+        return cls.from_dict(json_file(p, "rebuild the testbed"))
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write world.json into `directory` atomically (tmp file, then os.replace)."""
