@@ -154,3 +154,20 @@ def test_flat_records_may_mark_the_subject_with_braces(tmp_path):
     recs = [dict(FLAT[0], prompt="The mother tongue of {} is"), FLAT[1]]
     a, b = load_cases(write(tmp_path, "cf.json", recs))
     assert a.prompt == FLAT[0]["prompt"] and b.neighbours() == [("The mother tongue of Danielle Darrieux is", "French")]
+
+
+def test_both_counterfact_formats_give_the_same_rewrite():
+    from rankone.core.counterfact import rewrite
+
+    flat = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+            "target_new": "English", "ground_truth": "French"}
+    rome = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                                "target_new": {"str": "English", "id": "Q1860"},
+                                                "target_true": {"str": "French", "id": "Q150"}, "relation_id": "P103"}}
+    a, b = rewrite(flat), rewrite(rome)
+    assert a[:4] == b[:4] == ("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    assert (a.relation_id, b.relation_id) == (None, "P103")
+    with pytest.raises(RankoneError, match=r"lacks \['target_true'\]"):
+        rewrite({"requested_rewrite": {k: v for k, v in rome["requested_rewrite"].items() if k != "target_true"}})
+    with pytest.raises(RankoneError, match="flat keys"):
+        rewrite({"prompt": "x"})

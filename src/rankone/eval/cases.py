@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rankone.core.counterfact import FLAT_KEYS, is_flat, rewrite, target_str
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_file, json_lines
 from rankone.core.tokens import EditRequest
 
 log = logging.getLogger(__name__)
 
-FLAT_KEYS = ("prompt", "subject", "target_new", "ground_truth")
 ANSWER_KEYS = ("answer", "ground_truth", "target_true", "target")  # a fact record's true answer: first present wins
 
 
@@ -100,7 +100,7 @@ class Case:
         nb_p, nb_t = list(d.get("neighborhood_prompts", [])), list(d.get("neighborhood_targets", []))
         if len(nb_p) != len(nb_t):
             raise RankoneError(f"case {d.get('case_id')!r}: {len(nb_p)} neighbourhood prompts but {len(nb_t)} targets")
-        return cls.of(str(d.get("case_id", "")), req, _str(d["target_true"]), list(d.get("paraphrase_prompts", [])),
+        return cls.of(str(d.get("case_id", "")), req, target_str(d["target_true"]), list(d.get("paraphrase_prompts", [])),
                       nb_p, nb_t, list(d.get("generation_prompts", [])), d.get("relation"))
 
 
@@ -116,17 +116,10 @@ def fact_case(r: dict[str, Any], case_id: str) -> Case:
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise RankoneError("the answer must be a non-empty string")
     new = r.get("target_new")
-    new = _str(new) if new is not None else None
+    new = target_str(new) if new is not None else None
     req = EditRequest.create(r["prompt"], r["subject"], new or "x")  # validates prompt and subject
     return Case(str(r.get("case_id", case_id)), req.prompt, req.subject, answer.strip() if answer else None, new,
                 generation_prompts=[req.text()[0]])
-
-
-def _str(x: Any) -> str:
-    """CounterFact targets are {"str": ..., "id": ...} in the ROME format, plain strings in the flat one."""
-    if isinstance(x, dict):
-        x = x.get("str", "")
-    return str(x).strip()
 
 
 def _prompt_of(x: Any) -> str:
@@ -138,21 +131,20 @@ def _prompt_of(x: Any) -> str:
 
 def rome_case(rec: dict[str, Any]) -> Case:
     """A case from an original ROME-format CounterFact record."""
-    rw = rec["requested_rewrite"]
-    subj = str(rw["subject"])
-    req = EditRequest.create(str(rw["prompt"]), subj, _str(rw["target_new"]))
-    true = _str(rw["target_true"])
+    rw = rewrite(rec)
+    subj, true = rw.subject, rw.target_true
+    req = EditRequest.create(rw.template, subj, rw.target_new)
     nb = [_prompt_of(p) for p in rec.get("neighborhood_prompts", [])]
     # ROME's neighbourhood prompts share the case's true object (that is how they were chosen);
     # a dict entry may name its own target.
-    nb_t = [_str(p.get("target", true)) if isinstance(p, dict) else true for p in rec.get("neighborhood_prompts", [])]
+    nb_t = [target_str(p.get("target", true)) if isinstance(p, dict) else true for p in rec.get("neighborhood_prompts", [])]
     gens = [str(g) for g in rec.get("generation_prompts", [])] or [req.text()[0], f"{subj} is"]
     return Case.of(str(rec.get("case_id", "")), req, true, [_prompt_of(p) for p in rec.get("paraphrase_prompts", [])],
-                   nb, nb_t, gens, rw.get("relation_id"))
+                   nb, nb_t, gens, rw.relation_id)
 
 
 def _template(rec: dict[str, Any]) -> str:
-    return str(rec["prompt"]).replace(str(rec["subject"]), "{}", 1)
+    return rewrite(rec).template
 
 
 def _filled(rec: dict[str, Any]) -> str:
@@ -164,14 +156,14 @@ def flat_cases(records: list[dict[str, Any]], n_neighbours: int = 10) -> list[Ca
     """Cases from flat CounterFact records; neighbours pooled by (template, true answer)."""
     pool: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for r in records:
-        pool.setdefault((_template(r), _str(r["ground_truth"])), []).append((str(r["subject"]), _filled(r)))
+        pool.setdefault((_template(r), target_str(r["ground_truth"])), []).append((str(r["subject"]), _filled(r)))
     out = []
     for r in records:
-        subj, true = str(r["subject"]), _str(r["ground_truth"])
-        req = EditRequest.create(str(r["prompt"]), subj, _str(r["target_new"]))
+        subj, true = str(r["subject"]), target_str(r["ground_truth"])
+        req = EditRequest.create(str(r["prompt"]), subj, target_str(r["target_new"]))
         nb: list[tuple[str, str]] = []
         if r.get("locality_prompt") and r.get("locality_ground_truth"):
-            nb.append((str(r["locality_prompt"]), _str(r["locality_ground_truth"])))
+            nb.append((str(r["locality_prompt"]), target_str(r["locality_ground_truth"])))
         for s, p in pool[(_template(r), true)]:
             if len(nb) >= n_neighbours:
                 break
@@ -195,18 +187,14 @@ def cases_from_records(records: list[Any], source: str = "cases", n_neighbours: 
             raise RankoneError(f"{source}: record {i} is not a JSON object")
         try:
             if "requested_rewrite" in r:
-                rw = r["requested_rewrite"]
-                missing = [k for k in ("prompt", "subject", "target_new", "target_true") if k not in rw]
-                if missing:
-                    raise RankoneError(f"requested_rewrite lacks {missing}")
-                out.append(rome_case(r))
+                out.append(rome_case(r))  # rewrite() names what a malformed one lacks
             elif "request" in r and "target_true" in r:
                 out.append(Case.from_dict(r))
-            elif all(k in r for k in FLAT_KEYS):
+            elif is_flat(r):
                 if str(r["subject"]) not in _filled(r):
                     skipped += 1  # a known CounterFact quirk: the subject is spelt otherwise in the prompt
                     continue
-                EditRequest.create(str(r["prompt"]), str(r["subject"]), _str(r["target_new"]))  # validate here, with i
+                EditRequest.create(str(r["prompt"]), str(r["subject"]), target_str(r["target_new"]))  # validate here, with i
                 flat.append(r)
             else:
                 out.append(fact_case(r, str(i)))

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rankone.core.counterfact import is_rome, rewrite
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_file
 from rankone.testbed.world import Fact, Relation, World
@@ -34,27 +35,18 @@ MAX_PHRASINGS = 6  # per relation: the most frequent templates (more would only 
 
 
 def _norm_record(r: dict[str, Any]) -> dict[str, Any]:
-    """One record in the flat schema (+ relation_id when known)."""
-    if "requested_rewrite" in r:
-        rw = r["requested_rewrite"]
-        subj = rw["subject"]
+    """One record in the flat schema, with its template and relation id (None for flat records)."""
+    rw = rewrite(r)
+    if is_rome(r):
         loc = (r.get("neighborhood_prompts") or [""])[0]
         loc = loc["prompt"] if isinstance(loc, dict) else loc
         par = (r.get("paraphrase_prompts") or [""])[0]
-        return {"case_id": r.get("case_id"), "subject": subj,
-                "prompt": rw["prompt"].replace("{}", subj), "template": rw["prompt"],
-                "target_new": rw["target_new"]["str"], "ground_truth": rw["target_true"]["str"],
-                "rephrase_prompt": par, "locality_prompt": loc,
-                "locality_ground_truth": rw["target_true"]["str"] if loc else "",
-                "relation_id": rw.get("relation_id")}
-    keys = ("prompt", "subject", "target_new", "ground_truth")
-    if not all(k in r for k in keys):
-        raise RankoneError("CounterFact record has neither the flat keys "
-                           f"({', '.join(keys)}) nor 'requested_rewrite'; got {sorted(r)}")
-    out = dict(r)
-    out["template"] = r["prompt"].replace(r["subject"], "{}", 1)
-    out.setdefault("relation_id", None)
-    return out
+        out = {"case_id": r.get("case_id"), "subject": rw.subject, "prompt": rw.template.replace("{}", rw.subject),
+               "target_new": rw.target_new, "ground_truth": rw.target_true, "rephrase_prompt": par,
+               "locality_prompt": loc, "locality_ground_truth": rw.target_true if loc else ""}
+    else:
+        out = dict(r)
+    return dict(out, template=rw.template, relation_id=rw.relation_id)
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
