@@ -80,6 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rankone.eval.cases import load_cases
     from rankone.eval.metrics import GLUE_TASKS, load_glue
     from rankone.eval.protocol import EvalSettings, evaluate_before_after
+    from rankone.core.progress import status
     from rankone.methods.hparams import EditHParams
 
     if args.patch and args.edit_each:
@@ -94,6 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     hp = EditHParams.from_dict(_given(args)) if args.edit_each else None
     cases = load_cases(args.cases)
     patches = [Patch.load(p) for p in (args.patch or [])]
+    status(f"eval: {len(cases)} case(s) read; loading {args.model} (then scoring, with an estimate)")
     handle = load(args)
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,

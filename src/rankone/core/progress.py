@@ -25,6 +25,13 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = bool(quiet)
 
 
+def status(text: str, stream: TextIO | None = None) -> None:
+    """One line saying what starts now (before a step that has no count yet, such as loading a
+    model), so that a long command is never silent; nothing under --quiet."""
+    if not _QUIET:
+        print(f"rankone: {text}", file=stream if stream is not None else sys.stderr, flush=True)
+
+
 def clock(seconds: float) -> str:
     """0:07, 3:25, 1:02:09."""
     s = int(round(max(0.0, seconds)))
