@@ -8,7 +8,8 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture
-from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats, token_windows
+from rankone.methods.corpus import token_windows
+from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats
 from tiny import make_model
 
 
@@ -28,7 +29,7 @@ def test_leading_bos_in_every_window(tok_bos, corpus):
 
 def test_mom2_equals_direct_computation(tok, corpus):
     model = make_model("gpt2")
-    mom2, count = collect_mom2(model, tok, [0, 2], corpus, n_tokens=300, window=50, batch_size=3, progress=False)
+    mom2, count = collect_mom2(model, tok, [0, 2], corpus, n_tokens=300, window=50, batch_tokens=150, progress=False)
     assert count == 300
     ids = torch.tensor([w for w in token_windows(tok, corpus, 50, 300)])  # 6 full windows of 50
     with capture(model, [arch.proj_path(model, 2)], outputs=False) as rec:

@@ -64,6 +64,47 @@ def capture(
         yield rec
 
 
+class _Stop(Exception):
+    """Raised by a `stop_at` hook to end a forward pass; never escapes the `with` block."""
+
+
+class Stopped:
+    """What `stop_at` saw: whether the pass reached the module, and the module's input."""
+
+    def __init__(self) -> None:
+        self.reached = False
+        self.input: torch.Tensor | None = None
+
+
+@contextmanager
+def stop_at(module: nn.Module, *, before: bool = False, detach: bool = True) -> Iterator[Stopped]:
+    """A forward pass inside ends at `module`: right after it runs, or (before=True) before it
+    runs, keeping its first positional input.
+
+    Layers past the point, and the LM head, are never computed: that is the point. The hook
+    raises a private exception that this context swallows, so the `with` body should be the
+    forward call alone. Hooks run in registration order: enter this after any `capture` of the
+    same module so that the capture still sees it.
+    """
+    st = Stopped()
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0]
+        st.input = x.detach() if detach else x
+        raise _Stop
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        raise _Stop
+
+    h = module.register_forward_pre_hook(pre) if before else module.register_forward_hook(post)
+    try:
+        yield st
+    except _Stop:
+        st.reached = True
+    finally:
+        h.remove()
+
+
 @contextmanager
 def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the module's output (its first element, for tuples) by fn(output)."""

@@ -18,13 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
-from rankone.core.fingerprint import tensor_sha256
+from rankone.core.errors import RankoneError
+from rankone.core.fingerprint import model_sha256, tensor_sha256
 from rankone.methods.hparams import EditHParams
 from rankone.models.load import default_corpus, default_layer
 from rankone.artifacts.patch import Edit, Patch, library_versions, merged, now, revert_fix, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
+from rankone.methods.cache import cached_json
+from rankone.methods.corpus import sampled_corpus
 from rankone.methods.stats import LayerStats, layer_stats
-from rankone.core.tokens import EditRequest, sample_prefixes
+from rankone.core.tokens import PREFIX_STARTS, EditRequest, encode, sample_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Editor:
         self.cache_dir = cache_dir
         self.progress = progress
         self._corpus = Path(stats_corpus) if stats_corpus else None
+        self._corpus_source = str(self._corpus) if self._corpus else ""  # recorded in each edit
         self._templates: dict[tuple, list[str]] = {}
         self.rejected: list[Rejected] = []
         self.notes: dict[str, Any] = {}  # recorded in every edit's diagnostics (e.g. why this layer)
@@ -61,23 +65,42 @@ class Editor:
         layer = default_layer(self.model) if hp.layer is None else hp.layer
         return arch.check_layer(self.model, layer)
 
-    def corpus(self) -> Path:
+    def corpus(self, hp: EditHParams | None = None) -> Path:
+        """The statistics corpus: the one given, else the model's own, else one sampled from the
+        model (seeded, cached by its fingerprint; said in one line and recorded in each edit)."""
         if self._corpus is None:
-            self._corpus = default_corpus(self.model)
+            try:
+                self._corpus = default_corpus(self.model)
+                self._corpus_source = str(self._corpus)
+            except RankoneError:
+                hp = hp or self.hp
+                log.warning("no statistics corpus given: sampling %s tokens from the model itself (seed %d; "
+                            "cached for this model); pass --stats-corpus to use natural text",
+                            f"{hp.sampled_corpus_tokens:,}", hp.seed)
+                self._corpus = sampled_corpus(self.model, self.tok, hp.sampled_corpus_tokens, hp.seed,
+                                              cache_dir=self.cache_dir, progress=self.progress)
+                self._corpus_source = f"sampled from the model: {hp.sampled_corpus_tokens} tokens, seed {hp.seed}"
         return self._corpus
 
     def templates(self, hp: EditHParams | None = None) -> list[str]:
+        """"{}" and the context templates: given verbatim, or sampled from the model once per
+        (model fingerprint, seed, spec) and kept on disk, so later processes sample nothing."""
         hp = hp or self.hp
         if hp.prefixes is not None:
             return ["{}"] + list(hp.prefixes)
         key = (hp.seed, tuple(map(tuple, hp.prefix_spec)))
         if key not in self._templates:
-            self._templates[key] = ["{}"] + sample_prefixes(self.model, self.tok, hp.prefix_spec, hp.seed)
+            disk_key = {"schema": "rankone.templates/1", "model": model_sha256(self.model), "seed": hp.seed,
+                        "spec": [list(x) for x in hp.prefix_spec], "vocab": len(self.tok),
+                        "starts": [encode(self.tok, s)[0] for s in PREFIX_STARTS]}
+            made, _ = cached_json("templates", disk_key, lambda: sample_prefixes(self.model, self.tok, hp.prefix_spec, hp.seed),
+                                  self.cache_dir)
+            self._templates[key] = ["{}"] + list(made)
         return self._templates[key]
 
     def stats(self, layer: int, hp: EditHParams | None = None) -> LayerStats:
         hp = hp or self.hp
-        return layer_stats(self.model, self.tok, [layer], self.corpus(), hp.stats_tokens, self.cache_dir, self.progress)[layer]
+        return layer_stats(self.model, self.tok, [layer], self.corpus(hp), hp.stats_tokens, self.cache_dir, self.progress)[layer]
 
     # -- one edit --
 
@@ -98,8 +121,11 @@ class Editor:
         info = {
             "layer": layer, "templates": templates,
             "timing": {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": t3 - t2},
-            "value": {"losses": value.losses, "clamped": value.clamped, "target_prob": value.target_prob},
-            "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter},
+            "value": {"losses": value.losses, "target_probs": value.target_probs, "clamped": value.clamped,
+                      "target_prob": value.target_prob, "steps": len(value.losses), "stopped_early": value.stopped_early,
+                      "early_stop_prob": hp.early_stop_prob, "gathered_logits": value.gathered},
+            "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter,
+                      "corpus": self._corpus_source},
         }
         return upd, info
 
@@ -109,7 +135,7 @@ class Editor:
         layer = info["layer"]
         path = arch.proj_path(self.model, layer)
         w = arch.weight_oi(arch.get_module(self.model, path))
-        u, v = upd.u.float(), upd.v.float()  # the patch stores float32; merge exactly what it stores
+        u, v = upd.residual.float(), upd.key_dir.float()  # the patch stores float32; merge exactly what it stores
         before = w.detach().clone()
         after = merged(before, u, v)
         if not torch.isfinite(after).all():

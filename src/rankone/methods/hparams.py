@@ -32,7 +32,7 @@ class EditHParams:
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
+    early_stop_prob: float = 0.95  # stop once p(target) = exp(−NLL) reaches it (v_steps: the cap)
     kl_prompt: str = "{} is a"
     fast_value: bool = True  # replay cached hidden states below the edited layer
     # keys: prefixes sampled from the model, (new tokens, count) pairs; or given verbatim
@@ -41,16 +41,19 @@ class EditHParams:
     seed: int = 0
     # key statistics
     stats_tokens: int = 1_000_000
+    sampled_corpus_tokens: int = 100_000  # when the model has no corpus: tokens sampled from it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("v_steps", "stats_tokens"):
+        for name in ("v_steps", "stats_tokens", "sampled_corpus_tokens"):
             if int(getattr(self, name)) < 1:
                 raise RankoneError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("v_lr", "clamp_norm_factor"):
             if not float(getattr(self, name)) > 0:
                 raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < float(self.early_stop_prob) <= 1:
+            raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
         if "{}" not in self.kl_prompt:
             raise RankoneError(f"kl_prompt {self.kl_prompt!r} needs a '{{}}' for the subject")
         if self.prefixes is not None:
