@@ -7,7 +7,7 @@ from rankone.core import architectures as arch
 from rankone.edit.editor import Editor
 from rankone.methods.hparams import EditHParams
 from rankone.artifacts.patch import revert_patch
-from rankone.methods.rome import compute_key, compute_value
+from rankone.methods.rome import compute_key, compute_value, rank_one_update
 from rankone.core.tokens import EditRequest
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
@@ -98,3 +98,63 @@ def test_half_precision_edit_reverts_exactly(dtype, tok, tok_bos, corpus):
     revert_patch(model, patch)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _fixed_steps(hp, steps=6):
+    return hp.replace(v_steps=steps, early_stop_prob=1.0)  # 1.0: never stops early
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2", "opt"])
+def test_gathered_logits_give_the_full_logit_delta_and_update(model_type, tok, tok_bos, corpus):
+    # gemma2 soft-caps its logits after the head: the gathered path must do the same
+    model, t, ed = setup(model_type, tok, tok_bos, corpus)
+    hp = _fixed_steps(ed.hp)
+    full = compute_value(model, t, REQ, 1, ed.templates(), hp, full_logits=True)
+    fast = compute_value(model, t, REQ, 1, ed.templates(), hp)
+    assert fast.gathered and not full.gathered
+    assert len(fast.losses) == len(full.losses) == 6
+    assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))
+    assert fast.target_probs == pytest.approx(full.target_probs, rel=1e-5)
+    key = compute_key(model, t, REQ, 1, ed.templates())
+    w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, 1)))
+    a = rank_one_update(w, key, fast, ed.stats(1), "r-rome")
+    b = rank_one_update(w, key, full, ed.stats(1), "r-rome")
+    dw_a, dw_b = torch.outer(a.residual, a.key_dir), torch.outer(b.residual, b.key_dir)
+    assert (dw_a - dw_b).norm() <= 1e-5 * dw_b.norm()
+
+
+def test_head_the_loop_cannot_reproduce_falls_back_to_full_logits(tok, tok_bos, corpus):
+    model, t, ed = setup("llama", tok, tok_bos, corpus)
+    model.config.final_logit_softcapping = 0.5  # llama ignores it; lm_head_logits would not
+    hp = _fixed_steps(ed.hp, 3)
+    res = compute_value(model, t, REQ, 1, ed.templates(), hp)
+    assert not res.gathered
+    del model.config.final_logit_softcapping
+    ref = compute_value(model, t, REQ, 1, ed.templates(), hp, full_logits=True)
+    assert torch.equal(res.delta, ref.delta)
+
+
+def test_early_stop_when_target_probability_crosses_the_threshold():
+    # the built-in testbed really learns facts, so p(target) climbs over the value steps
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+
+    model, t = load_model(builtin_model_dir())
+    req = EditRequest.create("{} was born in", "Thoutem Nousren", "Paris")
+    ed = Editor(model, t, EditHParams.for_model(model, v_steps=12, early_stop_prob=1.0), progress=False)
+    layer = ed.layer()
+    run = compute_value(model, t, req, layer, ed.templates(), ed.hp)
+    p = run.target_probs
+    assert not run.stopped_early and len(p) == 12 and p[-1] > 10 * p[0]
+    # the first pass (after the second) whose p(target) beats every earlier one: stop there
+    j = next(i for i in range(2, 12) if p[i] > max(p[:i]))
+    thr = (p[j] + max(p[:j])) / 2
+    hp = ed.hp.replace(early_stop_prob=thr)
+    stop = compute_value(model, t, req, layer, ed.templates(), hp)
+    assert stop.stopped_early and len(stop.losses) == j + 1
+    assert stop.target_probs == pytest.approx(p[: j + 1], rel=1e-6)
+    assert stop.target_prob >= thr > max(stop.target_probs[:-1])
+    patch = Editor(model, t, hp, progress=False).edit([req])
+    v = patch.edits[0].diagnostics["value"]
+    assert v["stopped_early"] and v["steps"] == j + 1 and v["early_stop_prob"] == thr
+    assert patch.edits[0].hparams["early_stop_prob"] == thr
