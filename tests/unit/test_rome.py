@@ -109,9 +109,10 @@ def test_gathered_logits_give_the_full_logit_delta_and_update(model_type, tok, t
     # gemma2 soft-caps its logits after the head: the gathered path must do the same
     model, t, ed = setup(model_type, tok, tok_bos, corpus)
     hp = _fixed_steps(ed.hp)
-    full = compute_value(model, t, REQ, 1, ed.templates(), hp, full_logits=True)
+    full = compute_value(model, t, REQ, 1, ed.templates(), hp.replace(fast_value=False), full_logits=True)
     fast = compute_value(model, t, REQ, 1, ed.templates(), hp)
     assert fast.gathered and not full.gathered
+    assert fast.passes == "suffix" and full.passes == "full"
     assert len(fast.losses) == len(full.losses) == 6
     assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))
     assert fast.target_probs == pytest.approx(full.target_probs, rel=1e-5)

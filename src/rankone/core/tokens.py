@@ -171,6 +171,19 @@ def pad_batch(
 # ---- prefixes -------------------------------------------------------------------------------
 
 
+def kv_cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to the model: transformers 5 calls it `cache`, older
+    versions (and a deprecated alias) `past_key_values`."""
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {arg: cache}
+
+
+def kv_cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (under either name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
 def sample_tokens(
     model: torch.nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Generator,
@@ -183,8 +196,6 @@ def sample_tokens(
     whole distribution, so one seed gives the same text on any device for the same logits.
     """
     device = next(model.parameters()).device
-    # transformers 5 names the KV cache `cache` (older versions and a deprecated alias: past_key_values)
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids.to(device), use_cache=True)
     new: list[torch.Tensor] = []
     for step in range(n_new):
@@ -197,8 +208,7 @@ def sample_tokens(
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # [n, 1]
         new.append(nxt)
         if step < n_new - 1:
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            out = model(input_ids=nxt.to(device), use_cache=True, **{arg: cache})
+            out = model(input_ids=nxt.to(device), use_cache=True, **kv_cache_kwargs(model, kv_cache_of(out)))
     return torch.cat([ids.cpu(), *new], dim=1)
 
 

@@ -34,7 +34,7 @@ class EditHParams:
     clamp_norm_factor: float = 4.0
     early_stop_prob: float = 0.95  # stop once p(target) = exp(−NLL) reaches it (v_steps: the cap)
     kl_prompt: str = "{} is a"
-    fast_value: bool = True  # replay cached hidden states below the edited layer
+    fast_value: bool = True  # value steps run only what δ changes (cached prefixes, replayed lower layers)
     # keys: prefixes sampled from the model, (new tokens, count) pairs; or given verbatim
     prefix_spec: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     prefixes: list[str] | None = None

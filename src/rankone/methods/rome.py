@@ -21,29 +21,27 @@ Only `rome` mixes keys: its denominator can be tiny when k̄ and k_o disagree, w
 produces the huge "disabling" updates r-ROME was made to avoid.
 
 Only what the equations read is computed: keys come from a pass that stops at the edited
-projection; the value loop replays the layers below the edited one, stops each pass at the LM
-head and applies the head at the positions the loss reads (target tokens, one KL position), and
-it stops once p(target) = exp(−NLL) reaches `early_stop_prob` (the paper's criterion; ROME's
-code compares the regularised loss with 0.05, which the weight decay alone usually prevents).
+projection; each value step runs only what δ changes (the prompts from the subject's last token
+on, from the edited layer up; see `passes.py`) and applies the LM head only at the positions the
+loss reads (target tokens, one KL position); the loop stops once p(target) = exp(−NLL) reaches
+`early_stop_prob` (the paper's criterion; ROME's code compares the regularised loss with 0.05,
+which the weight decay alone usually prevents).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rankone.core import architectures as arch
-from rankone.core.hooks import add_at_positions, capture, frozen, map_output, replace_forward, stop_at
-from rankone.core.tokens import EditRequest, Encoded, encode_request, pad_batch
+from rankone.core.hooks import add_at_positions, capture, frozen, map_output, stop_at
+from rankone.core.tokens import EditRequest, encode_request, pad_batch
 from rankone.methods.hparams import EditHParams
+from rankone.methods.passes import ValuePasses
 from rankone.methods.stats import LayerStats
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +61,7 @@ class ValueResult:
     target_prob: float = 0.0  # p(target) (exp of minus the mean NLL over prompts) at the last pass
     stopped_early: bool = False  # p(target) reached early_stop_prob before v_steps passes
     gathered: bool = True  # the LM head ran only at the positions the loss reads
+    passes: str = ""  # how each pass ran: "suffix" (cached prefixes), "replay" (lower layers) or "full"
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -98,54 +97,41 @@ def compute_value(
            token of the KL prompt ("{subject} is a"), which keeps the subject's other facts
          + v_weight_decay · ‖δ‖ / ‖current value‖²,
     with δ clamped to clamp_norm_factor · ‖current value‖ after every step (ROME's recipe).
-    At most v_steps passes; it stops once exp(−NLL) ≥ early_stop_prob. full_logits=True applies
-    the LM head at every position instead (the same δ; used to show it, and as the fallback for
-    a model whose head `lm_head_logits` cannot reproduce).
+    At most v_steps passes; it stops once exp(−NLL) ≥ early_stop_prob. How each pass is run
+    (cached prefixes, replayed lower layers, the head only where read) is `passes.ValuePasses`;
+    fast_value=False runs whole prompts, full_logits=True applies the head at every position.
     """
     proj = arch.get_module(model, arch.proj_path(model, layer))
-    dev = _device(model)
     rewrites = [encode_request(tok, request, t) for t in templates]
     kl = encode_request(tok, EditRequest(hp.kl_prompt, request.subject, request.target), with_target=False)
     encs = rewrites + [kl]
-    ids, mask = pad_batch([e.ids for e in encs], dev)  # [n+1, pos]
-    lookup = [e.subject_last for e in encs]
     n = len(rewrites)
-    read = _positions_read(rewrites, kl, n)
-    rows, pos = read["rows"].to(dev), read["pos"].to(dev)  # [n_read]: target logits, then the KL one
-    tgt_ids, tgt_rows = read["tgt_ids"].to(dev), read["tgt_rows"]
+    # Teacher forcing: the logit at p-1 predicts the target token at p; then the KL position.
+    tgt_rows = [i for i, e in enumerate(rewrites) for _ in e.target_positions]
+    read_rows = tgt_rows + [n]
+    read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [kl.subject_last]
+    tgt_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
+    passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs], read_rows, read_pos,
+                         fast=hp.fast_value, gather=not full_logits)
 
-    head = model.get_output_embeddings()
-    gathered = not full_logits and _head_reproducible(model, head, ids[n:, : len(kl.ids)])
-    out_features = arch.in_out_features(proj)[1]
-    delta = torch.zeros(out_features, device=_device(proj), dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(arch.in_out_features(proj)[1], device=_device(proj), dtype=torch.float32, requires_grad=True)
     captured: dict[str, torch.Tensor] = {}
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [batch, pos, out] (or [batch·pos, out])
-        h3 = h.reshape(*ids.shape, -1)
+    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, out] (or [rows·pos, out])
+        h3 = h.reshape(*passes.shape, -1)
         if "current" not in captured:
-            captured["current"] = h3[0, lookup[0]].detach().double().cpu()
-        return add_at_positions(h3, delta.to(h.device), lookup).reshape(h.shape)
-
-    def logits_read() -> torch.Tensor:  # [n_read, vocab]
-        if not gathered:
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
-        with stop_at(head, before=True, detach=False) as st:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return lm_head_logits(model, head, st.input[rows, pos])  # st.input: [n+1, pos, d_model], normed
+            captured["current"] = h3[0, passes.delta_pos[0]].detach().double().cpu()
+        return add_at_positions(h3, delta.to(h.device), passes.delta_pos).reshape(h.shape)
 
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     init_kl_logp: torch.Tensor | None = None
-    result = ValueResult(delta=torch.zeros(0), current_value=torch.zeros(0), gathered=gathered)
-    with ExitStack() as stack:
-        if hp.fast_value and layer > 0:
-            stack.enter_context(_replay_lower_layers(model, layer, ids, mask))
-        stack.enter_context(map_output(proj, add_delta))
-        stack.enter_context(frozen(model))
+    result = ValueResult(delta=torch.zeros(0), current_value=torch.zeros(0), gathered=passes.gathered, passes=passes.mode)
+    with passes, map_output(proj, add_delta), frozen(model):
         for step in range(hp.v_steps):
-            logp = torch.log_softmax(logits_read().float(), dim=-1)  # [n_read, vocab]
-            tok_logp = logp[:-1].gather(1, tgt_ids[:, None])[:, 0].cpu()  # [n_target_tokens]
-            nll = -(torch.zeros(n).index_add(0, tgt_rows, tok_logp) / per_row).mean()
+            logp = torch.log_softmax(passes.logits().float(), dim=-1)  # [n_read, vocab]
+            tok_logp = logp[:-1].gather(1, tgt_ids[:, None].to(logp.device))[:, 0].cpu()  # [n_target_tokens]
+            nll = -(torch.zeros(n).index_add(0, torch.tensor(tgt_rows), tok_logp) / per_row).mean()
             kl_logp = logp[-1]  # [vocab]
             if init_kl_logp is None:
                 init_kl_logp = kl_logp.detach().clone()
@@ -172,76 +158,6 @@ def compute_value(
     result.delta = delta.detach().double().cpu()
     result.current_value = captured["current"]
     return result
-
-
-def _positions_read(rewrites: list[Encoded], kl: Encoded, n: int) -> dict[str, torch.Tensor]:
-    """Where the loss reads logits: the position before each target token (teacher forcing: the
-    logit at p−1 predicts the token at p), then the KL prompt's subject token (row n)."""
-    tgt_rows = [i for i, e in enumerate(rewrites) for _ in e.target_positions]
-    tgt_pos = [p - 1 for e in rewrites for p in e.target_positions]
-    return {
-        "rows": torch.tensor(tgt_rows + [n]), "pos": torch.tensor(tgt_pos + [kl.subject_last]),
-        "tgt_ids": torch.tensor([t for e in rewrites for t in e.target_ids]), "tgt_rows": torch.tensor(tgt_rows),
-    }
-
-
-def lm_head_logits(model: torch.nn.Module, head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The model's logits from the LM head's input h [..., d_model] (after the final norm): the
-    head, then the soft-capping some models apply after it (Gemma 2/3)."""
-    logits = head(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-@torch.no_grad()
-def _head_reproducible(model: torch.nn.Module, head: torch.nn.Module | None, ids: torch.Tensor) -> bool:
-    """Does `lm_head_logits` on the head's input give the model's own logits? Checked on one
-    short prompt; a model that post-processes its logits otherwise gets the full-logit loop."""
-    if head is None:
-        return False
-    path = next((name for name, m in model.named_modules() if m is head), None)
-    if path is None:
-        return False
-    with capture(model, [path], outputs=False) as rec:
-        want = model(input_ids=ids, use_cache=False).logits.float()
-    got = lm_head_logits(model, head, rec.inputs[path]).float()
-    ok = got.shape == want.shape and float((got - want).abs().max()) <= 1e-2 * float(want.abs().max()) + 1e-5
-    if not ok:
-        log.info("the LM head alone does not reproduce %s's logits; the value loop computes them in full",
-                 type(model).__name__)
-    return ok
-
-
-def _replay_lower_layers(model: torch.nn.Module, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> ExitStack:
-    """A context in which layers 0..layer-1 replay their cached output instead of computing.
-
-    δ only enters at `layer`, so everything below it is the same on every optimisation step:
-    one pass, stopped right after layer-1, caches its output, and each step then runs `layer`
-    and above only. The result equals a full forward pass exactly (same modules, masks and
-    positions above).
-    """
-    spec = arch.spec_for(model)
-    below = arch.get_module(model, spec.layer_path(layer - 1))
-    cache: dict[str, Any] = {}
-
-    def keep(mod: torch.nn.Module, args: tuple, output: Any) -> None:
-        cache["out"] = output
-
-    with torch.no_grad():
-        h = below.register_forward_hook(keep)
-        try:
-            with stop_at(below):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            h.remove()
-    stack = ExitStack()
-    for j in range(layer):
-        stack.enter_context(
-            replace_forward(arch.get_module(model, spec.layer_path(j)), lambda *a, **k: cache["out"])
-        )
-    return stack
 
 
 @dataclass
