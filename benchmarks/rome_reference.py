@@ -83,7 +83,7 @@ def reference_value(
             norm = seen["init"].norm().float()
             loss = nll + hp.kl_factor * kl_loss + hp.v_weight_decay * delta.norm().cpu() / norm**2
             res.losses.append(loss.item())
-            res.target_probs.append(float(torch.exp(-nll)))
+            res.target_probs.append(float(torch.exp(-nll.detach())))
             if loss.item() < EARLY_STOP_LOSS:
                 res.stopped_early = True
                 break

@@ -57,28 +57,44 @@ class ValuePasses:
     ) -> None:
         self.model, self.layer = model, layer
         self.dev = next(model.parameters()).device
+        last = {r: max(p for q, p in zip(read_rows, read_pos) if q == r) for r in set(read_rows)}
+        seqs = [s[: max(last.get(i, len(s) - 1), c) + 1] for i, (s, c) in enumerate(zip(seqs, split))]  # nothing after the last read
         self.ids, self.mask = pad_batch(seqs, self.dev)  # [rows, pos]
         self.rows = torch.tensor(read_rows, device=self.dev)
         self.pos = torch.tensor(read_pos, device=self.dev)  # in the prompts' own coordinates
         self.head = model.get_output_embeddings()
-        self.gathered = gather and self._head_reproducible(seqs[-1])
         self.mode, self.shape, self.delta_pos = "full", tuple(self.ids.shape), list(split)
+        self.gathered = False
         self._below: Any = None  # the replayed output of layer-1, when layers below are replayed
         self._stack = ExitStack()
-        if not fast or self.head is None:
+        path = next((n for n, m in model.named_modules() if m is self.head), None) if self.head is not None else None
+        if path is None:
             return
+        # A plain pass over a few prompts (the bare one, the KL one, any whose prefix is empty)
+        # is what the shortcuts must reproduce.
+        check = sorted({0, len(seqs) - 1} | {i for i, c in enumerate(split) if c == 0})
+        ids, mask = pad_batch([seqs[i] for i in check], self.dev)
+        with torch.no_grad(), capture(model, [path], outputs=False) as rec:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            h = rec.inputs[path]  # [n_check, pos, d_model]
+            self.gathered = gather and _close(lm_head_logits(model, self.head, h), logits)
+        if gather and not self.gathered:
+            log.info("the LM head alone does not reproduce %s's logits; the value loop computes them all", type(model).__name__)
+        if not fast:
+            return
+        sel = [j for j, r in enumerate(read_rows) if r in check]
+        want = h[torch.tensor([check.index(read_rows[j]) for j in sel]), torch.tensor([read_pos[j] for j in sel])]
         below = arch.get_module(model, arch.spec_for(model).layer_path(layer - 1)) if layer > 0 else None
-        kept: dict[str, Any] = {}
-        with torch.no_grad(), self._keep_output(below, kept), stop_at(self.head, before=True) as st:
-            model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
-        want = st.input[self.rows, self.pos]  # [n_read, d_model] at δ = 0
         try:
-            ok = self._prepare_suffix(seqs, split, below, want)
+            if self._prepare_suffix(seqs, split, below, sel, want):
+                return
         except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
             log.info("the value loop cannot cache prompt prefixes for %s (%s)", type(model).__name__, e)
-            ok = False
-        if not ok and below is not None:
-            self.mode, self._below = "replay", kept.get("out")
+        if below is not None:  # replay the layers below on whole prompts
+            kept: dict[str, Any] = {}
+            with torch.no_grad(), self._keep_output(below, kept), stop_at(below):
+                model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+            self.mode, self._below = "replay", kept["out"]
 
     # -- set-up --
 
@@ -92,28 +108,16 @@ class ValuePasses:
         return stack
 
     @torch.no_grad()
-    def _head_reproducible(self, seq: list[int]) -> bool:
-        """Does `lm_head_logits` on the head's input give the model's own logits (one short prompt)?"""
-        path = next((n for n, m in self.model.named_modules() if m is self.head), None) if self.head is not None else None
-        if path is None:
-            return False
-        ids = torch.tensor([seq], device=self.dev)
-        with capture(self.model, [path], outputs=False) as rec:
-            want = self.model(input_ids=ids, use_cache=False).logits
-        ok = _close(lm_head_logits(self.model, self.head, rec.inputs[path]), want)
-        if not ok:
-            log.info("the LM head alone does not reproduce %s's logits; the value loop computes them all", type(self.model).__name__)
-        return ok
-
-    @torch.no_grad()
-    def _prepare_suffix(self, seqs: list[list[int]], split: list[int], below: Any, want: torch.Tensor) -> bool:
+    def _prepare_suffix(self, seqs: list[list[int]], split: list[int], below: Any, sel: list[int], want: torch.Tensor) -> bool:
         """Cache every prompt's prefix (positions before `split`), keep the suffix's input to the
-        edited layer, and check that the suffix pass gives the plain pass's head input."""
+        edited layer, and check the suffix pass against the plain pass (`want`, at reads `sel`)."""
         P, S = max(split), max(len(s) - c for s, c in zip(seqs, split))
-        pre_ids, pre_mask = pad_batch([s[:c] or [0] for s, c in zip(seqs, split)], self.dev)  # [rows, P′]
-        if pre_ids.shape[1] != P or P == 0:
+        pre_ids, pre_mask = pad_batch([s[:c] or [0] for s, c in zip(seqs, split)], self.dev)  # [rows, P]
+        if P == 0 or pre_ids.shape[1] != P:
             return False
-        real = torch.zeros_like(pre_mask)  # the prefix tokens the suffix may attend to
+        # An empty prefix gets a dummy token (no attention row may be all masked); the suffix
+        # attends only to the real prefix tokens.
+        real = torch.zeros_like(pre_mask)
         for i, c in enumerate(split):
             real[i, :c] = 1
         suf_ids, suf_mask = pad_batch([s[c:] for s, c in zip(seqs, split)], self.dev)  # [rows, S]
@@ -124,7 +128,8 @@ class ValuePasses:
         with self._keep_output(below, kept), stop_at(self.head, before=True) as st:
             self.model(use_cache=True, **self.suffix, **kv_cache_kwargs(self.model, copy.deepcopy(self.cache)))
         local = self.pos - torch.tensor(split, device=self.dev)[self.rows]  # read positions in the suffix
-        if not st.reached or bool((local < 0).any()) or not _close(st.input[self.rows, local], want):
+        idx = torch.tensor(sel, device=self.dev)
+        if not st.reached or bool((local < 0).any()) or not _close(st.input[self.rows[idx], local[idx]], want):
             log.info("prefix caching does not reproduce %s's forward pass; the value loop runs whole prompts", type(self.model).__name__)
             return False
         self.mode, self.shape, self.delta_pos, self.pos = "suffix", (len(seqs), S), [0] * len(seqs), local
