@@ -105,7 +105,7 @@ def load_avg() -> float:
 # ---- statistics -------------------------------------------------------------------------------
 
 
-def stats_part(model: Any, tok: Any, n_tokens: int, cmp_batch: int) -> dict[str, Any]:
+def stats_part(name: str, model: Any, tok: Any, n_tokens: int, cmp_batch: int) -> dict[str, Any]:
     layer = default_layer(model)
     res: dict[str, Any] = {"layer": layer, "tokens": n_tokens, "cmp_batch_tokens": cmp_batch,
                            "default_batch_tokens": BATCH_TOKENS, "load_start": load_avg()}
@@ -119,11 +119,22 @@ def stats_part(model: Any, tok: Any, n_tokens: int, cmp_batch: int) -> dict[str,
         res[name] = {"seconds": dt, "tokens_per_s": count / dt, "count": count, **mem}
     res["c_bit_identical"] = bool(torch.equal(runs["truncated"], runs["full"]))
     res["max_abs_diff"] = float((runs["truncated"] - runs["full"]).abs().max())
-    with peak_rss() as mem:  # the statistics pass as an edit runs it: truncated, default batch
-        collect_mom2(model, tok, [layer], TEXT, 2 * BATCH_TOKENS, progress=False)
-    res["default_batch_memory"] = mem
+    # The statistics pass as an edit runs it (truncated, default batch), in a fresh process: the
+    # allocator of this one still holds what the full pass used.
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--mem-probe", name], env=cli_env(RUNS / name / "cache"),
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"memory probe failed: {p.stderr[-2000:]}")
+    res["default_batch_memory"] = json.loads(p.stdout.strip().splitlines()[-1])
     res["load_end"] = load_avg()
     return res
+
+
+def mem_probe(name: str) -> None:
+    model, tok, _ = load(name)
+    with peak_rss() as mem:
+        collect_mom2(model, tok, [default_layer(model)], TEXT, 4 * BATCH_TOKENS, progress=False)
+    print(json.dumps(mem))
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
@@ -284,8 +295,9 @@ def report(models: list[str]) -> str:
                 f"forward pass {s['full']['tokens_per_s']:,.0f} tokens/s (**{s['truncated']['tokens_per_s'] / s['full']['tokens_per_s']:.2f}×**); "
                 f"C bit-identical: **{s['c_bit_identical']}** (max |ΔC| {s['max_abs_diff']:.1e}). RSS growth during the pass: "
                 f"truncated {s['truncated']['growth_mb']:,.0f} MB, full {s['full']['growth_mb']:,.0f} MB; at the default batch "
-                f"({s['default_batch_tokens']} tokens) the truncated pass grows RSS by **{s['default_batch_memory']['growth_mb']:,.0f} MB** "
-                f"(process peak {s['default_batch_memory']['peak_mb']:,.0f} MB, model loaded). Load average {s['load_start']}-{s['load_end']}.")
+                f"({s['default_batch_tokens']} tokens, in a fresh process) the truncated pass grows RSS by "
+                f"**{s['default_batch_memory']['growth_mb']:,.0f} MB** (process peak, model loaded: "
+                f"**{s['default_batch_memory']['peak_mb']:,.0f} MB**). Load average {s['load_start']}-{s['load_end']}.")
         if (d / "cli.json").exists():
             c = json.loads((d / "cli.json").read_text())
             sp = c["split"]
@@ -308,9 +320,12 @@ def main() -> None:
     ap.add_argument("--cli-hparams", default=None, help="--hparams for the CLI runs (default: none, as a user types it)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--cli-split", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mem-probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arch-spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mem_probe:
+        return mem_probe(args.mem_probe)
     if args.cli_split:
         return cli_split(args.cli_split, args.out, args.arch_spec, args.cli_hparams)
     for name, n in zip(args.models, args.cases + args.cases[-1:] * len(args.models)):
@@ -320,7 +335,7 @@ def main() -> None:
         model, tok, spec = load(name)
         cmp_batch = BATCH_TOKENS if model.config.vocab_size <= 65_536 else 1024  # full-pass logits must fit in memory
         if "stats" in args.parts and not (RUNS / name / "stats.json").exists():
-            (RUNS / name / "stats.json").write_text(json.dumps(stats_part(model, tok, args.cmp_tokens, cmp_batch), indent=1))
+            (RUNS / name / "stats.json").write_text(json.dumps(stats_part(name, model, tok, args.cmp_tokens, cmp_batch), indent=1))
         if "edits" in args.parts:
             edits_part(name, model, tok, n, args.stats_tokens)
         if "cli" in args.parts and not (RUNS / name / "cli.json").exists():  # last: its first run samples a corpus
