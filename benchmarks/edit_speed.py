@@ -177,14 +177,15 @@ def cli_split(name: str, out: str, spec: str | None, hparams: str | None) -> Non
     from rankone.cli.main import build_parser
     from rankone.core.tokens import EditRequest
 
-    clock = {"import_s": time.time() - started}
     argv = ["edit", "--model", str(real_model_dir(name)), *CLI_EDIT, "--quiet", "--out", out]
     argv += (["--arch-spec", spec] if spec else []) + (["--hparams", hparams] if hparams else [])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # imports the command's modules (torch, transformers)
+    given = hparams_from(args)
+    clock = {"import_s": time.time() - started}
     t = time.perf_counter()
     model, tok = cli_load(args)
+    ed = Editor(model, tok, EditHParams.for_model(model, **given), args.stats_corpus, progress=False)
     clock["load_s"] = time.perf_counter() - t
-    ed = Editor(model, tok, EditHParams.for_model(model, **hparams_from(args)), args.stats_corpus, progress=False)
     t = time.perf_counter()
     ed.templates()
     clock["templates_s"] = time.perf_counter() - t
