@@ -159,3 +159,24 @@ def test_early_stop_when_target_probability_crosses_the_threshold():
     v = patch.edits[0].diagnostics["value"]
     assert v["stopped_early"] and v["steps"] == j + 1 and v["early_stop_prob"] == thr
     assert patch.edits[0].hparams["early_stop_prob"] == thr
+
+
+@pytest.mark.parametrize("window", [512, 4])
+def test_sliding_window_model_caches_prefixes_only_where_that_is_exact(window, tok_bos, corpus):
+    # Gemma 3 attends within a sliding window on most layers. Prompts shorter than the window:
+    # prefixes are cached. Longer ones (window 4 here): the check against a plain pass refuses
+    # the cache and the layers below are replayed instead. Either way δ is the full pass's.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma3_text", **dict(CONFIGS["gemma2"], sliding_window=window, vocab_size=400,
+                                                      bos_token_id=1, eos_token_id=0, pad_token_id=0))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    arch.attach_spec(model, arch.ArchSpec(layers="model.layers", mlp="model.layers.{}.mlp", proj="model.layers.{}.mlp.down_proj",
+                                          attn="model.layers.{}.self_attn", embed="model.embed_tokens"))
+    ed = Editor(model, tok_bos, EditHParams(**FAST), corpus, progress=False)
+    hp = _fixed_steps(ed.hp, 4)
+    fast = compute_value(model, tok_bos, REQ, 1, ed.templates(), hp)
+    full = compute_value(model, tok_bos, REQ, 1, ed.templates(), hp.replace(fast_value=False), full_logits=True)
+    assert fast.passes == ("suffix" if window == 512 else "replay")
+    assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))
