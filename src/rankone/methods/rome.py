@@ -25,7 +25,7 @@ projection; each value step runs only what δ changes (the prompts from the subj
 on, from the edited layer up; see `passes.py`) and applies the LM head only at the positions the
 loss reads (target tokens, one KL position); the loop stops once p(target) = exp(−NLL) reaches
 `early_stop_prob` (the paper's criterion; ROME's code compares the regularised loss with 0.05,
-which the weight decay alone usually prevents).
+which its weight-decay and KL terms delay or prevent).
 """
 
 from __future__ import annotations
