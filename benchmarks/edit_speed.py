@@ -1,10 +1,23 @@
-"""Seconds per edit (key, value optimisation, solve) and key-statistics throughput.
+"""Edit speed on real models, side by side with ROME's reference recipe (issue 12).
 
-    python benchmarks/edit_speed.py [--model DIR] [--n 20] [--threads 2]
+    python benchmarks/edit_speed.py [--models smollm2-135m gemma3-270m] [--cases 50 20]
+                                    [--stats-tokens 100000] [--report-only]
 
-Statistics are computed once into a fresh cache (that pass gives the tokens/s figure), then every
-edit finds them cached, as in normal use. The value loop is timed with and without replaying the
-cached hidden states below the edited layer, to show what that saves.
+Per model (from `rankone.models.zoo.real_model_dir`), each part checkpointed under
+runs/edit_speed/<model>/ and skipped (cases: resumed) when re-run:
+
+* stats.json: key-statistics tokens/s of the truncated pass against a full forward pass over
+  the same batches, whether the two C are bit-identical, and the RSS growth of each pass;
+* cli.json: wall time of `rankone edit` run twice on the model folder with no --stats-corpus
+  (the first run samples a corpus and templates, the second finds them cached), and the second
+  run's split into import, load, templates, statistics, edit and write;
+* cases.jsonl: on the same CounterFact cases (counterfact-edit.json, in file order, those the
+  tokenizer aligns) at the model's default layer, with the same templates and cached statistics,
+  rankone's edit, rankone without its early stop (20 passes), and the reference recipe
+  (benchmarks/rome_reference.py), each timed (key, value, solve), scored (ES/PS/NS on the edit,
+  rephrase and locality prompts) and reverted exactly; the three run in rotating order.
+
+Threads are torch's default (not set here); the load average is recorded with each figure.
 """
 
 from __future__ import annotations
@@ -12,91 +25,327 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
+from _report import ROOT, table, write_section  # noqa: E402
+from rome_reference import reference_edit  # noqa: E402
 
+from rankone.artifacts.patch import revert_patch  # noqa: E402
+from rankone.core import architectures as arch  # noqa: E402
+from rankone.core.errors import RankoneError  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
+from rankone.eval.cases import cases_from_records  # noqa: E402
+from rankone.eval.metrics import alignable, evaluate_cases, hmean  # noqa: E402
 from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.stats import BATCH_TOKENS, collect_mom2  # noqa: E402
+from rankone.models.handle import ModelHandle  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
-from rankone.methods.stats import collect_mom2  # noqa: E402
-from rankone.core.tokens import EditRequest  # noqa: E402
+from rankone.models.zoo import real_model_dir  # noqa: E402
+
+RUNS = Path(os.environ.get("RANKONE_BENCH_RUNS", ROOT / "runs" / "edit_speed"))
+DATA = Path(os.environ.get("RANKONE_DATA", ROOT.parent / "shared" / "data"))  # beside the checkout
+COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
+TEXT = DATA / "text" / "tinyshakespeare.txt"
+# Module paths for a model type the table does not list (Gemma 3 is laid out like Llama).
+LLAMA_LIKE = {"layers": "model.layers", "mlp": "model.layers.{}.mlp", "proj": "model.layers.{}.mlp.down_proj",
+              "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens"}
+CLI_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
 
-def requests_from_world(model_dir: Path, n: int, seed: int = 0) -> list[EditRequest]:
-    world = json.loads((model_dir / "world.json").read_text())
-    rel = {r["id"]: r for r in world["relations"]}
-    rng = random.Random(seed)
-    out = []
-    for f in rng.sample(world["facts"], n):
-        r = rel[f["relation"]]
-        new = rng.choice([o for o in r["objects"] if o != f["object"]])
-        out.append(EditRequest.create(r["phrasings"][0], f["subject"], new))
-    return out
+def load(name: str) -> tuple[Any, Any, str | None]:
+    d = real_model_dir(name)
+    try:
+        model, tok = load_model(d)
+        return model, tok, None
+    except RankoneError:
+        return (*load_model(d, arch_spec=LLAMA_LIKE), json.dumps(LLAMA_LIKE))
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_rss(every_s: float = 0.002) -> Iterator[dict[str, float]]:
+    """RSS before, and its peak while the body runs (sampled by a thread), in MB."""
+    out = {"before_mb": rss() / 2**20, "peak_mb": 0.0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        peak = rss()
+        while not stop.wait(every_s):
+            peak = max(peak, rss())
+        out["peak_mb"] = max(peak, rss()) / 2**20
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["growth_mb"] = out["peak_mb"] - out["before_mb"]
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+
+def stats_part(name: str, model: Any, tok: Any, n_tokens: int, cmp_batch: int) -> dict[str, Any]:
+    layer = ModelHandle.of(model, tok).default_layer()
+    res: dict[str, Any] = {"layer": layer, "tokens": n_tokens, "cmp_batch_tokens": cmp_batch,
+                           "default_batch_tokens": BATCH_TOKENS, "load_start": load_avg()}
+    runs = {}
+    for name, truncate in (("truncated", True), ("full", False)):
+        with peak_rss() as mem:
+            t = time.perf_counter()
+            c, count = collect_mom2(model, tok, [layer], TEXT, n_tokens, batch_tokens=cmp_batch, progress=False, truncate=truncate)
+            dt = time.perf_counter() - t
+        runs[name] = c[layer]
+        res[name] = {"seconds": dt, "tokens_per_s": count / dt, "count": count, **mem}
+    res["c_bit_identical"] = bool(torch.equal(runs["truncated"], runs["full"]))
+    res["max_abs_diff"] = float((runs["truncated"] - runs["full"]).abs().max())
+    # The statistics pass as an edit runs it (truncated, default batch), in a fresh process: the
+    # allocator of this one still holds what the full pass used.
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--mem-probe", name], env=cli_env(RUNS / name / "cache"),
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"memory probe failed: {p.stderr[-2000:]}")
+    res["default_batch_memory"] = json.loads(p.stdout.strip().splitlines()[-1])
+    res["load_end"] = load_avg()
+    return res
+
+
+def mem_probe(name: str) -> None:
+    model, tok, _ = load(name)
+    with peak_rss() as mem:
+        collect_mom2(model, tok, [ModelHandle.of(model, tok).default_layer()], TEXT, 4 * BATCH_TOKENS, progress=False)
+    print(json.dumps(mem))
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+
+
+def cli_env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, RANKONE_CACHE=str(cache), PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+
+
+def cli_part(name: str, spec: str | None, hparams: str | None) -> dict[str, Any]:
+    cache = RUNS / name / "cache"
+    d = str(real_model_dir(name))
+    res: dict[str, Any] = {"load_start": load_avg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "rankone.cli.main", "edit", "--model", d, *CLI_EDIT, "--quiet",
+                "--out", f"{tmp}/p", "--force"] + (["--arch-spec", spec] if spec else []) + (["--hparams", hparams] if hparams else [])
+        for run in ("first", "second"):
+            t = time.perf_counter()
+            p = subprocess.run(argv, env=cli_env(cache), capture_output=True, text=True)
+            res[f"{run}_wall_s"] = time.perf_counter() - t
+            if p.returncode:
+                raise SystemExit(f"rankone edit failed ({p.returncode}): {p.stderr[-2000:]}")
+            res[f"{run}_stderr"] = p.stderr.strip().splitlines()[-3:]
+        split = [sys.executable, str(Path(__file__).resolve()), "--cli-split", name, "--out", f"{tmp}/q"]
+        split += (["--arch-spec", spec] if spec else []) + (["--cli-hparams", hparams] if hparams else [])
+        p = subprocess.run(split, env=cli_env(cache), capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"split run failed: {p.stderr[-2000:]}")
+        res["split"] = json.loads(p.stdout.strip().splitlines()[-1])
+    res["load_end"] = load_avg()
+    return res
+
+
+def cli_split(name: str, out: str, spec: str | None, hparams: str | None) -> None:
+    """What `rankone edit` does, step by step, timed (run in a fresh process with warm caches)."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    from rankone.cli.common import hparams_from, load as cli_load
+    from rankone.cli.main import build_parser
+    from rankone.core.tokens import EditRequest
+
+    argv = ["edit", "--model", str(real_model_dir(name)), *CLI_EDIT, "--quiet", "--out", out]
+    argv += (["--arch-spec", spec] if spec else []) + (["--hparams", hparams] if hparams else [])
+    args = build_parser().parse_args(argv)  # imports the command's modules (torch, transformers)
+    given = hparams_from(args)
+    clock = {"import_s": time.time() - started}
+    t = time.perf_counter()
+    model, tok = cli_load(args)
+    ed = Editor(model, tok, EditHParams.for_model(model, **given), args.stats_corpus, progress=False)
+    clock["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ed.templates()
+    clock["templates_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ed.stats(ed.layer())
+    clock["statistics_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    patch = ed.edit([EditRequest.create(args.prompt, args.subject, args.target)])
+    clock["edit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    patch.save(out, overwrite=True)
+    clock["write_s"] = time.perf_counter() - t
+    clock["total_s"] = time.time() - started
+    print(json.dumps(clock))
+
+
+# ---- edits, side by side ---------------------------------------------------------------------
+
+
+def metrics(model: Any, tok: Any, case: Any) -> dict[str, float]:
+    m = evaluate_cases(model, tok, [case])[0]
+    return {k: m[k] for k in ("es", "ps", "ns", "p_new", "p_true")}
+
+
+def edits_part(name: str, model: Any, tok: Any, n: int, stats_tokens: int) -> None:
+    out = RUNS / name / "cases.jsonl"
+    done = {json.loads(x)["case_id"] for x in out.read_text().splitlines()} if out.exists() else set()
+    cases = cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1)
+    cases = alignable(model, tok, cases)[0][:n]
+    hp = EditHParams.for_model(model, stats_tokens=stats_tokens)
+    ed = Editor(model, tok, hp, TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
+    no_stop = Editor(model, tok, hp.replace(early_stop_prob=1.0), TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
+    layer, templates = ed.layer(), ed.templates()
+    st = ed.stats(layer)
+    w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))
+    for i, case in enumerate(cases):
+        if case.case_id in done:
+            continue
+        rec: dict[str, Any] = {"case_id": case.case_id, "layer": layer, "load": load_avg(), "base": metrics(model, tok, case)}
+        before = w.detach().clone()
+        sides = ["rankone", "reference", "rankone_no_stop"]
+        for side in sides[i % 3:] + sides[: i % 3]:  # rotated, so that no side always runs first
+            if side != "reference":
+                patch = (ed if side == "rankone" else no_stop).edit([case.request], keep=True)
+                e = patch.edits[0]
+                m = metrics(model, tok, case)
+                revert_patch(model, patch)
+                timing, v = e.diagnostics["timing"], e.diagnostics["value"]
+                extra = {"steps": v["steps"], "target_prob": v["target_prob"], "stopped_early": v["stopped_early"],
+                         "gathered": v["gathered_logits"], "passes": v["passes"], "delta_fro": e.delta_fro}
+            else:
+                upd, timing, value = reference_edit(model, tok, case.request, layer, templates, st, hp)
+                with torch.no_grad():
+                    w.add_(torch.outer(upd.residual, upd.key_dir).to(w.dtype))
+                m = metrics(model, tok, case)
+                with torch.no_grad():
+                    w.copy_(before)
+                extra = {"steps": len(value.losses), "target_prob": value.target_prob, "stopped_early": value.stopped_early,
+                         "delta_fro": float(upd.residual.norm() * upd.key_dir.norm())}
+            assert torch.equal(w, before), "revert was not exact"
+            rec[side] = {**timing, "total_s": sum(timing.values()), **m, **extra}
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"[{name}] case {case.case_id}: " + ", ".join(f"{k} {rec[k]['total_s']:.1f} s" for k in sides)
+              + f", load {rec['load']}", flush=True)
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def summary(rows: list[dict[str, Any]], side: str) -> dict[str, float]:
+    med = {k: statistics.median(r[side][k] for r in rows) for k in ("key_s", "value_s", "solve_s", "total_s", "steps")}
+    mean = {k: statistics.mean(r[side][k] for r in rows) for k in ("es", "ps", "ns", "target_prob")}
+    mean["s"] = hmean([mean["es"], mean["ps"], mean["ns"]])
+    return {**med, **mean}
+
+
+def report(models: list[str]) -> str:
+    parts = []
+    for name in models:
+        d = RUNS / name
+        sec = [f"### {name}"]
+        if (d / "cases.jsonl").exists():
+            rows = [json.loads(x) for x in (d / "cases.jsonl").read_text().splitlines()]
+            a, b, c = summary(rows, "rankone"), summary(rows, "reference"), summary(rows, "rankone_no_stop")
+            ratio = statistics.median(r["reference"]["total_s"] / r["rankone"]["total_s"] for r in rows)
+            base = {k: statistics.mean(r["base"][k] for r in rows) for k in ("es", "ps", "ns")}
+            loads = [r["load"] for r in rows]
+            sec.append(
+                f"{len(rows)} CounterFact cases (counterfact-edit.json, first alignable), r-ROME at layer {rows[0]['layer']}, "
+                f"statistics cached ({TEXT.name}), same templates; load average {min(loads):.1f}-{max(loads):.1f} on "
+                f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}.\n\n"
+                + table(["recipe", "key s", "value s", "solve s", "total s / edit (median)", "value passes (median)",
+                         "p(target)", "ES", "PS", "NS", "S"],
+                        [[lbl, s["key_s"], s["value_s"], s["solve_s"], s["total_s"], s["steps"], s["target_prob"],
+                          s["es"], s["ps"], s["ns"], s["s"]]
+                         for lbl, s in (("rankone (stops at p(target) ≥ 0.95)", a), ("rankone, no early stop (20 passes)", c),
+                                        ("ROME reference recipe", b))])
+                + f"\n\nPer edit, rankone is **{ratio:.2f}×** faster than the reference recipe (median of per-case ratios; "
+                f"ratio of medians {b['total_s'] / a['total_s']:.2f}×); the reference's loss-based early stop fired in "
+                f"{sum(r['reference']['stopped_early'] for r in rows)} of {len(rows)} cases. Unedited model on the same prompts: "
+                f"ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}.")
+        if (d / "stats.json").exists():
+            s = json.loads((d / "stats.json").read_text())
+            sec.append(
+                f"Key statistics at layer {s['layer']}, {s['truncated']['count']:,} tokens of {TEXT.name} in batches of "
+                f"{s['cmp_batch_tokens']} tokens: truncated pass **{s['truncated']['tokens_per_s']:,.0f} tokens/s**, full "
+                f"forward pass {s['full']['tokens_per_s']:,.0f} tokens/s (**{s['truncated']['tokens_per_s'] / s['full']['tokens_per_s']:.2f}×**); "
+                f"C bit-identical: **{s['c_bit_identical']}** (max |ΔC| {s['max_abs_diff']:.1e}). RSS growth during the pass: "
+                f"truncated {s['truncated']['growth_mb']:,.0f} MB, full {s['full']['growth_mb']:,.0f} MB; at the default batch "
+                f"({s['default_batch_tokens']} tokens, in a fresh process) the truncated pass grows RSS by "
+                f"**{s['default_batch_memory']['growth_mb']:,.0f} MB** (process peak, model loaded: "
+                f"**{s['default_batch_memory']['peak_mb']:,.0f} MB**). Load average {s['load_start']}-{s['load_end']}.")
+        if (d / "cli.json").exists():
+            c = json.loads((d / "cli.json").read_text())
+            sp = c["split"]
+            sec.append(
+                f"`rankone edit` on the model folder with no --stats-corpus: first run {c['first_wall_s']:.1f} s (samples the "
+                f"statistics corpus and the templates), **second run {c['second_wall_s']:.1f} s**. The second run's split "
+                f"(same steps in a fresh process): " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in sp.items() if k != "total_s")
+                + f" (total {sp['total_s']:.1f} s). Load average {c['load_start']}-{c['load_end']}.")
+        parts.append("\n\n".join(sec))
+    return "\n\n".join(parts)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="testbed model folder (default: the built-in one)")
-    ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--cases", nargs="+", type=int, default=[50, 20], help="cases per model, in --models order")
+    ap.add_argument("--stats-tokens", type=int, default=100_000, help="statistics budget of the side-by-side edits")
+    ap.add_argument("--cmp-tokens", type=int, default=16_384, help="tokens of the truncated-vs-full statistics comparison")
+    ap.add_argument("--parts", nargs="+", default=["stats", "cli", "edits"])
+    ap.add_argument("--cli-hparams", default=None, help="--hparams for the CLI runs (default: none, as a user types it)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--cli-split", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mem-probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--arch-spec", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    if args.model is None:
-        from rankone.testbed import builtin_model_dir
-
-        args.model = str(builtin_model_dir())
-    d = Path(args.model)
-    handle = load_model(d)
-    model, tok = handle
-    layer = handle.default_layer()
-    corpus = handle.stats_corpus()
-
-    t0 = time.perf_counter()
-    _, count = collect_mom2(model, tok, [layer], corpus, n_tokens=10**9, progress=False)
-    stats_s = time.perf_counter() - t0
-
-    reqs = requests_from_world(d, args.n)
-    deep = model.config.num_hidden_layers - 2  # a layer with layers below it to replay
-    rows, summary = [], {}
-    with tempfile.TemporaryDirectory() as cache:
-        for at in sorted({layer, deep}):
-            for fast in (True, False):
-                ed = Editor(model, tok, EditHParams(layer=at, fast_value=fast), stats_corpus=corpus, cache_dir=cache, progress=False)
-                ed.stats(at), ed.templates()  # computed once per model and layer, as in normal use
-                times = []
-                for r in reqs:
-                    t = time.perf_counter()
-                    _, info = ed.compute(r)
-                    times.append(dict(info["timing"], total_s=time.perf_counter() - t))
-                med = {k: statistics.median(x[k] for x in times) for k in times[0]}
-                summary[(at, fast)] = med
-                rows.append([at, "replay below layer" if fast else "full forward", f"{med['key_s'] * 1e3:.1f}",
-                             f"{med['value_s'] * 1e3:.1f}", f"{med['solve_s'] * 1e3:.2f}", f"{med['total_s'] * 1e3:.1f}"])
-    n_params = sum(p.numel() for p in model.parameters())
-    body = (
-        f"Model: `{d.name}` ({model.config.model_type}, {n_params:,} parameters, {model.config.num_hidden_layers} layers), "
-        f"edited layer {layer}, {args.n} r-ROME edits with the paper's defaults (20 steps, 21 context templates), "
-        f"statistics cached, torch threads = {args.threads}; load average at the start "
-        f"{load:.1f} on {os.cpu_count()} cores (other work was running: figures are upper bounds).\n\n"
-        + table(["layer", "value loop", "key ms", "value ms", "solve ms", "total ms / edit (median)"], rows)
-        + f"\n\nKey statistics: {count:,} tokens in {stats_s:.2f} s = **{count / stats_s:,.0f} tokens/s** "
-        f"(one pass, layer {layer}).\n"
-        f"At layer {deep}, replaying cached hidden states below the edited layer makes the value loop "
-        f"{summary[(deep, False)]['value_s'] / summary[(deep, True)]['value_s']:.2f}× faster (same δ, tested in "
-        f"tests/unit/test_rome.py); at layer 0 there is nothing below to replay.\n"
-    )
+    if args.mem_probe:
+        return mem_probe(args.mem_probe)
+    if args.cli_split:
+        return cli_split(args.cli_split, args.out, args.arch_spec, args.cli_hparams)
+    for name, n in zip(args.models, args.cases + args.cases[-1:] * len(args.models)):
+        if args.report_only:
+            break
+        (RUNS / name).mkdir(parents=True, exist_ok=True)
+        model, tok, spec = load(name)
+        cmp_batch = BATCH_TOKENS if model.config.vocab_size <= 65_536 else 1024  # full-pass logits must fit in memory
+        if "stats" in args.parts and not (RUNS / name / "stats.json").exists():
+            (RUNS / name / "stats.json").write_text(json.dumps(stats_part(name, model, tok, args.cmp_tokens, cmp_batch), indent=1))
+        if "edits" in args.parts:
+            edits_part(name, model, tok, n, args.stats_tokens)
+        if "cli" in args.parts and not (RUNS / name / "cli.json").exists():  # last: its first run samples a corpus
+            (RUNS / name / "cli.json").write_text(json.dumps(cli_part(name, spec, args.cli_hparams), indent=1))
+        write_section("edit_speed", "Edit speed on real models (issue 12)", report(args.models))
+    body = report(args.models)
     print(body)
-    write_section("edit_speed", "Edit speed (issue 2)", body)
+    write_section("edit_speed", "Edit speed on real models (issue 12)", body)
 
 
 if __name__ == "__main__":

@@ -109,13 +109,18 @@ def test_bad_requests_file(capsys, model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_model_without_corpus_needs_stats_corpus(capsys, model_dir, tmp_path):
+def test_model_without_corpus_samples_one_from_the_model(capsys, model_dir, tmp_path, caplog):
     d = tmp_path / "nocorpus"
     shutil.copytree(model_dir, d)
     (d / "corpus.txt").unlink()
-    code, _, err = run(capsys, *edit_args(d, tmp_path / "out"))
-    assert code == 2 and "--stats-corpus" in err
-    assert not (tmp_path / "out").exists()
+    hp = json.dumps(dict(json.loads(FAST), sampled_corpus_tokens=1500))
+    with caplog.at_level("WARNING"):
+        code, _, err = run(capsys, *edit_args(d, tmp_path / "out", **{"--hparams": hp}))
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "statistics corpus" in r.getMessage()]
+    assert len(said) == 1 and "sampling 1,500 tokens from the model itself" in said[0] and "--stats-corpus" in said[0]
+    man = json.loads((tmp_path / "out" / "patch.json").read_text())
+    assert man["edits"][0]["diagnostics"]["stats"]["corpus"].startswith("sampled from the model: 1500 tokens")
 
 
 def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):

@@ -130,7 +130,7 @@ def test_discovered_edit_is_rank_one_and_reverts_exactly(model_type, models, unl
     assert edit.module == path
     W1 = arch.weight_oi(model.get_submodule(path)).detach().double().clone()
     # W′k = v* and W′ − W is rank one
-    assert (W1 @ upd.key - upd.v_star).norm() / upd.v_star.norm() < 1e-4
+    assert (W1 @ upd.key - upd.target_value).norm() / upd.target_value.norm() < 1e-4
     s = torch.linalg.svdvals(W1 - W)
     assert s[1] / s[0] < 1e-5
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankone.core.hooks import capture, frozen, map_output, replace_forward
+from rankone.core.hooks import capture, frozen, map_output, replace_forward, stop_at
 from tiny import make_model
 
 
@@ -34,3 +34,22 @@ def test_map_output_changes_only_inside():
     with map_output(model.transformer.h[1].mlp, lambda h: h + 1):
         assert not torch.allclose(model(input_ids=x).logits, clean)
     assert torch.equal(model(input_ids=x).logits, clean)
+
+
+def test_stop_at_ends_the_pass_there_and_cleans_up():
+    model = make_model("llama")
+    x = torch.tensor([[3, 4, 5, 6]])
+    ran = []
+    later = model.model.layers[2].register_forward_hook(lambda *a: ran.append(1))
+    with capture(model, ["model.layers.1.mlp.down_proj"]) as rec, stop_at(model.model.layers[1].mlp.down_proj) as st:
+        model(input_ids=x)
+    assert st.reached and ran == [] and "model.layers.1.mlp.down_proj" in rec.inputs
+    with stop_at(model.lm_head, before=True) as st:
+        model(input_ids=x)
+    assert ran == [1] and st.input.shape == (1, 4, 32)  # the final norm's output, [batch, pos, d_model]
+    later.remove()
+    assert no_hooks(model)
+    with pytest.raises(ZeroDivisionError):  # other errors pass through, and the hook still goes
+        with stop_at(model.lm_head):
+            1 / 0
+    assert no_hooks(model)

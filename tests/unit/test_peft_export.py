@@ -59,8 +59,8 @@ def check_adapter_matches_merged(model, tok, patches, out: Path, expect_modules,
     wrapped = [n for n, mod in pm.named_modules() if hasattr(mod, "lora_A") and len(mod.lora_A)]
     assert sorted(n.removeprefix("base_model.model.") for n in wrapped) == sorted(expect_modules)  # nothing else
     got = logits(pm, tok)
-    err = float((got - merged).abs().max())
-    assert err < 1e-5, err
+    err = float((got - merged).abs().max()) / max(1.0, float(merged.abs().max()))  # float32 rounding, relative
+    assert err < 1e-6, err
     assert float((base - merged).abs().max()) > 1e-3  # the edits do move the logits
     pm.unload()  # gives back the untouched base modules
 

@@ -7,7 +7,7 @@ from rankone.core import architectures as arch
 from rankone.edit.editor import Editor
 from rankone.methods.hparams import EditHParams
 from rankone.artifacts.patch import revert_patch
-from rankone.methods.rome import compute_key, compute_value
+from rankone.methods.rome import compute_key, compute_value, rank_one_update
 from rankone.core.tokens import EditRequest
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
@@ -33,13 +33,13 @@ def test_update_writes_the_key_and_nothing_else(model_type, method, tok, tok_bos
     W1 = arch.weight_oi(arch.get_module(model, path)).detach().double()
 
     # W′k = v* for the key the method writes (k̄ for r-ROME, k_o for p-ROME and ROME)
-    err = (W1 @ upd.key - upd.v_star).norm() / upd.v_star.norm()
+    err = (W1 @ upd.key - upd.target_value).norm() / upd.target_value.norm()
     assert err < 1e-4, err
     # for any x: (W′ − W)x = (v* − W k)·(dᵀx)/(dᵀk) with d = C⁻¹k̄ (r-ROME, ROME) or C⁻¹k_o (p-ROME)
     key = compute_key(model, t, REQ, 1, ed.templates())
     d = ed.stats(1).solve(key.k_bare if method == "p-rome" else key.k_mean)
     x = torch.randn(W.shape[1], 7, dtype=torch.float64)
-    expect = torch.outer(upd.v_star - W @ upd.key, d) @ x / float(d @ upd.key)
+    expect = torch.outer(upd.target_value - W @ upd.key, d) @ x / float(d @ upd.key)
     got = (W1 - W) @ x
     assert (got - expect).norm() / expect.norm() < 1e-4
     # the rank-one constraint itself
@@ -82,10 +82,9 @@ def test_gpt2_square_conv1d_is_edited_in_the_right_orientation(tok, tok_bos, cor
     with torch.no_grad():
         after = proj(upd.key.float()[None]).double()
     # the module's own forward moves by δ exactly at the key: only the right orientation does that
-    assert torch.allclose(after - before, (upd.v_star - before[0] + proj.bias.double())[None] * 0 + (after - before), atol=0)
-    assert ((after - before)[0] - torch.outer(upd.u, upd.v) @ upd.key).norm() < 1e-4 * upd.u.norm()
-    transposed = torch.outer(upd.v, upd.u) @ upd.key  # what a [in, out] mix-up would have written
-    assert ((after - before)[0] - transposed).norm() > 1e-2 * upd.u.norm()
+    assert ((after - before)[0] - torch.outer(upd.residual, upd.key_dir) @ upd.key).norm() < 1e-4 * upd.residual.norm()
+    transposed = torch.outer(upd.key_dir, upd.residual) @ upd.key  # what a [in, out] mix-up would have written
+    assert ((after - before)[0] - transposed).norm() > 1e-2 * upd.residual.norm()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -99,3 +98,85 @@ def test_half_precision_edit_reverts_exactly(dtype, tok, tok_bos, corpus):
     revert_patch(model, patch)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _fixed_steps(hp, steps=6):
+    return hp.replace(v_steps=steps, early_stop_prob=1.0)  # 1.0: never stops early
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2", "opt"])
+def test_gathered_logits_give_the_full_logit_delta_and_update(model_type, tok, tok_bos, corpus):
+    # gemma2 soft-caps its logits after the head: the gathered path must do the same
+    model, t, ed = setup(model_type, tok, tok_bos, corpus)
+    model.double()  # in float32 the two loops' different summation orders alone differ by ~1e-5
+    hp = _fixed_steps(ed.hp)
+    full = compute_value(model, t, REQ, 1, ed.templates(), hp.replace(fast_value=False), full_logits=True)
+    fast = compute_value(model, t, REQ, 1, ed.templates(), hp)
+    assert fast.gathered and not full.gathered
+    assert fast.passes == "suffix" and full.passes == "full"
+    assert len(fast.losses) == len(full.losses) == 6
+    assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))
+    assert fast.target_probs == pytest.approx(full.target_probs, rel=1e-5)
+    key = compute_key(model, t, REQ, 1, ed.templates())
+    w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, 1)))
+    a = rank_one_update(w, key, fast, ed.stats(1), "r-rome")
+    b = rank_one_update(w, key, full, ed.stats(1), "r-rome")
+    dw_a, dw_b = torch.outer(a.residual, a.key_dir), torch.outer(b.residual, b.key_dir)
+    assert (dw_a - dw_b).norm() <= 1e-5 * dw_b.norm()
+
+
+def test_head_the_loop_cannot_reproduce_falls_back_to_full_logits(tok, tok_bos, corpus):
+    model, t, ed = setup("llama", tok, tok_bos, corpus)
+    model.config.final_logit_softcapping = 0.5  # llama ignores it; lm_head_logits would not
+    hp = _fixed_steps(ed.hp, 3)
+    res = compute_value(model, t, REQ, 1, ed.templates(), hp)
+    assert not res.gathered
+    del model.config.final_logit_softcapping
+    ref = compute_value(model, t, REQ, 1, ed.templates(), hp, full_logits=True)
+    assert torch.equal(res.delta, ref.delta)
+
+
+def test_early_stop_when_target_probability_crosses_the_threshold():
+    # the built-in testbed really learns facts, so p(target) climbs over the value steps
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+
+    model, t = load_model(builtin_model_dir())
+    req = EditRequest.create("{} was born in", "Thoutem Nousren", "Paris")
+    ed = Editor(model, t, EditHParams.for_model(model, v_steps=12, early_stop_prob=1.0), progress=False)
+    layer = ed.layer()
+    run = compute_value(model, t, req, layer, ed.templates(), ed.hp)
+    p = run.target_probs
+    assert not run.stopped_early and len(p) == 12 and p[-1] > 10 * p[0]
+    # the first pass (after the second) whose p(target) beats every earlier one: stop there
+    j = next(i for i in range(2, 12) if p[i] > max(p[:i]))
+    thr = (p[j] + max(p[:j])) / 2
+    hp = ed.hp.replace(early_stop_prob=thr)
+    stop = compute_value(model, t, req, layer, ed.templates(), hp)
+    assert stop.stopped_early and len(stop.losses) == j + 1
+    assert stop.target_probs == pytest.approx(p[: j + 1], rel=1e-6)
+    assert stop.target_prob >= thr > max(stop.target_probs[:-1])
+    patch = Editor(model, t, hp, progress=False).edit([req])
+    v = patch.edits[0].diagnostics["value"]
+    assert v["stopped_early"] and v["steps"] == j + 1 and v["early_stop_prob"] == thr
+    assert patch.edits[0].hparams["early_stop_prob"] == thr
+
+
+@pytest.mark.parametrize("window", [512, 4])
+def test_sliding_window_model_caches_prefixes_only_where_that_is_exact(window, tok_bos, corpus):
+    # Gemma 3 attends within a sliding window on most layers. Prompts shorter than the window:
+    # prefixes are cached. Longer ones (window 4 here): the check against a plain pass refuses
+    # the cache and the layers below are replayed instead. Either way δ is the full pass's.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma3_text", **dict(CONFIGS["gemma2"], sliding_window=window, vocab_size=400,
+                                                      bos_token_id=1, eos_token_id=0, pad_token_id=0))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert arch.spec_for(model).proj == "model.layers.{}.mlp.down_proj"  # gemma3_text: found without a hand-written spec
+    ed = Editor(model, tok_bos, EditHParams(**FAST), corpus, progress=False)
+    hp = _fixed_steps(ed.hp, 4)
+    fast = compute_value(model, tok_bos, REQ, 1, ed.templates(), hp)
+    full = compute_value(model, tok_bos, REQ, 1, ed.templates(), hp.replace(fast_value=False), full_logits=True)
+    assert fast.passes == ("suffix" if window == 512 else "replay")
+    assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))

@@ -8,7 +8,8 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture
-from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats, token_windows
+from rankone.methods.corpus import token_windows
+from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats
 from tiny import make_model
 
 
@@ -28,7 +29,7 @@ def test_leading_bos_in_every_window(tok_bos, corpus):
 
 def test_mom2_equals_direct_computation(tok, corpus):
     model = make_model("gpt2")
-    mom2, count = collect_mom2(model, tok, [0, 2], corpus, n_tokens=300, window=50, batch_size=3, progress=False)
+    mom2, count = collect_mom2(model, tok, [0, 2], corpus, n_tokens=300, window=50, batch_tokens=150, progress=False)
     assert count == 300
     ids = torch.tensor([w for w in token_windows(tok, corpus, 50, 300)])  # 6 full windows of 50
     with capture(model, [arch.proj_path(model, 2)], outputs=False) as rec:
@@ -96,3 +97,36 @@ def test_corpus_errors(tok, tmp_path):
     with pytest.raises(RankoneError, match="bad.jsonl:2"):
         layer_stats(model, tok, [0], bad, 100, tmp_path, progress=False)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2"])
+def test_truncated_pass_gives_the_full_pass_C_bit_for_bit(model_type, tok, tok_bos, corpus):
+    model = make_model(model_type)
+    t = tok_bos if model_type in ("llama", "gemma2") else tok
+    last = arch.get_module(model, arch.spec_for(model).layer_path(2))
+    calls = []
+    h = last.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cut, n_cut = collect_mom2(model, t, [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256, progress=False)
+        assert calls == []  # layer 2 (and the LM head after it) never ran
+        full, n_full = collect_mom2(model, t, [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256,
+                                    progress=False, truncate=False)
+        assert calls  # the full pass did run it
+    finally:
+        h.remove()
+    assert n_cut == n_full >= 700  # (BOS-adding tokenizers count their BOS too)
+    for layer in (0, 1):
+        assert torch.equal(cut[layer], full[layer])
+
+
+def test_factor_is_cached_beside_C(tok, corpus, tmp_path):
+    from rankone.methods import stats
+
+    model = make_model("gpt2")
+    a = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    stats._MEMO.clear()
+    b = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    assert b._chol is not None  # read from disk, not factored again
+    assert torch.equal(a.factor(), b._chol)
+    k = torch.randn(a.mom2.shape[0], dtype=torch.float64)
+    assert torch.allclose(b.mom2 @ b.solve(k), k, atol=1e-8)

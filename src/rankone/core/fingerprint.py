@@ -48,3 +48,8 @@ def path_sha256(path: str | os.PathLike) -> str:
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
         h.update(str(f.relative_to(p)).encode() + b"\0" + file_sha256(f).encode())
     return h.hexdigest()
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of every named parameter: an edited model is a different model."""
+    return tensors_sha256(model.named_parameters())

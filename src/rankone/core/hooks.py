@@ -64,6 +64,47 @@ def capture(
         yield rec
 
 
+class _Stop(Exception):
+    """Raised by a `stop_at` hook to end a forward pass; never escapes the `with` block."""
+
+
+class Stopped:
+    """What `stop_at` saw: whether the pass reached the module, and the module's input."""
+
+    def __init__(self) -> None:
+        self.reached = False
+        self.input: torch.Tensor | None = None
+
+
+@contextmanager
+def stop_at(module: nn.Module, *, before: bool = False, detach: bool = True) -> Iterator[Stopped]:
+    """A forward pass inside ends at `module`: right after it runs, or (before=True) before it
+    runs, keeping its first positional input.
+
+    Layers past the point, and the LM head, are never computed: that is the point. The hook
+    raises a private exception that this context swallows, so the `with` body should be the
+    forward call alone. Hooks run in registration order: enter this after any `capture` of the
+    same module so that the capture still sees it.
+    """
+    st = Stopped()
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0]
+        st.input = x.detach() if detach else x
+        raise _Stop
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        raise _Stop
+
+    h = module.register_forward_pre_hook(pre) if before else module.register_forward_hook(post)
+    try:
+        yield st
+    except _Stop:
+        st.reached = True
+    finally:
+        h.remove()
+
+
 @contextmanager
 def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the module's output (its first element, for tuples) by fn(output)."""
@@ -129,3 +170,29 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+
+
+@contextmanager
+def replay_below(model: nn.Module, layer_paths: list[str], ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
+    """Inside: the blocks at `layer_paths` (all the layers below an edited one, lowest first)
+    return the output the last of them gave on (ids, mask) instead of computing.
+
+    What enters at the edited layer does not change what the layers below compute, so an
+    optimisation loop runs them once: one forward pass caches the last one's output, and each step
+    then runs the edited layer and those above only. The result equals a full forward pass exactly
+    (same modules, masks and positions above). The replacements are removed on exit."""
+    cache: dict[str, Any] = {}
+
+    def keep(mod: nn.Module, args: tuple, output: Any) -> None:
+        cache["out"] = output
+
+    with torch.no_grad():
+        h = get_module(model, layer_paths[-1]).register_forward_hook(keep)
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            h.remove()
+    with ExitStack() as stack:
+        for path in layer_paths:
+            stack.enter_context(replace_forward(get_module(model, path), lambda *a, **k: cache["out"]))
+        yield

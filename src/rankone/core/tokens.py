@@ -9,6 +9,7 @@ text. Bad alignment is a `RankoneError`, never a silently wrong position.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -170,18 +171,58 @@ def pad_batch(
 # ---- prefixes -------------------------------------------------------------------------------
 
 
+def kv_cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to the model: transformers 5 calls it `cache`, older
+    versions (and a deprecated alias) `past_key_values`."""
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {arg: cache}
+
+
+def kv_cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned (under either name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
+def sample_tokens(
+    model: torch.nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Generator,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """ids [n, pos] (rows of equal length, no padding) followed by n_new sampled tokens, on the CPU.
+
+    Decodes with the model's KV cache (one position per step after the first). Each token is
+    drawn on the CPU with `generator`, from the top_k most likely tokens or (top_k None) from the
+    whole distribution, so one seed gives the same text on any device for the same logits.
+    """
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), use_cache=True)
+    new: list[torch.Tensor] = []
+    for step in range(n_new):
+        logits = out.logits[:, -1].float().cpu()  # [n, vocab]
+        if top_k:
+            top = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
+            choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)  # [n, 1]
+            nxt = top.indices.gather(1, choice)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # [n, 1]
+        new.append(nxt)
+        if step < n_new - 1:
+            out = model(input_ids=nxt.to(device), use_cache=True, **kv_cache_kwargs(model, kv_cache_of(out)))
+    return torch.cat([ids.cpu(), *new], dim=1)
+
+
 def sample_prefixes(
     model: torch.nn.Module, tok: Any, spec: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
     seed: int = 0, starts: Sequence[str] = PREFIX_STARTS, top_k: int = 5,
 ) -> list[str]:
     """Context templates "<model text>. {}" sampled from the model itself (ROME's recipe).
 
-    spec: (n_new_tokens, count) pairs. Sampling uses its own seeded CPU generator, so the same
-    model and seed give the same prefixes on any device.
+    spec: (length, count) pairs, where length counts every token of the text, the starter word
+    and any BOS included, as ROME's `generate_fast(max_out_len=length)` does: (5, 10) gives ten
+    texts of five tokens. Sampling uses its own seeded CPU generator (see `sample_tokens`).
     """
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     out: list[str] = []
     for length, count in spec:
         per_start = max(1, count // len(starts))
@@ -190,14 +231,8 @@ def sample_prefixes(
             n = min(per_start, count - made)
             if n <= 0:
                 break
-            ids = torch.tensor([encode(tok, start)[0]] * n, device=device)  # [n, pos]
-            for _ in range(length):
-                logits = model(input_ids=ids, use_cache=False).logits[:, -1].float().cpu()
-                top = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
-                probs = torch.softmax(top.values, dim=-1)
-                choice = torch.multinomial(probs, 1, generator=gen)  # [n, 1]
-                nxt = top.indices.gather(1, choice).to(device)
-                ids = torch.cat([ids, nxt], dim=1)
+            lead = encode(tok, start)[0]
+            ids = sample_tokens(model, torch.tensor([lead] * n), max(1, length - len(lead)), gen, top_k)
             for row in ids.tolist():
                 text = tok.decode(row, skip_special_tokens=True)
                 text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()

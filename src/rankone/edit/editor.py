@@ -28,12 +28,15 @@ from rankone.core.errors import RankoneError
 from rankone.core.util import user_name, utcnow
 from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress, track
+from rankone.core.fingerprint import model_sha256
 from rankone.methods.hparams import EditHParams
 from rankone.models.handle import ModelHandle
 from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
+from rankone.methods.cache import cached_json
+from rankone.methods.corpus import sampled_corpus
 from rankone.methods.stats import LayerStats, layer_stats
-from rankone.core.tokens import EditRequest, encode_request, join_target, sample_prefixes
+from rankone.core.tokens import PREFIX_STARTS, EditRequest, encode, encode_request, join_target, sample_prefixes
 from rankone.models.generation import answer_matches, check_fits, greedy, target_logprob
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class Editor:
         self.cache_dir = cache_dir
         self.progress = progress
         self._corpus = Path(stats_corpus) if stats_corpus else None
+        self._corpus_source = str(self._corpus) if self._corpus else ""  # recorded in each edit
         self._templates: dict[tuple, list[str]] = {}
         self.rejected: list[Rejected] = []
         self.notes: dict[str, Any] = {}  # recorded in every edit's diagnostics (e.g. why this layer)
@@ -92,23 +96,42 @@ class Editor:
         """The edited projection of `layer`, e.g. 'transformer.h.3.mlp.c_proj'."""
         return self.handle.spec.proj.format(arch.check_layer(self.model, layer, self.handle.spec))
 
-    def corpus(self) -> Path:
+    def corpus(self, hp: EditHParams | None = None) -> Path:
+        """The statistics corpus: the one given, else the model's own, else one sampled from the
+        model (seeded, cached by its fingerprint; said in one line and recorded in each edit)."""
         if self._corpus is None:
-            self._corpus = self.handle.stats_corpus()
+            try:
+                self._corpus = self.handle.stats_corpus()  # the card's, else the folder's corpus.txt
+                self._corpus_source = str(self._corpus)
+            except RankoneError:
+                hp = hp or self.hp
+                log.warning("no statistics corpus given: sampling %s tokens from the model itself (seed %d; "
+                            "cached for this model); pass --stats-corpus to use natural text",
+                            f"{hp.sampled_corpus_tokens:,}", hp.seed)
+                self._corpus = sampled_corpus(self.model, self.tok, hp.sampled_corpus_tokens, hp.seed,
+                                              cache_dir=self.cache_dir, progress=self.progress)
+                self._corpus_source = f"sampled from the model: {hp.sampled_corpus_tokens} tokens, seed {hp.seed}"
         return self._corpus
 
     def templates(self, hp: EditHParams | None = None) -> list[str]:
+        """"{}" and the context templates: given verbatim, or sampled from the model once per
+        (model fingerprint, seed, spec) and kept on disk, so later processes sample nothing."""
         hp = hp or self.hp
         if hp.prefixes is not None:
             return ["{}"] + list(hp.prefixes)
         key = (hp.seed, tuple(map(tuple, hp.prefix_spec)))
         if key not in self._templates:
-            self._templates[key] = ["{}"] + sample_prefixes(self.model, self.tok, hp.prefix_spec, hp.seed)
+            disk_key = {"schema": "rankone.templates/1", "model": model_sha256(self.model), "seed": hp.seed,
+                        "spec": [list(x) for x in hp.prefix_spec], "vocab": len(self.tok),
+                        "starts": [encode(self.tok, s)[0] for s in PREFIX_STARTS]}
+            made, _ = cached_json("templates", disk_key, lambda: sample_prefixes(self.model, self.tok, hp.prefix_spec, hp.seed),
+                                  self.cache_dir)
+            self._templates[key] = ["{}"] + list(made)
         return self._templates[key]
 
     def stats(self, layer: int, hp: EditHParams | None = None) -> LayerStats:
         hp = hp or self.hp
-        corpus = self.corpus()
+        corpus = self.corpus(hp)
         with self.handle.scope():
             return layer_stats(self.model, self.tok, [layer], corpus, hp.stats_tokens, self.cache_dir, self.progress)[layer]
 
@@ -134,8 +157,12 @@ class Editor:
         info = {
             "layer": layer, "templates": templates,
             "timing": {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": t3 - t2},
-            "value": {"losses": value.losses, "clamped": value.clamped, "target_prob": value.target_prob},
-            "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter},
+            "value": {"losses": value.losses, "target_probs": value.target_probs, "clamped": value.clamped,
+                      "target_prob": value.target_prob, "steps": len(value.losses), "stopped_early": value.stopped_early,
+                      "early_stop_prob": hp.early_stop_prob, "gathered_logits": value.gathered,
+                      "passes": value.passes},
+            "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter,
+                      "corpus": self._corpus_source},
         }
         return upd, info
 
@@ -146,10 +173,10 @@ class Editor:
         path = self.module_path(layer)
         w = arch.weight_oi(arch.get_module(self.model, path))
         diag = dict(upd.diagnostics, **{k: info[k] for k in ("timing", "value", "stats")}, **self.notes)
-        e, after = make_edit(  # the method's rank-one u vᵀ is the patch's B = u (one column), A = vᵀ (one row)
-            w.detach().clone(), upd.u[:, None], upd.v[None, :], module=path, layer=layer, request=request.to_dict(),
-            method=hp.method, hparams=hp.to_dict(), seed=hp.seed, context_templates=info["templates"],
-            diagnostics=diag, author=author, reason=reason)
+        e, after = make_edit(  # the method's rank-one residual ⊗ key_dir is the patch's B (one column) A (one row)
+            w.detach().clone(), upd.residual[:, None], upd.key_dir[None, :], module=path, layer=layer,
+            request=request.to_dict(), method=hp.method, hparams=hp.to_dict(), seed=hp.seed,
+            context_templates=info["templates"], diagnostics=diag, author=author, reason=reason)
         with torch.no_grad():
             w.copy_(after)
         return e

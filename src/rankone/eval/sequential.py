@@ -281,7 +281,7 @@ class SequentialRun:
             rec.update(accepted=False, reason=rec.get("reason") or (self.editor.rejected[-1].reason if d else "?"),
                        flags=["refused by the guard" if d else "not written"])
         for k in ("delta_fro", "denominator", "denom_mean_mean", "denom_bare_bare", "denom_bare_mean", "key_cosine",
-                  "weight_fro", "delta_norm", "v_init_norm"):
+                  "weight_fro", "delta_norm", "current_value_norm"):
             rec[k] = d.get(k)
         rec["w_dist"] = self._w_dist()
         rec["seconds"] = time.perf_counter() - t0

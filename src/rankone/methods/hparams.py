@@ -192,20 +192,25 @@ class EditHParams(JsonSettings):
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
+    early_stop_prob: float = 0.95  # stop once p(target) = exp(−NLL) reaches it (v_steps: the cap)
     kl_prompt: str = "{} is a"
-    fast_value: bool = True  # replay cached hidden states below the edited layer
+    fast_value: bool = True  # value steps run only what δ changes (cached prefixes, replayed lower layers)
     # keys: prefixes sampled from the model, (new tokens, count) pairs; or given verbatim
     prefix_spec: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     prefixes: list[str] | None = None
     seed: int = 0
     # key statistics
     stats_tokens: int = 1_000_000
+    sampled_corpus_tokens: int = 100_000  # when the model has no corpus: tokens sampled from it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check_value_settings(self)
+        if int(self.sampled_corpus_tokens) < 1:
+            raise RankoneError(f"sampled_corpus_tokens must be at least 1, got {self.sampled_corpus_tokens}")
+        if not 0 < float(self.early_stop_prob) <= 1:
+            raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
 
 
 def _card_of(model: Any) -> Any:

@@ -45,7 +45,8 @@ from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output, replace_forward
 from rankone.core.tokens import EditRequest, encode_request, pad_batch, sample_prefixes
 from rankone.methods.hparams import JsonSettings, check_value_settings, settings
-from rankone.methods.rome import _device, _skip_lower_layers
+from rankone.core.hooks import replay_below
+from rankone.methods.rome import _device
 from rankone.methods.stats import LayerStats
 
 GPTJ_LAMBDA, GPTJ_D_IN = 15000.0, 16384  # MEMIT's mom2_update_weight for GPT-J and its key size
@@ -206,7 +207,8 @@ def compute_targets(
     with ExitStack() as stack:
         stack.enter_context(_logits_only_at(model, sel_rows, sel_pos))  # also for the caching pass
         if hp.fast_value:  # δ enters at block `layer`'s output: blocks 0..layer replay one cached pass
-            stack.enter_context(_skip_lower_layers(model, layer + 1, ids, mask))
+            spec = arch.spec_for(model)
+            stack.enter_context(replay_below(model, [spec.layer_path(j) for j in range(layer + 1)], ids, mask))
         stack.enter_context(map_output(block, add_delta))
         stack.enter_context(frozen(model))
         for step in range(hp.v_steps):

@@ -2,9 +2,16 @@
 
 Notation (Meng et al. 2022; Gupta et al. 2024): W [out, in] is the MLP output projection of the
 edited layer, k a key (its input at the subject's last token), C = E[k kᵀ] over ordinary text.
-k̄ averages the key over the bare prompt and prefixed copies of it; k_o is the bare-prompt key.
-The value optimisation finds δ such that adding δ to the projection's output at the subject makes
-the model say the target; the desired output for key k is then v* = W k + δ.
+
+    compute_key:      k̄ = mean of the key over the bare prompt and prefixed copies of it;
+                      k_o = the bare-prompt key
+    compute_value:    δ = argmin  NLL(target | prompts; W k + δ at the subject)
+                                  + kl_factor · KL(subject's next token ‖ before)
+                                  + v_weight_decay · ‖δ‖ / ‖current value‖²
+                      current value = W k_o + b, the projection's output at the bare prompt
+    rank_one_update:  target value v* = W k + δ for the key k the method writes,
+                      residual r = v* − W k, key direction d = C⁻¹k_c / (kᵀ C⁻¹ k_c),
+                      ΔW = r dᵀ, so that W′k = v* (k_c: the key whose C⁻¹-image sets d)
 
     r-rome:  ΔW = (v̄* − W k̄) (C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k̄)          averaged key everywhere
     p-rome:  ΔW = (v*  − W k_o)(C⁻¹k_o)ᵀ / (k_oᵀ C⁻¹ k_o)     bare-prompt key everywhere
@@ -12,21 +19,29 @@ the model say the target; the desired output for key k is then v* = W k + δ.
 
 Only `rome` mixes keys: its denominator can be tiny when k̄ and k_o disagree, which is what
 produces the huge "disabling" updates r-ROME was made to avoid.
+
+Only what the equations read is computed: keys come from a pass that stops at the edited
+projection; each value step runs only what δ changes (the prompts from the subject's last token
+on, from the edited layer up; see `passes.py`) and applies the LM head only at the positions the
+loss reads (target tokens, one KL position); the loop stops once p(target) = exp(−NLL) reaches
+`early_stop_prob` (the paper's criterion; ROME's code compares the regularised loss with 0.05,
+which its weight-decay and KL terms delay or prevent).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rankone.core import architectures as arch
-from rankone.core.hooks import add_at_positions, capture, frozen, map_output, replace_forward
-from rankone.methods.hparams import EditHParams
-from rankone.methods.stats import LayerStats
+from rankone.core.hooks import add_at_positions, capture, frozen, map_output, stop_at
 from rankone.core.tokens import EditRequest, encode_request, pad_batch
+from rankone.methods.hparams import EditHParams
+from rankone.methods.passes import ValuePasses
+from rankone.methods.stats import LayerStats
 
 
 @dataclass
@@ -39,10 +54,14 @@ class KeyResult:
 @dataclass
 class ValueResult:
     delta: torch.Tensor  # [out] float64: the shift of the projection output that writes the fact
-    v_init: torch.Tensor  # [out] projection output at the bare prompt's subject token, before editing
-    losses: list[float] = field(default_factory=list)
+    current_value: torch.Tensor  # [out] projection output at the bare prompt's subject token, before editing
+    losses: list[float] = field(default_factory=list)  # regularised loss at each forward pass
+    target_probs: list[float] = field(default_factory=list)  # exp(−NLL) at each forward pass
     clamped: bool = False
-    target_prob: float = 0.0  # mean p(target) over prefixed prompts at the last step
+    target_prob: float = 0.0  # p(target) (exp of minus the mean NLL over prompts) at the last pass
+    stopped_early: bool = False  # p(target) reached early_stop_prob before v_steps passes
+    gathered: bool = True  # the LM head ran only at the positions the loss reads
+    passes: str = ""  # how each pass ran: "suffix" (cached prefixes), "replay" (lower layers) or "full"
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -59,7 +78,7 @@ def compute_key(
     path = arch.proj_path(model, layer)
     encs = [encode_request(tok, request, t, with_target=False) for t in templates]
     ids, mask = pad_batch([e.ids for e in encs], _device(model))
-    with capture(model, [path], outputs=False) as rec:
+    with capture(model, [path], outputs=False) as rec, stop_at(arch.get_module(model, path)):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     x = rec.inputs[path].reshape(*ids.shape, -1)  # [n_templates, pos, in]
     rows = torch.arange(len(encs), device=x.device)
@@ -69,112 +88,86 @@ def compute_key(
 
 def compute_value(
     model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str],
-    hp: EditHParams,
+    hp: EditHParams, full_logits: bool = False,
 ) -> ValueResult:
     """Optimise δ (added to the projection output at the subject's last token of every prompt).
 
     loss = mean NLL of the target tokens over the prefixed prompts (teacher forced)
          + kl_factor · KL(current ‖ initial) of the next-token distribution at the subject's last
            token of the KL prompt ("{subject} is a"), which keeps the subject's other facts
-         + v_weight_decay · ‖δ‖ / ‖v_init‖²,
-    with δ clamped to clamp_norm_factor · ‖v_init‖ after every step (ROME's recipe).
+         + v_weight_decay · ‖δ‖ / ‖current value‖²,
+    with δ clamped to clamp_norm_factor · ‖current value‖ after every step (ROME's recipe).
+    At most v_steps passes; it stops once exp(−NLL) ≥ early_stop_prob. How each pass is run
+    (cached prefixes, replayed lower layers, the head only where read) is `passes.ValuePasses`;
+    fast_value=False runs whole prompts, full_logits=True applies the head at every position.
     """
     proj = arch.get_module(model, arch.proj_path(model, layer))
-    dev = _device(proj)
     rewrites = [encode_request(tok, request, t) for t in templates]
-    kl_req = EditRequest(hp.kl_prompt, request.subject, request.target)
-    kl = encode_request(tok, kl_req, with_target=False)
+    kl = encode_request(tok, EditRequest(hp.kl_prompt, request.subject, request.target), with_target=False)
     encs = rewrites + [kl]
-    ids, mask = pad_batch([e.ids for e in encs], _device(model))  # [n+1, pos]
-    lookup = [e.subject_last for e in encs]
     n = len(rewrites)
-
-    # Teacher forcing: the logit at position p-1 predicts the target token at p.
-    tgt_rows = torch.tensor([i for i, e in enumerate(rewrites) for _ in e.target_positions])
-    tgt_pos = torch.tensor([p for e in rewrites for p in e.target_positions])
+    # Teacher forcing: the logit at p-1 predicts the target token at p; then the KL position.
+    tgt_rows = [i for i, e in enumerate(rewrites) for _ in e.target_positions]
+    read_rows = tgt_rows + [n]
+    read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [kl.subject_last]
     tgt_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
+    passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs], read_rows, read_pos,
+                         fast=hp.fast_value, gather=not full_logits)
 
-    out_features = arch.in_out_features(proj)[1]
-    delta = torch.zeros(out_features, device=dev, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(arch.in_out_features(proj)[1], device=_device(proj), dtype=torch.float32, requires_grad=True)
     captured: dict[str, torch.Tensor] = {}
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [batch, pos, out] (or [batch·pos, out])
-        h3 = h.reshape(*ids.shape, -1)
-        if "v_init" not in captured:
-            captured["v_init"] = h3[0, lookup[0]].detach().double().cpu()
-        return add_at_positions(h3, delta.to(h.device), lookup).reshape(h.shape)
+    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, out] (or [rows·pos, out])
+        h3 = h.reshape(*passes.shape, -1)
+        if "current" not in captured:
+            captured["current"] = h3[0, passes.delta_pos[0]].detach().double().cpu()
+        return add_at_positions(h3, delta.to(h.device), passes.delta_pos).reshape(h.shape)
 
-    skip = _skip_lower_layers(model, layer, ids, mask) if hp.fast_value and layer > 0 else None
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     init_kl_logp: torch.Tensor | None = None
-    result = ValueResult(delta=torch.zeros(0), v_init=torch.zeros(0))
-    with map_output(proj, add_delta), (skip if skip is not None else nullcontext()), frozen(model):
+    result = ValueResult(delta=torch.zeros(0), current_value=torch.zeros(0), gathered=passes.gathered, passes=passes.mode)
+    with passes, map_output(proj, add_delta), frozen(model):
         for step in range(hp.v_steps):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)  # [n+1, pos, vocab]
-            tok_logp = logp[tgt_rows, tgt_pos - 1, tgt_ids.to(logp.device)].cpu()  # [n_target_tokens]
-            nll = -(torch.zeros(n).index_add(0, tgt_rows, tok_logp) / per_row).mean()
-            kl_logp = logp[n, lookup[n]]  # [vocab]
+            logp = torch.log_softmax(passes.logits().float(), dim=-1)  # [n_read, vocab]
+            tok_logp = logp[:-1].gather(1, tgt_ids[:, None].to(logp.device))[:, 0].cpu()  # [n_target_tokens]
+            nll = -(torch.zeros(n).index_add(0, torch.tensor(tgt_rows), tok_logp) / per_row).mean()
+            kl_logp = logp[-1]  # [vocab]
             if init_kl_logp is None:
                 init_kl_logp = kl_logp.detach().clone()
             kl_loss = torch.sum(kl_logp.exp() * (kl_logp - init_kl_logp)).cpu()
-            v_norm = captured["v_init"].norm().float()
-            wd = hp.v_weight_decay * delta.norm().cpu() / v_norm**2
+            current_norm = captured["current"].norm().float()
+            wd = hp.v_weight_decay * delta.norm().cpu() / current_norm**2
             loss = nll + hp.kl_factor * kl_loss + wd
             result.losses.append(loss.item())
-            result.target_prob = torch.exp(-nll).item()
-            if result.losses[-1] < hp.early_stop_loss or step == hp.v_steps - 1:
+            result.target_probs.append(math.exp(-nll.item()))
+            if result.target_probs[-1] >= hp.early_stop_prob:
+                result.stopped_early = step < hp.v_steps - 1
+                break
+            if step == hp.v_steps - 1:
                 break
             opt.zero_grad()
             loss.backward()
             opt.step()
-            max_norm = hp.clamp_norm_factor * float(v_norm)
+            max_norm = hp.clamp_norm_factor * float(current_norm)
             with torch.no_grad():
                 if float(delta.norm()) > max_norm:
                     delta.mul_(max_norm / float(delta.norm()))
                     result.clamped = True
+    result.target_prob = result.target_probs[-1]
     result.delta = delta.detach().double().cpu()
-    result.v_init = captured["v_init"]
+    result.current_value = captured["current"]
     return result
-
-
-def _skip_lower_layers(model: torch.nn.Module, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> Any:
-    """A context in which layers 0..layer-1 replay their cached output instead of computing.
-
-    δ only enters at `layer`, so everything below it is the same on every optimisation step:
-    one forward pass caches layer-1's output, and each step then runs `layer` and above only.
-    The result equals a full forward pass exactly (same modules, masks and positions above).
-    """
-    from contextlib import ExitStack
-
-    spec = arch.spec_for(model)
-    below = arch.get_module(model, spec.layer_path(layer - 1))
-    cache: dict[str, Any] = {}
-
-    def keep(mod: torch.nn.Module, args: tuple, output: Any) -> None:
-        cache["out"] = output
-
-    with torch.no_grad():
-        h = below.register_forward_hook(keep)
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            h.remove()
-    stack = ExitStack()
-    for j in range(layer):
-        stack.enter_context(
-            replace_forward(arch.get_module(model, spec.layer_path(j)), lambda *a, **k: cache["out"])
-        )
-    return stack
 
 
 @dataclass
 class Update:
-    u: torch.Tensor  # [out] float64
-    v: torch.Tensor  # [in] float64; ΔW = u vᵀ
-    v_star: torch.Tensor  # [out] the desired output W′k for the key the method writes
-    key: torch.Tensor  # [in] the key used in the residual
+    """ΔW = residual ⊗ key_dir (an outer product, [out, in]), computed in float64."""
+
+    residual: torch.Tensor  # [out] r = v* − W k: what the edited projection must add at the key
+    key_dir: torch.Tensor  # [in] d = C⁻¹k_c / (kᵀ C⁻¹ k_c): which inputs the change responds to
+    target_value: torch.Tensor  # [out] v*, the desired output W′k for the key the method writes
+    key: torch.Tensor  # [in] k, the key the method writes (k̄ or k_o)
     diagnostics: dict[str, float]
 
 
@@ -186,16 +179,16 @@ def rank_one_update(
     k_bar, k_o = key.k_mean, key.k_bare
     cinv_kbar, cinv_ko = stats.solve(k_bar), stats.solve(k_o)  # [in]
     if method == "r-rome":
-        k_res, direction, denom = k_bar, cinv_kbar, float(k_bar @ cinv_kbar)
+        k, direction, denom = k_bar, cinv_kbar, float(k_bar @ cinv_kbar)
     elif method == "p-rome":
-        k_res, direction, denom = k_o, cinv_ko, float(k_o @ cinv_ko)
+        k, direction, denom = k_o, cinv_ko, float(k_o @ cinv_ko)
     elif method == "rome":
-        k_res, direction, denom = k_o, cinv_kbar, float(k_o @ cinv_kbar)
+        k, direction, denom = k_o, cinv_kbar, float(k_o @ cinv_kbar)
     else:
         raise ValueError(method)
-    v_star = W @ k_res + value.delta  # desired projection output for k_res (bias cancels)
-    residual = v_star - W @ k_res  # [out]
-    u, v = residual, direction / denom
+    target_value = W @ k + value.delta  # desired projection output for k (the bias cancels)
+    residual = target_value - W @ k  # [out]
+    key_dir = direction / denom  # [in]
     diag = {
         "denominator": denom,
         "denom_mean_mean": float(k_bar @ cinv_kbar),
@@ -203,8 +196,8 @@ def rank_one_update(
         "denom_bare_mean": float(k_o @ cinv_kbar),
         "key_cosine": float(torch.nn.functional.cosine_similarity(k_bar, k_o, dim=0)),
         "delta_norm": float(value.delta.norm()),
-        "v_init_norm": float(value.v_init.norm()),
-        "delta_fro": float(u.norm() * v.norm()),
+        "current_value_norm": float(value.current_value.norm()),
+        "delta_fro": float(residual.norm() * key_dir.norm()),
         "weight_fro": float(W.norm()),
     }
-    return Update(u=u, v=v, v_star=v_star, key=k_res, diagnostics=diag)
+    return Update(residual=residual, key_dir=key_dir, target_value=target_value, key=k, diagnostics=diag)

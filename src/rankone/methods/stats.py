@@ -1,19 +1,20 @@
 """Key statistics: C = E[k kᵀ] of the edited projection's inputs over a text corpus.
 
-Streamed over tokens (not documents), all requested layers in one pass, accumulated in float64,
+Streamed over tokens (not documents) in batches of a token budget, all requested layers in one
+pass that stops right after the deepest of them (later layers and the LM head never run: C is
+bit for bit what a full pass gives), accumulated in float64. C and its Cholesky factor are
 cached on disk under a key of (upstream-weights fingerprint, layer, corpus fingerprint, token
-budget) and verified on load; the Cholesky factor is computed once per layer and reused.
+budget) and verified on load, so a later process factors nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,81 +24,13 @@ from rankone.core import architectures as arch
 from rankone.core.atomic import write_bytes
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import path_sha256, tensor_sha256, tensors_sha256
-from rankone.core.hooks import capture
-from rankone.core.tokens import encode
+from rankone.core.hooks import capture, stop_at
+from rankone.methods.cache import cache_root, digest
+from rankone.methods.corpus import token_windows
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.methods.stats/1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RANKONE_CACHE", Path.home() / ".cache" / "rankone"))
-
-
-# ---- corpus ---------------------------------------------------------------------------------
-
-
-def corpus_files(path: str | os.PathLike) -> list[Path]:
-    p = Path(path)
-    if not p.exists():
-        raise RankoneError(f"statistics corpus {p} does not exist; give a .txt file, a folder of .txt files or a .jsonl file")
-    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
-    if not files:
-        raise RankoneError(f"statistics corpus folder {p} holds no .txt or .jsonl files")
-    return files
-
-
-def iter_texts(path: str | os.PathLike, chunk_chars: int = 1 << 16) -> Iterator[str]:
-    """Documents of the corpus; long plain-text files come in newline-aligned chunks."""
-    for f in corpus_files(path):
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise RankoneError(f"{f}:{n} is not a JSON object with a 'text' field") from None
-                    yield str(text)
-        else:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                rest = ""
-                while block := fh.read(chunk_chars):
-                    block = rest + block
-                    cut = block.rfind("\n")
-                    rest, block = (block[cut + 1:], block[: cut + 1]) if cut > 0 else ("", block)
-                    yield block
-                if rest:
-                    yield rest
-
-
-def token_windows(tok: Any, path: str | os.PathLike, window: int, n_tokens: int) -> Iterator[list[int]]:
-    """Windows of at most `window` tokens, each led by the tokenizer's own prefix (e.g. BOS)."""
-    lead = _leading_special(tok)
-    body = window - len(lead)
-    budget = n_tokens
-    buf: list[int] = []
-    for text in iter_texts(path):
-        buf.extend(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
-        while len(buf) >= body and budget > 0:
-            take = min(body, budget)
-            yield lead + buf[:take]
-            buf, budget = buf[take:], budget - take
-        if budget <= 0:
-            return
-    if buf and budget > 0:
-        yield lead + buf[:budget]
-
-
-def _leading_special(tok: Any) -> list[int]:
-    ids, offsets = encode(tok, "a")
-    lead = []
-    for i, (s, e) in zip(ids, offsets):
-        if e > s:
-            break
-        lead.append(i)
-    return lead
+BATCH_TOKENS = 4096  # tokens per forward pass of the statistics (16 windows of 256)
 
 
 # ---- fingerprints ---------------------------------------------------------------------------
@@ -161,12 +94,19 @@ class LayerStats:
 @torch.no_grad()
 def collect_mom2(
     model: torch.nn.Module, tok: Any, layers: list[int], corpus: str | os.PathLike,
-    n_tokens: int, window: int = 256, batch_size: int = 16, progress: bool = True,
+    n_tokens: int, window: int = 256, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
+    truncate: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """One pass over the corpus; returns {layer: E[k kᵀ] float64} and the token count."""
+    """One pass over the corpus; returns {layer: E[k kᵀ] float64} and the token count.
+
+    Each batch holds batch_tokens // window windows. With truncate (the default) every forward
+    pass ends right after the deepest layer's projection; truncate=False runs the whole model
+    (only to show that both give the same C).
+    """
     paths = {layer: arch.proj_path(model, layer) for layer in layers}
+    deepest = arch.get_module(model, paths[max(layers)])
     dev = next(model.parameters()).device
-    sums = {layer: None for layer in layers}
+    sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     count = 0
     bar = tqdm(total=n_tokens, unit="tok", desc="key statistics", disable=not progress, leave=False)
     batch: list[list[int]] = []
@@ -179,28 +119,30 @@ def collect_mom2(
         for i, s in enumerate(batch):
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
         with capture(model, list(paths.values()), outputs=False) as rec:
-            model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev), use_cache=False)
+            with stop_at(deepest) if truncate else nullcontext():
+                model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev), use_cache=False)
         for layer, p in paths.items():
             x = rec.inputs[p].reshape(*mask.shape, -1)  # [batch, pos, in] (OPT flattens to [batch·pos, in])
             k = x[mask.to(x.device)].to(torch.float64)  # [tokens, in]
-            kk = k.T @ k  # [in, in]
-            sums[layer] = kk.cpu() if sums[layer] is None else sums[layer] + kk.cpu()
+            kk = k.T @ k  # [in, in], on the model's device
+            sums[layer] = kk if sums[layer] is None else sums[layer] + kk
         added = int(mask.sum())
         count += added
         bar.update(added)
         batch.clear()
 
     window = min(window, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or window)
+    rows = max(1, batch_tokens // window)
     for w in token_windows(tok, corpus, window, n_tokens):
         batch.append(w)
-        if len(batch) == batch_size:
+        if len(batch) == rows:
             flush()
     if batch:
         flush()
     bar.close()
     if count == 0:
         raise RankoneError(f"statistics corpus {corpus} produced no tokens")
-    return {layer: s / count for layer, s in sums.items()}, count
+    return {layer: s.cpu() / count for layer, s in sums.items()}, count  # type: ignore[union-attr]
 
 
 _MEMO: dict[tuple, LayerStats] = {}
@@ -232,21 +174,25 @@ def layer_stats(
         mom2, count = collect_mom2(model, tok, missing, corpus, n_tokens, progress=progress)
         for layer in missing:
             st = LayerStats(mom2[layer], count, keys[layer])
+            st.factor()  # once, here: the factor is cached beside C
             _save(root, keys[layer], st)
             found[layer] = _MEMO[tuple(sorted(keys[layer].items()))] = st
     return found
 
 
 def _file_for(root: Path, key: dict[str, str]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return root / f"mom2-{digest}.safetensors"
+    return root / f"mom2-{digest(key)}.safetensors"
 
 
 def _save(root: Path, key: dict[str, str], st: LayerStats) -> None:
     meta = dict(key, n_tokens=str(st.n_tokens), checksum=tensor_sha256(st.mom2))
+    tensors = {"mom2": st.mom2.contiguous()}
+    if st._chol is not None:
+        tensors["chol"] = st._chol.contiguous()
+        meta.update(chol_checksum=tensor_sha256(st._chol), jitter=repr(st.jitter))
     tmp = _file_for(root, key).with_suffix(".partial")
     root.mkdir(parents=True, exist_ok=True)
-    save_file({"mom2": st.mom2.contiguous()}, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=meta)
     write_bytes(_file_for(root, key), tmp.read_bytes())
     tmp.unlink()
 
@@ -260,7 +206,8 @@ def _load(root: Path, key: dict[str, str]) -> LayerStats | None:
 
         with safe_open(str(f), "pt") as fh:
             meta = fh.metadata() or {}
-        mom2 = load_file(str(f))["mom2"]
+        tensors = load_file(str(f))
+        mom2 = tensors["mom2"]
         ok = (
             all(meta.get(k) == v for k, v in key.items())
             and meta.get("checksum") == tensor_sha256(mom2)
@@ -273,4 +220,8 @@ def _load(root: Path, key: dict[str, str]) -> LayerStats | None:
     if not ok:
         log.warning("ignoring statistics cache %s: it does not match this model/corpus or fails its checksum", f)
         return None
-    return LayerStats(mom2, int(meta["n_tokens"]), key)
+    st = LayerStats(mom2, int(meta["n_tokens"]), key)
+    chol = tensors.get("chol")
+    if chol is not None and meta.get("chol_checksum") == tensor_sha256(chol) and chol.shape == mom2.shape:
+        st._chol, st.jitter = chol, float(meta.get("jitter", "0.0"))
+    return st

@@ -22,7 +22,7 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.atomic import write_json
 from rankone.core.errors import RankoneError
-from rankone.core.fingerprint import tensor_sha256, tensors_sha256
+from rankone.core.fingerprint import model_sha256, tensor_sha256
 from rankone.methods.stats import cache_root
 from rankone.core.tokens import encode, token_span
 from rankone.trace.runs import TraceSettings, default_window, trace_case
@@ -181,7 +181,7 @@ def average_indirect_effect(
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter: an edited model is a different model."""
-    return tensors_sha256(model.named_parameters())
+    return model_sha256(model)
 
 
 def _digest(obj: Any) -> str:
