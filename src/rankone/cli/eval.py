@@ -124,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
     """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
-    facts = [f"{e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}" for p in patches for e in p.edits]
+    facts = [f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}" for p in patches for r in p.facts()]
     print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
     hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
     if hit:

@@ -115,6 +115,7 @@ class LayerUpdate(NamedTuple):
     B: torch.Tensor  # [out, k] float64
     A: torch.Tensor  # [k, in] float64
     diagnostics: dict[str, Any]
+    keys: torch.Tensor | None = None  # [in, k] float64: the batch's keys this layer was solved with
 
 
 def context_templates(model: torch.nn.Module, tok: Any, hp: MemitHParams) -> list[str]:
@@ -364,7 +365,7 @@ def run_window(
                         "h_norm": targets.h_init.norm(dim=1).tolist()},
             **extra,
         }
-        updates.append(LayerUpdate(arch.proj_path(model, layer), layer, B, A, diag))
+        updates.append(LayerUpdate(arch.proj_path(model, layer), layer, B, A, diag, K))
         keys[layer] = K
     return updates, keys
 
