@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from rankone.core.atomic import write_bytes
 
-COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green"}
+COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green", "memit": "tab:purple", "alphaedit": "tab:orange"}
 Runs = dict[str, list[dict[str, Any]]]  # label -> JSONL records of one run
 
 
@@ -178,7 +178,8 @@ def summarize_run(settings: dict[str, Any], recs: Sequence[dict[str, Any]], leve
     norms = sorted(r["delta_fro"] for r in acc if r.get("delta_fro") is not None)
     base, last = (evals[0] if evals else {}), (evals[-1] if evals else {})
     out: dict[str, Any] = {
-        "method": settings.get("method"), "layer": settings.get("layer"), "n_attempted": len(edits),
+        "method": settings.get("method"), "layer": settings.get("layer"), "layers": settings.get("layers"),
+        "batch_size": settings.get("config", {}).get("batch_size", 1), "n_attempted": len(edits),
         "n_accepted": len(acc), "n_refused": len(edits) - len(acc),
         "refusals": [f"edit {r['i']}: {r.get('reason')}" for r in edits if not r["accepted"]][:20],
         "delta_fro_median": _median(norms), "delta_fro_max": norms[-1] if norms else None,
@@ -212,6 +213,14 @@ def _at(x: Any) -> str:
     return "never" if x is None else str(x)
 
 
+def _where(s: dict[str, Any]) -> str:
+    """'layer 3', or for a batch method 'layers 1–3, batches of 100'."""
+    if not s.get("layers"):
+        return f"layer {s['layer']}"
+    ls = s["layers"]
+    return (f"layers {ls[0]}–{ls[-1]}" if len(ls) > 1 else f"layer {ls[0]}") + f", batches of {s.get('batch_size', 1)}"
+
+
 def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
     """A Markdown table comparing methods' runs."""
     rows = [
@@ -235,7 +244,7 @@ def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
         ("key cosine k̄·k_o (mean)", lambda s: _f(s["key_cosine_mean"])),
         ("seconds per edit", lambda s: _f(s["seconds_per_edit"], 2)),
     ]
-    head = "| | " + " | ".join(f"{s['method']} (layer {s['layer']})" for s in summaries) + " |"
+    head = "| | " + " | ".join(f"{s['method']} ({_where(s)})" for s in summaries) + " |"
     lines = [head, "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fn(s) for s in summaries) + " |" for name, fn in rows]
     return "\n".join(lines)
