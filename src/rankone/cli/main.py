@@ -25,7 +25,7 @@ PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "r
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.edit.batch import outcomes_of, settings_for
+    from rankone.edit.batch import BATCH_SETTINGS, outcomes_of, settings_for
     from rankone.edit.editor import Editor, check_request
     from rankone.core.tokens import EditRequest
 
@@ -39,10 +39,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
     given = hparams_from(args)
     cls = settings_for(given.get("method"))
-    if args.registry is not None and given.get("method") != "alphaedit":
-        raise RankoneError("--registry gives AlphaEdit the keys to preserve; use it with --method alphaedit")
+    if args.registry is not None and given.get("method") not in BATCH_SETTINGS:
+        raise RankoneError(f"--registry (edit on top of the released patches) is for --method {' or '.join(BATCH_SETTINGS)}")
     check_out_dir(args.out, args.force)
-    preserved = _preserved_keys(args.registry) if args.registry is not None else None
+    reg = _open_registry(args.registry) if args.registry is not None else None
     handle = load(args)
     hp = cls.for_model(handle, **given)
     for r in reqs:  # every alignment or length problem surfaces before any optimisation
@@ -54,10 +54,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         choice = choose_layer_for(handle, reqs, getattr(args, "trace_cases", None) or getattr(args, "cases", None),
                                   args.quiet)
         hp = hp.replace(layer=choice.layer)
-    ed = Editor(handle, hp, stats_corpus=args.stats_corpus, progress=not args.quiet, preserved=preserved)
+    ed = Editor(handle, hp, stats_corpus=args.stats_corpus, progress=not args.quiet)
     if choice is not None:
         ed.notes["layer_choice"] = choice.evidence()
     ed.layer()
+    if reg is not None:  # the registry's base, then its release: statistics from the base, keys preserved
+        with reg:
+            reg.check_model(handle)
+            ed.continue_from([reg.load_patch(r.id) for r in reg.released()])
     patch = ed.edit(reqs, author=args.author, reason=args.reason)
     outs = outcomes_of(patch)
     missed = [o for _, o in outs if not o["reached"]]
@@ -77,11 +81,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preserved_keys(path: str) -> Any:
+def _open_registry(path: str) -> Any:
     from rankone.lifecycle.registry import Registry
 
-    with Registry(path, create=False) as reg:
-        return reg.preserved_keys()
+    return Registry(path, create=False)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -208,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes (default 0)")
     p.add_argument("--hparams", help=HPARAMS_HELP)
     p.add_argument("--registry", default=None,
-                   help="with --method alphaedit: preserve the keys of this registry's released patches, so the "
-                        "batch leaves their facts as they are")
+                   help="with --method memit|alphaedit: edit on top of this registry's released patches (--model is "
+                        "its base; the statistics come from the base, as in an unbroken run); alphaedit preserves "
+                        "their keys, so the batch leaves their facts as they are")
     p.add_argument("--author", help="who makes the edit, recorded in the patch (default: the OS user)")
     p.add_argument("--reason", help="why, recorded in the patch (e.g. a ticket number)")
     p.add_argument("--require-success", action="store_true",

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ from rankone.methods.alphaedit import PreservedKeys
 from rankone.methods.memit import MemitHParams
 from rankone.methods.hparams import EditHParams, JsonSettings
 from rankone.models.handle import ModelHandle
-from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, now, revert_patch
+from rankone.artifacts.patch import Applied, Edit, Patch, apply_patch, library_versions, make_edit, now, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.stats import LayerStats, layer_stats
 from rankone.core.tokens import EditRequest, encode_request, join_target, sample_prefixes
@@ -151,6 +151,21 @@ class Editor:
             for l in missing:
                 self._batch_stats[(l, str(corpus), n_tokens)] = got[l]
         return {l: self._batch_stats[(l, str(corpus), n_tokens)] for l in layers}
+
+    def continue_from(self, patches: Sequence[Patch]) -> Applied:
+        """Go on from patches made earlier (a registry's released ones, a run's checkpoint) as an
+        unbroken run would: the templates and statistics are taken now, from the model as it is
+        (the base the patches were made on), then the patches are applied (checked) and their keys
+        preserved. Returns the handle that reverts them."""
+        self.templates()
+        if self.is_batch:
+            self.batch_stats(self.layers(), self.hp.stats_tokens)
+        else:
+            self.stats(self.layer())
+        applied = apply_patch(self.model, list(patches))
+        for p in patches:
+            self.preserve(p)
+        return applied
 
     def preserve(self, patch: Patch) -> None:
         """Add the keys of a patch's batch edits to the preserved keys (for a patch now in the model)."""

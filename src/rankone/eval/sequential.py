@@ -46,7 +46,7 @@ from rankone.core.errors import RankoneError
 from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
 from rankone.models.generation import perplexity
 from rankone.edit.batch import HParams
-from rankone.artifacts.patch import Patch, apply_patch, library_versions, now
+from rankone.artifacts.patch import Patch, library_versions, now
 from rankone.edit.guard import Guard
 from rankone.eval.sequential_steps import edit_batch, edit_one
 from rankone.models.handle import ModelHandle
@@ -220,15 +220,9 @@ class SequentialRun:
         write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in lines).encode())  # drop work after the checkpoint
         self.patch = Patch.load(self.out / "checkpoint" / "patch")
         # The prefixes are sampled from the model at the first edit and the key statistics read the
-        # layer's inputs: both must come from the base model, as in an uninterrupted run.
-        self.editor.templates()
-        if self.editor.is_batch:
-            self.editor.batch_stats(self.layers, self.hp.stats_tokens)
-        else:
-            self.editor.stats(self.layer)
-        if self.patch.edits:
-            apply_patch(self.model, self.patch)  # checks the base fingerprint: same model or a clear error
-            self.editor.preserve(self.patch)  # AlphaEdit's keys of the batches written so far
+        # layer's inputs: both come from the base model, as in an uninterrupted run; the patch is
+        # fingerprint-checked (same model or a clear error) and AlphaEdit's keys come back from it.
+        self.editor.continue_from([self.patch] if self.patch.edits else [])
         self.lines = lines
         judged: set[int] = set()
         for r in lines:  # the guard saw each batch once
