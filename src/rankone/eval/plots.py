@@ -154,12 +154,15 @@ def plot_denominators(runs: Runs, path: str | os.PathLike, title: str = "") -> P
 
 
 def plot_runs(runs: Runs, out_dir: str | os.PathLike, prefix: str = "", title: str = "") -> list[Path]:
-    """All three figures for a set of runs, into out_dir."""
+    """The figures for a set of runs, into out_dir; the denominators only where a run has them
+    (the batch methods, MEMIT and AlphaEdit, have none)."""
     d = Path(out_dir)
     t = f" — {title}" if title else ""
-    return [plot_delta_norms(runs, d / f"{prefix}delta_norms.png", "‖Δ‖_F per sequential edit" + t),
-            plot_metrics(runs, d / f"{prefix}metrics.png", "Metrics against the number of edits" + t),
-            plot_denominators(runs, d / f"{prefix}denominators.png", "Denominators of the rank-one update" + t)]
+    figs = [plot_delta_norms(runs, d / f"{prefix}delta_norms.png", "‖Δ‖_F per sequential edit" + t),
+            plot_metrics(runs, d / f"{prefix}metrics.png", "Metrics against the number of edits" + t)]
+    if any(r.get("denom_mean_mean") is not None for recs in runs.values() for r in recs):
+        figs.append(plot_denominators(runs, d / f"{prefix}denominators.png", "Denominators of the rank-one update" + t))
+    return figs
 # ---- the summary ------------------------------------------------------------------------------
 
 
