@@ -254,12 +254,22 @@ def test_memit_patch_through_the_registry_lifecycle(model_dir, tok, tmp_path, ca
     again = Editor(handle, MemitHParams(**TINY), progress=False).edit([REQS[1], LATER[0]])
     conflicts = find_conflicts(again, [(pid, reg.load_patch(pid))], 0.999)
     assert [c.kind for c in conflicts] == ["same-fact"] and "Toko Yasuda plays the -> violin" in conflicts[0].detail
+    # a batch of other facts, made on the base too, is released after it; build stacks both in order
+    other = Editor(handle, MemitHParams(**TINY), progress=False).edit(LATER)
+    other.save(tmp_path / "q")
+    qid = reg.add(tmp_path / "q", "alice", "r")[0].id
+    reg.record_validation(qid, {"results": [{"passed": True}], "suite": {"sha256": "x"}}, True, "alice")
+    assert reg.release(qid)[0].release_seq == 2
     code, out, err = run_cli(capsys, "registry", "build", "--model", model_dir, "--out", tmp_path / "built", "--registry", db)
     assert code == 0, err
     built = load_model(tmp_path / "built")
-    h = apply_patch(handle.model, Patch.load(tmp_path / "p"))
+    h = apply_patch(handle.model, [Patch.load(tmp_path / "p"), other])
     for i in range(3):
         m = f"transformer.h.{i}.mlp.c_proj"
         assert torch.equal(weight(built.model, m), weight(handle.model, m))
+        both = sum(e.delta() for p in (Patch.load(tmp_path / "p"), other) for e in p.edits if e.module == m)
+        assert not torch.equal(weight(built.model, m), weight(load_model(model_dir).model, m))
+        assert torch.allclose(weight(handle.model, m).double() - weight(load_model(model_dir).model, m).double(),
+                              both, atol=1e-6)
     h.revert()
     reg.close()

@@ -77,7 +77,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(("" if e is None else f"edited {e.module}: ") + f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}"
               + ("" if e is None else f"  |Δ|={e.delta_fro:.4g}") + f"  p(target)={o['p_target']:.3f}  "
               f"the model now says {o['answer']!r}" + ("" if o["reached"] else "  (target NOT reached)"))
-    print(f"wrote {args.out} ({len(patch.edits)} edit(s)" + (f", {len(missed)} request(s) not reaching the target" if missed else "") + ")")
+    print(f"wrote {args.out} ({len(patch.edits)} edit(s)" + (f", {len(missed)} not reaching the target" if missed else "") + ")")
     return 0
 
 
