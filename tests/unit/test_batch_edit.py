@@ -145,6 +145,17 @@ def test_settings_by_method_name():
         hparams_from_dict({"method": "r-rome", "window": 3})  # a MEMIT field is not r-ROME's
 
 
+def test_a_given_window_wins_over_the_model_cards_layer():
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+
+    handle = load_model(builtin_model_dir())  # its card recommends layer 0
+    assert handle.default_layer() == 0
+    for cls in (MemitHParams, AlphaEditHParams):
+        assert Editor(handle, cls(layers=[0, 1]), progress=False).layers() == [0, 1]
+        assert Editor(handle, cls(), progress=False).layers() == [0]  # the card's layer ends the window
+
+
 # ---- AlphaEdit: the keys of earlier batches ---------------------------------------------------
 
 

@@ -91,6 +91,13 @@ class MemitHParams(JsonSettings):
         if int(self.batch_rows) < 1:
             raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
 
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> "MemitHParams":
+        """As JsonSettings.for_model; a window given fixes the critical layer (over the card's layer)."""
+        if overrides.get("layers") and overrides.get("layer") is None:
+            overrides["layer"] = overrides["layers"][-1]
+        return super().for_model(model, **overrides)
+
     def resolve(self, model: torch.nn.Module) -> "MemitHParams":
         """These settings with the window and λ made concrete for `model` (what gets recorded)."""
         from rankone.models.handle import ModelHandle
