@@ -2,6 +2,7 @@
 
     from rankone import load_model, EditRequest, EditHParams, Editor, Patch, apply_patch, revert_patch
     from rankone import ModelHandle, ModelCard     # what load_model returns; rankone.json beside a model
+    from rankone import MemitHParams, AlphaEditHParams, PreservedKeys   # the batch methods' settings and keys
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ _API = {
     "Editor": "rankone.edit.editor", "edit": "rankone.edit.editor", "Patch": "rankone.artifacts.patch",
     "apply_patch": "rankone.artifacts.patch", "revert_patch": "rankone.artifacts.patch", "compose": "rankone.artifacts.patch",
     "RankoneError": "rankone.core.errors", "ModelHandle": "rankone.models.handle", "ModelCard": "rankone.models.card",
+    "MemitHParams": "rankone.methods.memit", "AlphaEditHParams": "rankone.methods.alphaedit",
+    "PreservedKeys": "rankone.methods.alphaedit",
 }
 __all__ = sorted(_API)
 

@@ -73,7 +73,7 @@ CASES = {
     "subject off token boundaries": (dict(**{"--prompt": "{}d the king was", "--subject": "An"}), "token boundaries"),
     "empty target": (dict(**{"--target": " "}), "target is empty"),
     "layer out of range": (dict(**{"--layer": "7"}), "out of range"),
-    "bad method hparams": (dict(**{"--hparams": '{"method": "memit"}'}), "unknown method"),
+    "bad method hparams": (dict(**{"--hparams": '{"method": "mend"}'}), "unknown method"),
     "missing corpus": (dict(**{"--stats-corpus": "/nonexistent/corpus.txt"}), "does not exist"),
 }
 

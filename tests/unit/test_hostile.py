@@ -135,7 +135,7 @@ ROWS = [
                                  "--layer", "9", "--out", "{w}/o"], 2, "out of range"),
     ("edit layer not a number", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--layer", "top",
                                  "--out", "{w}/o"], 2, "--layer takes a layer number"),
-    ("edit unknown method", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--method", "memit",
+    ("edit unknown method", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--method", "mend",
                              "--out", "{w}/o"], 2, "invalid choice"),
     ("edit without --out", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B"], 2, "required: --out"),
     ("edit out is a file", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--out", "{w}/afile.txt"], 2,

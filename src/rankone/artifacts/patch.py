@@ -8,6 +8,10 @@ devices), which gives the same bits on every device. Since rounding can lose inf
 edit also stores a sparse *revert fix*: the few elements where round(W' − B A) ≠ W, with their
 original values. Revert is therefore bit-exact from the patch alone, in fp32, fp16 and bf16 alike.
 
+A batch edit (MEMIT, AlphaEdit: n facts written at once) is one rank-n edit per edited layer:
+`requests` lists the n facts (row j of A is fact j's weighted key direction) and `keys` [in, n]
+float64 holds the keys it was solved with, which a later AlphaEdit batch must preserve.
+
 The files (`patch.safetensors` + `patch.json`, digests, schema versions) are `patch_files`.
 """
 
@@ -73,7 +77,7 @@ class Edit:
     layer: int
     B: torch.Tensor  # [out, k] float32
     A: torch.Tensor  # [k, in] float32; ΔW = B A
-    request: dict[str, str]
+    request: dict[str, str]  # the fact; for a batch edit, the first of `requests`
     method: str
     hparams: dict[str, Any]
     seed: int
@@ -89,10 +93,17 @@ class Edit:
     author: str | None = None
     reason: str | None = None
     created_at: str = ""
+    requests: list[dict[str, str]] = field(default_factory=list)  # a batch edit's facts, in A's row order
+    keys: torch.Tensor | None = None  # [in, n] float64: a batch edit's keys at this layer
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def facts(self) -> list[dict[str, str]]:
+        """Every fact this edit writes: the batch's requests, else the one request."""
+        return list(self.requests) or [self.request]
 
     def delta(self) -> torch.Tensor:
         return self.B.double() @ self.A.double()  # [out, in]
@@ -103,6 +114,10 @@ class Edit:
             "weight_shape", "sha256_before", "sha256_after", "context_templates", "diagnostics",
             "author", "reason", "created_at")}
         d.update(rank=self.rank, B=f"edits.{i}.B", A=f"edits.{i}.A", fix=f"edits.{i}.fix", n_fix=int(self.fix_idx.numel()))
+        if self.requests:
+            d["requests"] = self.requests
+        if self.keys is not None:
+            d["keys"] = f"edits.{i}.keys"
         return d
 
 
@@ -114,6 +129,10 @@ def make_edit(before: torch.Tensor, B: torch.Tensor, A: torch.Tensor, **fields: 
     fingerprints, the revert fix, ‖Δ‖_F, dtype and shape are computed here.
     """
     B, A = B.detach().float().cpu().contiguous(), A.detach().float().cpu().contiguous()
+    if fields.get("keys") is not None:
+        fields["keys"] = fields["keys"].detach().to("cpu", torch.float64).contiguous()
+        if list(fields["keys"].shape) != [A.shape[1], A.shape[0]]:
+            raise RankoneError(f"edit keys {list(fields['keys'].shape)} do not match factors A {list(A.shape)} (keys are [in, k])")
     if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0] or [B.shape[0], A.shape[1]] != list(before.shape):
         raise RankoneError(f"edit factors B {list(B.shape)} and A {list(A.shape)} do not make a {list(before.shape)} update")
     after = merged(before, B, A)
@@ -146,6 +165,8 @@ class Patch:
             t[f"edits.{i}.A"] = e.A.float().contiguous()
             t[f"edits.{i}.fix.idx"] = e.fix_idx.long().contiguous()
             t[f"edits.{i}.fix.val"] = e.fix_val.contiguous()
+            if e.keys is not None:
+                t[f"edits.{i}.keys"] = e.keys.double().contiguous()
         return t
 
     def manifest(self) -> dict[str, Any]:
@@ -155,6 +176,14 @@ class Patch:
             "edits": [e.manifest(i) for i, e in enumerate(self.edits)],
             "payload_sha256": {k: tensor_sha256(v) for k, v in sorted(self.tensors().items())},
         }
+
+    def facts(self) -> list[dict[str, str]]:
+        """The distinct facts of all edits, in order (a batch's facts appear once, not once per layer)."""
+        seen: dict[tuple[str, ...], dict[str, str]] = {}
+        for e in self.edits:
+            for f in e.facts:
+                seen.setdefault(tuple(f.get(k, "") for k in ("prompt", "subject", "target")), f)
+        return list(seen.values())
 
     def content_id(self) -> str:
         """The id of the patch's content (the registry's id): of the files it was read from, else of what it would write."""

@@ -14,7 +14,9 @@ rewrites both files consistently makes a new patch (with a new content id).
 
 Schema 2 stores each edit's factors as `edits.{i}.B` [out, k] and `edits.{i}.A` [k, in]. Schema 1
 (rank one, `edits.{i}.u` [out] and `edits.{i}.v` [in], no digests) still reads: B = u as one
-column, A = vᵀ as one row; its payload is checked only by apply's after-fingerprint.
+column, A = vᵀ as one row; its payload is checked only by apply's after-fingerprint. A batch edit
+also lists its facts (`requests`) and stores the keys it was solved with as `edits.{i}.keys`
+[in, k] float64; readers that predate them ignore both.
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ def _check_fields(m: Any, i: int) -> None:
         ("sha256_after", _is_sha(m.get("sha256_after"))),
         ("diagnostics", isinstance(m.get("diagnostics", {}), dict)),
         ("context_templates", isinstance(m.get("context_templates", []), list)),
+        ("requests", isinstance(m.get("requests", []), list) and all(
+            isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "subject", "target"))
+            for r in m.get("requests", []))),
+        ("keys", isinstance(m.get("keys", ""), str)),
     ]
     bad = [name for name, ok in checks if not ok]
     if bad:
@@ -150,7 +156,7 @@ def _check_fields(m: Any, i: int) -> None:
 def _edit_fields(m: dict[str, Any], tensors: dict[str, torch.Tensor], schema: int, i: int, names: set[str]) -> dict[str, Any]:
     """The Edit's fields (`names`) of manifest entry i, with its tensors."""
     _check_fields(m, i)
-    kw = {k: m[k] for k in names - {"B", "A", "fix_idx", "fix_val"} if k in m}
+    kw = {k: m[k] for k in names - {"B", "A", "fix_idx", "fix_val", "keys"} if k in m}
     if schema == 1:  # rank one: u [out] is B's one column, v [in] is A's one row
         B, A = tensors[m["u"]].reshape(-1, 1), tensors[m["v"]].reshape(1, -1)
     else:
@@ -165,7 +171,12 @@ def _edit_fields(m: dict[str, Any], tensors: dict[str, torch.Tensor], schema: in
         raise ValueError(f"edit {i}: the revert fix has malformed tensors")
     if fix_idx.numel() and (int(fix_idx.min()) < 0 or int(fix_idx.max()) >= out * inn):
         raise ValueError(f"edit {i}: the revert fix points outside the {out}×{inn} weight")
-    return dict(kw, B=B, A=A, fix_idx=fix_idx, fix_val=fix_val)
+    keys = tensors[m["keys"]] if "keys" in m else None
+    if keys is not None and (keys.dtype != torch.float64 or list(keys.shape) != [inn, B.shape[1]]):
+        raise ValueError(f"edit {i}: keys {list(keys.shape)} {keys.dtype} do not fit factors of rank {B.shape[1]} on {inn} inputs")
+    if m.get("requests") and len(m["requests"]) != B.shape[1]:
+        raise ValueError(f"edit {i}: {len(m['requests'])} requests for factors of rank {B.shape[1]}")
+    return dict(kw, B=B, A=A, fix_idx=fix_idx, fix_val=fix_val, keys=keys)
 
 
 def read_patch_files(path: str | os.PathLike, names: set[str]) -> tuple[dict[str, Any], list[dict[str, Any]], str]:

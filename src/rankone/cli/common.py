@@ -9,10 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
+from rankone.methods.alphaedit import AlphaEditHParams
 from rankone.methods.hparams import EditHParams, describe_fields
+from rankone.methods.memit import MemitHParams
 
-HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters, any of: "
-                f"{describe_fields(EditHParams)}. The model folder's recommendations fill what is not given")
+_EXTRA = {f for f in AlphaEditHParams.__dataclass_fields__ if f not in MemitHParams.__dataclass_fields__}
+HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters. For r-rome, p-rome and rome any of: "
+                f"{describe_fields(EditHParams)}. For memit any of: {describe_fields(MemitHParams)}. "
+                f"For alphaedit those of memit (without mom2_update_weight) and {', '.join(sorted(_EXTRA))}. "
+                "The model folder's recommendations fill what is not given")
 
 
 def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -49,18 +54,25 @@ def load_requests(path: str) -> list[Any]:
 
 
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The user's hyper-parameters (--hparams, then flags), checked now, merged with the model's later."""
+    """The user's hyper-parameters (--hparams, then flags), checked now against the settings of
+    their method (rankone.edit.batch.settings_for), merged with the model's later."""
+    from rankone.edit.batch import settings_for
+
     given: dict[str, Any] = {}
     if args.hparams:
         text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
-        EditHParams.from_json(text)  # a JSON object of known names, or one clear error
-        given = json.loads(text)
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise RankoneError("hyper-parameters must be a JSON object")
     for name in ("method", "seed", "stats_tokens"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
     if isinstance(getattr(args, "layer", None), int):
         given["layer"] = args.layer
-    EditHParams.from_dict(given)  # fail before loading anything
+    settings_for(given.get("method")).from_dict(given)  # known names of that method's settings, or one clear error
     corpus = getattr(args, "stats_corpus", None)
     if corpus and not os.path.exists(corpus):
         raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "

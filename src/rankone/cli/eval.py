@@ -3,6 +3,7 @@
     rankone eval --model DIR --patch P --cases FILE [--known-only] [--out eval.json]
     rankone eval --model DIR --cases FILE --edit-each --method rome      # one edit per case, reverted
     rankone bench sequential --model DIR --cases FILE --n 1000 --method rome --method r-rome --out runs/seq
+    rankone bench sequential --model DIR --cases FILE --n 1000 --method memit --batch-size 100 --every 100 --out runs/seq
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
+from rankone.edit.batch import ALL_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
     """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
-    facts = [f"{e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}" for p in patches for e in p.edits]
+    facts = [f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}" for p in patches for r in p.facts()]
     print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
     hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
     if hit:
@@ -146,10 +148,16 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     from rankone.eval.metrics import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
     from rankone.eval.protocol import select_cases
+    from rankone.edit.batch import BATCH_SETTINGS, settings_for
     from rankone.eval.sequential import SequentialConfig, SequentialRun
-    from rankone.methods.hparams import EditHParams
 
     methods = list(dict.fromkeys(args.method or ["r-rome"]))
+    if args.batch_size > 1 and not any(m in BATCH_SETTINGS for m in methods):
+        raise RankoneError(f"--batch-size is for the batch methods ({', '.join(BATCH_SETTINGS)}); "
+                           f"{', '.join(methods)} edit one request at a time")
+    if any(m in BATCH_SETTINGS for m in methods) and args.every % args.batch_size:
+        raise RankoneError(f"--every {args.every} must be a multiple of --batch-size {args.batch_size}: "
+                           "the model is measured between batches")
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -158,7 +166,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
                            probe_sample=args.probe_sample, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
                            guard=not args.no_guard, guard_factor=args.guard_factor, denom_factor=args.denom_factor,
                            spike_factor=args.guard_factor, norm=args.norm, seed=args.seed or 0, glue_dir=args.glue,
-                           glue_n=args.glue_n)
+                           glue_n=args.glue_n, batch_size=args.batch_size)
     given = [_given(args, m) for m in methods]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -173,13 +181,13 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": args.known_only,
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
-    runs = [SequentialRun(handle, None, cases, EditHParams.for_model(handle, **g), out / m, cfg, None, ppl, meta,
+    runs = [SequentialRun(handle, None, cases, settings_for(m).for_model(handle, **g), out / m, cfg, None, ppl, meta,
                           args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
     for r in runs:  # every folder is checked before any run starts
         r.preflight(args.force)
     for r in runs:
         r.run(force=args.force)
-    done = {m: out / m for m in ("rome", "r-rome", "p-rome") if (out / m / "run.jsonl").is_file()}
+    done = {m: out / m for m in ("rome", "r-rome", "p-rome", *BATCH_SETTINGS) if (out / m / "run.jsonl").is_file()}
     rep = report(done, out, title=args.title or Path(args.model).name)
     print(rep["markdown"].split("\n\n![")[0])
     print(f"wrote {out}/summary.md, summary.json and {', '.join(f.name for f in rep['figures'])}")
@@ -229,8 +237,13 @@ def register(sub: Any) -> None:
     model_args(p)
     p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (edited in file order)")
     p.add_argument("--n", type=_positive("--n"), required=True, help="number of edits")
-    p.add_argument("--method", action="append", choices=["r-rome", "p-rome", "rome"],
-                   help="repeat to compare methods (each runs in OUT/METHOD; default r-rome)")
+    p.add_argument("--method", action="append", choices=list(ALL_METHODS),
+                   help="repeat to compare methods (each runs in OUT/METHOD; default r-rome); memit and alphaedit "
+                        "edit in batches of --batch-size. With several methods --hparams must suit all of them; "
+                        "runs made one method at a time into the same --out are compared in one report")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
+                   help="edits per batch for memit and alphaedit (default 1; the ROME family always edits one at a "
+                        "time); --every must be a multiple of it")
     _hparam_args(p)
     p.add_argument("--out", required=True, help="folder for the runs, plots and summary")
     p.add_argument("--every", type=_positive("--every"), default=10, help="evaluate and checkpoint every k edits")

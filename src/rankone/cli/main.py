@@ -9,11 +9,12 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, load_requests, model_args, positive_int
 from rankone.core.errors import RankoneError
 from rankone.core.progress import set_quiet
+from rankone.edit.batch import ALL_METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
 PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
@@ -24,8 +25,8 @@ PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "r
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
+    from rankone.edit.batch import BATCH_SETTINGS, outcomes_of, settings_for
     from rankone.edit.editor import Editor, check_request
-    from rankone.methods.hparams import EditHParams
     from rankone.core.tokens import EditRequest
 
     if args.requests and (args.prompt or args.subject or args.target):
@@ -37,9 +38,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise RankoneError("an edit needs --prompt, --subject and --target (or --requests FILE.jsonl)")
         reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
     given = hparams_from(args)
+    cls = settings_for(given.get("method"))
+    if args.registry is not None and given.get("method") not in BATCH_SETTINGS:
+        raise RankoneError(f"--registry (edit on top of the released patches) is for --method {' or '.join(BATCH_SETTINGS)}")
     check_out_dir(args.out, args.force)
+    reg = _open_registry(args.registry) if args.registry is not None else None
     handle = load(args)
-    hp = EditHParams.for_model(handle, **given)
+    hp = cls.for_model(handle, **given)
     for r in reqs:  # every alignment or length problem surfaces before any optimisation
         check_request(handle.model, handle.tokenizer, r, hp)
     choice = None
@@ -53,20 +58,33 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if choice is not None:
         ed.notes["layer_choice"] = choice.evidence()
     ed.layer()
+    if reg is not None:  # the registry's base, then its release: statistics from the base, keys preserved
+        with reg:
+            reg.check_model(handle)
+            ed.continue_from([reg.load_patch(r.id) for r in reg.released()])
     patch = ed.edit(reqs, author=args.author, reason=args.reason)
-    missed = [e for e in patch.edits if not e.diagnostics["outcome"]["reached"]]
+    outs = outcomes_of(patch)
+    missed = [o for _, o in outs if not o["reached"]]
     if missed and args.require_success:
-        print(f"rankone: error: {len(missed)} of {len(patch.edits)} edit(s) did not reach the target (see the warnings "
+        print(f"rankone: error: {len(missed)} of {len(outs)} edit(s) did not reach the target (see the warnings "
               f"above); nothing written (--require-success)", file=sys.stderr)
         return 1
     patch.save(args.out, overwrite=args.force)
-    for e in patch.edits:
-        o = e.diagnostics["outcome"]
-        print(f"edited {e.module}: {e.request['prompt'].replace('{}', e.request['subject'])} -> {e.request['target']}"
-              f"  |Δ|={e.delta_fro:.4g}  p(target)={o['p_target']:.3f}  the model now says {o['answer']!r}"
-              + ("" if o["reached"] else "  (target NOT reached)"))
+    if ed.is_batch:
+        print(f"{hp.method}: {len(reqs)} request(s) as one batch: "
+              + ", ".join(f"{e.module} rank {e.rank} |Δ|={e.delta_fro:.4g}" for e in patch.edits))
+    for (r, o), e in zip(outs, patch.edits if not ed.is_batch else [None] * len(outs)):
+        print(("" if e is None else f"edited {e.module}: ") + f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}"
+              + ("" if e is None else f"  |Δ|={e.delta_fro:.4g}") + f"  p(target)={o['p_target']:.3f}  "
+              f"the model now says {o['answer']!r}" + ("" if o["reached"] else "  (target NOT reached)"))
     print(f"wrote {args.out} ({len(patch.edits)} edit(s)" + (f", {len(missed)} not reaching the target" if missed else "") + ")")
     return 0
+
+
+def _open_registry(path: str) -> Any:
+    from rankone.lifecycle.registry import Registry
+
+    return Registry(path, create=False)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -116,7 +134,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for i, e in enumerate(p.edits):
         r = e.request
         print(f"  [{i}] {e.module} ({e.method}, rank {e.rank}, layer {e.layer}, {e.weight_dtype}) "
-              f"{r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  |Δ|_F={e.delta_fro:.4g}  "
+              f"{r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}"
+              + (f" and {len(e.facts) - 1} more fact(s) in one batch" if len(e.facts) > 1 else "") + f"  |Δ|_F={e.delta_fro:.4g}  "
               f"base {e.sha256_before[:12]}… -> {e.sha256_after[:12]}…"
               + (f"  by {e.author}" if e.author else "") + (f": {e.reason}" if e.reason else ""))
     return 0
@@ -172,21 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = add("edit", cmd_edit, "compute a rank-one edit (or several in sequence) and save it as a patch")
+    p = add("edit", cmd_edit, "compute an edit and save it as a patch: rank-one edits in sequence (r-rome, p-rome, "
+                              "rome), or all requests as one batch (memit, alphaedit)")
     model_args(p)
     p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
     p.add_argument("--subject", help="the entity whose fact changes, as it appears in the prompt, e.g. 'Danielle Darrieux'")
     p.add_argument("--target", help="the new object the model should say after the prompt, e.g. 'Rome'")
-    p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence")
-    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None,
-                   help="which keys enter the update (default r-rome; see the README's Methods)")
+    p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence, "
+                                      "or one batch with --method memit|alphaedit")
+    p.add_argument("--method", choices=list(ALL_METHODS), default=None,
+                   help="r-rome (default), p-rome or rome: which keys enter a rank-one update; memit or alphaedit: "
+                        "the requests as one batch over a window of layers (see the README's Methods)")
     p.add_argument("--layer", type=layer_arg, default=None,
-                   help="layer to edit, or 'auto' to choose it by causal tracing (default: the model's recorded one, else n_layers/4)")
+                   help="layer to edit (for memit/alphaedit the last, critical layer of the window), or 'auto' to "
+                        "choose it by causal tracing (default: the model's recorded one, else n_layers/4)")
     p.add_argument("--stats-corpus", help=".txt file, folder of .txt, or .jsonl with 'text' (default: corpus.txt in the model folder)")
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of the corpus for the key statistics C (default 1,000,000; cached per model and layer)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes (default 0)")
     p.add_argument("--hparams", help=HPARAMS_HELP)
+    p.add_argument("--registry", default=None,
+                   help="with --method memit|alphaedit: edit on top of this registry's released patches (--model is "
+                        "its base; the statistics come from the base, as in an unbroken run); alphaedit preserves "
+                        "their keys, so the batch leaves their facts as they are")
     p.add_argument("--author", help="who makes the edit, recorded in the patch (default: the OS user)")
     p.add_argument("--reason", help="why, recorded in the patch (e.g. a ticket number)")
     p.add_argument("--require-success", action="store_true",

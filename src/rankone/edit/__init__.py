@@ -1,5 +1,6 @@
-"""Editing a model: hyper-parameters, the editor loop that turns requests into a patch, and
-the guard that refuses anomalous edits.
+"""Editing a model: the editor loop that turns requests into a patch (`editor.py`; one rank-one
+edit per request, or a MEMIT/AlphaEdit batch as one patch through `batch.py`), and the guard that
+refuses anomalous edits (`guard.py`).
 
 May import: rankone.core, rankone.models, rankone.methods, rankone.artifacts.
 """

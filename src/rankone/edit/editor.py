@@ -5,6 +5,11 @@ factorisation) so that many edits, one after another, pay for them once.
 
     Editor(load_model(path), EditHParams(layer=3))        # a ModelHandle: its card's recommendations
     Editor(model, tok, EditHParams(layer=3), "corpus.txt")  # a model and tokenizer in memory
+    Editor(load_model(path), MemitHParams()).edit(reqs)   # MEMIT / AlphaEdit: the requests as one batch
+
+The settings' type picks the method family: EditHParams edits request after request (ROME,
+r-ROME, p-ROME: one rank-one edit each); MemitHParams and AlphaEditHParams write all requests of
+one `edit` call as one batch (one rank-n edit per window layer; see rankone.edit.batch).
 
 Either way the hyper-parameters the caller set win over what the model card (rankone.json)
 recommends, and those over the paper's defaults; the layer defaults to the card's, else
@@ -19,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -29,9 +34,12 @@ from rankone.core.util import user_name, utcnow
 from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress, track
 from rankone.core.fingerprint import model_sha256
-from rankone.methods.hparams import EditHParams
+from rankone.edit.batch import HParams, compute_batch, is_batch, preserved_keys_of, write_batch
+from rankone.methods.alphaedit import PreservedKeys
+from rankone.methods.memit import MemitHParams
+from rankone.methods.hparams import EditHParams, JsonSettings
 from rankone.models.handle import ModelHandle
-from rankone.artifacts.patch import Edit, Patch, library_versions, make_edit, revert_patch
+from rankone.artifacts.patch import Applied, Edit, Patch, apply_patch, library_versions, make_edit, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.cache import cached_json
 from rankone.methods.corpus import sampled_corpus
@@ -42,8 +50,9 @@ from rankone.models.generation import answer_matches, check_fits, greedy, target
 log = logging.getLogger(__name__)
 
 # A guard (rankone.edit.guard.Guard, or any such callable) looks at a computed update before it is
-# written and returns a reason to refuse it.
-GuardFn = Callable[[Update, EditRequest], "str | None"]
+# written and returns a reason to refuse it: (Update, EditRequest) for a rank-one edit, and
+# (list[LayerUpdate], list[EditRequest]) for a batch, which it refuses or accepts as a whole.
+GuardFn = Callable[[Any, Any], "str | None"]
 
 
 @dataclass
@@ -55,13 +64,15 @@ class Rejected:
 
 class Editor:
     def __init__(
-        self, model: ModelHandle | torch.nn.Module, tok: Any = None, hparams: EditHParams | None = None,
+        self, model: ModelHandle | torch.nn.Module, tok: Any = None, hparams: HParams | None = None,
         stats_corpus: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-        progress: bool = True,
+        progress: bool = True, preserved: PreservedKeys | None = None,
     ) -> None:
+        """`preserved`: AlphaEdit's keys of earlier edits (e.g. `Registry.preserved_keys()`);
+        batches this Editor writes and keeps are added to it."""
         if isinstance(model, ModelHandle):
-            if isinstance(tok, EditHParams):  # Editor(handle, hp[, stats_corpus[, cache_dir]], ...)
-                if isinstance(hparams, EditHParams):
+            if isinstance(tok, JsonSettings):  # Editor(handle, hp[, stats_corpus[, cache_dir]], ...)
+                if isinstance(hparams, JsonSettings):
                     raise TypeError("Editor(handle, hparams, ...) takes the hyper-parameters once")
                 if hparams is not None:  # the positions after the handle's hparams shift by one
                     if cache_dir is not None:
@@ -76,7 +87,9 @@ class Editor:
         else:
             self.handle = ModelHandle.of(model, tok)
         self.model, self.tok = self.handle.model, self.handle.tokenizer
-        self.hp = (hparams or EditHParams()).over(self.handle)
+        if hparams is not None and not isinstance(hparams, (EditHParams, MemitHParams)):
+            raise TypeError(f"Editor takes EditHParams, MemitHParams or AlphaEditHParams, not {type(hparams).__name__}")
+        self.hp: HParams = (hparams or EditHParams()).over(self.handle)
         self.cache_dir = cache_dir
         self.progress = progress
         self._corpus = Path(stats_corpus) if stats_corpus else None
@@ -84,13 +97,28 @@ class Editor:
         self._templates: dict[tuple, list[str]] = {}
         self.rejected: list[Rejected] = []
         self.notes: dict[str, Any] = {}  # recorded in every edit's diagnostics (e.g. why this layer)
+        self.preserved = preserved if preserved is not None else PreservedKeys()
+        self._batch_stats: dict[tuple[int, str, int], LayerStats] = {}
+
+    @property
+    def is_batch(self) -> bool:
+        """Whether `edit` writes its requests as one batch (MEMIT, AlphaEdit)."""
+        return is_batch(self.hp)
 
     # -- things computed once --
 
-    def layer(self, hp: EditHParams | None = None) -> int:
+    def layer(self, hp: HParams | None = None) -> int:
+        """The edited layer; for a batch method, the critical layer (the last of the window)."""
+        return self.layers(hp)[-1]
+
+    def layers(self, hp: HParams | None = None) -> list[int]:
+        """Every layer an edit writes: the window of a batch method, else the one layer."""
         hp = hp or self.hp
+        if isinstance(hp, MemitHParams):
+            with self.handle.scope():
+                return list(hp.resolve(self.model).layers or [])
         layer = self.handle.default_layer() if hp.layer is None else hp.layer
-        return arch.check_layer(self.model, layer, self.handle.spec)
+        return [arch.check_layer(self.model, layer, self.handle.spec)]
 
     def module_path(self, layer: int) -> str:
         """The edited projection of `layer`, e.g. 'transformer.h.3.mlp.c_proj'."""
@@ -113,7 +141,7 @@ class Editor:
                 self._corpus_source = f"sampled from the model: {hp.sampled_corpus_tokens} tokens, seed {hp.seed}"
         return self._corpus
 
-    def templates(self, hp: EditHParams | None = None) -> list[str]:
+    def templates(self, hp: HParams | None = None) -> list[str]:
         """"{}" and the context templates: given verbatim, or sampled from the model once per
         (model fingerprint, seed, spec) and kept on disk, so later processes sample nothing."""
         hp = hp or self.hp
@@ -134,6 +162,38 @@ class Editor:
         corpus = self.corpus(hp)
         with self.handle.scope():
             return layer_stats(self.model, self.tok, [layer], corpus, hp.stats_tokens, self.cache_dir, self.progress)[layer]
+
+    def batch_stats(self, layers: list[int], n_tokens: int) -> dict[int, LayerStats]:
+        """C of each layer, measured once per Editor (from the model as it is the first time a layer
+        is asked for) and kept: a sequence of batches is solved against the unedited model's C."""
+        corpus = self.corpus()
+        missing = [l for l in layers if (l, str(corpus), n_tokens) not in self._batch_stats]
+        if missing:
+            with self.handle.scope():
+                got = layer_stats(self.model, self.tok, missing, corpus, n_tokens, self.cache_dir, self.progress)
+            for l in missing:
+                self._batch_stats[(l, str(corpus), n_tokens)] = got[l]
+        return {l: self._batch_stats[(l, str(corpus), n_tokens)] for l in layers}
+
+    def continue_from(self, patches: Sequence[Patch]) -> Applied:
+        """Go on from patches made earlier (a registry's released ones, a run's checkpoint) as an
+        unbroken run would: the templates and statistics are taken now, from the model as it is
+        (the base the patches were made on), then the patches are applied (checked) and their keys
+        preserved. Returns the handle that reverts them."""
+        self.templates()
+        if self.is_batch:
+            self.batch_stats(self.layers(), self.hp.stats_tokens)
+        else:
+            self.stats(self.layer())
+        applied = apply_patch(self.model, list(patches))
+        for p in patches:
+            self.preserve(p)
+        return applied
+
+    def preserve(self, patch: Patch) -> None:
+        """Add the keys of a patch's batch edits to the preserved keys (for a patch now in the model)."""
+        for layer, K in preserved_keys_of([patch]).keys.items():
+            self.preserved.add(layer, K)
 
     # -- one edit --
 
@@ -185,13 +245,16 @@ class Editor:
         self, requests: Iterable[EditRequest], keep: bool = False, author: str | None = None,
         reason: str | None = None, guard: GuardFn | None = None,
     ) -> Patch:
-        """Edit in sequence (each on the model with the previous ones merged) and return the patch.
+        """Edit and return the patch: a rank-one method edits in sequence (each on the model with the
+        previous ones merged); a batch method writes all requests as one batch.
 
-        With keep=False the model is given back exactly as it was; with keep=True the edits stay.
-        A guard (e.g. `rankone.edit.guard.Guard()`) may refuse an update; refused requests are
-        logged in `self.rejected`.
+        With keep=False the model is given back exactly as it was; with keep=True the edits stay
+        (and a batch's keys join `self.preserved`). A guard (e.g. `rankone.edit.guard.Guard()`)
+        may refuse an update (a batch as a whole); refused requests are logged in `self.rejected`.
         """
         reqs = list(requests)
+        if self.is_batch:
+            return self._edit_batch(reqs, keep, author or user_name(), reason, guard)
         patch = Patch([], base=self.base_info(), created_at=utcnow(), library_versions=library_versions())
         try:
             for req in track(reqs, "edits", "edits", enabled=self.progress and len(reqs) > 1):
@@ -214,6 +277,33 @@ class Editor:
             revert_patch(self.model, patch)
         return patch
 
+    def _edit_batch(self, reqs: list[EditRequest], keep: bool, author: str, reason: str | None,
+                    guard: GuardFn | None) -> Patch:
+        patch = Patch([], base=self.base_info(), created_at=utcnow(), library_versions=library_versions())
+        try:
+            ups, info = compute_batch(self, reqs)
+            why = guard(ups, reqs) if guard is not None else None
+            if why:
+                log.warning("refused a batch of %d edit(s): %s", len(reqs), why)
+                diag = {k: info[k] for k in ("delta_fro", "delta_fro_per_fact", "n_facts")}
+                self.rejected += [Rejected(r, why, diag) for r in reqs]
+                return patch
+            write_batch(self, reqs, ups, info, patch, author, reason)
+            outs = [outcome(self.model, self.tok, r) for r in reqs]
+            patch.edits[-1].diagnostics["outcomes"] = outs
+            missed = [(r, o) for r, o in zip(reqs, outs) if not o["reached"]]
+            if missed:
+                log.warning("%d of %d edit(s) of the batch did not reach the target, e.g. %r -> %r: the model now says %r",
+                            len(missed), len(reqs), missed[0][0].text()[0], missed[0][0].target, missed[0][1]["answer"])
+        except BaseException:
+            revert_patch(self.model, patch)
+            raise
+        if keep:
+            self.preserve(patch)
+        else:
+            revert_patch(self.model, patch)
+        return patch
+
     def base_info(self) -> dict[str, Any]:
         return self.handle.base_info()
 
@@ -231,7 +321,7 @@ def outcome(model: torch.nn.Module, tok: Any, request: EditRequest) -> dict[str,
     return {"p_target": p, "answer": answer.strip(), "reached": answer_matches(answer, request.target)}
 
 
-def check_request(model: torch.nn.Module, tok: Any, request: EditRequest, hp: EditHParams) -> None:
+def check_request(model: torch.nn.Module, tok: Any, request: EditRequest, hp: HParams) -> None:
     """Refuse, before any work, a request the tokenizer cannot align or that does not fit the context window."""
     encode_request(tok, request)
     given = [len(tok(p.replace("{}", ""))["input_ids"]) for p in hp.prefixes or []]
@@ -242,10 +332,11 @@ def check_request(model: torch.nn.Module, tok: Any, request: EditRequest, hp: Ed
 
 def edit(
     model: ModelHandle | torch.nn.Module, tok: Any, requests: EditRequest | Iterable[EditRequest],
-    hparams: EditHParams | None = None, stats_corpus: str | os.PathLike | None = None,
+    hparams: HParams | None = None, stats_corpus: str | os.PathLike | None = None,
     keep: bool = False, **kw: Any,
 ) -> Patch:
-    """Compute a patch for one or many requests (in sequence). The model is left unchanged unless keep.
+    """Compute a patch for one or many requests (in sequence; one batch for MEMIT and AlphaEdit).
+    The model is left unchanged unless keep.
     With a ModelHandle, pass None as `tok`."""
     reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
     return Editor(model, tok, hparams, stats_corpus, progress=kw.pop("progress", True)).edit(reqs, keep=keep, **kw)

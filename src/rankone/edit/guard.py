@@ -11,6 +11,11 @@ compares each update with the ones accepted so far:
 (a small denominator is what blows ‖Δ‖ up; a large one only makes the update small, which is
 harmless). Use as `Editor.edit(requests, guard=Guard())`; any callable (update, request) →
 reason-or-None works there.
+
+A batch (MEMIT, AlphaEdit) is judged as a whole, by the same rules on its ‖Δ‖ per fact:
+‖ΣBA‖_F over its layers (√Σ_l ‖B_l A_l‖²_F) / √n for n facts (what each fact costs if their updates
+are orthogonal; comparable between batches of different sizes, and for n = 1 the edit's ‖Δ‖_F).
+Batch methods have no denominator, so only the norm rules apply.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import statistics
 from typing import Any, Sequence
 
 from rankone.core.errors import RankoneError
+from rankone.edit.batch import batch_norm
 from rankone.core.tokens import EditRequest
 from rankone.methods.rome import Update
 
@@ -49,9 +55,12 @@ class Guard:
         self.denoms: list[float] = []
         self.refused: list[dict[str, Any]] = []
 
-    def check(self, delta_fro: float, denom: float) -> str | None:
-        if not (math.isfinite(delta_fro) and math.isfinite(denom)):
+    def check(self, delta_fro: float, denom: float | None = None) -> str | None:
+        """The reason to refuse an update of this ‖Δ‖_F and denominator (None: a batch, which has none)."""
+        if not (math.isfinite(delta_fro) and (denom is None or math.isfinite(denom))):
             return f"non-finite update (‖Δ‖_F={delta_fro}, denominator={denom})"
+        if denom is None:
+            return norm_spike(delta_fro, self.norms, self.norm_factor, self.warmup)
         if denom <= 0:
             return f"denominator kᵀC⁻¹k = {denom:.3g} ≤ 0 (the keys disagree; ‖Δ‖_F would be {delta_fro:.3g})"
         spike = norm_spike(delta_fro, self.norms, self.norm_factor, self.warmup)
@@ -64,11 +73,16 @@ class Guard:
                         f"{dmed:.3g} (limit {self.denom_factor:g}×)")
         return None
 
-    def accept(self, delta_fro: float, denom: float) -> None:
+    def accept(self, delta_fro: float, denom: float | None = None) -> None:
         self.norms.append(float(delta_fro))
-        self.denoms.append(float(denom))
+        if denom is not None:
+            self.denoms.append(float(denom))
 
-    def __call__(self, update: Update, request: EditRequest) -> str | None:
+    def __call__(self, update: Update | Sequence[Any], request: EditRequest | Sequence[EditRequest]) -> str | None:
+        """(Update, EditRequest) of a rank-one edit, or (list of LayerUpdate, list of EditRequest) of a batch."""
+        if isinstance(update, (list, tuple)):
+            return self._batch(update, list(request))  # type: ignore[arg-type]
+        assert isinstance(request, EditRequest)
         d = update.diagnostics
         why = self.check(float(d["delta_fro"]), float(d["denominator"]))
         if why:
@@ -77,4 +91,16 @@ class Guard:
             log.warning("guard refused %s -> %s: %s", request.text()[0], request.target, why)
         else:
             self.accept(d["delta_fro"], d["denominator"])
+        return why
+
+    def _batch(self, updates: Sequence[Any], requests: list[EditRequest]) -> str | None:
+        d = batch_norm(updates)
+        why = self.check(d["delta_fro_per_fact"])
+        if why:
+            self.refused.append({"requests": [r.to_dict() for r in requests], "reason": why, "delta_fro": d["delta_fro"],
+                                 "delta_fro_per_fact": d["delta_fro_per_fact"]})
+            log.warning("guard refused a batch of %d edit(s) (%s -> %s, ...): %s", len(requests),
+                        requests[0].text()[0], requests[0].target, why)
+        else:
+            self.accept(d["delta_fro_per_fact"])
         return why

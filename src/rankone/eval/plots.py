@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from rankone.core.atomic import write_bytes
 from rankone.core.util import mean, median
 
-COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green"}
+COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green", "memit": "tab:purple", "alphaedit": "tab:orange"}
 Runs = dict[str, list[dict[str, Any]]]  # label -> JSONL records of one run
 
 
@@ -146,12 +146,15 @@ def plot_denominators(runs: Runs, path: str | os.PathLike, title: str = "") -> P
 
 
 def plot_runs(runs: Runs, out_dir: str | os.PathLike, prefix: str = "", title: str = "") -> list[Path]:
-    """All three figures for a set of runs, into out_dir."""
+    """The figures for a set of runs, into out_dir; the denominators only where a run has them
+    (the batch methods, MEMIT and AlphaEdit, have none)."""
     d = Path(out_dir)
     t = f" — {title}" if title else ""
-    return [plot_delta_norms(runs, d / f"{prefix}delta_norms.png", "‖Δ‖_F per sequential edit" + t),
-            plot_metrics(runs, d / f"{prefix}metrics.png", "Metrics against the number of edits" + t),
-            plot_denominators(runs, d / f"{prefix}denominators.png", "Denominators of the rank-one update" + t)]
+    figs = [plot_delta_norms(runs, d / f"{prefix}delta_norms.png", "‖Δ‖_F per sequential edit" + t),
+            plot_metrics(runs, d / f"{prefix}metrics.png", "Metrics against the number of edits" + t)]
+    if any(r.get("denom_mean_mean") is not None for recs in runs.values() for r in recs):
+        figs.append(plot_denominators(runs, d / f"{prefix}denominators.png", "Denominators of the rank-one update" + t))
+    return figs
 # ---- the summary ------------------------------------------------------------------------------
 
 
@@ -170,7 +173,8 @@ def summarize_run(settings: dict[str, Any], recs: Sequence[dict[str, Any]], leve
     norms = sorted(r["delta_fro"] for r in acc if r.get("delta_fro") is not None)
     base, last = (evals[0] if evals else {}), (evals[-1] if evals else {})
     out: dict[str, Any] = {
-        "method": settings.get("method"), "layer": settings.get("layer"), "n_attempted": len(edits),
+        "method": settings.get("method"), "layer": settings.get("layer"), "layers": settings.get("layers"),
+        "batch_size": settings.get("config", {}).get("batch_size", 1), "n_attempted": len(edits),
         "n_accepted": len(acc), "n_refused": len(edits) - len(acc),
         "refusals": [f"edit {r['i']}: {r.get('reason')}" for r in edits if not r["accepted"]][:20],
         "delta_fro_median": median(norms), "delta_fro_max": norms[-1] if norms else None,
@@ -204,6 +208,14 @@ def _at(x: Any) -> str:
     return "never" if x is None else str(x)
 
 
+def _where(s: dict[str, Any]) -> str:
+    """'layer 3', or for a batch method 'layers 1–3, batches of 100'."""
+    if not s.get("layers"):
+        return f"layer {s['layer']}"
+    ls = s["layers"]
+    return (f"layers {ls[0]}–{ls[-1]}" if len(ls) > 1 else f"layer {ls[0]}") + f", batches of {s.get('batch_size', 1)}"
+
+
 def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
     """A Markdown table comparing methods' runs."""
     rows = [
@@ -227,7 +239,7 @@ def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
         ("key cosine k̄·k_o (mean)", lambda s: _f(s["key_cosine_mean"])),
         ("seconds per edit", lambda s: _f(s["seconds_per_edit"], 2)),
     ]
-    head = "| | " + " | ".join(f"{s['method']} (layer {s['layer']})" for s in summaries) + " |"
+    head = "| | " + " | ".join(f"{s['method']} ({_where(s)})" for s in summaries) + " |"
     lines = [head, "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fn(s) for s in summaries) + " |" for name, fn in rows]
     return "\n".join(lines)

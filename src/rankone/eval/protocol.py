@@ -130,7 +130,7 @@ def evaluate_before_after(
             after, extra_a = measure(model, tok, chosen, settings, "after", progress)
         finally:
             applied.revert()
-        exact, same_fact = edited_by(chosen, [e.request for p in patches for e in p.edits])
+        exact, same_fact = edited_by(chosen, [f for p in patches for f in p.facts()])
         for m, x in zip(after, exact):
             m["edited"] = x
         mode = "patch"

@@ -1,5 +1,9 @@
 """The sequential-editing experiment: N edits one after another, never reverted, measured every k.
 
+The ROME family edits one request at a time; MEMIT and AlphaEdit edit in batches of
+`batch_size` (each batch on the model with the earlier ones merged, solved against the unedited
+model's statistics, AlphaEdit preserving every earlier batch's keys), scored after each batch.
+
 Why r-ROME exists: original ROME's update divides by k_oᵀC⁻¹k̄ (bare key against averaged key),
 which can be tiny, giving a huge ‖Δ‖ that disables the model. This loop records, per edit, ‖Δ‖_F,
 the three denominators and the key cosine, and every k edits: efficacy of the newest edits,
@@ -14,7 +18,9 @@ written and logs why; the same spike rule flags the updates it lets through.
 Files in the run folder: run.json (settings; a resumed run must match), run.jsonl (one line per
 edit and per evaluation point), checkpoint/ (the running patch and the loop state, replaced
 atomically at every evaluation point). After an interruption the same command truncates the
-JSONL to the checkpoint, re-applies the patch (fingerprint-checked) and goes on.
+JSONL to the checkpoint, re-applies the patch (fingerprint-checked) and goes on; AlphaEdit's
+preserved keys come back from the patch's own keys, so the resumed run solves what an unbroken
+one would.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -39,9 +46,10 @@ from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
 from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
 from rankone.models.generation import perplexity
-from rankone.methods.hparams import EditHParams
-from rankone.artifacts.patch import Patch, apply_patch, compose, library_versions
-from rankone.edit.guard import Guard, norm_spike
+from rankone.edit.batch import HParams
+from rankone.artifacts.patch import Patch, library_versions
+from rankone.edit.guard import Guard
+from rankone.eval.sequential_steps import edit_batch, edit_one
 from rankone.models.handle import ModelHandle
 from rankone.core.progress import Progress
 
@@ -72,16 +80,20 @@ class SequentialConfig:
     glue_dir: str | None = None
     glue_n: int = 40  # queries per GLUE task
     glue_every: int = 0  # GLUE every this many edits (0: at start and end only)
+    batch_size: int = 1  # edits per batch for MEMIT and AlphaEdit (the ROME family edits one at a time)
 
     def __post_init__(self) -> None:
-        for k in ("n", "every", "retention_sample", "ns_sample", "gen_tokens", "top_k", "warmup"):
+        for k in ("n", "every", "retention_sample", "ns_sample", "gen_tokens", "top_k", "warmup", "batch_size"):
             if int(getattr(self, k)) < 1:
                 raise RankoneError(f"{k.replace('_', '-')} must be at least 1, not {getattr(self, k)}")
         if self.probe_sample < 0 or self.gen_prompts < 0:
             raise RankoneError("probe-sample and gen-prompts cannot be negative")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["batch_size"] == 1:  # one at a time: recorded as runs were before batches existed (they still resume)
+            del d["batch_size"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SequentialConfig":
@@ -107,7 +119,7 @@ def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[t
 class SequentialRun:
     """One method's sequential run in `out_dir`; `run()` starts it or resumes it."""
 
-    def __init__(self, model: ModelHandle | torch.nn.Module, tok: Any, cases: Sequence[Case], hp: EditHParams,
+    def __init__(self, model: ModelHandle | torch.nn.Module, tok: Any, cases: Sequence[Case], hp: HParams,
                  out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] | None = None,
                  ppl_text: str | None = None, meta: dict[str, Any] | None = None, stats_corpus: Any = None,
                  progress: bool = True) -> None:
@@ -118,6 +130,11 @@ class SequentialRun:
         if len(cases) < cfg.n:
             raise RankoneError(f"only {len(cases)} usable case(s) for {cfg.n} edits; ask for fewer (--n) or give more cases")
         self.editor = Editor(model, tok, hp, stats_corpus, progress=progress)
+        if not self.editor.is_batch:
+            cfg = dataclasses.replace(cfg, batch_size=1)  # the ROME family edits one request at a time
+        elif cfg.every % cfg.batch_size:
+            raise RankoneError(f"--every {cfg.every} must be a multiple of --batch-size {cfg.batch_size}: "
+                               "the model is measured between batches")
         self.model, self.tok, self.hp, self.cfg = self.editor.model, self.editor.tok, self.editor.hp, cfg
         self.cases = list(cases[:cfg.n])
         self.out = Path(out_dir)
@@ -125,8 +142,10 @@ class SequentialRun:
         self.ppl_text = ppl_text
         self.meta = dict(meta or {})
         self.progress = progress
-        self.layer = self.editor.layer()
+        self.layers = self.editor.layers()  # a batch method's window; else the one edited layer
+        self.layer = self.layers[-1]
         self.path = self.editor.module_path(self.layer)
+        self.paths = [self.editor.module_path(l) for l in self.layers]
         self.guard = Guard(cfg.guard_factor, cfg.denom_factor, cfg.warmup) if cfg.guard else None
         self.patch = Patch([], base=self.editor.base_info(), created_at=utcnow(), library_versions=library_versions())
         self.lines: list[dict[str, Any]] = []
@@ -139,8 +158,9 @@ class SequentialRun:
 
     def settings(self) -> dict[str, Any]:
         ids = hashlib.sha256(json.dumps([c.to_dict() for c in self.cases], sort_keys=True).encode()).hexdigest()
+        window = {"layers": self.layers} if self.editor.is_batch else {}
         return {"format": "rankone.eval.sequential/1", "method": self.hp.method, "hparams": self.hp.to_dict(),
-                "config": self.cfg.to_dict(), "layer": self.layer, "module": self.path, "cases_sha256": ids,
+                "config": self.cfg.to_dict(), "layer": self.layer, "module": self.path, **window, "cases_sha256": ids,
                 "probes": len(self.probes), "meta": self.meta}
 
     @property
@@ -196,31 +216,37 @@ class SequentialRun:
         write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in lines).encode())  # drop work after the checkpoint
         self.patch = Patch.load(self.out / "checkpoint" / "patch")
         # The prefixes are sampled from the model at the first edit and the key statistics read the
-        # layer's inputs: both must come from the base model, as in an uninterrupted run.
-        self.editor.templates()
-        self.editor.stats(self.layer)
-        if self.patch.edits:
-            apply_patch(self.model, self.patch)  # checks the base fingerprint: same model or a clear error
+        # layer's inputs: both come from the base model, as in an uninterrupted run; the patch is
+        # fingerprint-checked (same model or a clear error) and AlphaEdit's keys come back from it.
+        self.editor.continue_from([self.patch] if self.patch.edits else [])
         self.lines = lines
-        for r in lines:
-            if r["type"] == "edit" and r["accepted"] and self.guard is not None:
+        judged: set[int] = set()
+        for r in lines:  # the guard saw each batch once
+            if r["type"] == "edit" and r["accepted"] and self.guard is not None and r.get("batch", r["i"]) not in judged:
+                judged.add(r.get("batch", r["i"]))
                 self.guard.accept(r["delta_fro"], r["denominator"])
         log.info("resuming %s at edit %d (%d edits in the checkpoint)", self.out, state["next"], len(self.patch.edits))
         return int(state["next"])
 
     # -- measurements --
 
-    def _weight(self) -> torch.Tensor:
-        return arch.weight_oi(arch.get_module(self.model, self.path))
+    def _weight(self, path: str) -> torch.Tensor:
+        return arch.weight_oi(arch.get_module(self.model, path))
 
-    def _w_dist(self) -> float:
-        return float((self._weight().detach().double().cpu() - self.w0).norm())
+    def w_dists(self) -> dict[int, float]:
+        return {l: float((self._weight(p).detach().double().cpu() - self.w0[p]).norm()) for l, p in zip(self.layers, self.paths)}
+
+    def w_dist(self) -> float:
+        """‖W − W₀‖_F over every edited layer."""
+        return math.sqrt(sum(x * x for x in self.w_dists().values()))
 
     def evaluate(self, n_done: int) -> dict[str, Any]:
         """The evaluation point after `n_done` attempted edits."""
         t0 = time.perf_counter()
         edits = [r for r in self.lines if r["type"] == "edit" and r["accepted"] and r["i"] < n_done]
-        rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self._w_dist()}
+        rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self.w_dist()}
+        if len(self.layers) > 1:
+            rec["w_dist_layers"] = self.w_dists()
         last_n = max([r["n"] for r in self.lines if r["type"] == "eval"] or [0])
         newest = [r for r in edits if r["i"] >= last_n]
         rec["es_newest"] = mean([r["es"] for r in newest])
@@ -255,49 +281,24 @@ class SequentialRun:
         rec["seconds"] = time.perf_counter() - t0
         return rec
 
-    def _edit(self, i: int) -> dict[str, Any]:
-        case = self.cases[i]
-        t0 = time.perf_counter()
-        n_rej = len(self.editor.rejected)
-        rec: dict[str, Any] = {"type": "edit", "i": i, "case_id": case.case_id, "prompt": case.prompt,
-                               "target": case.target_new, "target_true": case.target_true}
-        try:
-            p = self.editor.edit([case.request], keep=True, guard=self.guard)
-        except FloatingPointError as e:  # the update overflows the weight's dtype: never written
-            p, rec["reason"] = None, f"overflow: {e}"
-        if p is not None and p.edits:
-            e = p.edits[0]
-            self.patch = compose([self.patch, p]) if self.patch.edits else Patch(
-                list(p.edits), self.patch.base, self.patch.created_at, self.patch.library_versions)
-            d = e.diagnostics
-            prev = [r["delta_fro"] for r in self.lines if r["type"] == "edit" and r["accepted"]]
-            sc = score(self.model, self.tok, [(case.prompt, case.target_new), (case.prompt, case.target_true)])
-            rec.update(accepted=True, es=float(sc[0].p(self.cfg.norm) > sc[1].p(self.cfg.norm)), top1=float(sc[0].top1),
-                       value_prob=d.get("value", {}).get("target_prob"))
-            spike = norm_spike(e.delta_fro, prev, self.cfg.spike_factor, self.cfg.warmup)
-            rec["flags"] = [f"‖Δ‖ spike: {spike}"] if spike else []
-        else:
-            d = self.editor.rejected[-1].diagnostics if len(self.editor.rejected) > n_rej else {}
-            rec.update(accepted=False, reason=rec.get("reason") or (self.editor.rejected[-1].reason if d else "?"),
-                       flags=["refused by the guard" if d else "not written"])
-        for k in ("delta_fro", "denominator", "denom_mean_mean", "denom_bare_bare", "denom_bare_mean", "key_cosine",
-                  "weight_fro", "delta_norm", "current_value_norm"):
-            rec[k] = d.get(k)
-        rec["w_dist"] = self._w_dist()
-        rec["seconds"] = time.perf_counter() - t0
-        return rec
-
     # -- the loop --
 
+    def _edit(self, i: int) -> dict[str, Any]:
+        return edit_one(self, i)
+
+    def _edit_batch(self, i0: int, i1: int) -> list[dict[str, Any]]:
+        return edit_batch(self, i0, i1)
+
     def run(self, force: bool = False, on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        w = self._weight()
-        original = w.detach().clone()  # the base weights: given back when the run ends, however it ends
-        self.w0 = original.double().cpu()
+        # the base weights of every edited layer: given back when the run ends, however it ends
+        originals = {p: self._weight(p).detach().clone() for p in self.paths}
+        self.w0 = {p: w.double().cpu() for p, w in originals.items()}
         try:
             return self._loop(force, on_eval)
         finally:
             with torch.no_grad():
-                w.copy_(original)
+                for p, w in originals.items():
+                    self._weight(p).copy_(w)
 
     def _loop(self, force: bool, on_eval: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
         start = self._start_or_resume(force)
@@ -314,14 +315,15 @@ class SequentialRun:
             self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
         bar = Progress(self.cfg.n, f"sequential {self.hp.method}", "edits", enabled=self.progress, initial=start)
         try:
-            for i in range(start, self.cfg.n):
-                rec = self._edit(i)
-                self._emit(rec)
-                bar.update(1)
-                if (i + 1) % self.cfg.every == 0 or i + 1 == self.cfg.n:
-                    ev = self.evaluate(i + 1)
+            for i in range(start, self.cfg.n, self.cfg.batch_size):
+                j = min(i + self.cfg.batch_size, self.cfg.n)
+                for rec in [self._edit(i)] if self.cfg.batch_size == 1 else self._edit_batch(i, j):
+                    self._emit(rec)
+                bar.update(j - i)
+                if j % self.cfg.every == 0 or j == self.cfg.n:
+                    ev = self.evaluate(j)
                     self._emit(ev)
-                    self._checkpoint(i + 1)
+                    self._checkpoint(j)
                     bar.note(f"retention {ev.get('retention_es') or 0:.2f}, probes {ev.get('probe_top1') or 0:.2f}, "
                              f"fluency {ev.get('fluency') or 0:.2f}")
                     if on_eval:

@@ -127,20 +127,29 @@ def key_overlap(a: Edit, b: Edit) -> float:
 
 def find_conflicts(candidate: Patch, released: Iterable[tuple[str, Patch]], threshold: float,
                    relations: dict[str, str] | None = None) -> list[Conflict]:
-    """Every pair (candidate edit, released edit) that is the same fact or overlaps above `threshold`."""
+    """Every pair (candidate edit, released edit) that writes the same fact or overlaps above
+    `threshold`. A batch edit writes several facts (`Edit.facts`); each pair of same facts is one
+    conflict per released patch, reported at the first pair of edits that carry it (a batch
+    writes its facts on every layer of its window)."""
     out: list[Conflict] = []
     for pid, p in released:
+        reported: set[tuple[str, str]] = set()
         for j, r in enumerate(p.edits):
-            rk = fact_key(r.request, relations)
+            theirs = {fact_key(f, relations): f for f in r.facts}
             for i, e in enumerate(candidate.edits):
-                if fact_key(e.request, relations) == rk:
+                same = [(f, theirs[k]) for f in e.facts if (k := fact_key(f, relations)) in theirs]
+                for f, g in same:
+                    if (_say(f), _say(g)) in reported:
+                        continue
+                    reported.add((_say(f), _say(g)))
                     out.append(Conflict("same-fact", i, pid, j, 1.0,
-                                        f"edit {i} ({_say(e)}) rewrites the fact released by {pid} edit {j} ({_say(r)})"))
+                                        f"edit {i} ({_say(f)}) rewrites the fact released by {pid} edit {j} ({_say(g)})"))
+                if same:
                     continue
                 cos = key_overlap(e, r)
                 if cos > threshold:
                     out.append(Conflict("key-overlap", i, pid, j, cos,
-                                        f"edit {i} ({_say(e)}) and {pid} edit {j} ({_say(r)}) edit {e.module} with "
+                                        f"edit {i} ({_said(e)}) and {pid} edit {j} ({_said(r)}) edit {e.module} with "
                                         f"keys of cosine {cos:.3f} > {threshold} (C⁻¹-weighted): each would rewrite the other's fact"))
     return out
 
@@ -155,9 +164,13 @@ def overlap_matrix(edits: list[Edit]) -> torch.Tensor:
     return m
 
 
-def _say(e: Edit) -> str:
-    r = e.request
+def _say(r: dict[str, Any]) -> str:
     return f"{r.get('prompt', '').replace('{}', r.get('subject', ''))} -> {r.get('target', '')}"
+
+
+def _said(e: Edit) -> str:
+    """An edit's fact, or a batch edit's first fact and how many more it writes."""
+    return _say(e.request) + (f" and {len(e.facts) - 1} more" if len(e.facts) > 1 else "")
 
 
 def explain(conflicts: list[Conflict]) -> str:

@@ -66,8 +66,11 @@ class Registry(RegistryStore):
         pid = content_id(src)
         self._store_put(src, pid)
         crash_point("add:stored")
-        summary = [{"module": e.module, "subject": e.request.get("subject", ""), "prompt": e.request.get("prompt", ""),
-                    "target": e.request.get("target", "")} for e in patch.edits]
+        first: dict[tuple[str, str, str], str] = {}  # a batch's fact once, with the first module that writes it
+        for e in patch.edits:
+            for f in e.facts:
+                first.setdefault((f.get("subject", ""), f.get("prompt", ""), f.get("target", "")), e.module)
+        summary = [{"module": m, "subject": s, "prompt": p, "target": t} for (s, p, t), m in first.items()]
         actor = actor or user_name()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM patches WHERE id = ?", (pid,)).fetchone() is None:
@@ -103,6 +106,14 @@ class Registry(RegistryStore):
                         {"passed": passed, "n_checks": len(report.get("results", [])), "n_failed": n_fail,
                          "suite_sha256": report.get("suite", {}).get("sha256", "")})
         return self.get(pid)
+
+    def preserved_keys(self) -> Any:
+        """AlphaEdit's preserved keys for the next batch on this registry's base: the keys of every
+        released batch edit, in release order (a PreservedKeys; see rankone.edit.batch). Derived from
+        the released patches themselves, so it is exact across sessions and a rollback drops its keys."""
+        from rankone.edit.batch import preserved_keys_of
+
+        return preserved_keys_of(p for _, p in self._released_patches(self.db))
 
     def _released_patches(self, db: Any) -> list[tuple[str, Patch]]:
         rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()

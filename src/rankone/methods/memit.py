@@ -92,6 +92,13 @@ class MemitHParams(JsonSettings):
         if int(self.batch_rows) < 1:
             raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
 
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> "MemitHParams":
+        """As JsonSettings.for_model; a window given fixes the critical layer (over the card's layer)."""
+        if overrides.get("layers") and overrides.get("layer") is None:
+            overrides["layer"] = overrides["layers"][-1]
+        return super().for_model(model, **overrides)
+
     def resolve(self, model: torch.nn.Module) -> "MemitHParams":
         """These settings with the window and λ made concrete for `model` (what gets recorded)."""
         from rankone.models.handle import ModelHandle
@@ -116,6 +123,7 @@ class LayerUpdate(NamedTuple):
     B: torch.Tensor  # [out, k] float64
     A: torch.Tensor  # [k, in] float64
     diagnostics: dict[str, Any]
+    keys: torch.Tensor | None = None  # [in, k] float64: the batch's keys this layer was solved with
 
 
 def context_templates(model: torch.nn.Module, tok: Any, hp: MemitHParams) -> list[str]:
@@ -366,7 +374,7 @@ def run_window(
                         "h_norm": targets.h_init.norm(dim=1).tolist()},
             **extra,
         }
-        updates.append(LayerUpdate(arch.proj_path(model, layer), layer, B, A, diag))
+        updates.append(LayerUpdate(arch.proj_path(model, layer), layer, B, A, diag, K))
         keys[layer] = K
     return updates, keys
 
