@@ -11,8 +11,8 @@ those the tokenizer cannot align, under two protocols:
 Per case (`rankone.eval.metrics`): ES/EM, PS/PM, NS/NM as in ROME; GS = the greedy continuation
 of the prompt (--gen-new tokens, not cut to the target's length) states the new target
 (`generation_success`), GPS the same on the paraphrase; OS = the edited subject's other facts in
-the file keep their true answer over the new target (P(true_j) > P(new)), where the file has
-them; fluency = ROME's generation entropy of the generation prompts; ‖Δ‖_F.
+the files (--cases, --facts) keep their true answer over the new target (P(true_j) > P(new)),
+where the files have them (`other_facts`); fluency = ROME's generation entropy of the generation prompts; ‖Δ‖_F.
 
 The key statistics C: --stats-corpus FILE (natural text), none (the library's default for the
 model: its card's corpus, else text sampled from the model itself), or --no-cov (C = I,
@@ -96,13 +96,26 @@ def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64) -> 
             "share_known": len(known) / scanned if scanned else float("nan"), "n_known_scanned": len(known)}
 
 
-def subject_facts(cases: list[Case], most: int = 5) -> dict[str, list[tuple[str, str]]]:
-    """Subject -> its facts in the file as (prompt, true answer): the edited subject's other facts."""
-    out: dict[str, list[tuple[str, str]]] = {}
+def subject_facts(cases: list[Case]) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, set[str]]]:
+    """The facts of each subject, (template, prompt, true answer), and each template's answers
+    (true and new, lower-cased): what `other_facts` reads."""
+    by: dict[str, list[tuple[str, str, str]]] = {}
+    pool: dict[str, set[str]] = {}
     for c in cases:
-        if c.target_true and (c.prompt, c.target_true) not in out.setdefault(c.subject, []):
-            out[c.subject].append((c.prompt, c.target_true))
-    return out
+        pool.setdefault(c.template, set()).update(x.lower() for x in (c.target_true, c.target_new) if x)
+        if c.target_true and (c.template, c.prompt, c.target_true) not in by.setdefault(c.subject, []):
+            by[c.subject].append((c.template, c.prompt, c.target_true))
+    return by, pool
+
+
+def other_facts(case: Case, index: tuple[dict, dict], most: int = 5) -> list[tuple[str, str]]:
+    """The edited subject's facts of other relations, as (prompt, true answer). CounterFact's flat
+    records carry no relation id, so a fact counts as another relation when no answer of its
+    template is an answer of the case's template (twin cities, or the languages of a place, are
+    one relation with many true answers: those are left out)."""
+    by, pool = index
+    mine = pool.get(case.template, set())
+    return [(p, t) for tpl, p, t in by.get(case.subject, []) if tpl != case.template and not pool[tpl] & mine][:most]
 
 
 class IdentityStatsEditor(Editor):
@@ -130,9 +143,8 @@ def stats_label(args: argparse.Namespace, tokens: int) -> tuple[str, str]:
 
 def _om(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]]) -> tuple[float, float, int]:
     """OS, OM over the subject's other facts: P(true_j) > P(new), P(true_j) − P(new) (NaN: none)."""
-    others = [(p, t) for p, t in facts if p != case.prompt and t.lower() != case.target_new.lower()]
     pairs = []
-    for p, t in others:
+    for p, t in facts:
         try:
             score(model, tok, [(p, t), (p, case.target_new)])  # alignable with both targets?
             pairs += [(p, t), (p, case.target_new)]
@@ -182,13 +194,13 @@ def append_jsonl(p: Path, row: dict) -> None:
 
 def unedited(handle: ModelHandle, label: str, cases: list[Case], facts: dict, args: argparse.Namespace) -> dict[str, dict]:
     """Per-case metrics of the unedited model (cached per model and generation settings)."""
-    src = hashlib.sha256(_where(args.model).encode()).hexdigest()[:8]
+    src = hashlib.sha256(json.dumps([_where(args.model), *map(_where, args.facts)]).encode()).hexdigest()[:8]
     f = RUNS / "_unedited" / f"{label}-{src}-gen{args.gen_new}-flu{args.gen_tokens}.jsonl"
     f.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(f)
     for c in cases:
         if c.case_id not in done:
-            done[c.case_id] = dict(measure(handle.model, handle.tokenizer, c, facts.get(c.subject, []), args),
+            done[c.case_id] = dict(measure(handle.model, handle.tokenizer, c, other_facts(c, facts), args),
                                    case_id=c.case_id)
             append_jsonl(f, done[c.case_id])
     return done
@@ -214,7 +226,7 @@ def run_method(handle: ModelHandle, cases: list[Case], facts: dict, hp: EditHPar
         patch = ed.edit([c.request], keep=True)
         t_edit = time.perf_counter() - t0
         try:
-            m = measure(model, tok, c, facts.get(c.subject, []), args)
+            m = measure(model, tok, c, other_facts(c, facts), args)
         finally:
             revert_patch(model, patch)
         e = patch.edits[0]
@@ -255,7 +267,7 @@ def settings_of(args: argparse.Namespace, layer: int, hp: EditHParams) -> dict:
     """What the run folder's results depend on (besides the method)."""
     return {"model": _where(args.model), "cases": _where(args.cases), "layer": layer, "stats": stats_label(args, hp.stats_tokens)[1],
             "hparams": {k: v for k, v in hp.to_dict().items() if k != "method"},
-            "gen_new": args.gen_new, "gen_tokens": args.gen_tokens}
+            "gen_new": args.gen_new, "gen_tokens": args.gen_tokens, "facts": [_where(f) for f in args.facts]}
 
 
 # ---- summaries ------------------------------------------------------------------------------------
@@ -298,6 +310,9 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True, help=f"{' or '.join(zoo.MODELS)} (downloaded once), or a model folder / .gguf file")
     ap.add_argument("--cases", default=str(CASES), help="CounterFact file (default: ../shared/data/counterfact/counterfact-edit.json)")
     ap.add_argument("--n", type=int, default=200, help="cases per protocol")
+    ap.add_argument("--facts", nargs="*", default=[str(f) for f in (CASES.with_name("counterfact-train.json"),) if f.is_file()],
+                    help="more case files whose facts of the edited subjects are checked (OS) besides --cases "
+                         "(default: counterfact-train.json beside the default cases)")
     ap.add_argument("--stats-corpus", default=None, help="natural text for C (default: the library's default for the model)")
     ap.add_argument("--stats-tokens", type=int, default=None, help="tokens of statistics (default: EditHParams.stats_tokens)")
     ap.add_argument("--no-cov", action="store_true", help="C = I: no statistics at all (EasyEdit's default)")
@@ -316,10 +331,11 @@ def prepare(args: argparse.Namespace) -> tuple[ModelHandle, str, dict, dict, dic
     handle, label = resolve_model(args.model)
     cases = load_cases(args.cases)
     sel = select(handle.model, handle.tokenizer, cases, args.n)
+    more = [load_cases(f) for f in args.facts if Path(f).resolve() != Path(args.cases).resolve()]
     extra = json.loads(args.hparams) if args.hparams else {}
     if args.stats_tokens:
         extra["stats_tokens"] = args.stats_tokens
-    return handle, label, sel, subject_facts(cases), extra
+    return handle, label, sel, subject_facts(cases + [c for m in more for c in m]), extra
 
 
 def main() -> int:
@@ -358,8 +374,9 @@ Key statistics: {stats_label(args, hp0.stats_tokens)[1]}. Hyper-parameters: {jso
 ES/PS/NS, EM/PM/NM: ROME's metrics (teacher forced over all target tokens, per-token mean probability);
 S = harmonic mean of ES, PS, NS. GS / GPS: the greedy continuation ({args.gen_new} tokens, not cut to the
 target's length) of the prompt / paraphrase states the new target as whole words (any case); in the
-unedited row, GS of the true answer is {summary([before[c.case_id] for c in union])['gs_true']:.3f}. OS: the edited subject's other
-facts in the file keep their true answer over the new target (cases that have any in brackets). Fluency:
+unedited row, GS of the true answer is {summary([before[c.case_id] for c in union])['gs_true']:.3f}. OS: the edited subject's facts of
+other relations in {', '.join(f'`{f}`' for f in [args.cases, *args.facts])} keep their true answer over the new target
+(`other_facts`; in brackets the cases that have any). Fluency:
 ROME's generation entropy of {args.gen_tokens} sampled tokens (top-5, seeded) per generation prompt.
 "Outcome reached": the edit's own check (greedy answer starts with the target).
 
