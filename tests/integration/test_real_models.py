@@ -124,14 +124,15 @@ def test_smollm2_r_rome_edit_moves_the_eiffel_tower_to_rome_and_reverts_bit_exac
     corpus = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare_200k.txt"
     assert answer_matches(greedy(model, tok, PROMPT, 3), "Paris")  # the unedited model knows the fact
     base = tensors_sha256(model.named_parameters())
-    # The paper's value settings at the default layer (n_layers // 4 = 7); statistics from 20k tokens
-    # of natural text, and 5 context prefixes instead of 20 to keep the value loop short on one core.
+    # The paper's value settings (20 steps reach the target here) at the default layer; statistics
+    # from 20k tokens of natural text, and 5 context prefixes instead of 20 to keep the value loop
+    # short on one core.
     hp = EditHParams(method="r-rome", stats_tokens=20_000, prefix_spec=[[5, 5]])
     ed = Editor(model, tok, hp, corpus, progress=False)
     patch = ed.edit([EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome")], keep=True)
     try:
         (e,) = patch.edits
-        assert e.layer == 7 and e.method == "r-rome"
+        assert e.method == "r-rome" and e.layer == ed.layer()
         after = greedy(model, tok, PROMPT, 3)
         assert answer_matches(after, "Rome"), f"the edited model says {after!r}"
         assert e.diagnostics["outcome"]["reached"] and e.diagnostics["outcome"]["p_target"] > 0.5
