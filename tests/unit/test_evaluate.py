@@ -1,6 +1,7 @@
 """The metrics against values computed by hand on a tiny real model (manual softmax products)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -164,3 +165,37 @@ def test_glue_fewshot_runs_and_refuses_bad_files(model, tok, tmp_path):
         load_glue(str(tmp_path), "sst2")
     with pytest.raises(RankoneError, match="unknown GLUE task"):
         load_glue(str(tmp_path), "mnli")
+
+
+def test_states_matches_whole_words_ignoring_case_and_spacing():
+    from rankone.eval.metrics import states
+
+    assert states(" in rome, Italy", "Rome") and states("NEW\n york city", "New York")
+    assert not states(" Romeo and Juliet", "Rome") and not states(" Paris-born", "Pari")
+    assert not states(" New Jersey, York", "New York") and not states("anything", "  ")
+    assert states(" the C++ standard", "C++") and not states(" XC++", "C++")
+
+
+def test_generation_success_reads_the_whole_greedy_continuation_not_the_targets_length():
+    import json
+
+    from rankone.eval.metrics import generation_success
+    from rankone.models.generation import answer_matches
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+
+    model, tok = load_model(builtin_model_dir())
+    world = json.loads((builtin_model_dir() / "world.json").read_text())
+    subject = world["facts"][0]["subject"]
+    prompt = f"{subject} was born in"
+    true = next(f["object"] for f in world["facts"] if f["subject"] == subject and f["relation"] == "birthplace")
+    cont = greedy(model, tok, prompt, 20)  # decoded without a KV cache: an independent reading
+    assert answer_matches(cont, true)  # the model knows the fact
+    assert generation_success(model, tok, prompt, true) and generation_success(model, tok, prompt, true.upper())
+    assert not generation_success(model, tok, prompt, true[:-1])  # a part of a word is not the word
+    later = next(w.strip(".,") for w in cont.split()[3:] if w.strip(".,").isalpha() and w.lower() not in cont.split()[0].lower())
+    assert not answer_matches(cont, later)  # a word well after the answer: the first-words reading misses it
+    assert generation_success(model, tok, prompt, later)  # the generation-based one reads on
+    assert not generation_success(model, tok, prompt, later, max_new_tokens=2)
+    absent = next(o for f in world["facts"] if (o := f["object"]) and not re.search(rf"\b{re.escape(o)}\b", cont, re.I))
+    assert not generation_success(model, tok, prompt, absent)

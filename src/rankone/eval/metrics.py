@@ -12,7 +12,8 @@ Per case: ES = 1[p(new) > p(true)] on the edit prompt, EM = p(new) − p(true); 
 averaged over the paraphrase prompts; NS = mean 1[p(true_nb) > p(new)] over neighbour prompts,
 NM = mean p(true_nb) − p(new). The summary averages over cases and S = harmonic mean of ES, PS,
 NS. Fluency is ROME's generation entropy: the weighted mean of bigram (2/3) and trigram (4/3)
-entropies, in bits, of the generated words.
+entropies, in bits, of the generated words. Generation-based success (`generation_success`): the
+greedy continuation, not cut to the target's length, states the target as whole words.
 """
 
 from __future__ import annotations
@@ -229,6 +230,22 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int 
         new.append(nxt)
         out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values, use_cache=True)
     return prompt + tok.decode(new, skip_special_tokens=True)
+
+
+def states(text: str, target: str) -> bool:
+    """Does `text` state `target` anywhere, as whole words, ignoring case and spacing?
+    ("Rome" is stated by "in rome, Italy" but not by "Romeo"; "New York" by "new  York".)"""
+    parts = target.split()
+    if not parts:
+        return False
+    return re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)", text, re.I) is not None
+
+
+def generation_success(model: torch.nn.Module, tok: Any, prompt: str, target: str, max_new_tokens: int = 20) -> bool:
+    """Generation-based success: the greedy continuation of the prompt (max_new_tokens, not cut to
+    the target's length) states the target as whole words, case-insensitively. It counts what a
+    user reads, where teacher-forced ES only compares two probabilities."""
+    return states(generate(model, tok, prompt, max_new_tokens, top_k=1)[len(prompt):], target)
 
 
 def fluency(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 50, top_k: int = 5,

@@ -76,7 +76,8 @@ def plot_aie(aie: AIE, path: str | os.PathLike, chosen: int | None = None, title
     """AIE per layer at the last subject token, one line per kind (± standard error).
 
     chosen: a layer to mark (the one `--layer auto` picks); quality: optional per-layer edit
-    metrics (e.g. {"ES": [...], "PS": [...]}) drawn on a second axis to compare against.
+    metrics (e.g. {"ES": [...], "PS": [...]}, NaN at layers not measured; up to three) drawn on a
+    second axis to compare against.
     """
     fig = _figure((5.2, 3.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -97,7 +98,9 @@ def plot_aie(aie: AIE, path: str | os.PathLike, chosen: int | None = None, title
     if quality:
         ax2 = ax.twinx()
         for (name, ys), style in zip(quality.items(), (":", "-.", "--")):
-            ax2.plot(xs, list(ys), ls=style, color="black", lw=1, marker="x", ms=3, label=f"edit {name}")
+            pts = [(x, y) for x, y in zip(xs, ys) if y == y]  # NaN: a layer the sweep did not edit
+            ax2.plot([x for x, _ in pts], [y for _, y in pts], ls=style, color="black", lw=1, marker="x", ms=3,
+                     label=f"edit {name}")
         ax2.set_ylabel("edit quality (fraction)", fontsize=8)
         ax2.set_ylim(-0.03, 1.03)
         ax2.tick_params(labelsize=7)
