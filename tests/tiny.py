@@ -108,3 +108,20 @@ def write_gguf(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: str |
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def make_testbed_requests(world, n: int, seed: int = 0) -> tuple[list, list[tuple[str, str]]]:
+    """n edit requests on a testbed world's facts (seeded): each fact's first trained phrasing
+    towards another object of its relation; and the (prompt, target) pairs to check them with."""
+    import random
+
+    from rankone.core.tokens import EditRequest
+
+    rng = random.Random(seed)
+    reqs, pairs = [], []
+    for f in rng.sample(world.facts, n):
+        target = rng.choice([o for o in world.relation(f.relation).objects if o != f.object])
+        prompt = world.prompts(f, "train")[0]
+        reqs.append(EditRequest.create(prompt, f.subject, target))
+        pairs.append((prompt, target))
+    return reqs, pairs

@@ -3,7 +3,6 @@ memit|alphaedit --requests`, editing on top of a registry's release, bad combina
 exit 2, nothing written) and `rankone bench sequential --method memit|alphaedit --batch-size`."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run
 from rankone.lifecycle.registry import Registry
 from rankone.methods.alphaedit import AlphaEditHParams
 from rankone.models.load import load_model
-from tiny import corpus_text, make_model
+from tiny import corpus_text, make_model, make_testbed_requests
 
 TINY = dict(layers=[0, 1, 2], v_steps=4, v_lr=0.05, stats_tokens=20_000, prefixes=["The Eiffel Tower. {}"])
 ALPHA = dict(TINY, method="alphaedit", nullspace_threshold=1e-4, l2=1e-10)  # see test_batch_edit
@@ -44,13 +43,7 @@ def test_memit_on_the_command_line_flips_a_batch_of_testbed_facts(tmp_path, caps
 
     d = builtin_model_dir()
     world = World.load(d)
-    rng = random.Random(0)
-    reqs, pairs = [], []
-    for f in rng.sample(world.facts, 5):
-        target = rng.choice([o for o in world.relation(f.relation).objects if o != f.object])
-        prompt = world.prompts(f, "train")[0]
-        reqs.append(EditRequest.create(prompt, f.subject, target))
-        pairs.append((prompt, target))
+    reqs, pairs = make_testbed_requests(world, 5)
     # the toy model needs δ ≈ 2–4 ‖h‖: ROME's clamp 4, not MEMIT's 0.75 (see test_memit)
     code, out, err = run_cli(capsys, "edit", "--quiet", "--model", d, "--method", "memit", "--requests",
                              jsonl(tmp_path / "r.jsonl", reqs), "--hparams", '{"clamp_norm_factor": 4.0}',

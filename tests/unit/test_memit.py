@@ -14,7 +14,7 @@ from rankone.methods.memit import (
 )
 from rankone.methods.rome import compute_key
 from rankone.methods.stats import LayerStats, layer_stats
-from tiny import BOS_ARCHS, make_model
+from tiny import BOS_ARCHS, make_model, make_testbed_requests
 
 REQS = [
     EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"),
@@ -165,8 +165,7 @@ def test_empty_batch_is_refused(tok):
 
 def test_memit_flips_a_batch_of_testbed_facts():
     """5 facts in one batch on the built-in testbed (its edit layer is 0, so the window is [0])."""
-    import random
-
+    
     from rankone.models.load import load_model
     from rankone.testbed import World, builtin_model_dir
     from rankone.testbed.check import greedy_hits
@@ -174,13 +173,7 @@ def test_memit_flips_a_batch_of_testbed_facts():
     d = builtin_model_dir()
     model, tok = load_model(d)
     world = World.load(d)
-    rng = random.Random(0)
-    reqs, pairs = [], []
-    for f in rng.sample(world.facts, 5):
-        target = rng.choice([o for o in world.relation(f.relation).objects if o != f.object])
-        prompt = world.prompts(f, "train")[0]
-        reqs.append(EditRequest.create(prompt, f.subject, target))
-        pairs.append((prompt, target))
+    reqs, pairs = make_testbed_requests(world, 5)
     # The toy model's residual stream is small next to what a new fact needs (δ ≈ 2–4 ‖h‖):
     # MEMIT's clamp of 0.75 ‖h‖ is for billion-parameter models; ROME's 4 fits this one.
     hp = MemitHParams.for_model(model, clamp_norm_factor=4.0)
