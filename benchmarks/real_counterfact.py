@@ -121,12 +121,10 @@ def other_facts(case: Case, index: tuple[dict, dict], most: int = 5) -> list[tup
 class IdentityStatsEditor(Editor):
     """C = I (EasyEdit's ROME configs: mom2_adjustment false): u ∝ k̄ instead of C⁻¹k̄.
 
-    The library has no switch for it; Editor.stats is the one place the statistics enter, so
-    overriding it is the whole hook (a LayerStats.identity constructor would make it a setting)."""
+    Editor.stats is the one place the statistics enter, so overriding it is the whole hook."""
 
     def stats(self, layer: int, hp: Any = None, *args: Any, **kw: Any) -> LayerStats:
-        d_in = arch.in_out_features(arch.get_module(self.model, self.module_path(layer)))[0]
-        return LayerStats(torch.eye(d_in, dtype=torch.float64), 0, {"corpus": "identity"})
+        return LayerStats.identity(arch.in_out_features(arch.get_module(self.model, self.module_path(layer)))[0])
 
 
 def stats_label(args: argparse.Namespace, tokens: int) -> tuple[str, str]:

@@ -17,30 +17,20 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, table, write_section  # noqa: E402
 from edit_speed import COUNTERFACT, RUNS as SPEED_RUNS, TEXT, load, metrics  # noqa: E402
+from real_counterfact import IdentityStatsEditor  # noqa: E402
 
 from rankone.artifacts.patch import revert_patch  # noqa: E402
-from rankone.core import architectures as arch  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.cases import cases_from_records  # noqa: E402
 from rankone.eval.metrics import alignable, hmean  # noqa: E402
 from rankone.methods.corpus import sampled_corpus  # noqa: E402
 from rankone.methods.hparams import EditHParams  # noqa: E402
-from rankone.methods.stats import LayerStats  # noqa: E402
 
 RUNS = ROOT / "runs" / "stats_corpus"
-
-
-class IdentityEditor(Editor):
-    """C = I: the update's key direction is the key itself (EasyEdit's ROME configs)."""
-
-    def stats(self, layer: int, hp: EditHParams | None = None) -> LayerStats:
-        proj = arch.get_module(self.model, arch.proj_path(self.model, layer))
-        return LayerStats(torch.eye(arch.in_out_features(proj)[0], dtype=torch.float64), 0)
 
 
 def configs(budgets: list[int]) -> list[tuple[str, int]]:
@@ -57,7 +47,7 @@ def run_model(name: str, n: int, budgets: list[int]) -> None:
     for src, budget in configs(budgets):
         hp = EditHParams.for_model(model, stats_tokens=max(budget, 1))
         if src == "identity":
-            ed: Editor = IdentityEditor(model, tok, hp, TEXT, progress=False)
+            ed: Editor = IdentityStatsEditor(model, tok, hp, TEXT, progress=False)
         else:
             corpus = sampled_corpus(model, tok, budget, hp.seed, cache_dir=cache) if src == "sampled" else TEXT
             ed = Editor(model, tok, hp, corpus, cache_dir=cache / "stats", progress=False)

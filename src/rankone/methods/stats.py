@@ -65,6 +65,12 @@ class LayerStats:
     _chol: torch.Tensor | None = None
     jitter: float = 0.0
 
+    @classmethod
+    def identity(cls, d_in: int) -> "LayerStats":
+        """C = I: no key statistics at all (the update's key direction is the key itself, as in
+        EasyEdit's ROME configs); for measuring what the statistics are worth."""
+        return cls(torch.eye(d_in, dtype=torch.float64), 0, {"corpus": "identity"})
+
     def factor(self) -> torch.Tensor:
         if self._chol is None:
             c = self.mom2
