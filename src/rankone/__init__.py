@@ -17,7 +17,7 @@ _API = {
     "Editor": "rankone.edit.editor", "edit": "rankone.edit.editor", "Patch": "rankone.artifacts.patch",
     "apply_patch": "rankone.artifacts.patch", "revert_patch": "rankone.artifacts.patch", "compose": "rankone.artifacts.patch",
     "RankoneError": "rankone.core.errors", "ModelHandle": "rankone.models.handle", "ModelCard": "rankone.models.card",
-    "MemitHParams": "rankone.methods.memit", "AlphaEditHParams": "rankone.methods.alphaedit",
+    "MemitHParams": "rankone.methods.hparams", "AlphaEditHParams": "rankone.methods.hparams",
     "PreservedKeys": "rankone.methods.alphaedit",
 }
 __all__ = sorted(_API)

@@ -7,8 +7,9 @@ import torch
 from rankone.core.errors import RankoneError
 from rankone.core.tokens import EditRequest
 from rankone.methods import alphaedit as ae
+from rankone.methods.hparams import AlphaEditHParams
 from rankone.methods.alphaedit import (
-    AlphaEditHParams, PreservedKeys, alphaedit_update, cached_null_basis, null_space_basis,
+    PreservedKeys, alphaedit_update, cached_null_basis, null_space_basis,
     null_space_projector, projector_key,
 )
 from rankone.methods.memit import updates_applied

@@ -14,7 +14,7 @@ from rankone.edit.editor import Editor
 from rankone.eval.cases import Case, save_cases
 from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run
 from rankone.lifecycle.registry import Registry
-from rankone.methods.alphaedit import AlphaEditHParams
+from rankone.methods.hparams import AlphaEditHParams
 from rankone.models.load import load_model
 from tiny import corpus_text, make_model, make_testbed_requests
 

@@ -13,14 +13,15 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.core.tokens import EditRequest
-from rankone.edit.batch import hparams_from_dict, preserved_keys_of, settings_for
+from rankone.edit.batch import hparams_from_dict, preserved_keys_of
+from rankone.methods.hparams import settings_for
 from rankone.edit.editor import Editor
 from rankone.edit.guard import Guard
 from rankone.lifecycle.conflicts import find_conflicts
 from rankone.lifecycle.registry import Registry
-from rankone.methods.alphaedit import AlphaEditHParams
+from rankone.methods.hparams import AlphaEditHParams
 from rankone.methods.hparams import EditHParams
-from rankone.methods.memit import MemitHParams
+from rankone.methods.hparams import MemitHParams
 from tiny import BOS_ARCHS, make_model
 
 REQS = [

@@ -8,10 +8,8 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture
 from rankone.core.tokens import EditRequest, encode_request
-from rankone.methods.memit import (
-    GPTJ_D_IN, GPTJ_LAMBDA, MemitHParams, compute_targets, edit_batch, memit_update, read_keys,
-    spread_residual, updates_applied,
-)
+from rankone.methods.hparams import GPTJ_D_IN, GPTJ_LAMBDA, MemitHParams
+from rankone.methods.memit import compute_targets, edit_batch, memit_update, read_keys, spread_residual, updates_applied
 from rankone.methods.rome import compute_key
 from rankone.methods.stats import LayerStats, layer_stats
 from tiny import BOS_ARCHS, make_model, make_testbed_requests

@@ -71,7 +71,9 @@ class _Clock(io.TextIOBase):
         return len(text)
 
 
-def test_eval_on_the_builtin_model_shows_an_estimate_within_two_seconds(tmp_path, monkeypatch):
+def test_eval_on_the_builtin_model_shows_an_estimate_after_its_first_batch(tmp_path, monkeypatch):
+    # behaviour, not a timing (times are benchmarks' business): the estimate comes after the first
+    # batch of prompts, long before the scoring ends
     from rankone.cli.main import main
     from rankone.models.load import load_model
     from rankone.testbed import builtin_model_dir
@@ -86,8 +88,7 @@ def test_eval_on_the_builtin_model_shows_an_estimate_within_two_seconds(tmp_path
     err.t0 = time.perf_counter()
     with pytest.raises(_Seen):
         main(["eval", "--model", str(m), "--patch", str(tmp_path / "p"), "--cases", str(m), "--out", str(tmp_path / "e.json")])
-    assert err.at is not None and err.at < 2.0, (err.at, err.lines)
-    print(f"first estimate after {err.at:.2f} s")
     shown = "".join(err.lines)
-    assert re.search(r"rankone: scoring \(before\): \d+/\d+ prompts, .* about \d+:\d\d left", shown), shown
+    m = re.search(r"rankone: scoring \(before\): (\d+)/(\d+) prompts, .* about \d+:\d\d left", shown)
+    assert m and 0 < int(m.group(1)) <= 64 < int(m.group(2)), shown
     assert not (tmp_path / "e.json").exists()

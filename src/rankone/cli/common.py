@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
-from rankone.methods.alphaedit import AlphaEditHParams
-from rankone.methods.hparams import EditHParams, describe_fields
-from rankone.methods.memit import MemitHParams
+from rankone.methods.hparams import AlphaEditHParams, EditHParams, MemitHParams, describe_fields
 
 _EXTRA = {f for f in AlphaEditHParams.__dataclass_fields__ if f not in MemitHParams.__dataclass_fields__}
 HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters. For r-rome, p-rome and rome any of: "
@@ -56,7 +54,7 @@ def load_requests(path: str) -> list[Any]:
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     """The user's hyper-parameters (--hparams, then flags), checked now against the settings of
     their method (rankone.edit.batch.settings_for), merged with the model's later."""
-    from rankone.edit.batch import settings_for
+    from rankone.methods.hparams import settings_for
 
     given: dict[str, Any] = {}
     if args.hparams:

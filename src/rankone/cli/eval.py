@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
-from rankone.edit.batch import ALL_METHODS
+from rankone.methods.hparams import ALL_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,16 @@ NAMES = [("es", "efficacy ES"), ("em", "efficacy magnitude EM"), ("ps", "paraphr
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rankone.core.progress import status
+
+    # what starts now, on stdout with the command's other notes (stderr stays one line on an error)
+    status(f"eval: reading {args.cases} and loading {args.model}; the scoring shows its progress and time left",
+           stream=sys.stdout)
     from rankone.artifacts.patch import Patch
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.metrics import GLUE_TASKS, load_glue
     from rankone.eval.protocol import EvalSettings, evaluate_before_after
-    from rankone.core.progress import status
     from rankone.methods.hparams import EditHParams
 
     if args.patch and args.edit_each:
@@ -97,7 +101,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     hp = EditHParams.from_dict(_given(args)) if args.edit_each else None
     cases = load_cases(args.cases)
     patches = [Patch.load(p) for p in (args.patch or [])]
-    status(f"eval: {len(cases)} case(s) read; loading {args.model} (then scoring, with an estimate)")
     handle = load(args)
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,
@@ -148,7 +151,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     from rankone.eval.metrics import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
     from rankone.eval.protocol import select_cases
-    from rankone.edit.batch import BATCH_SETTINGS, settings_for
+    from rankone.methods.hparams import BATCH_SETTINGS, settings_for
     from rankone.eval.sequential import SequentialConfig, SequentialRun
 
     methods = list(dict.fromkeys(args.method or ["r-rome"]))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, load_requests, model_args, positive_int
 from rankone.core.errors import RankoneError
 from rankone.core.progress import set_quiet
-from rankone.edit.batch import ALL_METHODS
+from rankone.methods.hparams import ALL_METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
 PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
@@ -25,7 +25,8 @@ PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "r
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.edit.batch import BATCH_SETTINGS, outcomes_of, settings_for
+    from rankone.edit.batch import outcomes_of
+    from rankone.methods.hparams import BATCH_SETTINGS, settings_for
     from rankone.edit.editor import Editor, check_request
     from rankone.core.tokens import EditRequest
 

@@ -7,11 +7,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rankone.core.errors import RankoneError
-from rankone.trace.layer_choice import MAX_CASES, FactSet, LayerChoice
-from rankone.trace.runs import KINDS, TraceSettings
+from rankone.trace import KINDS, MAX_CASES
+
+if TYPE_CHECKING:  # imported where they are used: the parser must not pay for torch
+    from rankone.trace.layer_choice import FactSet, LayerChoice
+    from rankone.trace.runs import TraceSettings
 
 
 # ---- case files -----------------------------------------------------------------------------
@@ -24,6 +27,8 @@ def load_facts(path: str | os.PathLike, source: str | None = None) -> FactSet:
 
     cases = load_cases(path)
     facts = [SubjectPrompt(c.template, c.subject, c.target_true) for c in cases]
+    from rankone.trace.layer_choice import FactSet
+
     return FactSet(facts, list(dict.fromkeys(c.subject for c in cases)), source or str(path))
 
 
@@ -68,6 +73,8 @@ def register(sub: Any) -> None:
 
 def settings_from(args: argparse.Namespace) -> TraceSettings:
     kinds = [k.strip() for k in str(args.kinds).split(",") if k.strip()]
+    from rankone.trace.runs import TraceSettings
+
     return TraceSettings(n_samples=args.samples, noise_factor=args.noise_factor, noise_scale=args.noise_scale,
                          window=args.window, kinds=kinds, seed=args.seed, batch_rows=args.batch_rows)
 

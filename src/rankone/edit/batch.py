@@ -33,7 +33,7 @@ sequential run's checkpointed patch or from a registry's released patches in rel
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -44,24 +44,9 @@ from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress
 from rankone.core.tokens import EditRequest
 from rankone.methods import alphaedit, memit
-from rankone.methods.alphaedit import AlphaEditHParams, PreservedKeys
-from rankone.methods.hparams import METHODS, EditHParams, JsonSettings
-from rankone.methods.memit import LayerUpdate, MemitHParams
-
-# What an Editor takes: the ROME family's settings or a batch method's (AlphaEditHParams is a MemitHParams).
-HParams = Union[EditHParams, MemitHParams]
-BATCH_SETTINGS: dict[str, type[MemitHParams]] = {"memit": MemitHParams, "alphaedit": AlphaEditHParams}
-ALL_METHODS = METHODS + tuple(BATCH_SETTINGS)
-
-
-def settings_for(method: Any) -> type[JsonSettings]:
-    """The settings class of a method name; None is the default method (r-rome)."""
-    if method is None or method in METHODS:
-        return EditHParams
-    if method in BATCH_SETTINGS:
-        return BATCH_SETTINGS[method]
-    raise RankoneError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
-
+from rankone.methods.alphaedit import PreservedKeys
+from rankone.methods.hparams import AlphaEditHParams, HParams, MemitHParams, settings_for
+from rankone.methods.memit import LayerUpdate
 
 def hparams_from_dict(d: dict[str, Any]) -> HParams:
     """Any method's settings from a JSON object; its `method` field picks the class."""

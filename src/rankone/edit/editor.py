@@ -34,10 +34,10 @@ from rankone.core.util import user_name, utcnow
 from rankone.core.hooks import after_forward
 from rankone.core.progress import Progress, track
 from rankone.core.fingerprint import model_sha256
-from rankone.edit.batch import HParams, compute_batch, is_batch, preserved_keys_of, write_batch
+from rankone.methods.hparams import HParams
+from rankone.edit.batch import compute_batch, is_batch, preserved_keys_of, write_batch
 from rankone.methods.alphaedit import PreservedKeys
-from rankone.methods.memit import MemitHParams
-from rankone.methods.hparams import EditHParams, JsonSettings
+from rankone.methods.hparams import EditHParams, JsonSettings, MemitHParams
 from rankone.models.handle import ModelHandle
 from rankone.artifacts.patch import Applied, Edit, Patch, apply_patch, library_versions, make_edit, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update

@@ -46,7 +46,7 @@ from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
 from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
 from rankone.models.generation import perplexity
-from rankone.edit.batch import HParams
+from rankone.methods.hparams import HParams
 from rankone.artifacts.patch import Patch, library_versions
 from rankone.edit.guard import Guard
 from rankone.eval.sequential_steps import edit_batch, edit_one

@@ -42,32 +42,12 @@ from rankone.core.atomic import write_bytes
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.core.tokens import EditRequest
-from rankone.methods.hparams import settings
-from rankone.methods.memit import LayerUpdate, MemitHParams, context_templates, run_window
+from rankone.methods.hparams import AlphaEditHParams
+from rankone.methods.memit import LayerUpdate, context_templates, run_window
 from rankone.methods.stats import LayerStats, cache_root
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.methods.alphaedit/1"
-
-
-@settings
-class AlphaEditHParams(MemitHParams):
-    """MEMIT's settings (mom2_update_weight is not used) and the null-space ones."""
-
-    method: str = "alphaedit"
-    nullspace_threshold: float = 2e-2  # eigenvalues of E[k kᵀ] below this span the null space
-    l2: float = 10.0  # α
-
-    METHOD = "alphaedit"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("nullspace_threshold", "l2"):
-            if not float(getattr(self, name)) > 0:
-                raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
-
-    def resolve(self, model: torch.nn.Module) -> "AlphaEditHParams":
-        return super().resolve(model).replace(mom2_update_weight=None)  # type: ignore[return-value]
 
 
 # ---- (4) the null-space projector -----------------------------------------------------------

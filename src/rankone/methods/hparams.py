@@ -8,7 +8,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object
@@ -222,3 +222,109 @@ def _card_of(model: Any) -> Any:
     if isinstance(model, ModelHandle):
         return model.card
     return ModelHandle.of(model, None).card
+
+
+# ---- the batch methods' settings (methods/memit.py, methods/alphaedit.py) -------------------
+# Here, not beside the methods, so that reading and checking settings (the CLI's parser and its
+# help) never imports torch.
+
+GPTJ_LAMBDA, GPTJ_D_IN = 15000.0, 16384  # MEMIT's mom2_update_weight for GPT-J and its key size
+
+
+@settings
+class MemitHParams(JsonSettings):
+    method: str = "memit"
+    layer: int | None = None  # the critical layer, last of the window; None: the model's edit layer
+    layers: list[int] | None = None  # the window itself; None: `window` layers ending at `layer`
+    window: int | None = None  # None: round(n_layers / 6), within 1..5
+    mom2_update_weight: float | None = None  # λ; None: 15000 · d_in / 16384
+    # target optimisation (MEMIT's GPT-J settings)
+    v_steps: int = 25
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    early_stop_loss: float = 0.05
+    kl_prompt: str = "{} is a"
+    fast_value: bool = True  # replay the cached hidden states up to the critical layer
+    prefix_spec: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    prefixes: list[str] | None = None
+    seed: int = 0
+    stats_tokens: int = 1_000_000
+    batch_rows: int = 256  # prompts per forward pass when reading keys
+
+    METHOD = "memit"  # the method name these settings are for (a class constant, not a field)
+
+    def __post_init__(self) -> None:
+        if self.method != self.METHOD:
+            raise RankoneError(f"{type(self).__name__} is for method {self.METHOD!r}, not {self.method!r}")
+        check_value_settings(self)
+        if self.layers is not None:
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+                raise RankoneError(f"layers {self.layers} must be a non-empty increasing list, e.g. [3, 4, 5, 6, 7]")
+            if self.layer is not None and self.layer != self.layers[-1]:
+                raise RankoneError(f"layer {self.layer} must be the last of layers {self.layers} (the critical layer)")
+        if self.window is not None and int(self.window) < 1:
+            raise RankoneError(f"window must be at least 1, got {self.window}")
+        if self.mom2_update_weight is not None and not float(self.mom2_update_weight) > 0:
+            raise RankoneError(f"mom2_update_weight must be positive, got {self.mom2_update_weight}")
+        if int(self.batch_rows) < 1:
+            raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
+
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> "MemitHParams":
+        """As JsonSettings.for_model; a window given fixes the critical layer (over the card's layer)."""
+        if overrides.get("layers") and overrides.get("layer") is None:
+            overrides["layer"] = overrides["layers"][-1]
+        return super().for_model(model, **overrides)
+
+    def resolve(self, model: Any) -> "MemitHParams":
+        """These settings with the window and λ made concrete for `model` (what gets recorded)."""
+        from rankone.core import architectures as arch  # torch: only when resolving for a model
+        from rankone.models.handle import ModelHandle
+
+        n = arch.num_layers(model)
+        if self.layers is not None:
+            layers = [arch.check_layer(model, int(l)) for l in self.layers]
+        else:
+            last = arch.check_layer(model, ModelHandle.of(model, None).default_layer() if self.layer is None else int(self.layer))
+            size = int(self.window) if self.window is not None else min(5, max(1, round(n / 6)))
+            layers = list(range(max(0, last - size + 1), last + 1))
+        d_in = arch.in_out_features(arch.get_module(model, arch.proj_path(model, layers[-1])))[0]
+        lam = self.mom2_update_weight if self.mom2_update_weight is not None else GPTJ_LAMBDA * d_in / GPTJ_D_IN
+        return self.replace(layers=layers, layer=layers[-1], window=len(layers), mom2_update_weight=float(lam))
+
+
+@settings
+class AlphaEditHParams(MemitHParams):
+    """MEMIT's settings (mom2_update_weight is not used) and the null-space ones."""
+
+    method: str = "alphaedit"
+    nullspace_threshold: float = 2e-2  # eigenvalues of E[k kᵀ] below this span the null space
+    l2: float = 10.0  # α
+
+    METHOD = "alphaedit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("nullspace_threshold", "l2"):
+            if not float(getattr(self, name)) > 0:
+                raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def resolve(self, model: Any) -> "AlphaEditHParams":
+        return super().resolve(model).replace(mom2_update_weight=None)  # type: ignore[return-value]
+
+
+# What an Editor takes: the ROME family's settings or a batch method's (AlphaEditHParams is a MemitHParams).
+HParams = Union[EditHParams, MemitHParams]
+BATCH_SETTINGS: dict[str, type[MemitHParams]] = {"memit": MemitHParams, "alphaedit": AlphaEditHParams}
+ALL_METHODS = METHODS + tuple(BATCH_SETTINGS)
+
+
+def settings_for(method: Any) -> type[JsonSettings]:
+    """The settings class of a method name; None is the default method (r-rome)."""
+    if method is None or method in METHODS:
+        return EditHParams
+    if method in BATCH_SETTINGS:
+        return BATCH_SETTINGS[method]
+    raise RankoneError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -44,76 +44,10 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output, replace_forward
 from rankone.core.tokens import EditRequest, encode_request, pad_batch, sample_prefixes
-from rankone.methods.hparams import JsonSettings, check_value_settings, settings
+from rankone.methods.hparams import MemitHParams
 from rankone.core.hooks import replay_below
 from rankone.methods.rome import _device
 from rankone.methods.stats import LayerStats
-
-GPTJ_LAMBDA, GPTJ_D_IN = 15000.0, 16384  # MEMIT's mom2_update_weight for GPT-J and its key size
-
-
-@settings
-class MemitHParams(JsonSettings):
-    method: str = "memit"
-    layer: int | None = None  # the critical layer, last of the window; None: the model's edit layer
-    layers: list[int] | None = None  # the window itself; None: `window` layers ending at `layer`
-    window: int | None = None  # None: round(n_layers / 6), within 1..5
-    mom2_update_weight: float | None = None  # λ; None: 15000 · d_in / 16384
-    # target optimisation (MEMIT's GPT-J settings)
-    v_steps: int = 25
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    early_stop_loss: float = 0.05
-    kl_prompt: str = "{} is a"
-    fast_value: bool = True  # replay the cached hidden states up to the critical layer
-    prefix_spec: list[list[int]] = field(default_factory=lambda: [[10, 5]])
-    prefixes: list[str] | None = None
-    seed: int = 0
-    stats_tokens: int = 1_000_000
-    batch_rows: int = 256  # prompts per forward pass when reading keys
-
-    METHOD = "memit"  # the method name these settings are for (a class constant, not a field)
-
-    def __post_init__(self) -> None:
-        if self.method != self.METHOD:
-            raise RankoneError(f"{type(self).__name__} is for method {self.METHOD!r}, not {self.method!r}")
-        check_value_settings(self)
-        if self.layers is not None:
-            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
-                raise RankoneError(f"layers {self.layers} must be a non-empty increasing list, e.g. [3, 4, 5, 6, 7]")
-            if self.layer is not None and self.layer != self.layers[-1]:
-                raise RankoneError(f"layer {self.layer} must be the last of layers {self.layers} (the critical layer)")
-        if self.window is not None and int(self.window) < 1:
-            raise RankoneError(f"window must be at least 1, got {self.window}")
-        if self.mom2_update_weight is not None and not float(self.mom2_update_weight) > 0:
-            raise RankoneError(f"mom2_update_weight must be positive, got {self.mom2_update_weight}")
-        if int(self.batch_rows) < 1:
-            raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
-
-    @classmethod
-    def for_model(cls, model: Any, **overrides: Any) -> "MemitHParams":
-        """As JsonSettings.for_model; a window given fixes the critical layer (over the card's layer)."""
-        if overrides.get("layers") and overrides.get("layer") is None:
-            overrides["layer"] = overrides["layers"][-1]
-        return super().for_model(model, **overrides)
-
-    def resolve(self, model: torch.nn.Module) -> "MemitHParams":
-        """These settings with the window and λ made concrete for `model` (what gets recorded)."""
-        from rankone.models.handle import ModelHandle
-
-        n = arch.num_layers(model)
-        if self.layers is not None:
-            layers = [arch.check_layer(model, int(l)) for l in self.layers]
-        else:
-            last = arch.check_layer(model, ModelHandle.of(model, None).default_layer() if self.layer is None else int(self.layer))
-            size = int(self.window) if self.window is not None else min(5, max(1, round(n / 6)))
-            layers = list(range(max(0, last - size + 1), last + 1))
-        d_in = arch.in_out_features(arch.get_module(model, arch.proj_path(model, layers[-1])))[0]
-        lam = self.mom2_update_weight if self.mom2_update_weight is not None else GPTJ_LAMBDA * d_in / GPTJ_D_IN
-        return self.replace(layers=layers, layer=layers[-1], window=len(layers), mom2_update_weight=float(lam))
-
 
 class LayerUpdate(NamedTuple):
     """One layer's share of a batch edit: ΔW = B A on the projection at `module`."""

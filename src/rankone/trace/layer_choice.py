@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from rankone.core.errors import RankoneError
+from rankone.trace import MAX_CASES
 from rankone.core.tokens import EditRequest
 from rankone.models.handle import ModelHandle
 from rankone.trace.runs import TraceSettings
 from rankone.trace.tracing import AIE, SubjectPrompt, best_cached_aie, cached_aie, model_fingerprint, sample_facts
 
-MAX_CASES = 200  # facts traced by default for an AIE (seeded sample when there are more)
 AUTO_FACTS = 100  # facts the model card names, traced for --layer auto
 
 Progress = Callable[[int, int], None]

@@ -34,10 +34,10 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
+from rankone.trace import KINDS
 from rankone.core.hooks import map_output
 from rankone.core.tokens import EditRequest, encode, join_target, token_span
 
-KINDS = ("hidden", "mlp", "attn")
 Site = tuple[str, int]  # (module path, token position) whose clean output is put back
 
 
