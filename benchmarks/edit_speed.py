@@ -51,7 +51,7 @@ from rankone.methods.hparams import EditHParams  # noqa: E402
 from rankone.methods.stats import BATCH_TOKENS, collect_mom2  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
-from rankone.models.zoo import real_model_dir  # noqa: E402
+from rankone.models.zoo import models_cache_dir, real_model_dir  # noqa: E402
 
 RUNS = Path(os.environ.get("RANKONE_BENCH_RUNS", ROOT / "runs" / "edit_speed"))
 DATA = Path(os.environ.get("RANKONE_DATA", ROOT.parent / "shared" / "data"))  # beside the checkout
@@ -63,8 +63,21 @@ LLAMA_LIKE = {"layers": "model.layers", "mlp": "model.layers.{}.mlp", "proj": "m
 CLI_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
 
+def models_root() -> Path:
+    """The zoo's usual model cache, also in the subprocesses to which this script gives its own
+    RANKONE_CACHE (for templates, statistics and corpora, never for models)."""
+    if os.environ.get("RANKONE_BENCH_MODELS"):
+        return Path(os.environ["RANKONE_BENCH_MODELS"])
+    own = os.environ.get("RANKONE_CACHE", "").startswith(str(RUNS))
+    return Path.home() / ".cache" / "rankone" / "models" if own else models_cache_dir()
+
+
+def model_dir(name: str) -> Path:
+    return real_model_dir(name, cache=models_root())
+
+
 def load(name: str) -> tuple[Any, Any, str | None]:
-    d = real_model_dir(name)
+    d = model_dir(name)
     try:
         model, tok = load_model(d)
         return model, tok, None
@@ -142,12 +155,13 @@ def mem_probe(name: str) -> None:
 
 
 def cli_env(cache: Path) -> dict[str, str]:
-    return dict(os.environ, RANKONE_CACHE=str(cache), PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    return dict(os.environ, RANKONE_CACHE=str(cache), PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1",
+                RANKONE_BENCH_MODELS=str(models_root()))
 
 
 def cli_part(name: str, spec: str | None, hparams: str | None) -> dict[str, Any]:
     cache = RUNS / name / "cache"
-    d = str(real_model_dir(name))
+    d = str(model_dir(name))
     res: dict[str, Any] = {"load_start": load_avg()}
     with tempfile.TemporaryDirectory() as tmp:
         argv = [sys.executable, "-m", "rankone.cli.main", "edit", "--model", d, *CLI_EDIT, "--quiet",
@@ -178,7 +192,7 @@ def cli_split(name: str, out: str, spec: str | None, hparams: str | None) -> Non
     from rankone.cli.main import build_parser
     from rankone.core.tokens import EditRequest
 
-    argv = ["edit", "--model", str(real_model_dir(name)), *CLI_EDIT, "--quiet", "--out", out]
+    argv = ["edit", "--model", str(model_dir(name)), *CLI_EDIT, "--quiet", "--out", out]
     argv += (["--arch-spec", spec] if spec else []) + (["--hparams", hparams] if hparams else [])
     args = build_parser().parse_args(argv)  # imports the command's modules (torch, transformers)
     given = hparams_from(args)
