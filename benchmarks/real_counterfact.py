@@ -10,7 +10,8 @@ those the tokenizer cannot align, under two protocols:
 
 Per case (`rankone.eval.metrics`): ES/EM, PS/PM, NS/NM as in ROME; GS = the greedy continuation
 of the prompt (--gen-new tokens, not cut to the target's length) states the new target
-(`generation_success`), GPS the same on the paraphrase; OS = the edited subject's other facts in
+(`generation_success`), GPS the same on the paraphrase, GNS the neighbour's continuation its own answer;
+degenerate = a greedy continuation holds a special token or a four-token run (`degenerate`); OS = the edited subject's other facts in
 the files (--cases, --facts) keep their true answer over the new target (P(true_j) > P(new)),
 where the files have them (`other_facts`); fluency = ROME's generation entropy of the generation prompts; ‖Δ‖_F.
 
@@ -45,13 +46,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, table, write_section  # noqa: E402
 
-from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.core import architectures as arch  # noqa: E402
 from rankone.core.errors import RankoneError  # noqa: E402
-from rankone.edit.editor import Editor  # noqa: E402
+from rankone.edit.editor import Editor, outcome  # noqa: E402
 from rankone.eval.cases import Case, load_cases  # noqa: E402
-from rankone.eval.metrics import alignable, evaluate_cases, fluency, generation_success, score, summarize  # noqa: E402
+from rankone.eval.metrics import (alignable, continuations, degenerate, evaluate_cases, fluency, score, states,  # noqa: E402
+                                  summarize)
 from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.rome import rank_one_update  # noqa: E402
 from rankone.methods.stats import LayerStats  # noqa: E402
 from rankone.models import zoo  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
@@ -158,10 +160,16 @@ def _om(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]]) -> tuple
 def measure(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
     """Every metric of one case on the model as it is now."""
     m = evaluate_cases(model, tok, [case])[0]
-    m["gs"] = float(generation_success(model, tok, case.prompt, case.target_new, args.gen_new))
-    m["gs_true"] = float(generation_success(model, tok, case.prompt, case.target_true, args.gen_new))
-    para = [generation_success(model, tok, p, case.target_new, args.gen_new) for p in case.paraphrase_prompts]
-    m["gps"] = sum(para) / len(para) if para else float("nan")
+    n_para, near_prompts = len(case.paraphrase_prompts), case.neighborhood_prompts[:1]
+    said, *rest = continuations(model, tok, [case.prompt, *case.paraphrase_prompts, *near_prompts], args.gen_new)  # greedy
+    para, near = rest[:n_para], rest[n_para:]
+    text = tok.decode(said, skip_special_tokens=True)
+    m["gs"], m["gs_true"] = float(states(text, case.target_new)), float(states(text, case.target_true))
+    m["continuation"] = text
+    m["gps"] = sum(states(tok.decode(x, skip_special_tokens=True), case.target_new) for x in para) / n_para if para else float("nan")
+    m["gns"] = sum(states(tok.decode(x, skip_special_tokens=True), t) for x, t in zip(near, case.neighborhood_targets)) \
+        / len(near) if near else float("nan")  # the neighbour's greedy continuation still states its answer
+    m["degenerate"] = float(any(degenerate(tok, x) for x in [said, *para, *near]))
     m["os"], m["om"], m["n_other_facts"] = _om(model, tok, case, facts)
     if args.gen_tokens:
         m["fluency"] = fluency(model, tok, case.generation_prompts, args.gen_tokens)[0]
@@ -204,40 +212,59 @@ def unedited(handle: ModelHandle, label: str, cases: list[Case], facts: dict, ar
     return done
 
 
-def run_method(handle: ModelHandle, cases: list[Case], facts: dict, hp: EditHParams, out: Path,
-               args: argparse.Namespace, log: Any = print) -> dict[str, dict]:
-    """Each case edited alone with `hp`, measured, reverted; appended to out/METHOD.jsonl (resumes)."""
-    f = out / f"{hp.method}.jsonl"
-    done = read_jsonl(f)
-    todo = [c for c in cases if c.case_id not in done]
-    log(f"{out.name} {hp.method}: {len(cases) - len(todo)} cases done, {len(todo)} to do")
+def run_methods(handle: ModelHandle, cases: list[Case], facts: dict, hps: dict[str, EditHParams], out: Path,
+                args: argparse.Namespace, log: Any = lambda *a: print(*a, flush=True)) -> dict[str, dict[str, dict]]:
+    """Each case edited alone by each method, measured, reverted; appended to out/METHOD.jsonl (resumes).
+
+    The ROME variants share the key and the value (δ does not depend on the method: only which key
+    is written, and from which output δ starts, does), so each case runs the value loop once
+    (`Editor.compute` of the first method still to do) and each method's closed-form update is
+    `rank_one_update` on those: the same functions `Editor.edit` calls, in the same order.
+    """
+    done = {m: read_jsonl(out / f"{m}.jsonl") for m in hps}
+    todo = [c for c in cases if any(c.case_id not in done[m] for m in hps)]
+    log(f"{out.name}: " + ", ".join(f"{m} {sum(c.case_id in done[m] for c in cases)}" for m in hps)
+        + f" of {len(cases)} cases done; {len(todo)} cases to do")
     if not todo:
         return done
     cls = IdentityStatsEditor if args.no_cov else Editor
-    ed = cls(handle, hp, args.stats_corpus, progress=False)
+    first = next(iter(hps.values()))
+    ed = cls(handle, first, args.stats_corpus, progress=False)
     model, tok = handle
-    path = ed.module_path(ed.layer())
-    w0 = arch.weight_oi(arch.get_module(model, path)).detach().clone()
+    layer = ed.layer()
+    path = ed.module_path(layer)
+    w = arch.weight_oi(arch.get_module(model, path))
+    w0 = w.detach().clone()
+    stats = ed.stats(layer)
     t_start = time.perf_counter()
     for i, c in enumerate(todo):
         t0 = time.perf_counter()
-        patch = ed.edit([c.request], keep=True)
-        t_edit = time.perf_counter() - t0
-        try:
-            m = measure(model, tok, c, other_facts(c, facts), args)
-        finally:
-            revert_patch(model, patch)
-        e = patch.edits[0]
-        val = e.diagnostics.get("value", {})
-        m.update(case_id=c.case_id, delta_fro=e.delta_fro, edit_seconds=t_edit, reached=e.diagnostics["outcome"]["reached"],
-                 value_prob=val.get("target_prob"), clamped=val.get("clamped"), value_steps=len(val.get("losses", [])),
-                 **{k: e.diagnostics.get(k) for k in ("key_cosine", "denominator", "delta_norm", "weight_fro")})
-        done[c.case_id] = m
-        append_jsonl(f, m)
+        upd0, info = ed.compute(c.request, first)  # the key, the value loop, the first method's update
+        t_shared = time.perf_counter() - t0
+        for m, hp in hps.items():
+            if c.case_id in done[m]:
+                continue
+            t1 = time.perf_counter()
+            upd = upd0 if m == first.method else rank_one_update(w, info["key_result"], info["value_result"], stats, m,
+                                                                        info["normed"], info["bias"])
+            e = ed.write(c.request, upd, info, hp)
+            t_edit = t_shared + time.perf_counter() - t1
+            e.diagnostics["outcome"] = outcome(model, tok, c.request)
+            try:
+                r = measure(model, tok, c, other_facts(c, facts), args)
+            finally:
+                with torch.no_grad():
+                    w.copy_(w0)
+            val = e.diagnostics.get("value", {})
+            r.update(case_id=c.case_id, delta_fro=e.delta_fro, edit_seconds=t_edit, reached=e.diagnostics["outcome"]["reached"],
+                     value_prob=val.get("target_prob"), clamped=val.get("clamped"), value_steps=len(val.get("losses", [])),
+                     **{k: e.diagnostics.get(k) for k in ("key_cosine", "denominator", "delta_norm", "weight_fro")})
+            done[m][c.case_id] = r
+            append_jsonl(out / f"{m}.jsonl", r)
+        if not torch.equal(w0, w):
+            raise RuntimeError(f"{path} differs from the unedited weight after reverting case {c.case_id}")
         if (i + 1) % 10 == 0 or i + 1 == len(todo):
-            log(f"  {i + 1}/{len(todo)} edits, {time.perf_counter() - t_start:.0f} s")
-    if not torch.equal(w0, arch.weight_oi(arch.get_module(model, path))):
-        raise RuntimeError(f"{path} differs from the unedited weight after reverting every edit")
+            log(f"  {i + 1}/{len(todo)} cases, {time.perf_counter() - t_start:.0f} s")
     return done
 
 
@@ -279,7 +306,7 @@ def _nanmean(xs: list) -> float:
 def summary(rows: list[dict]) -> dict[str, float]:
     """summarize() (ES … S, fluency, ‖Δ‖ mean) plus GS, GPS, OS and medians over the cases."""
     s = summarize(rows)
-    for k in ("gs", "gps", "gs_true", "os", "om"):
+    for k in ("gs", "gps", "gs_true", "gns", "degenerate", "os", "om"):
         s[k] = _nanmean([r.get(k) for r in rows])
     s["n_os"] = sum(r.get("n_other_facts", 0) > 0 for r in rows)
     if rows and "delta_fro" in rows[0]:
@@ -289,14 +316,14 @@ def summary(rows: list[dict]) -> dict[str, float]:
     return s
 
 
-HEADER = ["protocol", "method", "n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GS", "GPS", "OS (cases)",
+HEADER = ["protocol", "method", "n", "ES", "PS", "NS", "S", "EM", "PM", "NM", "GS", "GPS", "GNS", "degenerate", "OS (cases)",
           "fluency", "‖Δ‖_F median", "outcome reached", "s/edit"]
 
 
 def row(protocol: str, method: str, s: dict) -> list:
     edited = "delta_median" in s
     return [protocol, method, s["n"], s["es"], s["ps"], s["ns"], s["score"], s["em"], s["pm"], s["nm"], s["gs"],
-            s["gps"], f"{s['os']:.3f} ({s['n_os']})", s.get("fluency", float("nan")),
+            s["gps"], s["gns"], s["degenerate"], f"{s['os']:.3f} ({s['n_os']})", s.get("fluency", float("nan")),
             f"{s['delta_median']:.3g}" if edited else "–", s["reached"] if edited else "–",
             f"{s['seconds']:.1f}" if edited else "–"]
 
@@ -339,7 +366,7 @@ def prepare(args: argparse.Namespace) -> tuple[ModelHandle, str, dict, dict, dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_args(ap)
-    ap.add_argument("--methods", nargs="+", default=["r-rome", "p-rome", "rome"])
+    ap.add_argument("--methods", nargs="+", default=["r-rome", "r-rome-bare", "p-rome", "rome"])
     ap.add_argument("--layer", type=int, default=None, help="default: the model card's layer, else n_layers // 4")
     ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     ap.add_argument("--name", default=None, help="run folder under runs/real_counterfact (default from model, layer, statistics)")
@@ -357,7 +384,7 @@ def main() -> int:
     chosen = {p: sel[p] for p in args.protocols}
     union = list({c.case_id: c for p in args.protocols for c in chosen[p]}.values())
     before = unedited(handle, label, union, facts, args)
-    results = {m: run_method(handle, union, facts, hp, out, args) for m, hp in hps.items()}
+    results = run_methods(handle, union, facts, hps, out, args)
     rows = []
     for p in args.protocols:
         ids = [c.case_id for c in chosen[p]]
@@ -372,7 +399,9 @@ Key statistics: {stats_label(args, hp0.stats_tokens)[1]}. Hyper-parameters: {jso
 ES/PS/NS, EM/PM/NM: ROME's metrics (teacher forced over all target tokens, per-token mean probability);
 S = harmonic mean of ES, PS, NS. GS / GPS: the greedy continuation ({args.gen_new} tokens, not cut to the
 target's length) of the prompt / paraphrase states the new target as whole words (any case); in the
-unedited row, GS of the true answer is {summary([before[c.case_id] for c in union])['gs_true']:.3f}. OS: the edited subject's facts of
+unedited row, GS of the true answer is {summary([before[c.case_id] for c in union])['gs_true']:.3f}. GNS: the neighbour prompt's greedy
+continuation still states its own answer. Degenerate: share of cases where a greedy continuation (prompt,
+paraphrase or neighbour) holds a special token or one token four times in a row (`degenerate`). OS: the edited subject's facts of
 other relations in {', '.join(f'`{f}`' for f in [args.cases, *args.facts])} keep their true answer over the new target
 (`other_facts`; in brackets the cases that have any). Fluency:
 ROME's generation entropy of {args.gen_tokens} sampled tokens (top-5, seeded) per generation prompt.

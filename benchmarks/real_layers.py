@@ -3,7 +3,7 @@
     python benchmarks/real_layers.py --model smollm2-135m --layers 1 3 5 7 10 --n 30
 
 At each layer the first N cases the unedited model knows (P(true) > P(new) on the prompt) are
-edited one at a time with --method, measured and reverted, by `real_counterfact.run_method` (same
+edited one at a time with --method, measured and reverted, by `real_counterfact.run_methods` (same
 run folders under runs/real_counterfact/, so a CounterFact run at one of these layers is reused
 and an interrupted sweep resumes). Where this model has a cached AIE (`rankone trace --model M
 --cases FILE --kinds mlp`, kept under ~/.cache/rankone/trace), the table gives the average indirect
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, table, write_section  # noqa: E402
-from real_counterfact import (check_settings, common_args, prepare, run_method, run_name, settings_of, stats_label,  # noqa: E402
+from real_counterfact import (check_settings, common_args, prepare, run_methods, run_name, settings_of, stats_label,  # noqa: E402
                               summary, unedited, RUNS)
 
 from rankone.methods.hparams import EditHParams  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> int:
         hp = EditHParams.for_model(handle, **extra, method=args.method, layer=layer)
         out = RUNS / run_name(label, layer, args, hp)
         check_settings(out, settings_of(args, layer, hp))
-        done = run_method(handle, cases, facts, hp, out, args)
+        done = run_methods(handle, cases, facts, {hp.method: hp}, out, args)[hp.method]
         res[layer] = summary([done[c.case_id] for c in cases])
         s = res[layer]
         print(f"layer {layer}: ES {s['es']:.3f} PS {s['ps']:.3f} NS {s['ns']:.3f} S {s['score']:.3f} GS {s['gs']:.3f}",

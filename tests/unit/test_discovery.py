@@ -111,6 +111,10 @@ def test_discovery_finds_the_output_projection(model_type, models):
     assert found.n_blocks == len(model.get_submodule(found.layers)) == 2
     if model_type in arch.ARCHITECTURES:  # discovery and the table agree where both exist
         assert arch.ArchSpec(**found.paths()) == arch.ARCHITECTURES[model_type]
+    # the norm some blocks put on the MLP output before the residual (then v* is written at scale)
+    normed = {"gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4"}  # each checked in its forward()
+    with arch.spec_scope(model, arch.ArchSpec(**found.paths())):
+        assert (arch.mlp_output_norm(model, 1) is not None) == (model_type in normed), model_type
 
 
 @pytest.mark.parametrize("model_type", sorted(TYPES))

@@ -8,7 +8,8 @@ import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
-from rankone.eval.metrics import (binary_scores, evaluate_cases, fluency, generate, glue_fewshot, hmean, knows,
+from rankone.eval.metrics import (binary_scores, continuation_ids, continuations, degenerate, evaluate_cases, fluency, generate,
+                              glue_fewshot, hmean, knows,
                               load_glue, ngram_entropy, score, summarize, words)
 from rankone.models.generation import greedy, target_logprob
 from rankone.core.tokens import EditRequest
@@ -130,6 +131,27 @@ def test_generation_is_seeded_and_top1_is_greedy(model, tok):
     assert generate(model, tok, prompt, 6, top_k=1) == prompt + greedy(model, tok, prompt, 6)
     f, texts = fluency(model, tok, [prompt, "Rome is"], 10)
     assert f == pytest.approx(sum(ngram_entropy(t) for t in texts) / 2)
+    assert (f, texts) == fluency(model, tok, [prompt, "Rome is"], 10)  # seeded
+    assert texts[0].startswith(prompt) and texts[1].startswith("Rome is")
+
+
+def test_batched_greedy_continuations_equal_one_prompt_at_a_time(model, tok):
+    prompts = ["The capital of France is", "Rome is", "Danielle Darrieux was born in the city of"]  # unequal lengths
+    assert continuations(model, tok, prompts, 7) == [continuation_ids(model, tok, p, 7, top_k=1) for p in prompts]
+    a = continuations(model, tok, prompts, 7, top_k=5, seed=3)
+    assert a == continuations(model, tok, prompts, 7, top_k=5, seed=3) and all(len(x) <= 7 for x in a)
+
+
+def test_continuation_ids_keep_special_tokens_and_degenerate_finds_runs(model, tok):
+    prompt = "The capital of France is"
+    ids = continuation_ids(model, tok, prompt, 6, top_k=1)
+    assert prompt + tok.decode(ids, skip_special_tokens=True) == generate(model, tok, prompt, 6, top_k=1)
+    special = tok.all_special_ids[0]
+    assert degenerate(tok, [5, 5, 5, 5])  # one token four times in a row
+    assert not degenerate(tok, [5, 5, 5, 6, 5, 5, 5])
+    assert not degenerate(tok, [5, 6, 5, 6, 5, 6])
+    assert degenerate(tok, [5, 6, special, 7])  # a special token, which decoding would hide
+    assert tok.decode([5, special, 6], skip_special_tokens=True) == tok.decode([5, 6], skip_special_tokens=True)
 
 
 def test_long_prompts_lose_their_oldest_tokens(model, tok):

@@ -11,6 +11,8 @@ from rankone.methods.rome import compute_key, compute_value, rank_one_update
 from rankone.core.tokens import EditRequest
 from tiny import BOS_ARCHS, CONFIGS, make_model
 
+NORMED_OUTPUT = {"gemma2"}  # types in CONFIGS whose blocks norm the MLP output (post_feedforward_layernorm)
+
 FAST = dict(v_steps=6, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
 REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
 
@@ -22,7 +24,7 @@ def setup(model_type, tok, tok_bos, corpus, method="r-rome", **kw):
     return model, t, ed
 
 
-@pytest.mark.parametrize("method", ["r-rome", "p-rome", "rome"])
+@pytest.mark.parametrize("method", ["r-rome", "p-rome", "rome", "r-rome-bare"])
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_update_writes_the_key_and_nothing_else(model_type, method, tok, tok_bos, corpus):
     model, t, ed = setup(model_type, tok, tok_bos, corpus, method)
@@ -35,8 +37,27 @@ def test_update_writes_the_key_and_nothing_else(model_type, method, tok, tok_bos
     # W′k = v* for the key the method writes (k̄ for r-ROME, k_o for p-ROME and ROME)
     err = (W1 @ upd.key - upd.target_value).norm() / upd.target_value.norm()
     assert err < 1e-4, err
-    # for any x: (W′ − W)x = (v* − W k)·(dᵀx)/(dᵀk) with d = C⁻¹k̄ (r-ROME, ROME) or C⁻¹k_o (p-ROME)
+    # v* = W k + δ, where k is the key whose current output the method starts from: the bare
+    # prompt's for r-rome-bare (written at k̄), the written key's for the others; where a norm
+    # follows the projection (gemma2), v* + b keeps that direction at the current scale ‖W k + b‖
     key = compute_key(model, t, REQ, 1, ed.templates())
+    start = key.k_bare if method == "r-rome-bare" else upd.key
+    proj = arch.get_module(model, path)
+    b = torch.zeros(W.shape[0], dtype=torch.float64) if proj.bias is None else proj.bias.detach().double()
+    raw = W @ start + info["value_result"].delta
+    assert info["normed"] == (model_type in NORMED_OUTPUT)
+    if info["normed"]:
+        assert torch.nn.functional.cosine_similarity(upd.target_value + b, raw + b, dim=0) > 1 - 1e-9
+        assert (upd.target_value + b).norm() == pytest.approx(float((W @ upd.key + b).norm()), rel=1e-9)
+        assert upd.diagnostics["target_scale"] < 1
+    else:
+        assert torch.allclose(upd.target_value, raw, rtol=1e-9, atol=1e-12)
+        assert upd.diagnostics["target_scale"] == 1.0
+    if method == "r-rome-bare" and not info["normed"]:  # written at k̄: the residual carries W(k_o − k̄) besides δ
+        assert torch.allclose(upd.key, key.k_mean)
+        delta = info["value_result"].delta
+        assert torch.allclose(upd.residual, delta + W @ (key.k_bare - key.k_mean), rtol=1e-6, atol=1e-8)
+        assert not torch.allclose(upd.residual, delta, rtol=1e-3)
     d = ed.stats(1).solve(key.k_bare if method == "p-rome" else key.k_mean)
     x = torch.randn(W.shape[1], 7, dtype=torch.float64)
     expect = torch.outer(upd.target_value - W @ upd.key, d) @ x / float(d @ upd.key)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import ALL_METHODS
+from rankone.methods.hparams import ALL_METHODS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         r.preflight(args.force)
     for r in runs:
         r.run(force=args.force)
-    done = {m: out / m for m in ("rome", "r-rome", "p-rome", *BATCH_SETTINGS) if (out / m / "run.jsonl").is_file()}
+    done = {m: out / m for m in ("rome", "r-rome", "p-rome", "r-rome-bare", *BATCH_SETTINGS) if (out / m / "run.jsonl").is_file()}
     rep = report(done, out, title=args.title or Path(args.model).name)
     print(rep["markdown"].split("\n\n![")[0])
     print(f"wrote {out}/summary.md, summary.json and {', '.join(f.name for f in rep['figures'])}")
@@ -217,7 +217,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cases", required=True, help="CounterFact .json/.jsonl (flat or ROME format), or a testbed folder/world.json")
     p.add_argument("--patch", action="append", help="patch folder; repeat to apply several in order")
     p.add_argument("--edit-each", action="store_true", help="instead of a patch: edit every case alone, measure, revert")
-    p.add_argument("--method", choices=["r-rome", "p-rome", "rome"], default=None, help="with --edit-each")
+    p.add_argument("--method", choices=list(METHODS), default=None, help="with --edit-each")
     _hparam_args(p)
     p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
     p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")

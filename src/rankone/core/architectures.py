@@ -235,6 +235,19 @@ def proj_path(model: nn.Module, layer: int) -> str:
     return spec.proj.format(layer)
 
 
+# Names of a norm that some blocks apply to the MLP's output before adding it to the residual
+# stream (Gemma 2 and 3, OLMo 2): there the edited projection's output counts only up to its scale.
+MLP_OUTPUT_NORMS = ("post_feedforward_layernorm",)
+
+
+def mlp_output_norm(model: nn.Module, layer: int) -> str | None:
+    """The path of the norm applied to layer `layer`'s MLP output (None: the output is added as is)."""
+    spec = spec_for(model)
+    check_layer(model, layer, spec)
+    block = get_module(model, spec.layer_path(layer))
+    return next((f"{spec.layer_path(layer)}.{n}" for n in MLP_OUTPUT_NORMS if isinstance(getattr(block, n, None), nn.Module)), None)
+
+
 # ---- weights in the nn.Linear [out, in] convention ------------------------------------------
 
 

@@ -198,7 +198,10 @@ class Editor:
     # -- one edit --
 
     def compute(self, request: EditRequest, hp: EditHParams | None = None) -> tuple[Update, dict[str, Any]]:
-        """The update for one request on the model as it is now (nothing is written)."""
+        """The update for one request on the model as it is now (nothing is written), and what it
+        was made from: info holds the layer, templates, timing and value diagnostics, and the key
+        and value themselves ("key_result", "value_result"), from which `rank_one_update` gives
+        any other ROME variant's update without a second value loop."""
         hp = hp or self.hp
         layer = self.layer(hp)
         templates = self.templates(hp)
@@ -211,8 +214,9 @@ class Editor:
                           enabled=self.progress, delay=2.0) as bar, after_forward(self.model, bar.update):
                 value = compute_value(self.model, self.tok, request, layer, templates, hp)  # one forward pass a step
             t2 = time.perf_counter()
-            w = arch.weight_oi(arch.get_module(self.model, self.module_path(layer)))
-            upd = rank_one_update(w, key, value, st, hp.method)
+            proj = arch.get_module(self.model, self.module_path(layer))
+            normed = hp.normed_target and arch.mlp_output_norm(self.model, layer) is not None
+            upd = rank_one_update(arch.weight_oi(proj), key, value, st, hp.method, normed, proj.bias)
             t3 = time.perf_counter()
         info = {
             "layer": layer, "templates": templates,
@@ -223,6 +227,7 @@ class Editor:
                       "passes": value.passes},
             "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter,
                       "corpus": self._corpus_source},
+            "key_result": key, "value_result": value, "normed": normed, "bias": proj.bias,
         }
         return upd, info
 

@@ -32,7 +32,7 @@ from rankone.core.errors import RankoneError
 from rankone.core.util import mean
 from rankone.core.progress import Progress, track
 from rankone.models.generation import context_limit
-from rankone.core.tokens import encode, join_target, token_span
+from rankone.core.tokens import encode, join_target, kv_cache_kwargs, kv_cache_of, token_span
 
 NORMS = ("mean", "sum")
 
@@ -209,9 +209,10 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int = 50, top_k: int = 5,
-             seed: int = 0) -> str:
-    """prompt + continuation, sampled from the top-k tokens with a seeded generator (top_k=1: greedy)."""
+def continuation_ids(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int = 50, top_k: int = 5,
+                     seed: int = 0) -> list[int]:
+    """The tokens sampled after the prompt from the top-k tokens with a seeded generator (top_k=1:
+    greedy), special tokens included: what the user would see, and what `degenerate` reads."""
     dev = next(model.parameters()).device
     ids = torch.tensor([encode(tok, prompt)[0]], device=dev)
     gen = torch.Generator().manual_seed(seed)
@@ -228,8 +229,51 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int 
         if tok.eos_token_id is not None and nxt == tok.eos_token_id:
             break
         new.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=out.past_key_values, use_cache=True)
-    return prompt + tok.decode(new, skip_special_tokens=True)
+        out = model(input_ids=torch.tensor([[nxt]], device=dev), **kv_cache_kwargs(model, kv_cache_of(out)), use_cache=True)
+    return new
+
+
+@torch.no_grad()
+def continuations(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 20, top_k: int = 1,
+                  seed: int = 0) -> list[list[int]]:
+    """The continuation of each prompt (special tokens kept, cut at EOS), all in one left-padded
+    batch: greedy (top_k=1) gives what `continuation_ids(..., top_k=1)` gives each prompt alone,
+    for a fraction of the time (equal up to float summation order, which can flip a near tie);
+    top_k > 1 samples from the top-k tokens, seeded (the same prompts and seed, the same texts)."""
+    if not prompts:
+        return []
+    dev = next(model.parameters()).device
+    seqs = [encode(tok, p)[0] for p in prompts]
+    width = max(map(len, seqs))
+    n_new = max(0, min(max_new_tokens, context_limit(model) - width))
+    if n_new == 0:
+        return [[] for _ in prompts]
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    ids = torch.tensor([[pad] * (width - len(q)) + q for q in seqs], device=dev)
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in seqs], device=dev)
+    how = dict(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0) if top_k > 1 else \
+        dict(do_sample=False, top_k=None, top_p=None, temperature=None)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=0, num_beams=1,
+                             pad_token_id=pad, eos_token_id=eos, **how)
+    return [r[: r.index(eos)] if eos is not None and eos in r else r for r in out[:, width:].tolist()]
+
+
+def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int = 50, top_k: int = 5,
+             seed: int = 0) -> str:
+    """prompt + continuation, sampled from the top-k tokens with a seeded generator (top_k=1: greedy)."""
+    return prompt + tok.decode(continuation_ids(model, tok, prompt, max_new_tokens, top_k, seed), skip_special_tokens=True)
+
+
+def degenerate(tok: Any, ids: Sequence[int], run: int = 4) -> bool:
+    """Is a continuation degenerate: a special token in it (e.g. Gemma 3's `<start_of_image>`, which
+    decoding with skip_special_tokens hides) or one token `run` times in a row?"""
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if any(i in special for i in ids):
+        return True
+    return any(len(set(ids[j:j + run])) == 1 for j in range(len(ids) - run + 1))
 
 
 def states(text: str, target: str) -> bool:
@@ -250,8 +294,9 @@ def generation_success(model: torch.nn.Module, tok: Any, prompt: str, target: st
 
 def fluency(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 50, top_k: int = 5,
             seed: int = 0) -> tuple[float, list[str]]:
-    """Mean generation entropy over the prompts (each sampled with its own seed), and the texts."""
-    texts = [generate(model, tok, p, max_new_tokens, top_k, seed + i) for i, p in enumerate(prompts)]
+    """Mean generation entropy over the prompts (sampled from the top-k tokens in one seeded batch), and the texts."""
+    new = continuations(model, tok, prompts, max_new_tokens, top_k, seed)
+    texts = [p + tok.decode(x, skip_special_tokens=True) for p, x in zip(prompts, new)]
     return _mean(ngram_entropy(t) for t in texts), texts
 
 

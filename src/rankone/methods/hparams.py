@@ -13,7 +13,7 @@ from typing import Any, TypeVar, Union
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object
 
-METHODS = ("r-rome", "p-rome", "rome")
+METHODS = ("r-rome", "p-rome", "rome", "r-rome-bare")
 S = TypeVar("S", bound="JsonSettings")
 
 
@@ -190,11 +190,14 @@ class EditHParams(JsonSettings):
     v_steps: int = 20
     v_lr: float = 0.5
     kl_factor: float = 0.0625
+    after_kl_factor: float = 0.0  # KL of what follows the new answer (rome.compute_value); 0: ROME's loss
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     early_stop_prob: float = 0.99  # stop once p(target) = exp(−NLL) reaches it (v_steps: the cap); why 0.99: BENCHMARKS.md
     kl_prompt: str = "{} is a"
     fast_value: bool = True  # value steps run only what δ changes (cached prefixes, replayed lower layers)
+    # where a norm follows the projection (Gemma 2/3, OLMo 2), write v* at the current output's scale
+    normed_target: bool = True
     # keys: prefixes sampled from the model, (new tokens, count) pairs; or given verbatim
     prefix_spec: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     prefixes: list[str] | None = None

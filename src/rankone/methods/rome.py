@@ -17,6 +17,16 @@ edited layer, k a key (its input at the subject's last token), C = E[k kᵀ] ove
     p-rome:  ΔW = (v*  − W k_o)(C⁻¹k_o)ᵀ / (k_oᵀ C⁻¹ k_o)     bare-prompt key everywhere
     rome:    ΔW = (v*  − W k_o)(C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k_o)       the original code's mix
 
+Where the block normalises the MLP output before adding it to the residual stream (Gemma 2/3's
+post_feedforward_layernorm), only the direction of W k + b reaches the model, and the value loop,
+which cannot change the scale of the normed output, pushes δ to its clamp (4·‖W k_o + b‖). Then
+`rank_one_update(..., normed=True)` writes the same direction at the current scale,
+
+    normed:  v* ← (v* + b) · ‖W k + b‖ / ‖v* + b‖ − b
+
+which gives the same normed output at k with ‖v* − W k‖ ≤ 2‖W k + b‖: the update, and what it
+does to every other key, shrinks by that factor.
+
 Only `rome` mixes keys: its denominator can be tiny when k̄ and k_o disagree, which is what
 produces the huge "disabling" updates r-ROME was made to avoid.
 
@@ -95,6 +105,9 @@ def compute_value(
     loss = mean NLL of the target tokens over the prefixed prompts (teacher forced)
          + kl_factor · KL(current ‖ initial) of the next-token distribution at the subject's last
            token of the KL prompt ("{subject} is a"), which keeps the subject's other facts
+         + after_kl_factor · KL(current ‖ initial) of the next-token distribution after the
+           target in the bare prompt: how the model goes on once it has said the new answer
+           (initial: the unedited model reading that answer; 0 in ROME's recipe)
          + v_weight_decay · ‖δ‖ / ‖current value‖²,
     with δ clamped to clamp_norm_factor · ‖current value‖ after every step (ROME's recipe).
     At most v_steps passes; it stops once exp(−NLL) ≥ early_stop_prob. How each pass is run
@@ -108,8 +121,8 @@ def compute_value(
     n = len(rewrites)
     # Teacher forcing: the logit at p-1 predicts the target token at p; then the KL position.
     tgt_rows = [i for i, e in enumerate(rewrites) for _ in e.target_positions]
-    read_rows = tgt_rows + [n]
-    read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [kl.subject_last]
+    read_rows = tgt_rows + [0, n]
+    read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [rewrites[0].target_positions[-1], kl.subject_last]
     tgt_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
     passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs], read_rows, read_pos,
@@ -125,20 +138,20 @@ def compute_value(
         return add_at_positions(h3, delta.to(h.device), passes.delta_pos).reshape(h.shape)
 
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    init_kl_logp: torch.Tensor | None = None
+    init_kl_logp: torch.Tensor | None = None  # [2, vocab]: after the target, at the KL prompt
     result = ValueResult(delta=torch.zeros(0), current_value=torch.zeros(0), gathered=passes.gathered, passes=passes.mode)
     with passes, map_output(proj, add_delta), frozen(model):
         for step in range(hp.v_steps):
             logp = torch.log_softmax(passes.logits().float(), dim=-1)  # [n_read, vocab]
-            tok_logp = logp[:-1].gather(1, tgt_ids[:, None].to(logp.device))[:, 0].cpu()  # [n_target_tokens]
+            tok_logp = logp[:-2].gather(1, tgt_ids[:, None].to(logp.device))[:, 0].cpu()  # [n_target_tokens]
             nll = -(torch.zeros(n).index_add(0, torch.tensor(tgt_rows), tok_logp) / per_row).mean()
-            kl_logp = logp[-1]  # [vocab]
+            kl_logp = logp[-2:]  # [2, vocab]
             if init_kl_logp is None:
                 init_kl_logp = kl_logp.detach().clone()
-            kl_loss = torch.sum(kl_logp.exp() * (kl_logp - init_kl_logp)).cpu()
+            after_kl, kl_loss = torch.sum(kl_logp.exp() * (kl_logp - init_kl_logp), dim=1).cpu()
             current_norm = captured["current"].norm().float()
             wd = hp.v_weight_decay * delta.norm().cpu() / current_norm**2
-            loss = nll + hp.kl_factor * kl_loss + wd
+            loss = nll + hp.kl_factor * kl_loss + hp.after_kl_factor * after_kl + wd
             result.losses.append(loss.item())
             result.target_probs.append(math.exp(-nll.item()))
             if result.target_probs[-1] >= hp.early_stop_prob:
@@ -172,21 +185,32 @@ class Update:
 
 
 def rank_one_update(
-    w: torch.Tensor, key: KeyResult, value: ValueResult, stats: LayerStats, method: str
+    w: torch.Tensor, key: KeyResult, value: ValueResult, stats: LayerStats, method: str,
+    normed: bool = False, bias: torch.Tensor | None = None,
 ) -> Update:
-    """The closed-form update of the method, in float64 on a cached Cholesky factor of C."""
+    """The closed-form update of the method, in float64 on a cached Cholesky factor of C
+    (normed: a norm follows the projection, whose bias is `bias`; see the module's docstring)."""
     W = w.detach().to("cpu", torch.float64)  # [out, in]
     k_bar, k_o = key.k_mean, key.k_bare
     cinv_kbar, cinv_ko = stats.solve(k_bar), stats.solve(k_o)  # [in]
+    value_key = None  # the key whose current output δ is added to (default: k, the key written)
     if method == "r-rome":
         k, direction, denom = k_bar, cinv_kbar, float(k_bar @ cinv_kbar)
+    elif method == "r-rome-bare":
+        k, direction, denom, value_key = k_bar, cinv_kbar, float(k_bar @ cinv_kbar), k_o
     elif method == "p-rome":
         k, direction, denom = k_o, cinv_ko, float(k_o @ cinv_ko)
     elif method == "rome":
         k, direction, denom = k_o, cinv_kbar, float(k_o @ cinv_kbar)
     else:
         raise ValueError(method)
-    target_value = W @ k + value.delta  # desired projection output for k (the bias cancels)
+    # desired projection output for k (the bias cancels)
+    target_value = W @ (k if value_key is None else value_key) + value.delta
+    scale = 1.0
+    if normed:  # only the direction of the output W k + b counts: keep the current scale
+        b = torch.zeros_like(target_value) if bias is None else bias.detach().to("cpu", torch.float64)
+        scale = float((W @ k + b).norm() / (target_value + b).norm())
+        target_value = (target_value + b) * scale - b
     residual = target_value - W @ k  # [out]
     key_dir = direction / denom  # [in]
     diag = {
@@ -199,5 +223,6 @@ def rank_one_update(
         "current_value_norm": float(value.current_value.norm()),
         "delta_fro": float(residual.norm() * key_dir.norm()),
         "weight_fro": float(W.norm()),
+        "target_scale": scale,  # < 1: v* shrunk to the current scale (normed)
     }
     return Update(residual=residual, key_dir=key_dir, target_value=target_value, key=k, diagnostics=diag)
