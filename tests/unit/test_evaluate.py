@@ -8,9 +8,9 @@ import torch
 
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
-from rankone.eval.metrics import (binary_scores, continuation_ids, continuations, degenerate, evaluate_cases, fluency, generate,
-                              glue_fewshot, hmean, knows,
-                              load_glue, ngram_entropy, score, summarize, words)
+from rankone.eval.glue import binary_scores, glue_fewshot, load_glue
+from rankone.eval.metrics import (continuation_ids, continuations, degenerate, evaluate_cases, fluency, generate, hmean,
+                                  knows, ngram_entropy, score, summarize, words)
 from rankone.models.generation import greedy, target_logprob
 from rankone.core.tokens import EditRequest
 from tiny import make_model

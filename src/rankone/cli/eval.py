@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rankone.artifacts.patch import Patch
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
-    from rankone.eval.metrics import GLUE_TASKS, load_glue
+    from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.protocol import EvalSettings, evaluate_before_after
     from rankone.methods.hparams import EditHParams
 
@@ -148,7 +148,7 @@ def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fa
 
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
     from rankone.eval.cases import heldout_text_of, load_cases
-    from rankone.eval.metrics import GLUE_TASKS, load_glue
+    from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
     from rankone.eval.protocol import select_cases
     from rankone.methods.hparams import BATCH_SETTINGS, settings_for

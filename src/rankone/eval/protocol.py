@@ -22,7 +22,8 @@ from rankone.artifacts.patch import Patch, apply_patch
 from rankone.core.errors import RankoneError
 from rankone.core.progress import track
 from rankone.eval.cases import Case, edited_by
-from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, glue_suite, knows, summarize
+from rankone.eval.glue import glue_suite
+from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, knows, summarize
 from rankone.methods.hparams import EditHParams
 from rankone.models.generation import perplexity
 from rankone.models.handle import ModelHandle

@@ -44,7 +44,8 @@ from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
-from rankone.eval.metrics import evaluate_cases, fluency, glue_suite, score
+from rankone.eval.glue import glue_suite
+from rankone.eval.metrics import evaluate_cases, fluency, score
 from rankone.models.generation import perplexity
 from rankone.methods.hparams import HParams
 from rankone.artifacts.patch import Patch, library_versions
