@@ -91,7 +91,7 @@ def main() -> int:
              before["os"], "–"]]
     rows += [[f"{l}" + (" (default)" if l == default else "") + (" (AIE)" if l == auto else ""), aie_col(l),
               res[l]["es"], res[l]["ps"], res[l]["ns"], res[l]["score"], res[l]["gs"], res[l]["gps"], res[l]["os"],
-              f"{res[l]['delta_median']:.3g}"] for l in args.layers]
+              f"{res[l]['delta_median']:.3g}"] for l in sorted(args.layers)]
     traced = (f"AIE: {aie.n_facts} facts the model answers correctly, {aie.settings.get('n_samples', '?')} noise "
               f"samples, window {aie.window}, from `{aie.cache_file}`." if aie is not None else
               "No cached AIE for this model (run `rankone trace --model M --cases FILE --kinds mlp` first).")
