@@ -121,6 +121,12 @@ def test_model_without_corpus_samples_one_from_the_model(capsys, model_dir, tmp_
     assert len(said) == 1 and "sampling 1,500 tokens from the model itself" in said[0] and "--stats-corpus" in said[0]
     man = json.loads((tmp_path / "out" / "patch.json").read_text())
     assert man["edits"][0]["diagnostics"]["stats"]["corpus"].startswith("sampled from the model: 1500 tokens")
+    caplog.clear()  # a second edit finds the sampled corpus and says so
+    with caplog.at_level("WARNING"):
+        code, _, err = run(capsys, *edit_args(d, tmp_path / "out2", **{"--hparams": hp}))
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "statistics corpus" in r.getMessage()]
+    assert len(said) == 1 and "using the 1,500 tokens sampled from the model itself" in said[0] and "cached earlier" in said[0]
 
 
 def test_existing_output_is_not_clobbered(capsys, model_dir, tmp_path):

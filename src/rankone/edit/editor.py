@@ -42,7 +42,7 @@ from rankone.models.handle import ModelHandle
 from rankone.artifacts.patch import Applied, Edit, Patch, apply_patch, library_versions, make_edit, revert_patch
 from rankone.methods.rome import Update, compute_key, compute_value, rank_one_update
 from rankone.methods.cache import cached_json
-from rankone.methods.corpus import sampled_corpus
+from rankone.methods.corpus import cached_sampled_corpus, sampled_corpus
 from rankone.methods.stats import LayerStats, layer_stats
 from rankone.core.tokens import PREFIX_STARTS, EditRequest, encode, encode_request, join_target, sample_prefixes
 from rankone.models.generation import answer_matches, check_fits, greedy, target_logprob
@@ -133,10 +133,12 @@ class Editor:
                 self._corpus_source = str(self._corpus)
             except RankoneError:
                 hp = hp or self.hp
-                log.warning("no statistics corpus given: sampling %s tokens from the model itself (seed %d; "
-                            "cached for this model); pass --stats-corpus to use natural text",
-                            f"{hp.sampled_corpus_tokens:,}", hp.seed)
-                self._corpus = sampled_corpus(self.model, self.tok, hp.sampled_corpus_tokens, hp.seed,
+                cached = cached_sampled_corpus(self.model, self.tok, hp.sampled_corpus_tokens, hp.seed, cache_dir=self.cache_dir)
+                log.warning("no statistics corpus given: %s %s tokens %s the model itself (seed %d%s); "
+                            "pass --stats-corpus to use natural text", "using the" if cached else "sampling",
+                            f"{hp.sampled_corpus_tokens:,}", "sampled from" if cached else "from", hp.seed,
+                            ", cached earlier" if cached else "; cached for this model")
+                self._corpus = cached or sampled_corpus(self.model, self.tok, hp.sampled_corpus_tokens, hp.seed,
                                               cache_dir=self.cache_dir, progress=self.progress)
                 self._corpus_source = f"sampled from the model: {hp.sampled_corpus_tokens} tokens, seed {hp.seed}"
         return self._corpus

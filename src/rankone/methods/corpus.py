@@ -100,6 +100,33 @@ def leading_special(tok: Any) -> list[int]:
 # ---- a corpus sampled from the model ------------------------------------------------------
 
 
+def _sampled_corpus_file(model: torch.nn.Module, tok: Any, n_tokens: int, seed: int, length: int,
+                         cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """Where the sampled corpus of these settings is kept, and the key it is kept under."""
+    key = {"schema": SCHEMA, "model": model_sha256(model), "tokenizer": _tokenizer_id(tok), "seed": seed,
+           "tokens": n_tokens, "length": length, "starts": list(SAMPLE_STARTS)}
+    root = (Path(cache_dir) if cache_dir is not None else cache_root()) / "corpus"
+    return root / f"sampled-{digest(key)}.jsonl", key
+
+
+def cached_sampled_corpus(
+    model: torch.nn.Module, tok: Any, n_tokens: int, seed: int = 0, length: int = 128,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path | None:
+    """The corpus `sampled_corpus` would return, if it is on disk already and intact; else None."""
+    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
+    try:
+        meta = json.loads(f.with_suffix(".json").read_text())
+        if meta.get("key") == key and meta.get("sha256") == file_sha256(f):
+            return f
+        log.warning("ignoring sampled corpus %s: it does not match this model or fails its checksum", f)
+    except FileNotFoundError:
+        pass
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        log.warning("ignoring unreadable sampled corpus %s (%s); sampling again", f, e)
+    return None
+
+
 def sampled_corpus(
     model: torch.nn.Module, tok: Any, n_tokens: int, seed: int = 0, length: int = 128, batch: int = 32,
     cache_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -111,23 +138,13 @@ def sampled_corpus(
     """
     if n_tokens < 1 or length < 1:
         raise RankoneError(f"a sampled corpus needs a positive token budget and length, got {n_tokens} and {length}")
-    key = {"schema": SCHEMA, "model": model_sha256(model), "tokenizer": _tokenizer_id(tok), "seed": seed,
-           "tokens": n_tokens, "length": length, "starts": list(SAMPLE_STARTS)}
-    root = (Path(cache_dir) if cache_dir is not None else cache_root()) / "corpus"
-    f = root / f"sampled-{digest(key)}.jsonl"
-    side = f.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text())
-        if meta.get("key") == key and meta.get("sha256") == file_sha256(f):
-            return f
-        log.warning("ignoring sampled corpus %s: it does not match this model or fails its checksum", f)
-    except FileNotFoundError:
-        pass
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        log.warning("ignoring unreadable sampled corpus %s (%s); sampling again", f, e)
+    found = cached_sampled_corpus(model, tok, n_tokens, seed, length, cache_dir)
+    if found is not None:
+        return found
+    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
     texts = _sample_documents(model, tok, n_tokens, seed, length, batch, progress)
     write_bytes(f, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode())
-    write_json(side, {"key": key, "sha256": file_sha256(f)})
+    write_json(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)})
     return f
 
 
