@@ -124,13 +124,13 @@ def stats_part(name: str, model: Any, tok: Any, n_tokens: int, cmp_batch: int) -
     res: dict[str, Any] = {"layer": layer, "tokens": n_tokens, "cmp_batch_tokens": cmp_batch,
                            "default_batch_tokens": BATCH_TOKENS, "load_start": load_avg()}
     runs = {}
-    for name, truncate in (("truncated", True), ("full", False)):
+    for how, truncate in (("truncated", True), ("full", False)):
         with peak_rss() as mem:
             t = time.perf_counter()
             c, count = collect_mom2(model, tok, [layer], TEXT, n_tokens, batch_tokens=cmp_batch, progress=False, truncate=truncate)
             dt = time.perf_counter() - t
-        runs[name] = c[layer]
-        res[name] = {"seconds": dt, "tokens_per_s": count / dt, "count": count, **mem}
+        runs[how] = c[layer]
+        res[how] = {"seconds": dt, "tokens_per_s": count / dt, "count": count, **mem}
     res["c_bit_identical"] = bool(torch.equal(runs["truncated"], runs["full"]))
     res["max_abs_diff"] = float((runs["truncated"] - runs["full"]).abs().max())
     # The statistics pass as an edit runs it (truncated, default batch), in a fresh process: the
