@@ -134,7 +134,7 @@ def stats_label(args: argparse.Namespace, tokens: int) -> tuple[str, str]:
     if args.no_cov:
         return "identity", "none: C = I (EasyEdit's default)"
     if args.stats_corpus:
-        return f"{Path(args.stats_corpus).stem}-{tokens}", f"`{args.stats_corpus}`, {tokens:,} tokens"
+        return f"{Path(args.stats_corpus).stem}-{tokens}", f"`{_where(args.stats_corpus)}`, {tokens:,} tokens"
     return f"default-{tokens}", f"the library's default for the model (its card's corpus, else samples of the model), {tokens:,} tokens"
 
 
