@@ -64,6 +64,7 @@ SHARED = next((q / "shared" for q in ROOT.parents if (q / "shared" / "data").is_
 CASES = SHARED / "data" / "counterfact" / "counterfact-edit.json"
 RUNS = ROOT / "runs" / "real_counterfact"
 PROTOCOLS = ("known", "all")
+GEN_DEFAULTS = (20, 50)  # --gen-new, --gen-tokens; other values get their own run folders
 
 
 # ---- model, cases, statistics -----------------------------------------------------------------
@@ -280,7 +281,8 @@ def run_name(label: str, layer: int, args: argparse.Namespace, hp: EditHParams) 
     """label-L{layer}-{statistics}[-hp{hash of the hyper-parameters the user changed}]."""
     extra = {k: v for k, v in hp.given.items() if k not in ("method", "layer", "stats_tokens")}
     h = f"-hp{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]}" if extra else ""
-    return f"{label}-L{layer}-{stats_label(args, hp.stats_tokens)[0]}{h}"
+    gen = f"-gen{args.gen_new}-flu{args.gen_tokens}" if (args.gen_new, args.gen_tokens) != GEN_DEFAULTS else ""
+    return f"{label}-L{layer}-{stats_label(args, hp.stats_tokens)[0]}{h}{gen}"
 
 
 def _where(spec: str) -> str:
@@ -342,8 +344,8 @@ def common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--stats-tokens", type=int, default=None, help="tokens of statistics (default: EditHParams.stats_tokens)")
     ap.add_argument("--no-cov", action="store_true", help="C = I: no statistics at all (EasyEdit's default)")
     ap.add_argument("--hparams", default=None, help="JSON object of EditHParams overrides, e.g. '{\"v_steps\": 40}'")
-    ap.add_argument("--gen-new", type=int, default=20, help="greedy tokens read for generation-based success")
-    ap.add_argument("--gen-tokens", type=int, default=50, help="sampled tokens per generation prompt for fluency (0: skip)")
+    ap.add_argument("--gen-new", type=int, default=GEN_DEFAULTS[0], help="greedy tokens read for generation-based success")
+    ap.add_argument("--gen-tokens", type=int, default=GEN_DEFAULTS[1], help="sampled tokens per generation prompt for fluency (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and docs/ alone")
 
