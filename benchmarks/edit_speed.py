@@ -304,7 +304,11 @@ def report(models: list[str]) -> str:
                 + f"\n\nPer edit, rankone is **{ratio:.2f}×** faster than the reference recipe (median of per-case ratios; "
                 f"ratio of medians {b['total_s'] / a['total_s']:.2f}×); the reference's loss-based early stop fired in "
                 f"{sum(r['reference']['stopped_early'] for r in rows)} of {len(rows)} cases. Unedited model on the same prompts: "
-                f"ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}.")
+                f"ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}. rankone and the reference agree on ES, PS "
+                f"and NS in {sum(all(r['rankone'][k] == r['reference'][k] for k in ('es', 'ps', 'ns')) for r in rows)} of "
+                f"{len(rows)} cases: the loss and the optimiser are the same, but where a norm follows the MLP output "
+                f"(Gemma 3) rankone writes v* at the current scale (`normed_target`, README \"Methods\") and the reference "
+                f"ROME's unscaled v*.")
         if (d / "cases-early-stop-0.95.jsonl").exists():  # an earlier run with early_stop_prob = 0.95
             old = [json.loads(x) for x in (d / "cases-early-stop-0.95.jsonl").read_text().splitlines()]
             o, f = summary(old, "rankone"), summary(old, "rankone_no_stop")
