@@ -119,7 +119,8 @@ def compute_value(
     kl = encode_request(tok, EditRequest(hp.kl_prompt, request.subject, request.target), with_target=False)
     encs = rewrites + [kl]
     n = len(rewrites)
-    # Teacher forcing: the logit at p-1 predicts the target token at p; then the KL position.
+    # Teacher forcing: the logit at p-1 predicts the target token at p; then the position after
+    # the bare prompt's target (after_kl) and the KL prompt's subject (kl).
     tgt_rows = [i for i, e in enumerate(rewrites) for _ in e.target_positions]
     read_rows = tgt_rows + [0, n]
     read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [rewrites[0].target_positions[-1], kl.subject_last]
