@@ -54,6 +54,13 @@ def write_section(name: str, title: str, body: str) -> None:
     os.replace(tmp, BENCH)
 
 
+def publish(name: str, title: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's section and (unless write is False, e.g. --no-write) put it in BENCHMARKS.md."""
+    print(body)
+    if write:
+        write_section(name, title, body)
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, table, write_section  # noqa: E402
+from _report import ROOT, publish, table  # noqa: E402
 
 from rankone.core import architectures as arch  # noqa: E402
 from rankone.core.errors import RankoneError  # noqa: E402
@@ -413,9 +413,7 @@ ROME's generation entropy of {args.gen_tokens} sampled tokens (top-5, seeded) pe
 
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished cases are read back from runs/real_counterfact/{name}/).
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"real_counterfact_{name}", f"CounterFact on a real model: {name}", body)
+    publish(f"real_counterfact_{name}", f"CounterFact on a real model: {name}", body, write=not args.no_write)
     return 0
 
 

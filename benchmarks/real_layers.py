@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, table, write_section  # noqa: E402
+from _report import ROOT, publish, table  # noqa: E402
 from real_counterfact import (check_settings, common_args, prepare, run_methods, run_name, settings_of, stats_label,  # noqa: E402
                               summary, unedited, RUNS)
 
@@ -106,9 +106,7 @@ the prompt / paraphrase; OS: the subject's other facts). {traced}
 {figure}
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished edits are read back from runs/real_counterfact/).
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"real_layers_{name}", f"Layer choice on a real model: {name}", body)
+    publish(f"real_layers_{name}", f"Layer choice on a real model: {name}", body, write=not args.no_write)
     return 0
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import table, write_section  # noqa: E402
+from _report import publish, table  # noqa: E402
 from real_counterfact import (HEADER, RUNS, check_settings, common_args, prepare, row, run_methods, run_name,  # noqa: E402
                               settings_of, stats_label, summary, unedited)
 
@@ -96,9 +96,7 @@ shown) of probe prompts; ‖Δ‖/‖W‖ of the edit.
 
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished cases are read back from runs/real_counterfact/).
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"real_variants_{label}", f"Edit settings side by side on a real model: {label}", body)
+    publish(f"real_variants_{label}", f"Edit settings side by side on a real model: {label}", body, write=not args.no_write)
     return 0
 
 
