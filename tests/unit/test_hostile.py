@@ -254,6 +254,16 @@ def test_the_table_covers_every_command_and_is_large_enough():
 # ---- mutations of a saved patch ---------------------------------------------------------------
 
 
+def _saved_good_patch(model, where: Path, seed: int) -> tuple[Patch, torch.Tensor, dict[str, torch.Tensor]]:
+    """A synthetic patch saved at `where`, the edited weight it gives, and the model's untouched state."""
+    good = synth(model, seed=seed)
+    good.save(where)
+    h = apply_patch(model, good)
+    want = arch.weight_oi(arch.get_module(model, MODULE)).detach().clone()
+    h.revert()
+    return good, want, {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _mutants(p: Path) -> list[tuple[str, str, bytes]]:
     """(name, file, new bytes): flipped bytes in the safetensors header, its payload and the manifest,
     and changed numbers and fields in the manifest."""
@@ -293,12 +303,7 @@ def _mutants(p: Path) -> list[tuple[str, str, bytes]]:
 def test_every_mutant_is_refused_or_harmless(tmp_path, capsys):
     model, tok = load_model(M)
     capsys.readouterr()  # the library's own loading bar
-    good = synth(model, seed=3)
-    good.save(tmp_path / "good")
-    h = apply_patch(model, good)
-    want = arch.weight_oi(arch.get_module(model, MODULE)).detach().clone()
-    h.revert()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    good, want, base = _saved_good_patch(model, tmp_path / "good", seed=3)
     refused = harmless = 0
     for name, f, data in _mutants(tmp_path / "good"):
         d = tmp_path / name
@@ -351,12 +356,7 @@ def resign(d: Path) -> None:
 ])
 def test_a_forged_patch_with_recomputed_digests_is_refused_by_apply_or_harmless(tmp_path, change, refused):
     model, _ = load_model(M)
-    good = synth(model, seed=4)
-    good.save(tmp_path / "good")
-    h = apply_patch(model, good)
-    want = arch.weight_oi(arch.get_module(model, MODULE)).detach().clone()
-    h.revert()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    good, want, base = _saved_good_patch(model, tmp_path / "good", seed=4)
     d = tmp_path / "forged"
     shutil.copytree(tmp_path / "good", d)
     man = json.loads((d / "patch.json").read_text())
