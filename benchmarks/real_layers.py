@@ -88,9 +88,9 @@ def main() -> int:
         figure = f"\n![AIE and edit quality per layer](docs/layers_{name}.png)\n"
     aie_col = (lambda l: f"{aie.aie['mlp'][l]:.4f} ± {aie.sem['mlp'][l]:.4f}") if aie is not None else (lambda l: "–")
     rows = [["unedited", "–", before["es"], before["ps"], before["ns"], before["score"], before["gs"], before["gps"],
-             before["os"], "–"]]
+             f"{before['os']:.3f} ({before['n_os']})", "–"]]
     rows += [[f"{l}" + (" (default)" if l == default else "") + (" (AIE)" if l == auto else ""), aie_col(l),
-              res[l]["es"], res[l]["ps"], res[l]["ns"], res[l]["score"], res[l]["gs"], res[l]["gps"], res[l]["os"],
+              res[l]["es"], res[l]["ps"], res[l]["ns"], res[l]["score"], res[l]["gs"], res[l]["gps"], f"{res[l]['os']:.3f} ({res[l]['n_os']})",
               f"{res[l]['delta_median']:.3g}"] for l in sorted(args.layers)]
     traced = (f"AIE: {aie.n_facts} facts the model answers correctly, {aie.settings.get('n_samples', '?')} noise "
               f"samples, window {aie.window}, from `{aie.cache_file}`." if aie is not None else
@@ -100,7 +100,7 @@ def main() -> int:
 {stats_label(args, hp.stats_tokens)[1]}. Metrics as in the CounterFact section (GS / GPS: generation-based success on
 the prompt / paraphrase; OS: the subject's other facts). {traced}
 
-{table(["layer", "AIE mlp", "ES", "PS", "NS", "S", "GS", "GPS", "OS", "‖Δ‖_F median"], rows)}
+{table(["layer", "AIE mlp", "ES", "PS", "NS", "S", "GS", "GPS", "OS (cases)", "‖Δ‖_F median"], rows)}
 
 {verdict(res, default, auto)}
 {figure}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -47,6 +48,23 @@ def denominators(runs: dict[str, Path]) -> str:
     return head + "\n".join(lines)
 
 
+def method_words(method: str, settings: dict) -> str:
+    """How one run edited, from its run.json."""
+    hp = settings["hparams"]
+    where = (f"layers {settings['layers'][0]}–{settings['layers'][-1]} in batches of {settings['config'].get('batch_size', 1)}"
+             if settings.get("layers") else f"layer {settings['layer']}, one edit at a time")
+    extra = {"alphaedit": lambda: f", null-space threshold {hp['nullspace_threshold']:g}, α {hp['l2']:g}",
+             "memit": lambda: f", λ {hp['mom2_update_weight']:g}"}.get(method, lambda: "")()
+    return f"{method} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
+
+
+def gs_words(cfg: dict) -> str:
+    if not cfg.get("gs_sample"):
+        return ""
+    return (f"; generation-based success on {cfg['gs_sample']} fixed edited cases spread over the run (greedy "
+            f"{cfg['gs_tokens']} tokens of the prompt / its paraphrase state the new target)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -61,6 +79,8 @@ def main() -> None:
     ap.add_argument("--guard", action="store_true", help="refuse anomalous updates (default here: off, to show them)")
     ap.add_argument("--known-only", action="store_true")
     ap.add_argument("--glue", default=None, help="GLUE folder: few-shot scores at the start and the end of each run")
+    ap.add_argument("--batch-size", type=int, default=100, help="edits per batch for memit and alphaedit")
+    ap.add_argument("--extra", default="", help="more `rankone bench sequential` options, e.g. '--gs-sample 100'")
     ap.add_argument("--serial", action="store_true", help="one method after the other instead of in parallel")
     ap.add_argument("--report-only", action="store_true", help="only redraw the figures and the section")
     ap.add_argument("--note", default="", help="a sentence of interpretation appended to the section")
@@ -80,6 +100,8 @@ def main() -> None:
             cmd += ["--layer", str(args.layer)] if args.layer is not None else []
             cmd += ["--hparams", args.hparams] if args.hparams else []
             cmd += ["--glue", args.glue] if args.glue else []
+            cmd += ["--batch-size", str(args.batch_size)] if m in ("memit", "alphaedit") else []
+            cmd += shlex.split(args.extra)
             log = open(out / f"{m}.log", "a")
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -101,34 +123,33 @@ def main() -> None:
         dst = docs / f"sequential_{args.name}_{f.name}"
         shutil.copyfile(f, dst)
         figs.append(dst)
-    settings = read_run(next(iter(runs.values())))[0]
     md = rep["markdown"].split("\n\n", 1)[1].split("\n\n![")[0]
-    hp = settings["hparams"]
+    first = read_run(next(iter(runs.values())))[0]
+    cfg = first["config"]
+    dens = denominators(runs)
+    mechanism = ("The mechanism: the denominators of every update (all three are recorded whichever ROME variant "
+                 f"wrote it).\n\n{dens}\n" if dens.count("\n") > 1 else "")
+    how = "; ".join(method_words(m, read_run(d)[0]) for m, d in runs.items())
     body = f"""Model `{Path(args.model).name}`, cases `{args.cases}`{' (only those whose true answer the model gives)' if args.known_only else ''};
-{args.n} edits one after another without reverting, layer {settings['layer']} (`{settings['module']}`), paper
-defaults (v_steps {hp['v_steps']}, {sum(c for _, c in hp['prefix_spec'])} prefixes){', guard on' if args.guard else ', guard off (anomalous updates are written and flagged)'};
-measured every {args.every} edits: ES of the newest edits, retention of earlier edits (ES on an evenly spaced
-sample of ≤ 100 of them; "kept" = among those that worked when made), never-edited facts (top-1 on 100
-facts of the same world that the unedited model knows and that are never edited), NS (100 fixed cases'
-neighbours), fluency (n-gram entropy of 4 prompts × 40 sampled tokens), held-out perplexity, ‖W − W₀‖_F.
-A ‖Δ‖ spike = an update above 10× the running median of the earlier ones.
+{args.n} edits one after another without reverting, each method on its own copy of the model: {how};
+{'guard on' if args.guard else 'guard off (anomalous updates are written and flagged)'}.
+Measured every {args.every} edits: ES of the newest edits; ES and PS of earlier edits (an evenly spaced sample of
+≤ {cfg['retention_sample']} of them{', i.e. all' if cfg['retention_sample'] >= args.n else ''}; "kept" = among those that worked when made);
+never-edited facts (top-1 on ≤ {cfg['probe_sample']} later cases the unedited model knows, never edited); NS ({cfg['ns_sample']} fixed
+cases' neighbours){gs_words(cfg)}; fluency (n-gram entropy of {cfg['gen_prompts']} prompts × {cfg['gen_tokens']} sampled
+tokens); held-out perplexity; ‖W − W₀‖_F. A ‖Δ‖ spike = an update above 10× the running median of the earlier ones.
 
 {md}
 
-The mechanism: the denominators of every update (all three are recorded whichever method wrote it).
-
-{denominators(runs)}
-
-![‖Δ‖ per edit](docs/{figs[0].name})
-![metrics against the number of edits](docs/{figs[1].name})
-![denominators](docs/{figs[2].name})
+{mechanism}
+{chr(10).join(f"![{f.stem}](docs/{f.name})" for f in figs)}
 
 {args.note}
 
 Runs, JSONL and checkpoints: `runs/sequential/{args.name}/` (not committed). Wall time of the runs {f"{wall} s" if wall is not None else "not recorded"}{" (methods in parallel, one thread each)" if not args.serial else ""}.
 """
     print(body)
-    write_section(f"sequential_{args.name}", f"Sequential editing, ROME vs r-ROME — {title}", body)
+    write_section(f"sequential_{args.name}", f"Sequential editing, {' vs '.join(runs)} — {title}", body)
     (out / "section.md").write_text(body)
     print(json.dumps({"figures": [str(f) for f in figs]}))
 

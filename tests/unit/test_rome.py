@@ -79,8 +79,9 @@ def test_revert_is_bit_exact_and_fast_value_matches_full(model_type, tok, tok_bo
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
-    full = compute_value(model, t, REQ, 1, ed.templates(), ed.hp.replace(fast_value=False))
-    fast = compute_value(model, t, REQ, 1, ed.templates(), ed.hp.replace(fast_value=True))
+    hp = ed.hp.replace(v_steps_max=ed.hp.v_steps)  # 50 passes of float32 drift would outgrow the tolerance
+    full = compute_value(model, t, REQ, 1, ed.templates(), hp.replace(fast_value=False))
+    fast = compute_value(model, t, REQ, 1, ed.templates(), hp.replace(fast_value=True))
     assert torch.allclose(fast.delta, full.delta, rtol=1e-4, atol=1e-6)
     assert fast.losses == pytest.approx(full.losses, rel=1e-4)
 
@@ -122,7 +123,7 @@ def test_half_precision_edit_reverts_exactly(dtype, tok, tok_bos, corpus):
 
 
 def _fixed_steps(hp, steps=6):
-    return hp.replace(v_steps=steps, early_stop_prob=1.0)  # 1.0: never stops early
+    return hp.replace(v_steps=steps, early_stop_prob=1.0, v_steps_max=steps)  # never stops early, never goes on
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma2", "opt"])
@@ -164,7 +165,7 @@ def test_early_stop_when_target_probability_crosses_the_threshold():
 
     model, t = load_model(builtin_model_dir())
     req = EditRequest.create("{} was born in", "Thoutem Nousren", "Paris")
-    ed = Editor(model, t, EditHParams.for_model(model, v_steps=12, early_stop_prob=1.0), progress=False)
+    ed = Editor(model, t, EditHParams.for_model(model, v_steps=12, early_stop_prob=1.0, v_steps_max=12), progress=False)
     layer = ed.layer()
     run = compute_value(model, t, req, layer, ed.templates(), ed.hp)
     p = run.target_probs
@@ -181,6 +182,29 @@ def test_early_stop_when_target_probability_crosses_the_threshold():
     v = patch.edits[0].diagnostics["value"]
     assert v["stopped_early"] and v["steps"] == j + 1 and v["early_stop_prob"] == thr
     assert patch.edits[0].hparams["early_stop_prob"] == thr
+
+
+def test_a_value_short_of_reach_prob_goes_on_up_to_the_cap():
+    from rankone.models.load import load_model
+    from rankone.testbed import builtin_model_dir
+
+    model, t = load_model(builtin_model_dir())
+    req = EditRequest.create("{} was born in", "Thoutem Nousren", "Paris")
+    ed = Editor(model, t, EditHParams.for_model(model, v_steps=12, early_stop_prob=1.0, v_steps_max=12), progress=False)
+    layer = ed.layer()
+    p = compute_value(model, t, req, layer, ed.templates(), ed.hp).target_probs  # 12 passes, p climbing
+    short = ed.hp.replace(v_steps=3)
+    # reached by pass 3: stops there as before; not reached: goes on to the first pass that reaches it
+    j = next(i for i in range(3, 12) if p[i] > max(p[:i]))
+    for reach, stop_at, extended in ((p[2] * 0.99, 3, False), ((p[j] + max(p[:j])) / 2, j + 1, j >= 3)):
+        run = compute_value(model, t, req, layer, ed.templates(), short.replace(reach_prob=reach))
+        assert len(run.losses) == stop_at and run.extended == extended and not run.stopped_early
+        assert run.target_probs == pytest.approx(p[:stop_at], rel=1e-6)
+    # never reached: the cap; a cap at or below v_steps: no extra pass at all
+    capped = compute_value(model, t, req, layer, ed.templates(), short.replace(reach_prob=1.0, v_steps_max=7))
+    assert len(capped.losses) == 7 and capped.extended
+    plain = compute_value(model, t, req, layer, ed.templates(), short.replace(reach_prob=1.0, v_steps_max=2))
+    assert len(plain.losses) == 3 and not plain.extended
 
 
 @pytest.mark.parametrize("window", [512, 4])

@@ -15,7 +15,8 @@ from rankone.core.errors import RankoneError
 from rankone.methods.hparams import EditHParams
 from rankone.eval.plots import report, summarize_run
 from rankone.edit.guard import Guard
-from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run, spaced
+from rankone.eval.metrics import continuations
+from rankone.eval.sequential import SequentialConfig, SequentialRun, generation_scores, read_run, spaced
 from rankone.core.tokens import EditRequest
 from tiny import corpus_text, make_model
 
@@ -183,6 +184,34 @@ def test_spike_flags_and_summary_and_plots(tok, corpus, tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| rome (layer 1) |" in md and "![delta_norms](delta_norms.png)" in md
+
+
+def test_generation_scores_read_the_greedy_continuation(tok):
+    import dataclasses
+
+    model = make_model("gpt2")
+    cases = make_cases()[:4]
+    said = [tok.decode(x, skip_special_tokens=True) for x in
+            continuations(model, tok, [c.prompt for c in cases] + [c.paraphrase_prompts[0] for c in cases], 8)]
+    words = [t.split() for t in said]
+    assert all(words), said  # the tiny model says something after every prompt
+    # targets the continuation states: every prompt and paraphrase counts; a word it never says: none does
+    stated = [dataclasses.replace(c, target_new=w[-1]) for c, w in zip(cases, words[:4])]
+    hits = sum(w[-1] in words[4 + i] for i, w in enumerate(words[:4]))
+    gs, gps = generation_scores(model, tok, stated, 8)
+    assert gs == 1.0 and gps == hits / 4
+    never = [dataclasses.replace(c, target_new="Xylophonequartz") for c in cases]
+    assert generation_scores(model, tok, never, 8) == (0.0, 0.0)
+    assert generation_scores(model, tok, [dataclasses.replace(cases[0], paraphrase_prompts=[])], 8)[1] is None
+
+
+def test_run_measures_generation_on_a_fixed_sample(tok, corpus, tmp_path):
+    _, run = new_run(tok, corpus, tmp_path / "gs", n=4, guard=False, gs_sample=2)
+    evals = [r for r in run.run() if r["type"] == "eval"]
+    # the sample is cases 0 and 3: one of them is edited by the first evaluation point, both by the last
+    assert [r.get("gs_n") for r in evals] == [None, 1, 2]
+    assert all(0.0 <= r["gs"] <= 1.0 and 0.0 <= r["gps"] <= 1.0 for r in evals[1:])
+    assert json.loads((tmp_path / "gs" / "run.json").read_text())["config"]["gs_sample"] == 2
 
 
 def test_spaced():

@@ -169,7 +169,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
                            probe_sample=args.probe_sample, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
                            guard=not args.no_guard, guard_factor=args.guard_factor, denom_factor=args.denom_factor,
                            spike_factor=args.guard_factor, norm=args.norm, seed=args.seed or 0, glue_dir=args.glue,
-                           glue_n=args.glue_n, batch_size=args.batch_size)
+                           glue_n=args.glue_n, batch_size=args.batch_size, gs_sample=args.gs_sample)
     given = [_given(args, m) for m in methods]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -258,6 +258,9 @@ def register(sub: Any) -> None:
                    help="earlier edits re-tested at each evaluation (default 100)")
     p.add_argument("--ns-sample", type=_positive("--ns-sample"), default=100, help="neighbourhood prompts tested (default 100)")
     p.add_argument("--probe-sample", type=int, default=100, help="never-edited known facts tested (0: none)")
+    p.add_argument("--gs-sample", type=int, default=0,
+                   help="generation-based success (greedy continuation states the new target) of this many edited "
+                        "cases spread over the run, at each evaluation (default 0: not measured)")
     p.add_argument("--gen-prompts", type=int, default=4, help="generation prompts for fluency at each evaluation (default 4)")
     p.add_argument("--gen-tokens", type=_positive("--gen-tokens"), default=40, help="tokens generated per fluency prompt (default 40)")
     p.add_argument("--norm", choices=["mean", "sum"], default="mean",

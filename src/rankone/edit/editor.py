@@ -225,6 +225,7 @@ class Editor:
             "timing": {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": t3 - t2},
             "value": {"losses": value.losses, "target_probs": value.target_probs, "clamped": value.clamped,
                       "target_prob": value.target_prob, "steps": len(value.losses), "stopped_early": value.stopped_early,
+                      "extended": value.extended,
                       "early_stop_prob": hp.early_stop_prob, "gathered_logits": value.gathered,
                       "passes": value.passes},
             "stats": {"n_tokens": st.n_tokens, "corpus_sha256": st.meta.get("corpus", ""), "jitter": st.jitter,

@@ -69,6 +69,7 @@ PANELS = [
     ("probe_top1", "never-edited facts (top-1)"), ("ns", "neighbourhood score NS"),
     ("fluency", "fluency (n-gram entropy)"), ("w_dist", "‖W − W₀‖_F"),
     ("perplexity", "held-out perplexity"), ("retention_kept", "retention of edits that worked"),
+    ("retention_ps", "paraphrases of earlier edits (PS)"), ("gs", "generation-based success (fixed sample)"),
 ]
 
 
@@ -190,8 +191,10 @@ def summarize_run(settings: dict[str, Any], recs: Sequence[dict[str, Any]], leve
         out[f"first_below_{k}"] = first_below(evals, k, level)
     for k in ("fluency", "perplexity", "ns", "probe_top1", "w_dist"):
         out[f"{k}_start"], out[f"{k}_end"] = base.get(k), last.get(k)
-    for k in ("retention_es", "retention_kept", "retention_top1", "es_newest"):
+    for k in ("retention_es", "retention_kept", "retention_top1", "es_newest", "retention_ps", "gs", "gps"):
         out[f"{k}_end"] = last.get(k)
+    out["w_dist_layers_end"] = last.get("w_dist_layers")  # a batch method's window: layer -> ‖W − W₀‖_F
+    out["wall_seconds"] = sum(r.get("seconds") or 0.0 for r in recs)  # edits and evaluations, summed from the records
     out["level"] = level
     return out
 
@@ -230,14 +233,20 @@ def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
         ("never-edited facts (top-1): first below 0.9 at", lambda s: _at(s["first_below_probe_top1"])),
         ("NS: first below 0.9 at", lambda s: _at(s["first_below_ns"])),
         ("retention ES / kept / top-1 at the end", lambda s: f"{_f(s['retention_es_end'])} / {_f(s['retention_kept_end'])} / {_f(s['retention_top1_end'])}"),
+        ("PS of earlier edits at the end", lambda s: _f(s.get("retention_ps_end"))),
+        ("generation-based success (prompt / paraphrase) at the end",
+         lambda s: f"{_f(s.get('gs_end'))} / {_f(s.get('gps_end'))}"),
         ("never-edited top-1 start → end", lambda s: f"{_f(s['probe_top1_start'])} → {_f(s['probe_top1_end'])}"),
         ("NS start → end", lambda s: f"{_f(s['ns_start'])} → {_f(s['ns_end'])}"),
         ("fluency start → end", lambda s: f"{_f(s['fluency_start'])} → {_f(s['fluency_end'])}"),
         ("perplexity start → end", lambda s: f"{_f(s['perplexity_start'])} → {_f(s['perplexity_end'])}"),
         ("‖W − W₀‖_F at the end", lambda s: _f(s["w_dist_end"])),
+        ("‖W − W₀‖_F per layer at the end", lambda s: ", ".join(f"L{k} {_f(v)}" for k, v in
+                                                                (s.get("w_dist_layers_end") or {}).items()) or "–"),
         ("smallest denominator", lambda s: _f(s["denominator_min"])),
         ("key cosine k̄·k_o (mean)", lambda s: _f(s["key_cosine_mean"])),
         ("seconds per edit", lambda s: _f(s["seconds_per_edit"], 2)),
+        ("wall time of the run (edits + evaluations)", lambda s: f"{s.get('wall_seconds', 0) / 3600:.2f} h"),
     ]
     head = "| | " + " | ".join(f"{s['method']} ({_where(s)})" for s in summaries) + " |"
     lines = [head, "|---|" + "---|" * len(summaries)]

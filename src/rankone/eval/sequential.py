@@ -45,7 +45,7 @@ from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
 from rankone.eval.glue import glue_suite
-from rankone.eval.metrics import evaluate_cases, fluency, score
+from rankone.eval.metrics import continuations, evaluate_cases, fluency, score, states
 from rankone.models.generation import perplexity
 from rankone.methods.hparams import HParams
 from rankone.artifacts.patch import Patch, library_versions
@@ -82,18 +82,22 @@ class SequentialConfig:
     glue_n: int = 40  # queries per GLUE task
     glue_every: int = 0  # GLUE every this many edits (0: at start and end only)
     batch_size: int = 1  # edits per batch for MEMIT and AlphaEdit (the ROME family edits one at a time)
+    gs_sample: int = 0  # generation-based success on this many fixed cases spread over the run (0: none)
+    gs_tokens: int = 20  # greedy tokens generated for it
 
     def __post_init__(self) -> None:
         for k in ("n", "every", "retention_sample", "ns_sample", "gen_tokens", "top_k", "warmup", "batch_size"):
             if int(getattr(self, k)) < 1:
                 raise RankoneError(f"{k.replace('_', '-')} must be at least 1, not {getattr(self, k)}")
-        if self.probe_sample < 0 or self.gen_prompts < 0:
-            raise RankoneError("probe-sample and gen-prompts cannot be negative")
+        if self.probe_sample < 0 or self.gen_prompts < 0 or self.gs_sample < 0:
+            raise RankoneError("probe-sample, gen-prompts and gs-sample cannot be negative")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if d["batch_size"] == 1:  # one at a time: recorded as runs were before batches existed (they still resume)
             del d["batch_size"]
+        if d["gs_sample"] == 0:  # likewise for runs made before generation-based success was measured
+            del d["gs_sample"], d["gs_tokens"]
         return d
 
     @classmethod
@@ -106,6 +110,17 @@ def spaced(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n - 1]
+
+
+def generation_scores(model: Any, tok: Any, cases: Sequence[Case], max_new_tokens: int) -> tuple[float, float | None]:
+    """Generation-based success of edited cases: the share whose greedy continuation of the prompt
+    (one batch, not cut to the target's length) states the new target; likewise for each case's
+    first paraphrase (None when no case has one)."""
+    para = [c for c in cases if c.paraphrase_prompts]
+    prompts = [c.prompt for c in cases] + [c.paraphrase_prompts[0] for c in para]
+    texts = [tok.decode(x, skip_special_tokens=True) for x in continuations(model, tok, prompts, max_new_tokens)]
+    hit = [states(t, c.target_new) for t, c in zip(texts, cases + para)]
+    return mean(hit[:len(cases)]), (mean(hit[len(cases):]) if para else None)
 
 
 def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[tuple[str, str]]:
@@ -152,6 +167,7 @@ class SequentialRun:
         self.lines: list[dict[str, Any]] = []
         idx = spaced(len(self.cases), cfg.ns_sample)
         self.ns_cases = [dataclasses.replace(self.cases[i], paraphrase_prompts=[]) for i in idx]
+        self.gs_cases = set(spaced(len(self.cases), cfg.gs_sample)) if cfg.gs_sample else set()
         self.gen_prompts = [self.cases[i].generation_prompts[0] for i in spaced(len(self.cases), cfg.gen_prompts)
                             if self.cases[i].generation_prompts] if cfg.gen_prompts else []
 
@@ -260,6 +276,10 @@ class SequentialRun:
             rec["retention_ps"] = mean([x["ps"] for x in m])
             worked = [x for x, r in zip(m, sample) if r["es"]]
             rec["retention_kept"] = mean([x["es"] for x in worked])  # of the edits that worked when made
+        gs = [self.cases[r["i"]] for r in edits if r["i"] in self.gs_cases]
+        if gs:
+            rec["gs_n"] = len(gs)
+            rec["gs"], rec["gps"] = generation_scores(self.model, self.tok, gs, self.cfg.gs_tokens)
         ns = evaluate_cases(self.model, self.tok, self.ns_cases, self.cfg.norm)
         rec["ns"] = mean([x["ns"] for x in ns])
         rec["nm"] = mean([x["nm"] for x in ns])

@@ -193,7 +193,11 @@ class EditHParams(JsonSettings):
     after_kl_factor: float = 0.0  # KL of what follows the new answer (rome.compute_value); 0: ROME's loss
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    early_stop_prob: float = 0.99  # stop once p(target) = exp(−NLL) reaches it (v_steps: the cap); why 0.99: BENCHMARKS.md
+    early_stop_prob: float = 0.99  # stop once p(target) = exp(−NLL) reaches it; why 0.99: BENCHMARKS.md
+    # a value still below reach_prob after v_steps passes goes on, up to v_steps_max passes in all
+    # (hard targets such as SmolLM2's "linebacker" need 40); v_steps_max ≤ v_steps: never
+    reach_prob: float = 0.9
+    v_steps_max: int = 50
     kl_prompt: str = "{} is a"
     fast_value: bool = True  # value steps run only what δ changes (cached prefixes, replayed lower layers)
     # where a norm follows the projection (Gemma 2/3, OLMo 2), write v* at the current output's scale
@@ -214,6 +218,10 @@ class EditHParams(JsonSettings):
             raise RankoneError(f"sampled_corpus_tokens must be at least 1, got {self.sampled_corpus_tokens}")
         if not 0 < float(self.early_stop_prob) <= 1:
             raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
+        if not 0 < float(self.reach_prob) <= 1:
+            raise RankoneError(f"reach_prob must be in (0, 1], got {self.reach_prob}")
+        if int(self.v_steps_max) < 1:
+            raise RankoneError(f"v_steps_max must be at least 1 (≤ v_steps: no extra passes), got {self.v_steps_max}")
 
 
 def _card_of(model: Any) -> Any:

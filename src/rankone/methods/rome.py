@@ -70,6 +70,7 @@ class ValueResult:
     clamped: bool = False
     target_prob: float = 0.0  # p(target) (exp of minus the mean NLL over prompts) at the last pass
     stopped_early: bool = False  # p(target) reached early_stop_prob before v_steps passes
+    extended: bool = False  # p(target) was below reach_prob after v_steps passes, so the loop went on
     gathered: bool = True  # the LM head ran only at the positions the loss reads
     passes: str = ""  # how each pass ran: "suffix" (cached prefixes), "replay" (lower layers) or "full"
 
@@ -110,7 +111,8 @@ def compute_value(
            (initial: the unedited model reading that answer; 0 in ROME's recipe)
          + v_weight_decay · ‖δ‖ / ‖current value‖²,
     with δ clamped to clamp_norm_factor · ‖current value‖ after every step (ROME's recipe).
-    At most v_steps passes; it stops once exp(−NLL) ≥ early_stop_prob. How each pass is run
+    It stops once exp(−NLL) ≥ early_stop_prob; after v_steps passes it stops if exp(−NLL) ≥
+    reach_prob, else it goes on until then, up to v_steps_max passes. How each pass is run
     (cached prefixes, replayed lower layers, the head only where read) is `passes.ValuePasses`;
     fast_value=False runs whole prompts, full_logits=True applies the head at every position.
     """
@@ -141,8 +143,9 @@ def compute_value(
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     init_kl_logp: torch.Tensor | None = None  # [2, vocab]: after the target, at the KL prompt
     result = ValueResult(delta=torch.zeros(0), current_value=torch.zeros(0), gathered=passes.gathered, passes=passes.mode)
+    cap = max(hp.v_steps, hp.v_steps_max)
     with passes, map_output(proj, add_delta), frozen(model):
-        for step in range(hp.v_steps):
+        for step in range(cap):
             logp = torch.log_softmax(passes.logits().float(), dim=-1)  # [n_read, vocab]
             tok_logp = logp[:-2].gather(1, tgt_ids[:, None].to(logp.device))[:, 0].cpu()  # [n_target_tokens]
             nll = -(torch.zeros(n).index_add(0, torch.tensor(tgt_rows), tok_logp) / per_row).mean()
@@ -158,7 +161,8 @@ def compute_value(
             if result.target_probs[-1] >= hp.early_stop_prob:
                 result.stopped_early = step < hp.v_steps - 1
                 break
-            if step == hp.v_steps - 1:
+            if step >= hp.v_steps - 1 and (result.target_probs[-1] >= hp.reach_prob or step == cap - 1):
+                result.extended = step >= hp.v_steps
                 break
             opt.zero_grad()
             loss.backward()
