@@ -15,6 +15,7 @@ n_layers // 4) and with the layer the AIE picks (`--layer auto`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,14 @@ def main() -> int:
     traced = (f"AIE: {aie.n_facts} facts the model answers correctly, {aie.settings.get('n_samples', '?')} noise "
               f"samples, window {aie.window}, from `{aie.cache_file}`." if aie is not None else
               "No cached AIE for this model (run `rankone trace --model M --cases FILE --kinds mlp` first).")
+    given = {k: v for k, v in extra.items() if k != "stats_tokens"}
+    changed = f" but {json.dumps(given)}" if given else ""
+    if given.get("v_steps_max") == hp.v_steps:
+        changed += " (the value loop as it was before it could go past v_steps)"
     body = f"""Model `{label}` ({n_layers} layers); {len(cases)} known CounterFact cases (P(true) > P(new); the first of
 `{args.cases}`), each edited alone with {args.method} at each layer, measured, reverted. Key statistics:
 {stats_label(args, hp.stats_tokens)[1]}. Metrics as in the CounterFact section (GS / GPS: generation-based success on
-the prompt / paraphrase; OS: the subject's other facts). {traced}
+the prompt / paraphrase; OS: the subject's other facts). Hyper-parameters: the defaults{changed}. {traced}
 
 {table(["layer", "AIE mlp", "ES", "PS", "NS", "S", "GS", "GPS", "OS (cases)", "‖Δ‖_F median"], rows)}
 

@@ -70,6 +70,27 @@ def test_top1_and_knows_agree_with_the_argmax(tok):
     assert [x.top1 for x in s] == [True, False, False]  # "Paris" = P·ar·is: greedy gives P·P·P
 
 
+def test_known_over_new_compares_the_two_answers_and_a_limit_stops_reading(model, tok):
+    from rankone.eval.protocol import select_cases
+
+    subjects = ["Danielle Darrieux", "Toko Yasuda", "Blaise Pascal", "Michel Rocard", "Jean Gabin", "Edith Piaf"]
+    cities = ["Rome", "Paris", "London", "Vienna", "Madrid", "Berlin"]
+    cases = [Case.of(f"c{i}", EditRequest.create("{} was born in", s, cities[i]), cities[(i + 2) % 6])
+             for i, s in enumerate(subjects)]
+    p = lambda c, t: manual_prob(model, tok, c.prompt, t)  # noqa: E731
+    by_hand = [p(c, c.target_true)[0] ** (1 / p(c, c.target_true)[1]) > p(c, c.target_new)[0] ** (1 / p(c, c.target_new)[1])
+               for c in cases]
+    assert knows(model, tok, cases, rule="over-new") == by_hand and 0 < sum(by_hand) < len(cases)
+    with pytest.raises(RankoneError, match="unknown rule 'sometimes'"):
+        knows(model, tok, cases, rule="sometimes")
+    known = [c for c, k in zip(cases, by_hand) if k]
+    got, info = select_cases(model, tok, cases, "over-new", limit=1, chunk=2)
+    first = cases.index(known[0])
+    assert got == known[:1] and info["n_read"] == 2 * (first // 2 + 1) and info["known_rule"] == "over-new"
+    every, info = select_cases(model, tok, cases, "over-new")
+    assert every == known and info["n_read"] == len(cases) and info["n_known"] == len(known)
+
+
 def test_case_metrics_match_hand_computation(model, tok):
     req = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
     case = Case.of("c1", req, "Paris", paraphrase_prompts=["Danielle Darrieux is a native of", "The home town of Danielle Darrieux is"],

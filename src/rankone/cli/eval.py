@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
+from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.hparams import ALL_METHODS, METHODS
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,14 @@ def _print_selection(info: dict[str, Any]) -> None:
     if info["n_unalignable"]:
         print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {info['unalignable'][0]})")
     if "n_known" in info:
-        print(f"kept {info['n_known']} of {info['n_loaded']} case(s) whose true answer the model gives (first token, greedy)")
+        how = {"greedy": "whose true answer the model gives (first token, greedy)",
+               "over-new": "the model knows (P(true) > P(new) on the prompt)"}[info["known_rule"]]
+        print(f"kept {info['n_known']} of {info['n_read']} case(s) read {how}")
+
+
+def _known(args: argparse.Namespace) -> bool | str:
+    """--known-only's rule (False without it): "greedy" is recorded as True, as before the rule existed."""
+    return (True if args.known_by == "greedy" else args.known_by) if args.known_only else False
 
 
 def _fmt(x: Any) -> str:
@@ -105,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,
                             ppl_text=Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None)
-    rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, args.known_only, args.n,
+    rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, _known(args), args.n,
                                 progress=not args.quiet)
     if not args.quiet:
         _print_selection(rep.selection)
@@ -176,13 +184,14 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
     cases = load_cases(args.cases, seed=args.seed or 0)
     handle = load(args)
-    cases, info = select_cases(handle.model, handle.tokenizer, cases, args.known_only)
+    # the edited cases and the pool the never-edited probes are drawn from (`probe_pool`), read in file order
+    cases, info = select_cases(handle.model, handle.tokenizer, cases, _known(args), limit=args.n + 5 * args.probe_sample)
     if not args.quiet:
         _print_selection(info)
     if len(cases) < args.n:
         raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
     ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
-    meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": args.known_only,
+    meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
     runs = [SequentialRun(handle, None, cases, settings_for(m).for_model(handle, **g), out / m, cfg, None, ppl, meta,
                           args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
@@ -221,6 +230,9 @@ def register(sub: Any) -> None:
     _hparam_args(p)
     p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
     p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")
+    p.add_argument("--known-by", choices=KNOWN_RULES, default="greedy",
+                   help="with --known-only: greedy (the true answer is the greedy first token; default) or over-new "
+                        "(P(true) > P(new) on the prompt, the CounterFact papers' known cases)")
     p.add_argument("--norm", choices=["mean", "sum"], default="mean",
                    help="compare per-token mean log-probs (ROME, default) or whole-target log-probs")
     p.add_argument("--gen-tokens", type=int, default=50, help="tokens generated per prompt for fluency (0: skip)")
@@ -254,6 +266,9 @@ def register(sub: Any) -> None:
     p.add_argument("--guard-factor", type=float, default=10.0, help="refuse/flag ‖Δ‖ above this × the running median")
     p.add_argument("--denom-factor", type=float, default=10.0, help="refuse a denominator below running median / this")
     p.add_argument("--known-only", action="store_true", help="edit only cases whose true answer the model gives")
+    p.add_argument("--known-by", choices=KNOWN_RULES, default="greedy",
+                   help="with --known-only: greedy (the true answer is the greedy first token; default) or over-new "
+                        "(P(true) > P(new) on the prompt, the CounterFact papers' known cases)")
     p.add_argument("--retention-sample", type=_positive("--retention-sample"), default=100,
                    help="earlier edits re-tested at each evaluation (default 100)")
     p.add_argument("--ns-sample", type=_positive("--ns-sample"), default=100, help="neighbourhood prompts tested (default 100)")

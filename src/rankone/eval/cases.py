@@ -37,6 +37,10 @@ from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_file, json_lines
 from rankone.core.tokens import EditRequest
 
+# When a case counts as known by the unedited model (`metrics.knows`): the true answer is its greedy
+# first token, or P(true) > P(new) on the prompt.
+KNOWN_RULES = ("greedy", "over-new")
+
 log = logging.getLogger(__name__)
 
 ANSWER_KEYS = ("answer", "ground_truth", "target_true", "target")  # a fact record's true answer: first present wins

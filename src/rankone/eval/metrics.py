@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from rankone.eval.cases import Case
+from rankone.eval.cases import KNOWN_RULES, Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean
 from rankone.core.progress import Progress, track
@@ -105,9 +105,16 @@ def score(model: torch.nn.Module, tok: Any, pairs: Sequence[tuple[str, str]], ba
     return out  # type: ignore[return-value]
 
 
-def knows(model: torch.nn.Module, tok: Any, cases: Sequence[Case], batch_size: int = 64) -> list[bool]:
-    """Does the model answer each case's *true* target on the edit prompt (first token, greedy)?"""
-    return [s.first_ok for s in score(model, tok, [(c.prompt, c.target_true) for c in cases], batch_size)]
+def knows(model: torch.nn.Module, tok: Any, cases: Sequence[Case], batch_size: int = 64, rule: str = "greedy") -> list[bool]:
+    """Does the model know each case's *true* target on the edit prompt? rule "greedy": it is the
+    greedy answer (first token); "over-new": P(true) > P(new) (per-token mean, the CounterFact
+    papers' "known" cases: the edit has something to overturn)."""
+    if rule == "greedy":
+        return [s.first_ok for s in score(model, tok, [(c.prompt, c.target_true) for c in cases], batch_size)]
+    if rule != "over-new":
+        raise RankoneError(f"unknown rule {rule!r} for known facts; choose {' or '.join(KNOWN_RULES)}")
+    sc = score(model, tok, [x for c in cases for x in ((c.prompt, c.target_true), (c.prompt, c.target_new))], batch_size)
+    return [sc[i].p() > sc[i + 1].p() for i in range(0, len(sc), 2)]
 
 
 # ---- the CounterFact metrics ----------------------------------------------------------------

@@ -78,20 +78,34 @@ class EvalReport:
         }
 
 
-def select_cases(model: Any, tok: Any, cases: Sequence[Case], known_only: bool = False) -> tuple[list[Case], dict[str, Any]]:
+def select_cases(model: Any, tok: Any, cases: Sequence[Case], known_only: bool | str = False,
+                 limit: int | None = None, chunk: int = 256) -> tuple[list[Case], dict[str, Any]]:
     """The cases fit for evaluating edits: alignable by the tokenizer and, with known_only, those
-    whose true answer the model gives (first token, greedy). Info says how many were dropped, why."""
+    the model knows (True or "greedy": the true answer is its greedy answer; "over-new": P(true) >
+    P(new), see `knows`). With a limit, the cases are read in file order only until that many are
+    found. Info says how many were read and dropped, and why."""
     for c in cases:
         c.check_editable()
-    ok, why = alignable(model, tok, cases)
-    info: dict[str, Any] = {"n_loaded": len(cases), "n_unalignable": len(why), "unalignable": why[:10]}
-    if known_only:
-        k = knows(model, tok, ok)
-        info["n_known"] = sum(k)
-        ok = [c for c, y in zip(ok, k) if y]
+    rule = ("greedy" if known_only is True else known_only) or None
+    ok: list[Case] = []
+    why: list[str] = []
+    n_read = n_known = 0
+    for i in range(0, len(cases), chunk if limit else max(1, len(cases))):
+        part, bad = alignable(model, tok, cases[i:i + chunk] if limit else cases)
+        n_read += len(part) + len(bad)
+        why += bad
+        if rule:
+            part = [c for c, y in zip(part, knows(model, tok, part, rule=rule)) if y]
+            n_known += len(part)
+        ok += part
+        if limit and len(ok) >= limit:
+            break
+    info: dict[str, Any] = {"n_loaded": len(cases), "n_read": n_read, "n_unalignable": len(why), "unalignable": why[:10]}
+    if rule:
+        info.update(n_known=n_known, known_rule=rule)
     if not ok:
-        raise RankoneError("no usable cases left" + (" (the model knows none of the true answers)" if known_only else ""))
-    return ok, info
+        raise RankoneError("no usable cases left" + (" (the model knows none of the true answers)" if rule else ""))
+    return (ok[:limit] if limit else ok), info
 
 
 def measure(model: Any, tok: Any, cases: Sequence[Case], settings: EvalSettings, label: str = "",
