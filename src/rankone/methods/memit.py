@@ -42,10 +42,10 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.core.hooks import capture, frozen, map_output, replace_forward
+from rankone.core.hooks import capture, frozen, map_output
 from rankone.core.tokens import EditRequest, encode_request, pad_batch, sample_prefixes
 from rankone.methods.hparams import MemitHParams
-from rankone.core.hooks import replay_below
+from rankone.methods.passes import ValuePasses
 from rankone.methods.rome import _device
 from rankone.methods.stats import LayerStats
 
@@ -79,22 +79,6 @@ class Targets:
     target_prob: list[float]  # per fact: exp(−mean NLL) over the templates at its last step
 
 
-@contextmanager
-def _logits_only_at(model: torch.nn.Module, rows: torch.Tensor, pos: torch.Tensor) -> Iterator[None]:
-    """Inside, the model's logits are [1, N, vocab] at (rows[i], pos[i]) only: for n facts × T
-    templates the full [rows, pos, vocab] logits would dominate memory (vocab up to 262k)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise RankoneError(f"{type(model).__name__} has no output embedding module to read the logits from")
-    original = head.forward
-
-    def gathered(h: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        return original(h[rows.to(h.device), pos.to(h.device)][None], *a, **k)
-
-    with replace_forward(head, gathered):
-        yield
-
-
 def compute_targets(
     model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
     templates: list[str], hp: MemitHParams,
@@ -113,28 +97,31 @@ def compute_targets(
     rewrites = [encode_request(tok, r, t) for r in requests for t in templates]  # row i·T + j
     kls = [encode_request(tok, EditRequest(hp.kl_prompt, r.subject, r.target), with_target=False) for r in requests]
     encs = rewrites + kls
-    ids, mask = pad_batch([e.ids for e in encs], dev)  # [n·T + n, pos]
     fact_of_row = torch.tensor([i for i in range(n) for _ in range(T)] + list(range(n)), device=dev)
-    lookup = torch.tensor([e.subject_last for e in encs], device=dev)
-    at_subject = torch.zeros(ids.shape, device=dev)
-    at_subject[torch.arange(len(encs), device=dev), lookup] = 1.0  # [rows, pos]
 
-    # Teacher forcing: the logit at position p−1 predicts the target token at p.
+    # Teacher forcing: the logit at position p−1 predicts the target token at p; then each fact's
+    # KL prompt at its subject. How the passes run (cached prefixes, the layers below replayed, the
+    # head only at these reads) is rome's `ValuePasses`, for every fact's rows at once.
     t_rows = torch.tensor([r for r, e in enumerate(rewrites) for _ in e.target_positions])
-    t_pos = torch.tensor([p - 1 for e in rewrites for p in e.target_positions])
+    t_pos = [p - 1 for e in rewrites for p in e.target_positions]
     t_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
-    kl_rows = torch.arange(n * T, n * T + n)
-    sel_rows, sel_pos = torch.cat([t_rows, kl_rows]), torch.cat([t_pos, lookup[n * T:].cpu()])
     n_t = len(t_rows)
+    passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs],
+                         t_rows.tolist() + list(range(n * T, n * T + n)), t_pos + [e.subject_last for e in kls],
+                         fast=hp.fast_value)
+    rows = torch.arange(len(encs), device=dev)
+    at_subject = torch.zeros(passes.shape, device=dev)  # [rows, pos] of the pass, 1 where δ enters
+    at_subject[rows, torch.as_tensor(passes.delta_pos, device=dev)] = 1.0
 
     captured: dict[str, torch.Tensor] = {}
     bare_rows = torch.arange(0, n * T, T, device=dev)
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, d]
-        h3 = h.reshape(*ids.shape, -1)
+        h3 = h.reshape(*passes.shape, -1)
         if "h_init" not in captured:
-            captured["h_init"] = h3[bare_rows, lookup[bare_rows]].detach().float()  # [n, d]
+            at = torch.as_tensor(passes.delta_pos, device=dev)[bare_rows]
+            captured["h_init"] = h3[bare_rows, at].detach().float()  # [n, d]
         rows_delta = delta.to(h.dtype)[fact_of_row]  # [rows, d]
         return (h3 + at_subject[:, :, None].to(h.dtype) * rows_delta[:, None, :]).reshape(h.shape)
 
@@ -146,18 +133,9 @@ def compute_targets(
     probs = [0.0] * n
     clamped = [False] * n
     init_kl: torch.Tensor | None = None
-    with ExitStack() as stack:
-        stack.enter_context(_logits_only_at(model, sel_rows, sel_pos))  # also for the caching pass
-        if hp.fast_value:  # δ enters at block `layer`'s output: blocks 0..layer replay one cached pass
-            spec = arch.spec_for(model)
-            stack.enter_context(replay_below(model, [spec.layer_path(j) for j in range(layer + 1)], ids, mask))
-        stack.enter_context(map_output(block, add_delta))
-        stack.enter_context(frozen(model))
+    with passes, map_output(block, add_delta), frozen(model):
         for step in range(hp.v_steps):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            if logits.shape[:2] != (1, len(sel_rows)):
-                raise RankoneError(f"{type(model).__name__} reshapes its logits; MEMIT's batched targets cannot read them")
-            logp = torch.log_softmax(logits[0].float(), dim=-1).cpu()  # [N, vocab]
+            logp = torch.log_softmax(passes.logits().float(), dim=-1).cpu()  # [N reads, vocab]
             tok_logp = logp[torch.arange(n_t), t_ids]  # [target tokens]
             row_nll = -torch.zeros(n * T).index_add(0, t_rows, tok_logp) / per_row  # [n·T]
             nll = row_nll.reshape(n, T).mean(1)  # [n]
