@@ -369,7 +369,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_args(ap)
     ap.add_argument("--methods", nargs="+", default=["r-rome", "r-rome-bare", "p-rome", "rome"])
-    ap.add_argument("--layer", type=int, default=None, help="default: the model card's layer, else n_layers // 4")
+    ap.add_argument("--layer", type=int, default=None, help="default: the model card's layer, else n_layers // 8")
     ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     ap.add_argument("--name", default=None, help="run folder under runs/real_counterfact (default from model, layer, statistics)")
     args = ap.parse_args()

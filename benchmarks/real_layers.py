@@ -9,7 +9,7 @@ and an interrupted sweep resumes). Where this model has a cached AIE (`rankone t
 --cases FILE --kinds mlp`, kept under ~/.cache/rankone/trace), the table gives the average indirect
 effect of the MLP at the last subject token per layer, and docs/layers_NAME.png plots it beside
 S, PS and NS. The verdict compares the best layer by S with the default layer (the card's, else
-n_layers // 4) and with the layer the AIE picks (`--layer auto`).
+n_layers // 8) and with the layer the AIE picks (`--layer auto`).
 """
 
 from __future__ import annotations

@@ -145,10 +145,10 @@ def test_hooked_update_equals_the_merged_weight(tok):
 def test_settings_round_trip_and_adapt_to_the_model():
     hp = MemitHParams(layers=[2, 3, 4], v_steps=7, prefixes=["A. {}"], mom2_update_weight=900.0)
     assert MemitHParams.from_json(hp.to_json()) == hp
-    model = make_model("llama", num_hidden_layers=12)
+    model = make_model("llama", num_hidden_layers=24)
     r = MemitHParams().resolve(model)
     d_in = arch.in_out_features(arch.get_module(model, arch.proj_path(model, 0)))[0]
-    assert r.layers == [2, 3] and r.layer == 3  # 12 // 4 is the edit layer, a sixth of 12 layers wide
+    assert r.layers == [0, 1, 2, 3] and r.layer == 3  # 24 // 8 is the edit layer; a sixth of 24 is 4 wide
     assert r.mom2_update_weight == pytest.approx(GPTJ_LAMBDA * d_in / GPTJ_D_IN)
     assert MemitHParams.from_json(r.to_json()).resolve(model) == r
     for bad in ({"layers": [3, 2]}, {"layers": [1, 2], "layer": 1}, {"window": 0}, {"method": "rome"},

@@ -86,7 +86,7 @@ def test_a_bad_card_stops_the_cli_before_anything_is_written(capsys, model_dir, 
 
 
 def test_one_default_layer_rule():
-    assert default_layer(None, 30) == 7 and default_layer(ModelCard(), 18) == 4
+    assert default_layer(None, 30) == 3 and default_layer(ModelCard(), 18) == 2
     assert default_layer(ModelCard(layer=0), 30) == 0
 
 
@@ -142,7 +142,7 @@ def test_the_engine_does_not_read_a_testbed_world(model_dir, tmp_path):
     shutil.copytree(model_dir, d)
     (d / "world.json").write_text(json.dumps({"edit_layer": 2, "edit_hparams": {"v_steps": 3}}))
     h = load_model(d)
-    assert h.card is None and h.default_layer() == 3 // 4
+    assert h.card is None and h.default_layer() == 3 // 8
     assert EditHParams.for_model(h) == EditHParams()
 
 

@@ -13,7 +13,7 @@ one `edit` call as one batch (one rank-n edit per window layer; see rankone.edit
 
 Either way the hyper-parameters the caller set win over what the model card (rankone.json)
 recommends, and those over the paper's defaults; the layer defaults to the card's, else
-n_layers // 4; the statistics corpus to the one given, else the card's.
+n_layers // 8; the statistics corpus to the one given, else the card's.
 """
 
 from __future__ import annotations

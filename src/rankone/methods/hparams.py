@@ -185,7 +185,7 @@ def check_value_settings(hp: Any) -> None:
 @settings
 class EditHParams(JsonSettings):
     method: str = "r-rome"  # which key enters where in the update, see rome.rank_one_update
-    layer: int | None = None  # None: the model card's layer, else n_layers // 4 (models.card.default_layer)
+    layer: int | None = None  # None: the model card's layer, else n_layers // 8 (models.card.default_layer)
     # value optimisation (ROME paper defaults)
     v_steps: int = 20
     v_lr: float = 0.5
