@@ -170,29 +170,3 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-
-
-@contextmanager
-def replay_below(model: nn.Module, layer_paths: list[str], ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-    """Inside: the blocks at `layer_paths` (all the layers below an edited one, lowest first)
-    return the output the last of them gave on (ids, mask) instead of computing.
-
-    What enters at the edited layer does not change what the layers below compute, so an
-    optimisation loop runs them once: one forward pass caches the last one's output, and each step
-    then runs the edited layer and those above only. The result equals a full forward pass exactly
-    (same modules, masks and positions above). The replacements are removed on exit."""
-    cache: dict[str, Any] = {}
-
-    def keep(mod: nn.Module, args: tuple, output: Any) -> None:
-        cache["out"] = output
-
-    with torch.no_grad():
-        h = get_module(model, layer_paths[-1]).register_forward_hook(keep)
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            h.remove()
-    with ExitStack() as stack:
-        for path in layer_paths:
-            stack.enter_context(replace_forward(get_module(model, path), lambda *a, **k: cache["out"]))
-        yield

@@ -90,8 +90,9 @@ def select_cases(model: Any, tok: Any, cases: Sequence[Case], known_only: bool |
     ok: list[Case] = []
     why: list[str] = []
     n_read = n_known = 0
-    for i in range(0, len(cases), chunk if limit else max(1, len(cases))):
-        part, bad = alignable(model, tok, cases[i:i + chunk] if limit else cases)
+    step = chunk if limit else max(1, len(cases))  # without a limit: all cases in one go
+    for i in range(0, len(cases), step):
+        part, bad = alignable(model, tok, cases[i:i + step])
         n_read += len(part) + len(bad)
         why += bad
         if rule:
