@@ -130,7 +130,7 @@ def default_layer(card: ModelCard | None, n_layers: int) -> int:
 
     Why an eighth: r-ROME swept over layers on 30 known CounterFact cases (BENCHMARKS.md, "Layer
     choice on a real model") edits best early on both real models, layers 1-3 of SmolLM2-135M's 30
-    and layer 2 of Gemma 3 270M's 18, where the neighbours of the edited fact suffer least; the old
+    and layers 1-2 of Gemma 3 270M's 18, where the neighbours of the edited fact suffer least; the old
     rule, n_layers // 4 (layers 7 and 4), fell short of the best layer's S on both."""
     if card is not None and card.layer is not None:
         return card.layer
