@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rankone.core.errors import RankoneError
@@ -22,3 +24,11 @@ def test_unknown_key_is_one_clear_line(cls, bad, what) -> None:
         cls.from_dict(bad)
     msg = str(e.value)
     assert f"unknown {what}(s) {sorted(bad)}" in msg and "known:" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("bad, message", [({"reach_prob": 0.0}, "reach_prob must be in (0, 1]"),
+                                          ({"reach_prob": 1.5}, "reach_prob must be in (0, 1]"),
+                                          ({"v_steps_max": 0}, "v_steps_max must be at least 1")])
+def test_value_loop_extension_settings_are_checked(bad, message) -> None:
+    with pytest.raises(RankoneError, match=re.escape(message)):
+        EditHParams.from_dict(bad)

@@ -195,7 +195,7 @@ class EditHParams(JsonSettings):
     clamp_norm_factor: float = 4.0
     early_stop_prob: float = 0.99  # stop once p(target) = exp(−NLL) reaches it; why 0.99: BENCHMARKS.md
     # a value still below reach_prob after v_steps passes goes on, up to v_steps_max passes in all
-    # (hard targets such as SmolLM2's "linebacker" need 40); v_steps_max ≤ v_steps: never
+    # (some multi-token targets need twice v_steps); v_steps_max ≤ v_steps: never
     reach_prob: float = 0.9
     v_steps_max: int = 50
     kl_prompt: str = "{} is a"

@@ -110,9 +110,9 @@ def compute_targets(
     passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs],
                          t_rows.tolist() + list(range(n * T, n * T + n)), t_pos + [e.subject_last for e in kls],
                          fast=hp.fast_value)
-    rows = torch.arange(len(encs), device=dev)
+    delta_pos = torch.as_tensor(passes.delta_pos, device=dev)  # [rows]: each row's subject in the pass
     at_subject = torch.zeros(passes.shape, device=dev)  # [rows, pos] of the pass, 1 where δ enters
-    at_subject[rows, torch.as_tensor(passes.delta_pos, device=dev)] = 1.0
+    at_subject[torch.arange(len(encs), device=dev), delta_pos] = 1.0
 
     captured: dict[str, torch.Tensor] = {}
     bare_rows = torch.arange(0, n * T, T, device=dev)
@@ -120,8 +120,7 @@ def compute_targets(
     def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, d]
         h3 = h.reshape(*passes.shape, -1)
         if "h_init" not in captured:
-            at = torch.as_tensor(passes.delta_pos, device=dev)[bare_rows]
-            captured["h_init"] = h3[bare_rows, at].detach().float()  # [n, d]
+            captured["h_init"] = h3[bare_rows, delta_pos[bare_rows]].detach().float()  # [n, d]
         rows_delta = delta.to(h.dtype)[fact_of_row]  # [rows, d]
         return (h3 + at_subject[:, :, None].to(h.dtype) * rows_delta[:, None, :]).reshape(h.shape)
 
