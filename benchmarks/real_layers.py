@@ -9,7 +9,9 @@ and an interrupted sweep resumes). Where this model has a cached AIE (`rankone t
 --cases FILE --kinds mlp`, kept under ~/.cache/rankone/trace), the table gives the average indirect
 effect of the MLP at the last subject token per layer, and docs/layers_NAME.png plots it beside
 S, PS and NS. The verdict compares the best layer by S with the default layer (the card's, else
-n_layers // 8) and with the layer the AIE picks (`--layer auto`).
+n_layers // 8) and with the layer the AIE picks. The sweep is stored as the model's measured layer
+evidence (`trace.layer_choice.save_sweep`, as `rankone bench layers` does), which `rankone edit
+--layer auto` prefers to tracing from then on; --no-save leaves it out.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish, table  # noqa: E402
-from real_counterfact import (check_settings, common_args, prepare, run_methods, run_name, settings_of, stats_label,  # noqa: E402
-                              summary, unedited, RUNS)
+from real_counterfact import (_where, check_settings, common_args, prepare, run_methods, run_name, settings_of,  # noqa: E402
+                              stats_label, summary, unedited, RUNS)
 
 from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.trace.layer_choice import EditSweep, save_sweep  # noqa: E402
 from rankone.trace.plot import plot_aie  # noqa: E402
 from rankone.trace.tracing import best_cached_aie, model_fingerprint  # noqa: E402
 
@@ -35,7 +38,7 @@ TOLERANCE = 0.03  # issue 14: the default layer and --layer auto must be within 
 def verdict(res: dict[int, dict], default: int, auto: int | None) -> str:
     best = max(res, key=lambda l: (res[l]["score"], res[l]["es"] + res[l]["ps"]))
     out = [f"**Best layer by S: {best}** (S {res[best]['score']:.3f})."]
-    for what, layer in (("default layer", default), ("AIE's layer (`--layer auto`)", auto)):
+    for what, layer in (("default layer", default), ("AIE's layer (`--layer auto` where no sweep is stored)", auto)):
         if layer is None:
             out.append(f"No cached AIE for this model: trace it to compare the {what}.")
         elif layer not in res:
@@ -44,6 +47,7 @@ def verdict(res: dict[int, dict], default: int, auto: int | None) -> str:
             gap = res[best]["score"] - res[layer]["score"]
             ok = "within" if gap <= TOLERANCE else "**not** within"
             out.append(f"The {what} {layer}: S {res[layer]['score']:.3f}, {gap:.3f} below the best ({ok} {TOLERANCE}).")
+    out.append(f"With this sweep stored, `--layer auto` edits layer {best}.")
     return " ".join(out)
 
 
@@ -52,6 +56,7 @@ def main() -> int:
     common_args(ap)
     ap.add_argument("--layers", type=int, nargs="+", required=True, help="layers to edit, e.g. 1 3 5 7 10")
     ap.add_argument("--method", default="r-rome")
+    ap.add_argument("--no-save", action="store_true", help="do not store the sweep as the model's layer evidence")
     ap.set_defaults(n=30)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -76,7 +81,14 @@ def main() -> int:
         print(f"layer {layer}: ES {s['es']:.3f} PS {s['ps']:.3f} NS {s['ns']:.3f} S {s['score']:.3f} GS {s['gs']:.3f}",
               flush=True)
 
-    aie = best_cached_aie(model_fingerprint(handle.model), "mlp")
+    fp = model_fingerprint(handle.model)
+    if not args.no_save and args.method == "r-rome" and len(res) >= 2:  # what --layer auto reads
+        stored = save_sweep(EditSweep({l: {k: res[l][k] for k in ("es", "ps", "ns", "score", "n")} for l in res},
+                                      args.method, f"{_where(args.cases)}: the first {len(cases)} known (over-new)",
+                                      len(cases), {"stats": stats_label(args, hp.stats_tokens)[1],
+                                                   **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}, fp))
+        print(f"stored as the model's layer evidence: {stored.cache_file}", flush=True)
+    aie = best_cached_aie(fp, "mlp")
     auto = aie.best_layer("mlp") if aie is not None else None
     default = handle.default_layer()
     name = f"{label}-{args.method}-{stats_label(args, hp.stats_tokens)[0]}"

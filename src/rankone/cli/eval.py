@@ -1,9 +1,10 @@
-"""`rankone eval` and `rankone bench sequential`: the papers' evaluation as commands.
+"""`rankone eval`, `rankone bench sequential` and `rankone bench layers`: the papers' evaluation as commands.
 
     rankone eval --model DIR --patch P --cases FILE [--known-only] [--out eval.json]
     rankone eval --model DIR --cases FILE --edit-each --method rome      # one edit per case, reverted
     rankone bench sequential --model DIR --cases FILE --n 1000 --method rome --method r-rome --out runs/seq
     rankone bench sequential --model DIR --cases FILE --n 1000 --method memit --batch-size 100 --every 100 --out runs/seq
+    rankone bench layers --model DIR --cases FILE --layers 1 2 3 4 5 --n 30     # what --layer auto then edits
 """
 
 from __future__ import annotations
@@ -151,6 +152,37 @@ def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fa
           f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
 
 
+# ---- rankone bench layers --------------------------------------------------------------------
+
+
+def cmd_bench_layers(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import check_out_file, write_json
+    from rankone.eval.cases import load_cases
+    from rankone.eval.layer_sweep import sweep_layers
+    from rankone.methods.hparams import EditHParams
+
+    if args.layer is not None:
+        raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
+    if args.out:
+        check_out_file(args.out)
+    hp = EditHParams.from_dict(_given(args, "r-rome"))  # the default method's sweep is what --layer auto reads
+    cases = load_cases(args.cases)
+    handle = load(args)
+    known: bool | str = False if args.all_cases else args.known_by
+    sw = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
+                      progress=not args.quiet, log=None if args.quiet else print)
+    best = sw.best_layer()
+    print(f"{'layer':>5}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}")
+    for layer, s in sorted(sw.scores.items()):
+        print(f"{layer:>5}" + "".join(f"{s[k]:8.3f}" for k in ("es", "ps", "ns", "score")) + ("   best" if layer == best else ""))
+    print(f"best layer {best} (of {len(sw.scores)} measured, {sw.n_cases} cases); `rankone edit --layer auto` now "
+          f"edits it on this model (stored in {sw.cache_file})")
+    if args.out:
+        write_json(args.out, dict(sw.to_dict(), best_layer=best))
+        print(f"wrote {args.out}")
+    return 0
+
+
 # ---- rankone bench sequential ----------------------------------------------------------------
 
 
@@ -287,3 +319,20 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="start over in a folder that holds another run")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_bench_sequential)
+
+    p = bench.add_parser("layers", help="single-edit ES/PS/NS/S at each of several layers; --layer auto then edits the best",
+                         description="Edit each of the first N cases the model knows alone at every given layer, score "
+                                     "it (ES, PS, NS, S) and revert it. The result is stored with the model's other "
+                                     "caches, and `rankone edit --layer auto` edits the best layer from then on "
+                                     "(causal tracing only where no sweep was measured).")
+    model_args(p)
+    p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (read in file order)")
+    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compare, e.g. 1 2 3 4 5")
+    p.add_argument("--n", type=_positive("--n"), default=30, help="cases edited at each layer (default 30)")
+    _hparam_args(p)
+    p.add_argument("--known-by", choices=KNOWN_RULES, default="over-new",
+                   help="which cases the model knows: over-new (P(true) > P(new), default) or greedy")
+    p.add_argument("--all-cases", action="store_true", help="use every alignable case, known or not")
+    p.add_argument("--out", help="also write the sweep to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_bench_layers)

@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="r-rome (default), p-rome, rome or r-rome-bare: which keys enter a rank-one update; memit or alphaedit: "
                         "the requests as one batch over a window of layers (see the README's Methods)")
     p.add_argument("--layer", type=layer_arg, default=None,
-                   help="layer to edit (for memit/alphaedit the last, critical layer of the window), or 'auto' to "
-                        "choose it by causal tracing (default: the model's recorded one, else n_layers/4)")
+                   help="layer to edit (for memit/alphaedit the last, critical layer of the window), or 'auto': the "
+                        "best layer of this model's measured sweep (`rankone bench layers`), else causal tracing's "
+                        "(default: the model card's layer, else n_layers // 8)")
     p.add_argument("--stats-corpus", help=".txt file, folder of .txt, or .jsonl with 'text' (default: corpus.txt in the model folder)")
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of the corpus for the key statistics C (default 1,000,000; cached per model and layer)")

@@ -176,7 +176,8 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
         for layer in range(len(next(iter(aie.aie.values())))):
             print(f"{layer:5} " + " ".join(f"{aie.aie[k][layer]:8.4f}" for k in aie.aie))
         if chosen is not None:
-            print(f"--layer auto would edit layer {chosen} (largest MLP indirect effect)")
+            print(f"tracing picks layer {chosen} (largest MLP indirect effect): what --layer auto edits unless "
+                  "`rankone bench layers` measured this model's layers")
     print(f"wrote {args.out}: aie.json, aie.png" + (f" and heatmaps of {args.heatmaps} fact(s)" if args.heatmaps else ""))
     return 0
 
@@ -213,8 +214,15 @@ def choose_layer_for(handle: Any, requests: Sequence[Any], cases: str | None, qu
         choice = choose_layer(handle, requests, load_facts(cases) if cases else None, lambda: known_facts(handle), bar)
     finally:
         _close(bar)
-    if not quiet:
+    if quiet:
+        return choice
+    if choice.sweep is not None:
+        sw, s = choice.sweep, choice.sweep.scores[choice.layer]
+        print(f"layer auto: layer {choice.layer} (S {s['score']:.3f}, the best of layers {sorted(sw.scores)} measured by "
+              f"`rankone bench layers` on {sw.n_cases} cases; {sw.cache_file})")
+    else:
         a = choice.aie.aie["mlp"]
         print(f"layer auto: layer {choice.layer} (MLP AIE {a[choice.layer]:.4f}, the largest over layers "
-              f"0..{len(a) - 1}; {choice.aie.n_facts} facts from {choice.aie.source})")
+              f"0..{len(a) - 1}; {choice.aie.n_facts} facts from {choice.aie.source}; `rankone bench layers` "
+              "measures edits per layer instead)")
     return choice

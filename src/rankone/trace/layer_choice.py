@@ -1,9 +1,15 @@
-"""Choosing the layer to edit by causal tracing (`rankone edit --layer auto`).
+"""Choosing the layer to edit (`rankone edit --layer auto`): by measured edits, else by causal tracing.
 
-    layer = argmax_l AIE(mlp, l)    the layer whose MLP output, restored at the subject's last token,
-                                    brings back most of the answer's probability (Meng et al. 2022, §2)
+    layer = argmax_l S(l)           where a sweep of single edits was measured on this model
+                                    (`rankone bench layers`): S = hmean(ES, PS, NS) at layer l
+    layer = argmax_l AIE(mlp, l)    otherwise: the layer whose MLP output, restored at the subject's
+                                    last token, brings back most of the answer's probability
+                                    (Meng et al. 2022, §2)
 
-Evidence comes from, in order: facts the caller names (a case file), this model's cached AIE with
+Tracing says where a fact is recalled, not where an edit works best (Hase et al. 2023): on Gemma 3
+270M the MLP AIE peaks at layer 5 while edits score best at layer 1 (BENCHMARKS.md, "Layer choice
+on a real model"). So a measured sweep, when this model has one cached, decides. Without one,
+the AIE comes from, in order: facts the caller names (a case file), this model's cached AIE with
 the most facts, facts the model card says the model knows (its `cases`), or the edit requests
 themselves traced with the model's own greedy answers. Evidence that was tried and could not be
 used is kept, with the reason, in `LayerChoice.not_used`.
@@ -11,10 +17,14 @@ used is kept, with the reason, in `LayerChoice.not_used`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rankone.core.atomic import write_json
 from rankone.core.errors import RankoneError
+from rankone.methods.cache import cache_root
 from rankone.trace import MAX_CASES
 from rankone.core.tokens import EditRequest
 from rankone.models.handle import ModelHandle
@@ -35,16 +45,86 @@ class FactSet:
     source: str
 
 
+SWEEP_SCHEMA = "rankone.layer_sweep/1"
+
+
+@dataclass
+class EditSweep:
+    """Single-edit quality per layer, measured on one model: each case edited alone, scored, reverted."""
+
+    scores: dict[int, dict[str, float]]  # layer -> {"es", "ps", "ns", "score", "n"}
+    method: str
+    cases: str  # where the cases came from, and how they were chosen
+    n_cases: int
+    hparams: dict[str, Any]  # the settings the edits ran with (their layer aside)
+    model_sha256: str
+    cache_file: str = ""
+
+    def best_layer(self) -> int:
+        """Highest S; a tie goes to the higher ES + PS, then to the earlier layer."""
+        return max(self.scores, key=lambda l: (self.scores[l]["score"], self.scores[l]["es"] + self.scores[l]["ps"], -l))
+
+    def same_setting(self, other: "EditSweep") -> bool:
+        return (self.method, self.cases, self.n_cases, self.hparams, self.model_sha256) == \
+            (other.method, other.cases, other.n_cases, other.hparams, other.model_sha256)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SWEEP_SCHEMA, "scores": {str(l): v for l, v in sorted(self.scores.items())},
+                "method": self.method, "cases": self.cases, "n_cases": self.n_cases, "hparams": self.hparams,
+                "model_sha256": self.model_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], cache_file: str = "") -> "EditSweep":
+        if d.get("schema") != SWEEP_SCHEMA:
+            raise ValueError(f"not a {SWEEP_SCHEMA} record")
+        return cls({int(l): dict(v) for l, v in d["scores"].items()}, d["method"], d["cases"], int(d["n_cases"]),
+                   dict(d["hparams"]), d["model_sha256"], cache_file)
+
+
+def sweep_file(model_fp: str, method: str) -> Path:
+    return cache_root() / "layers" / model_fp[:32] / f"sweep-{method}.json"
+
+
+def cached_sweep(model_fp: str, method: str = "r-rome") -> EditSweep | None:
+    """This model's measured sweep for `method` (None: none, or unreadable, or of another model)."""
+    f = sweep_file(model_fp, method)
+    try:
+        sw = EditSweep.from_dict(json.loads(f.read_text()), str(f))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return sw if sw.model_sha256 == model_fp and sw.method == method else None
+
+
+def save_sweep(sweep: EditSweep) -> EditSweep:
+    """Store the sweep as this model's evidence; layers measured before with the same setting are
+    kept beside the new ones (a sweep may be run a few layers at a time). Returns what is stored."""
+    old = cached_sweep(sweep.model_sha256, sweep.method)
+    scores = {**(old.scores if old is not None and old.same_setting(sweep) else {}), **sweep.scores}
+    merged = EditSweep(scores, sweep.method, sweep.cases, sweep.n_cases, sweep.hparams, sweep.model_sha256)
+    f = sweep_file(sweep.model_sha256, sweep.method)
+    write_json(f, merged.to_dict())
+    merged.cache_file = str(f)
+    return merged
+
+
 @dataclass
 class LayerChoice:
     layer: int
-    aie: AIE
+    aie: AIE | None  # the tracing evidence (None: a measured sweep decided)
     model_sha256: str
     not_used: list[str] = field(default_factory=list)  # evidence tried first, and why it could not be used
+    sweep: EditSweep | None = None
 
     def evidence(self) -> dict[str, Any]:
         """What a patch records about the choice (its edits' diagnostics['layer_choice'])."""
+        if self.sweep is not None:
+            sw = self.sweep
+            return {"how": "highest S = hmean(ES, PS, NS) of single edits measured at each layer (rankone bench layers)",
+                    "layer": self.layer, "kind": "sweep", "scores": {str(l): v for l, v in sorted(sw.scores.items())},
+                    "method": sw.method, "n_facts": sw.n_cases, "source": sw.cases, "hparams": sw.hparams,
+                    "cache_file": sw.cache_file, "model_sha256": self.model_sha256}
         a = self.aie
+        assert a is not None
         d = {
             "how": "largest average indirect effect of restoring MLP outputs at the last subject token (causal tracing)",
             "layer": self.layer, "kind": "mlp", "aie": a.aie["mlp"], "sem": a.sem.get("mlp", []),
@@ -58,7 +138,8 @@ class LayerChoice:
 
 def choose_layer(handle: ModelHandle, requests: Sequence[EditRequest], cases: FactSet | None = None,
                  known: Callable[[], FactSet | None] | None = None, progress: Progress | None = None) -> LayerChoice:
-    """The layer with the largest average MLP indirect effect at the last subject token, and why.
+    """The best layer of this model's measured sweep (r-ROME's, cached by `rankone bench layers`),
+    else the layer with the largest average MLP indirect effect at the last subject token; and why.
 
     `cases`: facts the caller names (traced, at most MAX_CASES); `known`: loads the facts the model
     card names (called only when needed; AUTO_FACTS of them traced); `requests`: the edits, traced
@@ -68,6 +149,9 @@ def choose_layer(handle: ModelHandle, requests: Sequence[EditRequest], cases: Fa
     model, tok = handle
     with handle.scope():
         fp = model_fingerprint(model)
+        sweep = cached_sweep(fp)
+        if sweep is not None and len(sweep.scores) >= 2:
+            return LayerChoice(sweep.best_layer(), None, fp, sweep=sweep)
         aie: AIE | None = None
         tried: list[str] = []
         if cases is not None:
