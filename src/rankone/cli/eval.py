@@ -160,6 +160,8 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     from rankone.eval.cases import load_cases
     from rankone.eval.layer_sweep import sweep_layers
     from rankone.methods.hparams import EditHParams
+    from rankone.trace.layer_choice import EditSweep, save_sweep
+    from rankone.trace.tracing import model_fingerprint
 
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
@@ -169,8 +171,10 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     cases = load_cases(args.cases)
     handle = load(args)
     known: bool | str = False if args.all_cases else args.known_by
-    sw = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
-                      progress=not args.quiet, log=None if args.quiet else print)
+    got = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
+                       progress=not args.quiet, log=None if args.quiet else print)
+    sw = save_sweep(EditSweep(got.scores, got.method, got.cases, got.n_cases, got.settings,
+                              model_fingerprint(handle.model)))  # the model's layer evidence from now on
     best = sw.best_layer()
     print(f"{'layer':>5}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}")
     for layer, s in sorted(sw.scores.items()):

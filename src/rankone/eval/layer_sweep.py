@@ -5,12 +5,14 @@
     best = argmax_l S(l)                        (`EditSweep.best_layer`)
 
 Causal tracing is cheaper but answers another question (where the fact is recalled): on Gemma 3
-270M its layer scored 0.083 S below the best measured one. The sweep is stored per model
-fingerprint (`trace.layer_choice.save_sweep`), so one run serves every later `--layer auto`.
+270M its layer scored 0.083 S below the best measured one. `rankone bench layers` stores the
+result per model fingerprint (`trace.layer_choice.save_sweep`), so one run serves every later
+`--layer auto`; eval only measures (it never imports trace).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from rankone.core.errors import RankoneError
@@ -19,19 +21,26 @@ from rankone.eval.metrics import evaluate_single_edits, summarize
 from rankone.eval.protocol import select_cases
 from rankone.methods.hparams import EditHParams
 from rankone.models.handle import ModelHandle
-from rankone.trace.layer_choice import EditSweep, save_sweep
-from rankone.trace.tracing import model_fingerprint
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class LayerScores:
+    scores: dict[int, dict[str, float]]  # layer -> {"es", "ps", "ns", "score", "n"}
+    method: str
+    cases: str  # where the cases came from and how they were chosen
+    n_cases: int
+    settings: dict[str, Any]  # what the edits ran with, their layer aside
 
 
 def sweep_layers(
     handle: ModelHandle, cases: Sequence[Case], layers: Sequence[int], hparams: EditHParams, n: int,
     known_only: bool | str = "over-new", stats_corpus: Any = None, source: str = "", progress: bool = False,
-    save: bool = True, log: Log | None = None,
-) -> EditSweep:
-    """Single-edit ES/PS/NS/S of the first n usable cases at each layer; stored as the model's
-    layer evidence unless save is False. The model is given back exactly as it was."""
+    log: Log | None = None,
+) -> LayerScores:
+    """Single-edit ES/PS/NS/S of the first n usable cases at each layer. The model is given back
+    exactly as it was."""
     model, tok = handle
     n_layers = handle.n_layers
     bad = [l for l in layers if not 0 <= int(l) < n_layers]
@@ -55,5 +64,4 @@ def sweep_layers(
     how = f"{source or 'cases'}: the first {len(chosen)} " + ("usable" if rule == "all" else f"known ({rule})")
     settings = {"stats": str(stats_corpus) if stats_corpus else "the model's default corpus",
                 **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}
-    sweep = EditSweep(scores, hp.method, how, len(chosen), settings, model_fingerprint(model))
-    return save_sweep(sweep) if save else sweep
+    return LayerScores(scores, hp.method, how, len(chosen), settings)
