@@ -97,27 +97,6 @@ def test_batched_targets_follow_each_facts_own_optimisation(model_type, tok, tok
     assert torch.allclose(full.z, batch.z, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("model_type, fast", [("gpt2", True), ("llama", True), ("gpt2", False)])
-def test_narrowed_passes_run_only_kept_prompts_and_repeat_the_others_reads(model_type, fast, tok, tok_bos):
-    from rankone.methods.passes import ValuePasses
-
-    model, t = make_model(model_type), tok_bos if model_type in BOS_ARCHS else tok
-    encs = [encode_request(t, r, tpl) for r in REQS for tpl in TEMPLATES]
-    rows = [i for i, e in enumerate(encs) for _ in e.target_positions]
-    pos = [p - 1 for e in encs for p in e.target_positions]
-    with torch.no_grad(), ValuePasses(model, 1, [e.ids for e in encs], [e.subject_last for e in encs], rows, pos,
-                                      fast=fast) as passes:
-        assert passes.mode == ("suffix" if fast else "full")
-        every = passes.logits()  # [reads, vocab]
-        keep = [0, 2, 5]
-        passes.keep_rows(keep)
-        assert passes.shape[0] == 3 and passes.active.tolist() == keep
-        again = passes.logits()
-    kept = torch.tensor([r in keep for r in rows])
-    assert torch.allclose(again[kept], every[kept], rtol=1e-5, atol=1e-5)  # recomputed on the narrowed batch
-    assert torch.equal(again[~kept], every[~kept])  # repeated, not recomputed
-
-
 def test_window_spreads_the_residual_and_reaches_the_targets(tok, corpus):
     # With "{}" as the only template the key is the bare prompt's, and a tiny λ makes each layer
     # write its share exactly: after the whole window the bare prompts' hidden state is z.

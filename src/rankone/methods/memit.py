@@ -87,8 +87,7 @@ def compute_targets(
 
     Each fact has its own δ_i; the summed loss has the per-fact losses' gradients, and Adam is
     element-wise, so every fact follows the trajectory it would follow alone. A fact whose loss
-    falls under early_stop_loss is frozen from then on (its δ is restored after each step) and its
-    prompts leave the batch (`ValuePasses.keep_rows`), so later steps cost only the unfinished facts.
+    falls under early_stop_loss is frozen from then on (its δ is restored after each step).
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
@@ -118,13 +117,12 @@ def compute_targets(
     captured: dict[str, torch.Tensor] = {}
     bare_rows = torch.arange(0, n * T, T, device=dev)
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows run, pos, d]
+    def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, d]
         h3 = h.reshape(*passes.shape, -1)
-        if "h_init" not in captured:  # the first pass runs every row
+        if "h_init" not in captured:
             captured["h_init"] = h3[bare_rows, delta_pos[bare_rows]].detach().float()  # [n, d]
-        run = passes.active  # the rows this pass runs (finished facts' rows are left out)
-        rows_delta = delta.to(h.dtype)[fact_of_row[run]]  # [rows run, d]
-        return (h3 + at_subject[run][:, :, None].to(h.dtype) * rows_delta[:, None, :]).reshape(h.shape)
+        rows_delta = delta.to(h.dtype)[fact_of_row]  # [rows, d]
+        return (h3 + at_subject[:, :, None].to(h.dtype) * rows_delta[:, None, :]).reshape(h.shape)
 
     d = arch.in_out_features(arch.get_module(model, arch.proj_path(model, layer)))[1]
     delta = torch.zeros(n, d, device=dev, dtype=torch.float32, requires_grad=True)
@@ -150,12 +148,9 @@ def compute_targets(
             for i in torch.nonzero(active).flatten().tolist():
                 losses[i].append(loss[i].item())
                 probs[i] = torch.exp(-nll[i]).item()
-            still = active & (loss.detach() >= hp.early_stop_loss)
-            if step == hp.v_steps - 1 or not bool(still.any()):
+            active &= loss.detach() >= hp.early_stop_loss
+            if step == hp.v_steps - 1 or not bool(active.any()):
                 break
-            if not bool((still == active).all()):  # a fact finished: its rows stop running
-                active = still
-                passes.keep_rows(torch.nonzero(active[fact_of_row.cpu()]).flatten().tolist())
             opt.zero_grad()
             loss[active].sum().backward()
             before = delta.detach().clone()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import ExitStack
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -67,9 +67,6 @@ class ValuePasses:
         self.gathered = False
         self._below: Any = None  # the replayed output of layer-1, when layers below are replayed
         self._stack = ExitStack()
-        self.active = torch.arange(len(seqs), device=self.dev)  # the prompts each pass runs (`keep_rows`)
-        self._all: dict[str, Any] | None = None  # every prompt's inputs, once `keep_rows` has narrowed them
-        self._last: torch.Tensor | None = None  # the previous step's reads, detached
         path = next((n for n, m in model.named_modules() if m is self.head), None) if self.head is not None else None
         if path is None:
             return
@@ -152,58 +149,14 @@ class ValuePasses:
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
 
-    def keep_rows(self, rows: Sequence[int]) -> None:
-        """Run only these prompts from now on; the reads of the others repeat their last logits.
-
-        Exact when the others' δ no longer changes (a finished fact): prompts in one batch do not
-        interact, so their logits cannot change either. Saves the finished facts' share of every
-        later step. Where the model's cache cannot be narrowed, every prompt keeps running.
-        """
-        if self._last is None:
-            raise RuntimeError("keep_rows needs one logits() step first (the reads it repeats)")
-        if self._all is None:
-            self._all = {"ids": self.ids, "mask": self.mask, "below": self._below, "width": self.shape[1],
-                         "suffix": getattr(self, "suffix", None), "cache": getattr(self, "cache", None)}
-        a = self._all
-        keep = torch.as_tensor(sorted(set(int(r) for r in rows)), device=self.dev, dtype=torch.long)
-        if len(keep) == 0 or len(keep) == len(self.active) and bool((keep == self.active).all()):
-            return
-        below = a["below"]
-        if below is not None and not torch.is_tensor(below):
-            return  # a layer output this code does not know how to narrow: keep running every prompt
-        cache = None
-        if self.mode == "suffix":
-            try:
-                cache = copy.deepcopy(a["cache"])
-                cache.batch_select_indices(keep)
-            except (AttributeError, NotImplementedError, TypeError, RuntimeError) as e:
-                log.info("cannot narrow the prefix cache of %s (%s); finished facts keep running", type(self.model).__name__, e)
-                return
-            self.cache, self.suffix = cache, {k: v[keep] for k, v in a["suffix"].items()}
-        self.ids, self.mask = a["ids"][keep], a["mask"][keep]
-        self._below = below[keep] if below is not None else None
-        self.active, self.shape = keep, (len(keep), a["width"])
-
     def logits(self) -> torch.Tensor:
-        """[n_read, vocab]: the logits the loss reads, for the current δ (with its graph); reads of
-        prompts `keep_rows` left out repeat their last values."""
-        if self._all is None:
-            out = self._run(self.rows, self.pos)
-        else:
-            where = torch.isin(self.rows, self.active)
-            local = torch.searchsorted(self.active, self.rows[where])  # row numbers within the narrowed pass
-            out = self._last.clone()
-            out[where] = self._run(local, self.pos[where]).to(out.dtype)
-        self._last = out.detach()
-        return out
-
-    def _run(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[n_read, vocab]: the logits the loss reads, for the current δ (with its graph)."""
         if self.mode == "suffix":
             kw = dict(self.suffix, use_cache=True, **kv_cache_kwargs(self.model, copy.deepcopy(self.cache)))
         else:
             kw = {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
         if not self.gathered:
-            return self.model(**kw).logits[rows, pos]
+            return self.model(**kw).logits[self.rows, self.pos]
         with stop_at(self.head, before=True, detach=False) as st:
             self.model(**kw)
-        return lm_head_logits(self.model, self.head, st.input[rows, pos])  # input: [rows, pos, d_model]
+        return lm_head_logits(self.model, self.head, st.input[self.rows, self.pos])  # input: [rows, pos, d_model]
