@@ -81,11 +81,12 @@ def resolve_model(spec: str) -> tuple[ModelHandle, str]:
     return load_model(spec), (p.stem if p.suffix == ".gguf" else p.name)
 
 
-def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64) -> dict[str, Any]:
-    """The first n alignable cases ('all') and the first n known ones, scanning the file in order."""
+def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64, n_all: int | None = None) -> dict[str, Any]:
+    """The first n known cases and the first n_all (default n) alignable ones ('all'), scanning the file in order."""
+    n_all = n if n_all is None else n_all
     known, every, scanned, unaligned = [], [], 0, 0
     for i in range(0, len(cases), chunk):
-        if len(known) >= n and len(every) >= n:
+        if len(known) >= n and len(every) >= n_all:
             break
         ok, why = alignable(model, tok, cases[i:i + chunk])
         unaligned += len(why)
@@ -95,7 +96,7 @@ def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64) -> 
             if sc[2 * j + 1].p() > sc[2 * j].p():
                 known.append(c)
             every.append(c)
-    return {"known": known[:n], "all": every[:n], "scanned": scanned, "unaligned": unaligned,
+    return {"known": known[:n], "all": every[:n_all], "scanned": scanned, "unaligned": unaligned,
             "share_known": len(known) / scanned if scanned else float("nan"), "n_known_scanned": len(known)}
 
 
@@ -357,7 +358,7 @@ def prepare(args: argparse.Namespace) -> tuple[ModelHandle, str, dict, dict, dic
     torch.set_num_threads(args.threads)
     handle, label = resolve_model(args.model)
     cases = load_cases(args.cases)
-    sel = select(handle.model, handle.tokenizer, cases, args.n)
+    sel = select(handle.model, handle.tokenizer, cases, args.n, n_all=getattr(args, "n_all", None))
     more = [load_cases(f) for f in args.facts if Path(f).resolve() != Path(args.cases).resolve()]
     extra = json.loads(args.hparams) if args.hparams else {}
     if args.stats_tokens:
@@ -371,6 +372,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["r-rome", "r-rome-bare", "p-rome", "rome"])
     ap.add_argument("--layer", type=int, default=None, help="default: the model card's layer, else n_layers // 8")
     ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    ap.add_argument("--n-all", type=int, default=None, help="cases of the all-cases protocol (default: --n)")
     ap.add_argument("--name", default=None, help="run folder under runs/real_counterfact (default from model, layer, statistics)")
     args = ap.parse_args()
     t_start = time.perf_counter()
