@@ -44,14 +44,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cf_measure import measure, other_facts, ps_misses, subject_facts  # noqa: E402
 from _report import ROOT, publish, table  # noqa: E402
 
 from rankone.core import architectures as arch  # noqa: E402
-from rankone.core.errors import RankoneError  # noqa: E402
 from rankone.edit.editor import Editor, outcome  # noqa: E402
 from rankone.eval.cases import Case, load_cases  # noqa: E402
-from rankone.eval.metrics import (alignable, continuations, degenerate, evaluate_cases, fluency, score, states,  # noqa: E402
-                                  summarize)
+from rankone.eval.metrics import alignable, score, summarize  # noqa: E402
 from rankone.methods.hparams import EditHParams  # noqa: E402
 from rankone.methods.rome import rank_one_update  # noqa: E402
 from rankone.methods.stats import LayerStats  # noqa: E402
@@ -100,28 +99,6 @@ def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64, n_a
             "share_known": len(known) / scanned if scanned else float("nan"), "n_known_scanned": len(known)}
 
 
-def subject_facts(cases: list[Case]) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, set[str]]]:
-    """The facts of each subject, (template, prompt, true answer), and each template's answers
-    (true and new, lower-cased): what `other_facts` reads."""
-    by: dict[str, list[tuple[str, str, str]]] = {}
-    pool: dict[str, set[str]] = {}
-    for c in cases:
-        pool.setdefault(c.template, set()).update(x.lower() for x in (c.target_true, c.target_new) if x)
-        if c.target_true and (c.template, c.prompt, c.target_true) not in by.setdefault(c.subject, []):
-            by[c.subject].append((c.template, c.prompt, c.target_true))
-    return by, pool
-
-
-def other_facts(case: Case, index: tuple[dict, dict], most: int = 5) -> list[tuple[str, str]]:
-    """The edited subject's facts of other relations, as (prompt, true answer). CounterFact's flat
-    records carry no relation id, so a fact counts as another relation when no answer of its
-    template is an answer of the case's template (twin cities, or the languages of a place, are
-    one relation with many true answers: those are left out)."""
-    by, pool = index
-    mine = pool.get(case.template, set())
-    return [(p, t) for tpl, p, t in by.get(case.subject, []) if tpl != case.template and not pool[tpl] & mine][:most]
-
-
 class IdentityStatsEditor(Editor):
     """C = I (EasyEdit's ROME configs: mom2_adjustment false): u ∝ k̄ instead of C⁻¹k̄.
 
@@ -141,41 +118,6 @@ def stats_label(args: argparse.Namespace, tokens: int) -> tuple[str, str]:
 
 
 # ---- measuring one case -------------------------------------------------------------------------
-
-
-def _om(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]]) -> tuple[float, float, int]:
-    """OS, OM over the subject's other facts: P(true_j) > P(new), P(true_j) − P(new) (NaN: none)."""
-    pairs = []
-    for p, t in facts:
-        try:
-            score(model, tok, [(p, t), (p, case.target_new)])  # alignable with both targets?
-            pairs += [(p, t), (p, case.target_new)]
-        except RankoneError:
-            continue
-    if not pairs:
-        return float("nan"), float("nan"), 0
-    sc = score(model, tok, pairs)
-    d = [sc[i].p() - sc[i + 1].p() for i in range(0, len(sc), 2)]
-    return sum(x > 0 for x in d) / len(d), sum(d) / len(d), len(d)
-
-
-def measure(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]], args: argparse.Namespace) -> dict[str, Any]:
-    """Every metric of one case on the model as it is now."""
-    m = evaluate_cases(model, tok, [case])[0]
-    n_para, near_prompts = len(case.paraphrase_prompts), case.neighborhood_prompts[:1]
-    said, *rest = continuations(model, tok, [case.prompt, *case.paraphrase_prompts, *near_prompts], args.gen_new)  # greedy
-    para, near = rest[:n_para], rest[n_para:]
-    text = tok.decode(said, skip_special_tokens=True)
-    m["gs"], m["gs_true"] = float(states(text, case.target_new)), float(states(text, case.target_true))
-    m["continuation"] = text
-    m["gps"] = sum(states(tok.decode(x, skip_special_tokens=True), case.target_new) for x in para) / n_para if para else float("nan")
-    m["gns"] = sum(states(tok.decode(x, skip_special_tokens=True), t) for x, t in zip(near, case.neighborhood_targets)) \
-        / len(near) if near else float("nan")  # the neighbour's greedy continuation still states its answer
-    m["degenerate"] = float(any(degenerate(tok, x) for x in [said, *para, *near]))
-    m["os"], m["om"], m["n_other_facts"] = _om(model, tok, case, facts)
-    if args.gen_tokens:
-        m["fluency"] = fluency(model, tok, case.generation_prompts, args.gen_tokens)[0]
-    return m
 
 
 def read_jsonl(p: Path) -> dict[str, dict]:
@@ -412,6 +354,8 @@ ROME's generation entropy of {args.gen_tokens} sampled tokens (top-5, seeded) pe
 "Outcome reached": the edit's own check (greedy answer starts with the target).
 
 {table(HEADER, rows)}
+
+{ps_misses(results, [c.case_id for c in chosen[args.protocols[0]]], args.methods[0]) if "p-rome" in results else ""}
 
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished cases are read back from runs/real_counterfact/{name}/).
 """
