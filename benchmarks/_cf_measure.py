@@ -81,3 +81,18 @@ def ps_misses(results: dict[str, dict[str, dict]], ids: list[str], method: str, 
     return (f"{method}'s paraphrase misses: {len(miss)} of {len(ids)} cases; {other} misses {shared} of the same; in {flat} "
             f"the edited model gives the two answers within 1 % of each other on the paraphrase (|PM| < 0.01), i.e. the "
             f"'paraphrase' hardly asks for the attribute (e.g. \"X's greatest strength is\" for a player's position).")
+
+
+def es_misses(results: dict[str, dict[str, dict]], ids: list[str], method: str, other: str = "p-rome") -> str:
+    """Where `method` misses ES: the cosine of its bare key with the averaged one there, against all
+    cases (r-ROME writes at k̄, so a bare key far from k̄ receives little of δ), and `other` there."""
+    rows = results.get(method, {})
+    have = [i for i in ids if i in rows and rows[i].get("key_cosine") is not None]
+    miss = [i for i in have if rows[i]["es"] < 1]
+    if not miss:
+        return ""
+    cos = sorted(rows[i]["key_cosine"] for i in have)
+    there = ", ".join(f"{rows[i]['key_cosine']:.2f}" for i in miss)
+    fixed = sum(results[other][i]["es"] == 1 for i in miss if i in results.get(other, {}))
+    return (f"{method}'s efficacy misses: {len(miss)} of {len(have)} cases, with key cosine k̄·k_o {there} "
+            f"(median over all cases {cos[len(cos) // 2]:.2f}); {other} passes {fixed} of them.")

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cf_measure import measure, other_facts, ps_misses, subject_facts  # noqa: E402
+from _cf_measure import es_misses, measure, other_facts, ps_misses, subject_facts  # noqa: E402
 from _report import ROOT, publish, table  # noqa: E402
 
 from rankone.core import architectures as arch  # noqa: E402
@@ -355,6 +355,7 @@ ROME's generation entropy of {args.gen_tokens} sampled tokens (top-5, seeded) pe
 
 {table(HEADER, rows)}
 
+{es_misses(results, [c.case_id for c in chosen[args.protocols[0]]], args.methods[0]) if "p-rome" in results else ""}
 {ps_misses(results, [c.case_id for c in chosen[args.protocols[0]]], args.methods[0]) if "p-rome" in results else ""}
 
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished cases are read back from runs/real_counterfact/{name}/).
