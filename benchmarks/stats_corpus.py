@@ -72,6 +72,11 @@ def run_model(name: str, n: int, budgets: list[int]) -> None:
     cases = alignable(model, tok, cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1))[0][:n]
     todo = [c for c in cases if any((src, b, c.case_id) not in done for src, b in eds)]
     print(f"[{name}] layer {layer}: {len(cases) - len(todo)} of {len(cases)} cases done", flush=True)
+    for case in cases:  # the unedited model on the same prompts: what NS is measured against
+        if ("unedited", 0, case.case_id) not in done:
+            with open(out, "a") as f:
+                f.write(json.dumps({"source": "unedited", "budget": 0, "case_id": case.case_id, "layer": layer,
+                                    **metrics(model, tok, case), "delta_fro": 0.0, "n_tokens": 0}) + "\n")
     stats = {key: ed.stats(layer) for key, ed in eds.items()}
     w = arch.weight_oi(arch.get_module(model, first.module_path(layer)))
     w0 = w.detach().clone()
@@ -106,14 +111,15 @@ def report(models: list[str], budgets: list[int]) -> str:
         layer = max(r.get("layer", -1) for r in recs)  # rows of an earlier default layer are not mixed in
         recs = [r for r in recs if r.get("layer", -1) == layer]
         rows = []
-        for src, budget in configs(budgets):
+        for src, budget in [("unedited", 0), *configs(budgets)]:
             rs = [r for r in recs if r["source"] == src and r["budget"] == budget]
             if not rs:
                 continue
             es, ps, ns = (statistics.mean(r[k] for r in rs) for k in ("es", "ps", "ns"))
-            label = {"sampled": "sampled from the model", "text": f"natural text ({TEXT.name})", "identity": "none (C = I)"}[src]
+            label = {"sampled": "sampled from the model", "text": f"natural text ({TEXT.name})", "identity": "none (C = I)",
+                     "unedited": "(unedited model)"}[src]
             rows.append([label, f"{budget:,}" if budget else "-", len(rs), es, ps, ns, hmean([es, ps, ns]),
-                         statistics.median(r["delta_fro"] for r in rs)])
+                         statistics.median(r["delta_fro"] for r in rs) if src != "unedited" else "-"])
         parts.append(f"### {name} (layer {layer})\n\n" + table(["statistics corpus", "tokens", "cases", "ES", "PS", "NS", "S", "‖Δ‖ (median)"], rows))
     return "\n\n".join(parts)
 
