@@ -56,7 +56,7 @@ class EditSweep:
     method: str
     cases: str  # where the cases came from, and how they were chosen
     n_cases: int
-    hparams: dict[str, Any]  # the settings the edits ran with (their layer aside)
+    settings: dict[str, Any]  # what the edits ran with: statistics and hyper-parameters (their layer aside)
     model_sha256: str
     cache_file: str = ""
 
@@ -65,12 +65,12 @@ class EditSweep:
         return max(self.scores, key=lambda l: (self.scores[l]["score"], self.scores[l]["es"] + self.scores[l]["ps"], -l))
 
     def same_setting(self, other: "EditSweep") -> bool:
-        return (self.method, self.cases, self.n_cases, self.hparams, self.model_sha256) == \
-            (other.method, other.cases, other.n_cases, other.hparams, other.model_sha256)
+        return (self.method, self.cases, self.n_cases, self.settings, self.model_sha256) == \
+            (other.method, other.cases, other.n_cases, other.settings, other.model_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SWEEP_SCHEMA, "scores": {str(l): v for l, v in sorted(self.scores.items())},
-                "method": self.method, "cases": self.cases, "n_cases": self.n_cases, "hparams": self.hparams,
+                "method": self.method, "cases": self.cases, "n_cases": self.n_cases, "settings": self.settings,
                 "model_sha256": self.model_sha256}
 
     @classmethod
@@ -78,7 +78,7 @@ class EditSweep:
         if d.get("schema") != SWEEP_SCHEMA:
             raise ValueError(f"not a {SWEEP_SCHEMA} record")
         return cls({int(l): dict(v) for l, v in d["scores"].items()}, d["method"], d["cases"], int(d["n_cases"]),
-                   dict(d["hparams"]), d["model_sha256"], cache_file)
+                   dict(d["settings"]), d["model_sha256"], cache_file)
 
 
 def sweep_file(model_fp: str, method: str) -> Path:
@@ -100,7 +100,7 @@ def save_sweep(sweep: EditSweep) -> EditSweep:
     kept beside the new ones (a sweep may be run a few layers at a time). Returns what is stored."""
     old = cached_sweep(sweep.model_sha256, sweep.method)
     scores = {**(old.scores if old is not None and old.same_setting(sweep) else {}), **sweep.scores}
-    merged = EditSweep(scores, sweep.method, sweep.cases, sweep.n_cases, sweep.hparams, sweep.model_sha256)
+    merged = EditSweep(scores, sweep.method, sweep.cases, sweep.n_cases, sweep.settings, sweep.model_sha256)
     f = sweep_file(sweep.model_sha256, sweep.method)
     write_json(f, merged.to_dict())
     merged.cache_file = str(f)
@@ -121,7 +121,7 @@ class LayerChoice:
             sw = self.sweep
             return {"how": "highest S = hmean(ES, PS, NS) of single edits measured at each layer (rankone bench layers)",
                     "layer": self.layer, "kind": "sweep", "scores": {str(l): v for l, v in sorted(sw.scores.items())},
-                    "method": sw.method, "n_facts": sw.n_cases, "source": sw.cases, "hparams": sw.hparams,
+                    "method": sw.method, "n_facts": sw.n_cases, "source": sw.cases, "settings": sw.settings,
                     "cache_file": sw.cache_file, "model_sha256": self.model_sha256}
         a = self.aie
         assert a is not None
