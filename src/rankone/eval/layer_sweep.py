@@ -48,7 +48,7 @@ def sweep_layers(
         raise RankoneError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}")
     if len(set(layers)) < 2:
         raise RankoneError("a sweep compares layers: give at least two, e.g. --layers 1 2 3 4")
-    chosen, info = select_cases(model, tok, cases, known_only, limit=n)
+    chosen, _ = select_cases(model, tok, cases, known_only, limit=n)
     if len(chosen) < n:
         raise RankoneError(f"only {len(chosen)} usable case(s) in {source or 'the cases'}, {n} asked; lower --n")
     hp = hparams.over(handle)
