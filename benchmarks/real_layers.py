@@ -35,8 +35,8 @@ from rankone.trace.tracing import best_cached_aie, model_fingerprint  # noqa: E4
 TOLERANCE = 0.03  # issue 14: the default layer and --layer auto must be within this S of the best layer
 
 
-def verdict(res: dict[int, dict], default: int, auto: int | None) -> str:
-    best = max(res, key=lambda l: (res[l]["score"], res[l]["es"] + res[l]["ps"]))
+def verdict(res: dict[int, dict], sweep: EditSweep, default: int, auto: int | None, stored: bool) -> str:
+    best = sweep.best_layer()  # the rule --layer auto applies to a stored sweep
     out = [f"**Best layer by S: {best}** (S {res[best]['score']:.3f})."]
     for what, layer in (("default layer", default), ("AIE's layer (`--layer auto` where no sweep is stored)", auto)):
         if layer is None:
@@ -47,7 +47,8 @@ def verdict(res: dict[int, dict], default: int, auto: int | None) -> str:
             gap = res[best]["score"] - res[layer]["score"]
             ok = "within" if gap <= TOLERANCE else "**not** within"
             out.append(f"The {what} {layer}: S {res[layer]['score']:.3f}, {gap:.3f} below the best ({ok} {TOLERANCE}).")
-    out.append(f"With this sweep stored, `--layer auto` edits layer {best}.")
+    if stored:
+        out.append(f"With this sweep stored, `--layer auto` edits layer {best}.")
     return " ".join(out)
 
 
@@ -82,12 +83,13 @@ def main() -> int:
               flush=True)
 
     fp = model_fingerprint(handle.model)
-    if not args.no_save and args.method == "r-rome" and len(res) >= 2:  # what --layer auto reads
-        stored = save_sweep(EditSweep({l: {k: res[l][k] for k in ("es", "ps", "ns", "score", "n")} for l in res},
-                                      args.method, f"{_where(args.cases)}: the first {len(cases)} known (over-new)",
-                                      len(cases), {"stats": stats_label(args, hp.stats_tokens)[1],
-                                                   **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}, fp))
-        print(f"stored as the model's layer evidence: {stored.cache_file}", flush=True)
+    sweep = EditSweep({l: {k: res[l][k] for k in ("es", "ps", "ns", "score", "n")} for l in res}, args.method,
+                      f"{_where(args.cases)}: the first {len(cases)} known (over-new)", len(cases),
+                      {"stats": stats_label(args, hp.stats_tokens)[1],
+                       **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}, fp)
+    stored = not args.no_save and args.method == "r-rome" and len(res) >= 2  # what --layer auto reads
+    if stored:
+        print(f"stored as the model's layer evidence: {save_sweep(sweep).cache_file}", flush=True)
     aie = best_cached_aie(fp, "mlp")
     auto = aie.best_layer("mlp") if aie is not None else None
     default = handle.default_layer()
@@ -119,7 +121,7 @@ the prompt / paraphrase; OS: the subject's other facts). Hyper-parameters: the d
 
 {table(["layer", "AIE mlp", "ES", "PS", "NS", "S", "GS", "GPS", "OS (cases)", "‖Δ‖_F median"], rows)}
 
-{verdict(res, default, auto)}
+{verdict(res, sweep, default, auto, stored)}
 {figure}
 Total {time.perf_counter() - t_start:.0f} s for this invocation (finished edits are read back from runs/real_counterfact/).
 """
