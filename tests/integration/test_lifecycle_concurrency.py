@@ -83,7 +83,9 @@ def hook(name):
     if name != at:
         return
     if wait:
-        Path(wait).write_text(str(os.getpid()))
+        # written under another name and renamed, so the test never reads a half-written pid
+        Path(wait + ".tmp").write_text(str(os.getpid()))
+        os.replace(wait + ".tmp", wait)
         time.sleep(120)
     os._exit(99)
 
