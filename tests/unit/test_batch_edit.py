@@ -140,7 +140,7 @@ def test_settings_by_method_name():
     assert settings_for("memit") is MemitHParams and settings_for("alphaedit") is AlphaEditHParams
     assert settings_for(None) is EditHParams and settings_for("p-rome") is EditHParams
     assert isinstance(hparams_from_dict({"method": "alphaedit", "l2": 2.0}), AlphaEditHParams)
-    with pytest.raises(RankoneError, match="choose one of r-rome, p-rome, rome, r-rome-bare, memit, alphaedit"):
+    with pytest.raises(RankoneError, match="choose one of r-rome, p-rome, rome, r-rome-bare, r-rome-2key, memit, alphaedit"):
         settings_for("mend")
     with pytest.raises(RankoneError, match="unknown hyper-parameter"):
         hparams_from_dict({"method": "r-rome", "window": 3})  # a MEMIT field is not r-ROME's

@@ -12,7 +12,7 @@ from rankone.core.errors import RankoneError
 from rankone.methods.hparams import AlphaEditHParams, EditHParams, MemitHParams, describe_fields
 
 _EXTRA = {f for f in AlphaEditHParams.__dataclass_fields__ if f not in MemitHParams.__dataclass_fields__}
-HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters. For r-rome, p-rome, rome and r-rome-bare any of: "
+HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters. For the rank-one methods (r-rome, p-rome, rome, r-rome-bare, r-rome-2key) any of: "
                 f"{describe_fields(EditHParams)}. For memit any of: {describe_fields(MemitHParams)}. "
                 f"For alphaedit those of memit (without mom2_update_weight) and {', '.join(sorted(_EXTRA))}. "
                 "The model folder's recommendations fill what is not given")

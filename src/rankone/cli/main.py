@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence, "
                                       "or one batch with --method memit|alphaedit")
     p.add_argument("--method", choices=list(ALL_METHODS), default=None,
-                   help="r-rome (default), p-rome, rome or r-rome-bare: which keys enter a rank-one update; memit or alphaedit: "
+                   help="r-rome (default), p-rome, rome, r-rome-bare or r-rome-2key: which keys enter a rank-one update; memit or alphaedit: "
                         "the requests as one batch over a window of layers (see the README's Methods)")
     p.add_argument("--layer", type=layer_arg, default=None,
                    help="layer to edit (for memit/alphaedit the last, critical layer of the window), or 'auto': the "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from rankone.core.atomic import write_bytes
 from rankone.core.util import mean, median
 
-COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green", "r-rome-bare": "tab:cyan", "memit": "tab:purple", "alphaedit": "tab:orange"}
+COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green", "r-rome-bare": "tab:cyan", "r-rome-2key": "tab:olive", "memit": "tab:purple", "alphaedit": "tab:orange"}
 Runs = dict[str, list[dict[str, Any]]]  # label -> JSONL records of one run
 
 

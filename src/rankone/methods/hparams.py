@@ -13,7 +13,7 @@ from typing import Any, TypeVar, Union
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object
 
-METHODS = ("r-rome", "p-rome", "rome", "r-rome-bare")
+METHODS = ("r-rome", "p-rome", "rome", "r-rome-bare", "r-rome-2key")
 S = TypeVar("S", bound="JsonSettings")
 
 

@@ -16,6 +16,11 @@ edited layer, k a key (its input at the subject's last token), C = E[k kᵀ] ove
     r-rome:  ΔW = (v̄* − W k̄) (C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k̄)          averaged key everywhere
     p-rome:  ΔW = (v*  − W k_o)(C⁻¹k_o)ᵀ / (k_oᵀ C⁻¹ k_o)     bare-prompt key everywhere
     rome:    ΔW = (v*  − W k_o)(C⁻¹k̄)ᵀ / (k̄ᵀ C⁻¹ k_o)       the original code's mix
+    r-rome-2key: ΔW = (v̄* − W k̄) aᵀ,  a = C⁻¹K (Kᵀ C⁻¹ K)⁻¹ 1,  K = [k̄, k_o]
+             the least-C-norm rank-one update that adds the same δ at k̄ and at k_o (aᵀk̄ = aᵀk_o
+             = 1); r-ROME gives the bare prompt only (k̄ᵀC⁻¹k_o)/(k̄ᵀC⁻¹k̄) of δ, which is where
+             its efficacy misses come from. Where k_o is (nearly) parallel to k̄ in the C⁻¹ inner
+             product the two constraints are one (or contradict), and it writes r-ROME's update.
 
 Where the block normalises the MLP output before adding it to the residual stream (Gemma 2/3's
 post_feedforward_layernorm), only the direction of W k + b reaches the model, and the value loop,
@@ -178,6 +183,27 @@ def compute_value(
     return result
 
 
+TWO_KEY_MIN_SIN2 = 1e-6  # below this, k_o adds no usable constraint beside k̄ (see two_key_direction)
+
+
+def two_key_direction(k_bar: torch.Tensor, k_o: torch.Tensor, cinv_kbar: torch.Tensor,
+                      cinv_ko: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(direction, denom) with key_dir = direction / denom = a = C⁻¹K (KᵀC⁻¹K)⁻¹ 1, K = [k̄, k_o].
+
+    G = KᵀC⁻¹K is 2×2; its determinant relative to its diagonal, sin² of the C⁻¹-angle between the
+    keys, says whether k_o is a second constraint. Below TWO_KEY_MIN_SIN2 (k_o ∥ k̄: the bare
+    prompt is the only template, or the prefixes do not move the key) the r-ROME direction is
+    returned, which meets aᵀk̄ = 1 and is the least-norm answer to that single constraint.
+    """
+    g = torch.tensor([[float(k_bar @ cinv_kbar), float(k_bar @ cinv_ko)],
+                      [float(k_o @ cinv_kbar), float(k_o @ cinv_ko)]], dtype=torch.float64)  # [2, 2]
+    sin2 = float(torch.linalg.det(g)) / (float(g[0, 0]) * float(g[1, 1]))
+    if sin2 < TWO_KEY_MIN_SIN2:
+        return cinv_kbar, float(g[0, 0])
+    coef = torch.linalg.solve(g, torch.ones(2, dtype=torch.float64))  # [2]
+    return coef[0] * cinv_kbar + coef[1] * cinv_ko, 1.0
+
+
 @dataclass
 class Update:
     """ΔW = residual ⊗ key_dir (an outer product, [out, in]), computed in float64."""
@@ -207,6 +233,8 @@ def rank_one_update(
         k, direction, denom = k_o, cinv_ko, float(k_o @ cinv_ko)
     elif method == "rome":
         k, direction, denom = k_o, cinv_kbar, float(k_o @ cinv_kbar)
+    elif method == "r-rome-2key":
+        k, (direction, denom) = k_bar, two_key_direction(k_bar, k_o, cinv_kbar, cinv_ko)
     else:
         raise ValueError(method)
     # desired projection output for k (the bias cancels)
@@ -229,5 +257,6 @@ def rank_one_update(
         "delta_fro": float(residual.norm() * key_dir.norm()),
         "weight_fro": float(W.norm()),
         "target_scale": scale,  # < 1: v* shrunk to the current scale (normed)
+        "bare_key_gain": float(key_dir @ k_o),  # the share of the residual the bare prompt receives
     }
     return Update(residual=residual, key_dir=key_dir, target_value=target_value, key=k, diagnostics=diag)
