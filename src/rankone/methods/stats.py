@@ -145,6 +145,8 @@ def collect_mom2(
             flush()
     if batch:
         flush()
+    bar.total = count  # a corpus shorter than n_tokens ends the bar at what it gave, not short of it
+    bar.refresh()
     bar.close()
     if count == 0:
         raise RankoneError(f"statistics corpus {corpus} produced no tokens")
