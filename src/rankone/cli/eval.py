@@ -235,7 +235,8 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         r.preflight(args.force)
     for r in runs:
         r.run(force=args.force)
-    done = {m: out / m for m in (*METHODS, *BATCH_SETTINGS) if (out / m / "run.jsonl").is_file()}
+    order = ("rome", *(m for m in METHODS if m != "rome"), *BATCH_SETTINGS)  # ROME first: the baseline column
+    done = {m: out / m for m in order if (out / m / "run.jsonl").is_file()}
     rep = report(done, out, title=args.title or Path(args.model).name)
     print(rep["markdown"].split("\n\n![")[0])
     print(f"wrote {out}/summary.md, summary.json and {', '.join(f.name for f in rep['figures'])}")
