@@ -46,6 +46,9 @@ def test_two_key_direction_is_the_least_c_norm_answer():
     d, den = two_key_direction(kb, ko, st.solve(kb), st.solve(ko))
     a = d / den
     assert float(a @ kb) == pytest.approx(1, abs=1e-12) and float(a @ ko) == pytest.approx(1, abs=1e-12)
+    # the denominator the guard reads is 1 / aᵀCa, as r-ROME's kᵀC⁻¹k is for its own a, and never larger
+    assert den == pytest.approx(1 / float(a @ c @ a), rel=1e-10)
+    assert den < float(kb @ st.solve(kb))
     # any other a' with a'ᵀk̄ = a'ᵀk_o = 1 is a + z with zᵀk̄ = zᵀk_o = 0, and costs more in aᵀCa
     basis = torch.linalg.svd(torch.stack([kb, ko]))[2][2:]  # [10, 12]: the keys' orthogonal complement
     for z in torch.randn(20, 10, generator=g, dtype=torch.float64) @ basis:

@@ -190,6 +190,8 @@ def two_key_direction(k_bar: torch.Tensor, k_o: torch.Tensor, cinv_kbar: torch.T
                       cinv_ko: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(direction, denom) with key_dir = direction / denom = a = C⁻¹K (KᵀC⁻¹K)⁻¹ 1, K = [k̄, k_o].
 
+    denom = 1 / (aᵀ C a) = 1 / (1ᵀ G⁻¹ 1), which for one key is r-ROME's kᵀC⁻¹k: the same quantity
+    whose smallness blows the update up, so the guard reads it the same way for every method.
     G = KᵀC⁻¹K is 2×2; its determinant relative to its diagonal, sin² of the C⁻¹-angle between the
     keys, says whether k_o is a second constraint. Below TWO_KEY_MIN_SIN2 (k_o ∥ k̄: the bare
     prompt is the only template, or the prefixes do not move the key) the r-ROME direction is
@@ -200,8 +202,9 @@ def two_key_direction(k_bar: torch.Tensor, k_o: torch.Tensor, cinv_kbar: torch.T
     sin2 = float(torch.linalg.det(g)) / (float(g[0, 0]) * float(g[1, 1]))
     if sin2 < TWO_KEY_MIN_SIN2:
         return cinv_kbar, float(g[0, 0])
-    coef = torch.linalg.solve(g, torch.ones(2, dtype=torch.float64))  # [2]
-    return coef[0] * cinv_kbar + coef[1] * cinv_ko, 1.0
+    coef = torch.linalg.solve(g, torch.ones(2, dtype=torch.float64))  # [2]: G⁻¹1 (G is positive definite)
+    total = float(coef.sum())  # 1ᵀG⁻¹1 = aᵀCa
+    return (coef[0] * cinv_kbar + coef[1] * cinv_ko) / total, 1.0 / total
 
 
 @dataclass
