@@ -72,11 +72,12 @@ def run_model(name: str, n: int, budgets: list[int]) -> None:
     cases = alignable(model, tok, cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1))[0][:n]
     todo = [c for c in cases if any((src, b, c.case_id) not in done for src, b in eds)]
     print(f"[{name}] layer {layer}: {len(cases) - len(todo)} of {len(cases)} cases done", flush=True)
-    for case in cases:  # the unedited model on the same prompts: what NS is measured against
-        if ("unedited", 0, case.case_id) not in done:
-            with open(out, "a") as f:
+    with open(out, "a") as f:  # the unedited model on the same prompts: what NS is measured against
+        for case in cases:
+            if ("unedited", 0, case.case_id) not in done:
                 f.write(json.dumps({"source": "unedited", "budget": 0, "case_id": case.case_id, "layer": layer,
                                     **metrics(model, tok, case), "delta_fro": 0.0, "n_tokens": 0}) + "\n")
+                f.flush()  # a row per finished case, so an interrupted run resumes after it
     stats = {key: ed.stats(layer) for key, ed in eds.items()}
     w = arch.weight_oi(arch.get_module(model, first.module_path(layer)))
     w0 = w.detach().clone()

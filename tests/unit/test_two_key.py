@@ -5,6 +5,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.methods.rome import KeyResult, ValueResult, rank_one_update, two_key_direction
+from rankone.methods.stats import LayerStats
 from test_rome import NORMED_OUTPUT, REQ, setup
 from tiny import CONFIGS
 
@@ -32,11 +33,7 @@ def _stats(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
     c = a @ a.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
-
-    class Stats:
-        def solve(self, k):
-            return torch.linalg.solve(c, k)
-    return c, Stats()
+    return c, LayerStats(c, n)  # C⁻¹ by the cached Cholesky factor, as in an edit
 
 
 def test_two_key_direction_is_the_least_c_norm_answer():
@@ -61,7 +58,7 @@ def test_two_key_direction_is_the_least_c_norm_answer():
 
 @pytest.mark.parametrize("scale", [1.0, 2.0, 1 + 1e-9])
 def test_parallel_keys_fall_back_to_r_rome(scale):
-    c, st = _stats(8, 2)
+    _, st = _stats(8, 2)
     kb = torch.randn(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ko = scale * kb  # k_o ∥ k̄: one constraint (scale 1) or two that contradict (scale 2)
     d, den = two_key_direction(kb, ko, st.solve(kb), st.solve(ko))
@@ -70,7 +67,7 @@ def test_parallel_keys_fall_back_to_r_rome(scale):
 
 
 def test_single_template_writes_exactly_r_rome():
-    c, st = _stats(8, 4)
+    _, st = _stats(8, 4)
     g = torch.Generator().manual_seed(5)
     k = torch.randn(8, generator=g, dtype=torch.float64)
     w = torch.randn(6, 8, generator=g, dtype=torch.float64)
