@@ -53,7 +53,9 @@ def method_words(method: str, settings: dict) -> str:
     hp = settings["hparams"]
     where = (f"layers {settings['layers'][0]}–{settings['layers'][-1]} in batches of {settings['config'].get('batch_size', 1)}"
              if settings.get("layers") else f"layer {settings['layer']}, one edit at a time")
-    extra = {"alphaedit": lambda: f", null-space threshold {hp['nullspace_threshold']:g}, α {hp['l2']:g}",
+    null = (f"null space holding ≤ {hp['nullspace_energy']:g} of the key energy" if hp.get("nullspace_energy")
+            else f"null-space threshold {hp['nullspace_threshold']:g}")
+    extra = {"alphaedit": lambda: f", {null}, α {hp['l2']:g}",
              "memit": lambda: f", λ {hp['mom2_update_weight']:g}"}.get(method, lambda: "")()
     return f"{method} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
 

@@ -9,7 +9,7 @@ from rankone.core.tokens import EditRequest
 from rankone.methods import alphaedit as ae
 from rankone.methods.hparams import AlphaEditHParams
 from rankone.methods.alphaedit import (
-    PreservedKeys, alphaedit_update, cached_null_basis, null_space_basis,
+    PreservedKeys, alphaedit_update, cached_null_basis, null_energy, null_space_basis,
     null_space_projector, projector_key,
 )
 from rankone.methods.memit import updates_applied
@@ -114,6 +114,47 @@ def test_projector_and_its_cache(tmp_path, tok, corpus):
     assert len(list(tmp_path.glob("null-*.safetensors"))) == 1
 
 
+def test_null_space_by_energy_share_is_scale_free():
+    C, *_ = _problem(null=24)
+    ev = torch.linalg.eigvalsh(C)
+    for eps in (1e-4, 1e-3, 0.02, 0.3):
+        U = null_space_basis(C, 1e-2, energy=eps)
+        r = U.shape[1]
+        # the largest r whose r smallest eigenvalues hold at most ε of the trace
+        assert ev[:r].sum() <= eps * ev.sum() < ev[: r + 1].sum()
+        assert null_energy(C, U) == pytest.approx(float(ev[:r].sum() / ev.sum()), rel=1e-9)
+        assert torch.allclose(U.T @ U, torch.eye(r, **F64), atol=1e-10)
+        # the same keys 100× longer: the energy rule picks the same directions, the threshold does not
+        U100 = null_space_basis(100 * C, 1e-2, energy=eps)
+        assert U100.shape[1] == r and torch.allclose(U100 @ U100.T, U @ U.T, atol=1e-8)
+    assert null_space_basis(100 * C, 1e-2).shape[1] < null_space_basis(C, 1e-2).shape[1] == 24
+    # the threshold's null space of _problem holds the 24 small eigenvalues' share of the energy
+    assert null_energy(C, null_space_basis(C, 1e-2)) == pytest.approx(float(ev[:24].sum() / ev.sum()), rel=1e-9)
+    assert null_energy(C, null_space_basis(C, 1e-2)) < 0.02
+    assert projector_key(C, 1e-2) != projector_key(C, 1e-2, 0.02) != projector_key(C, 1e-2, 0.05)
+
+
+def test_a_leaky_null_space_is_reported(tok, corpus, caplog):
+    """A threshold above most of C's eigenvalues makes a 'null space' that ordinary keys live in:
+    the diagnostics say how much of their energy it holds, and the log says so once per basis."""
+    model = make_model("gpt2")
+    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)
+    hp = AlphaEditHParams(layers=[1], v_steps=2, v_lr=0.05, stats_tokens=20_000, prefixes=["A b. {}"],
+                          nullspace_threshold=float(torch.linalg.eigvalsh(st[1].mom2)[-1]) * 2)
+    req = [EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")]
+    with caplog.at_level("WARNING", logger="rankone.methods.alphaedit"):
+        for _ in range(2):
+            (up,) = ae.edit_batch(model, tok, req, hp, lambda l: st[l])
+    assert up.diagnostics["null_dim"] == up.diagnostics["in_features"]
+    assert up.diagnostics["null_energy"] == pytest.approx(1.0, abs=1e-9)
+    assert sum("holds 100% of the key statistics' energy" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rankone.methods.alphaedit"):
+        (up,) = ae.edit_batch(model, tok, req, hp.replace(nullspace_energy=0.01), lambda l: st[l])
+    assert up.diagnostics["null_energy"] <= 0.01 and up.diagnostics["nullspace_energy"] == 0.01
+    assert 0 < up.diagnostics["null_dim"] < up.diagnostics["in_features"] and not caplog.records
+
+
 def test_preserved_keys_survive_a_session(tmp_path):
     C, K, Kp, R, _ = _problem()
     U = null_space_basis(C, 1e-2)
@@ -138,10 +179,12 @@ def test_preserved_keys_survive_a_session(tmp_path):
 def test_settings_round_trip():
     hp = AlphaEditHParams(layers=[1, 2], nullspace_threshold=1e-3, l2=0.5)
     assert AlphaEditHParams.from_json(hp.to_json()) == hp
+    assert AlphaEditHParams.from_json(hp.replace(nullspace_energy=0.02).to_json()).nullspace_energy == 0.02
     assert hp.method == "alphaedit"
     model = make_model("llama", num_hidden_layers=12)
     assert AlphaEditHParams().resolve(model).mom2_update_weight is None  # λ is MEMIT's, not used here
-    for bad in ({"l2": 0.0}, {"nullspace_threshold": -1.0}, {"method": "memit"}):
+    for bad in ({"l2": 0.0}, {"nullspace_threshold": -1.0}, {"method": "memit"}, {"nullspace_energy": 1.0},
+                {"nullspace_energy": 0}):
         with pytest.raises(RankoneError):
             AlphaEditHParams.from_dict(bad)
 

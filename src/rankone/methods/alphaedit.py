@@ -4,8 +4,11 @@ of the preserved knowledge's keys and the keys of earlier edits kept, one functi
 
  (1)–(3)     targets z, keys K_l [in, k] and residuals R_l [out, k] over the window: memit.py
  (4) P       C_l = E[k kᵀ] = U Λ Uᵀ; Û [in, r] = the eigenvectors whose eigenvalue is below the
-             threshold, P = Û Ûᵀ [in, in]. The preserved keys K₀ have P K₀ ≈ 0, so any
-             update of the form Δ P leaves W K₀ unchanged        `null_space_basis`, `null_space_projector`
+             threshold (or, scale-free, the r smallest with Σ_{i≤r} λ_i ≤ ε tr C), P = Û Ûᵀ
+             [in, in]. The preserved keys K₀ have P K₀ ≈ 0, so any update of the form Δ P
+             leaves W K₀ unchanged                        `null_space_basis`, `null_space_projector`
+             How far "≈ 0" is: E‖P k‖² / E‖k‖² = tr(Ûᵀ C Û) / tr C, the share of the
+             preserved keys' energy inside the null space                         `null_energy`
  (5) update  ΔW_l = R_l K_lᵀ P (K_p K_pᵀ P + K_l K_lᵀ P + α I)⁻¹
              the minimiser of ‖Δ P K_l − R_l‖² + ‖Δ P K_p‖² + α ‖Δ P‖² (the paper's closed form;
              α is `L2` in the authors' code), K_p [in, n_p] the keys of all earlier edits on
@@ -21,7 +24,11 @@ so ‖ΔW K_p‖ ≤ α ‖R‖ / (σ_min(G)² + α): earlier edits move only as
 
 Defaults are the authors' (threshold 2e-2 on the eigenvalues of E[k kᵀ], α = 10, and MEMIT's
 target settings). Both are in units of key², so they are not scale-free across models:
-`null_dim` and `written_fraction` in the diagnostics show what they did on a given model.
+`null_dim`, `null_energy` and `written_fraction` in the diagnostics show what they did on a given
+model, and a null space that holds more than NULL_ENERGY_WARN of the key energy is logged (a
+model whose keys' spectrum has no gap gets a "null space" that ordinary text uses: BENCHMARKS.md,
+"AlphaEdit's null space on a real model"). `nullspace_energy` = ε picks the null space by energy
+instead; a smaller ε preserves more and leaves fewer directions to write in.
 """
 
 from __future__ import annotations
@@ -48,50 +55,65 @@ from rankone.methods.stats import LayerStats, cache_root
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.methods.alphaedit/1"
+NULL_ENERGY_WARN = 0.05  # a null space holding more of the preserved keys' energy than this is logged
 
 
 # ---- (4) the null-space projector -----------------------------------------------------------
 
 
-def null_space_basis(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Û [in, r]: orthonormal eigenvectors of C (symmetric, [in, in]) with eigenvalue < threshold."""
+def null_space_basis(C: torch.Tensor, threshold: float, energy: float | None = None) -> torch.Tensor:
+    """Û [in, r]: orthonormal eigenvectors of C (symmetric PSD, [in, in]) with eigenvalue <
+    threshold; or, when `energy` = ε is given, the r smallest ones whose eigenvalues sum to at
+    most ε · tr C (the threshold is then not used)."""
     evals, evecs = torch.linalg.eigh(C.detach().to("cpu", torch.float64))  # ascending
-    return evecs[:, evals < threshold].contiguous()
+    if energy is None:
+        return evecs[:, evals < threshold].contiguous()
+    share = torch.cumsum(evals.clamp_min(0), 0) / evals.clamp_min(0).sum().clamp_min(1e-300)
+    return evecs[:, : int((share <= energy).sum())].contiguous()
 
 
-def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
+def null_space_projector(C: torch.Tensor, threshold: float, energy: float | None = None) -> torch.Tensor:
     """P = Û Ûᵀ [in, in] float64, the orthogonal projector onto C's (near-)null space."""
-    U = null_space_basis(C, threshold)
+    U = null_space_basis(C, threshold, energy)
     return U @ U.T
 
 
-def projector_key(stats: LayerStats | torch.Tensor, threshold: float) -> str:
+def null_energy(C: torch.Tensor, U: torch.Tensor) -> float:
+    """tr(Ûᵀ C Û) / tr C = E‖P k‖² / E‖k‖²: the share of the preserved keys' energy that lies in
+    the null space, i.e. that an update confined to it still reaches (0 for a true null space)."""
+    C = C.detach().to("cpu", torch.float64)
+    return float(((U.T @ C) * U.T).sum() / torch.trace(C).clamp_min(1e-300))
+
+
+def projector_key(stats: LayerStats | torch.Tensor, threshold: float, energy: float | None = None) -> str:
     """What identifies Û: the statistics' own cache key (model, layer, corpus, budget) when they
-    have one, else the exact bytes of C; and the threshold."""
+    have one, else the exact bytes of C; and the rule (threshold, or energy share)."""
     if isinstance(stats, LayerStats) and stats.meta:
         ident: dict[str, str] = dict(stats.meta)
     else:
         c = stats.mom2 if isinstance(stats, LayerStats) else stats
         ident = {"mom2_sha256": tensor_sha256(c.detach().to("cpu", torch.float64).contiguous())}
-    ident.update(null_schema=SCHEMA, threshold=repr(float(threshold)))
+    rule = {"threshold": repr(float(threshold))} if energy is None else {"energy": repr(float(energy))}
+    ident.update(null_schema=SCHEMA, **rule)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 _NULL_MEMO: dict[str, torch.Tensor] = {}
+_WARNED: set[int] = set()  # ids of memoised bases whose null-energy warning was logged
 
 
 def cached_null_basis(
-    stats: LayerStats, threshold: float, cache_dir: str | os.PathLike | None = None,
+    stats: LayerStats, threshold: float, cache_dir: str | os.PathLike | None = None, energy: float | None = None,
 ) -> torch.Tensor:
     """Û for these statistics, computed once: from memory, else from a verified file beside the
     statistics cache (only for statistics that carry a cache key), else by eigendecomposition."""
-    key = projector_key(stats, threshold)
+    key = projector_key(stats, threshold, energy)
     if key in _NULL_MEMO:
         return _NULL_MEMO[key]
     f = (Path(cache_dir) if cache_dir is not None else cache_root() / "nullspace") / f"null-{key[:32]}.safetensors"
     U = _load_basis(f, key) if stats.meta else None
     if U is None:
-        U = null_space_basis(stats.mom2, threshold)
+        U = null_space_basis(stats.mom2, threshold, energy)
         if stats.meta:
             write_bytes(f, safetensors_bytes({"basis": U}, {"key": key, "checksum": tensor_sha256(U)}))
     _NULL_MEMO[key] = U
@@ -200,7 +222,7 @@ def edit_batch(
     lowest first, ΔW = B A. The model is not changed. `preserved` holds the earlier edits' keys;
     when given, this batch's keys are appended to it after every layer has been solved (so keep
     it only if the updates are written; pass preserved.copy() to try a batch). Û comes from
-    `cached_null_basis(stats_for_layer(layer), threshold, cache_dir)`."""
+    `cached_null_basis(stats_for_layer(layer), threshold, cache_dir, energy)`."""
     if not requests:
         raise RankoneError("no requests to edit: give at least one prompt/subject/target")
     hp = hparams.resolve(model)
@@ -208,12 +230,20 @@ def edit_batch(
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         st = stats_for_layer(layer)
-        U = cached_null_basis(st, hp.nullspace_threshold, cache_dir)
+        U = cached_null_basis(st, hp.nullspace_threshold, cache_dir, hp.nullspace_energy)
+        leak = null_energy(st.mom2, U)
+        if leak > NULL_ENERGY_WARN and id(U) not in _WARNED:  # once per cached basis, not per batch
+            _WARNED.add(id(U))
+            log.warning("AlphaEdit's null space at layer %d (%d of %d directions) holds %.0f%% of the key statistics' "
+                        "energy, so updates confined to it still reach ordinary text's keys; a smaller null space: "
+                        "--hparams '{\"nullspace_energy\": 0.02}' (fewer directions left to write in)",
+                        layer, U.shape[1], K.shape[0], 100 * leak)
         Kp = preserved.get(layer, K.shape[0]) if preserved is not None else None
         B, A = alphaedit_update(K, R, U, Kp, hp.l2)
         moved = float((B @ (A @ Kp)).norm() / R.norm().clamp_min(1e-300)) if Kp is not None and Kp.shape[1] else 0.0
         return B, A, {"method": "alphaedit", "null_dim": int(U.shape[1]), "in_features": int(K.shape[0]),
-                      "threshold": hp.nullspace_threshold, "l2": hp.l2, "n_preserved": 0 if Kp is None else int(Kp.shape[1]),
+                      "null_energy": leak, "threshold": hp.nullspace_threshold, "nullspace_energy": hp.nullspace_energy,
+                      "l2": hp.l2, "n_preserved": 0 if Kp is None else int(Kp.shape[1]),
                       "preserved_shift": moved, "stats_tokens": st.n_tokens, "hparams": hp.to_dict(), "templates": tmpl}
 
     updates, keys = run_window(model, tok, requests, hp, tmpl, solve)

@@ -311,7 +311,9 @@ class AlphaEditHParams(MemitHParams):
     """MEMIT's settings (mom2_update_weight is not used) and the null-space ones."""
 
     method: str = "alphaedit"
-    nullspace_threshold: float = 2e-2  # eigenvalues of E[k kᵀ] below this span the null space
+    nullspace_threshold: float = 2e-2  # eigenvalues of E[k kᵀ] below this span the null space (key² units)
+    # instead, scale-free: the smallest eigen-directions that together hold at most this share of trace E[k kᵀ]
+    nullspace_energy: float | None = None
     l2: float = 10.0  # α
 
     METHOD = "alphaedit"
@@ -321,6 +323,9 @@ class AlphaEditHParams(MemitHParams):
         for name in ("nullspace_threshold", "l2"):
             if not float(getattr(self, name)) > 0:
                 raise RankoneError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.nullspace_energy is not None and not 0 < float(self.nullspace_energy) < 1:
+            raise RankoneError(f"nullspace_energy is a share of the key energy, between 0 and 1 (e.g. 0.02), "
+                               f"got {self.nullspace_energy}")
 
     def resolve(self, model: Any) -> "AlphaEditHParams":
         return super().resolve(model).replace(mom2_update_weight=None)  # type: ignore[return-value]
