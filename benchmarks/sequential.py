@@ -5,6 +5,9 @@ then overlays the runs: PNGs into docs/sequential_NAME_*.png, the summary into B
 (section sequential_NAME). Resumable: rerun the same command after an interruption.
 
     python benchmarks/sequential.py --model runs/bench-gpt2 --cases runs/bench-gpt2 --n 1000 --name bench
+
+A --methods entry LABEL=DIR (DIR under runs/sequential/) adds a run made elsewhere, e.g. the same
+method with other --hparams, to the report under LABEL; it is not run by this script.
 """
 
 from __future__ import annotations
@@ -48,16 +51,16 @@ def denominators(runs: dict[str, Path]) -> str:
     return head + "\n".join(lines)
 
 
-def method_words(method: str, settings: dict) -> str:
+def method_words(label: str, settings: dict) -> str:
     """How one run edited, from its run.json."""
-    hp = settings["hparams"]
+    hp, method = settings["hparams"], settings["method"]
     where = (f"layers {settings['layers'][0]}–{settings['layers'][-1]} in batches of {settings['config'].get('batch_size', 1)}"
              if settings.get("layers") else f"layer {settings['layer']}, one edit at a time")
-    null = (f"null space holding ≤ {hp['nullspace_energy']:g} of the key energy" if hp.get("nullspace_energy")
-            else f"null-space threshold {hp['nullspace_threshold']:g}")
-    extra = {"alphaedit": lambda: f", {null}, α {hp['l2']:g}",
+    null = lambda: (f"null space holding ≤ {hp['nullspace_energy']:g} of the key energy"  # noqa: E731
+                    if hp.get("nullspace_energy") else f"null-space threshold {hp['nullspace_threshold']:g}")
+    extra = {"alphaedit": lambda: f", {null()}, α {hp['l2']:g}",
              "memit": lambda: f", λ {hp['mom2_update_weight']:g}"}.get(method, lambda: "")()
-    return f"{method} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
+    return f"{label} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
 
 
 def gs_words(cfg: dict) -> str:
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--cases", required=True)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--every", type=int, default=20)
-    ap.add_argument("--methods", default="rome,r-rome")
+    ap.add_argument("--methods", default="rome,r-rome", help="comma-separated; LABEL=DIR adds a run from runs/sequential/DIR")
     ap.add_argument("--name", required=True)
     ap.add_argument("--title", default=None)
     ap.add_argument("--layer", type=int, default=None)
@@ -90,7 +93,9 @@ def main() -> None:
 
     out = ROOT / "runs" / "sequential" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    methods = args.methods.split(",")
+    entries = [m.partition("=") for m in args.methods.split(",")]
+    methods = [m for m, _, d in entries if not d]  # the ones this script runs
+    places = {m: (ROOT / "runs" / "sequential" / d if d else out / m) for m, _, d in entries}
     t0 = time.perf_counter()
     if not args.report_only:
         procs = []
@@ -116,7 +121,7 @@ def main() -> None:
                 raise SystemExit(f"{m} failed (exit {p.returncode}); see {out / (m + '.log')}")
         (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0)}))
     wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else None
-    runs = {m: out / m for m in methods if (out / m / "run.jsonl").is_file()}
+    runs = {m: d for m, d in places.items() if (d / "run.jsonl").is_file()}
     title = args.title or Path(args.model).name
     rep = report(runs, out, title=title)
     docs = ROOT / "docs"

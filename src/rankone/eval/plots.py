@@ -12,6 +12,7 @@ import io
 import math
 import os
 import statistics
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ from rankone.core.atomic import write_bytes
 from rankone.core.util import mean, median
 
 COLOURS = {"rome": "tab:red", "r-rome": "tab:blue", "p-rome": "tab:green", "r-rome-bare": "tab:cyan", "r-rome-2key": "tab:olive", "memit": "tab:purple", "alphaedit": "tab:orange"}
+SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:gray")
 Runs = dict[str, list[dict[str, Any]]]  # label -> JSONL records of one run
 
 
@@ -39,8 +41,11 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _colour(label: str) -> str | None:
-    return COLOURS.get(label.split()[0].split("/")[-1])
+def _colour(label: str) -> str:
+    """A method's own colour; another label (a variant, e.g. "alphaedit@0.05") one of the colours
+    no method uses, the same one every time."""
+    key = label.split()[0].split("/")[-1]
+    return COLOURS.get(key) or SPARE_COLOURS[zlib.crc32(key.encode()) % len(SPARE_COLOURS)]
 
 
 def plot_delta_norms(runs: Runs, path: str | os.PathLike, title: str = "") -> Path:
@@ -248,7 +253,7 @@ def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
         ("seconds per edit", lambda s: _f(s["seconds_per_edit"], 2)),
         ("wall time of the run (edits + evaluations)", lambda s: f"{s.get('wall_seconds', 0) / 3600:.2f} h"),
     ]
-    head = "| | " + " | ".join(f"{s['method']} ({_where(s)})" for s in summaries) + " |"
+    head = "| | " + " | ".join(f"{s.get('label') or s['method']} ({_where(s)})" for s in summaries) + " |"
     lines = [head, "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fn(s) for s in summaries) + " |" for name, fn in rows]
     return "\n".join(lines)
