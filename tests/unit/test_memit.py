@@ -95,6 +95,12 @@ def test_batched_targets_follow_each_facts_own_optimisation(model_type, tok, tok
             moved = (a.z[0] - a.h_init[0]).norm()
             assert (batch.z[i] - a.z[0]).norm() / moved < 1e-4
     assert torch.allclose(full.z, batch.z, rtol=1e-5, atol=1e-7)
+    # in groups of two facts (what bounds memory for big batches) each fact follows the same path
+    grouped = compute_targets(model, t, REQS, 1, TEMPLATES, hp.replace(batch_rows=2 * (len(TEMPLATES) + 1)))
+    assert len(REQS) > 2 and grouped.clamped == batch.clamped
+    assert [len(x) for x in grouped.losses] == [len(x) for x in batch.losses]
+    assert torch.allclose(grouped.z, batch.z, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grouped.h_init, batch.h_init, rtol=1e-5, atol=1e-7)
 
 
 def test_window_spreads_the_residual_and_reaches_the_targets(tok, corpus):

@@ -168,6 +168,24 @@ def test_other_settings_in_the_folder_are_refused(ref, tok, corpus, tmp_path):
         new_run(tok, corpus, tmp_path / "y", n=9)
 
 
+def test_a_run_from_before_a_setting_existed_still_resumes(ref, tok, corpus, tmp_path):
+    """run.json written by an older version lacks a field added since (here: the seed); it had the
+    default, so the run resumes; a stored value that differs from today's is still refused."""
+    import shutil
+
+    shutil.copytree(ref[0], tmp_path / "r")
+    settings = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert settings["hparams"]["seed"] == EditHParams().seed
+    del settings["hparams"]["seed"]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(settings))
+    _, run = new_run(tok, corpus, tmp_path / "r", guard=False)
+    assert run.preflight() == "resume"
+    settings["hparams"]["seed"] = 7
+    (tmp_path / "r" / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(RankoneError, match=r"other settings \(hparams\)"):
+        run.preflight()
+
+
 def test_spike_flags_and_summary_and_plots(tok, corpus, tmp_path):
     # spike_factor just above 1 flags nearly every update that is larger than the running median
     _, run = new_run(tok, corpus, tmp_path / "rome", n=3, method="rome", guard=False, spike_factor=1.0001, warmup=1)

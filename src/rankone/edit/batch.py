@@ -102,7 +102,8 @@ def compute_batch(ed: Any, requests: Sequence[EditRequest], hp: MemitHParams | N
         hp = hp.resolve(ed.model)
     templates = ed.templates(hp)
     stats = ed.batch_stats(hp.layers, hp.stats_tokens)
-    passes = hp.v_steps + len(hp.layers) * -(-len(requests) * len(templates) // hp.batch_rows)
+    groups = -(-len(requests) // max(1, hp.batch_rows // (len(templates) + 1)))  # memit.compute_targets' groups of facts
+    passes = hp.v_steps * groups + len(hp.layers) * -(-len(requests) * len(templates) // hp.batch_rows)
     t0 = time.perf_counter()
     with ed.handle.scope(), Progress(passes, f"{hp.method} ({len(requests)} facts)", "passes", enabled=ed.progress,
                                      delay=2.0) as bar, after_forward(ed.model, bar.update):

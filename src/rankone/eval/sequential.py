@@ -47,7 +47,7 @@ from rankone.core.util import mean, utcnow
 from rankone.eval.glue import glue_suite
 from rankone.eval.metrics import continuations, evaluate_cases, fluency, score, states
 from rankone.models.generation import perplexity
-from rankone.methods.hparams import HParams
+from rankone.methods.hparams import HParams, settings_for
 from rankone.artifacts.patch import Patch, library_versions
 from rankone.edit.guard import Guard
 from rankone.eval.sequential_steps import edit_batch, edit_one
@@ -174,6 +174,7 @@ class SequentialRun:
     # -- identity and files --
 
     def settings(self) -> dict[str, Any]:
+        """What a run's folder must match to be resumed (run.json)."""
         ids = hashlib.sha256(json.dumps([c.to_dict() for c in self.cases], sort_keys=True).encode()).hexdigest()
         window = {"layers": self.layers} if self.editor.is_batch else {}
         return {"format": "rankone.eval.sequential/1", "method": self.hp.method, "hparams": self.hp.to_dict(),
@@ -205,7 +206,7 @@ class SequentialRun:
         if force or not self.out.is_dir():
             return "fresh"
         if run_json.is_file():
-            old, new = json.loads(run_json.read_text()), json.loads(json.dumps(self.settings()))
+            old, new = _as_today(json.loads(run_json.read_text())), json.loads(json.dumps(self.settings()))
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise RankoneError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
@@ -361,3 +362,17 @@ def read_run(out_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
         raise RankoneError(f"{d} is not a sequential run folder (no run.json / run.jsonl)")
     recs = [json.loads(x) for x in (d / "run.jsonl").read_text().splitlines() if x.strip()]
     return json.loads((d / "run.json").read_text()), recs
+
+
+def _as_today(settings: dict[str, Any]) -> dict[str, Any]:
+    """A stored run.json's settings as this version writes them: a hyper-parameter or option added
+    since the run began takes its default (which is what the run used), so the run still resumes."""
+    out = dict(settings)
+    try:
+        if isinstance(out.get("hparams"), dict):
+            out["hparams"] = settings_for(out.get("method")).from_dict(out["hparams"]).to_dict()
+        if isinstance(out.get("config"), dict):
+            out["config"] = SequentialConfig.from_dict(out["config"]).to_dict()
+    except (RankoneError, TypeError):  # not loadable by this version: compared as stored, so it differs
+        return settings
+    return json.loads(json.dumps(out))

@@ -262,7 +262,7 @@ class MemitHParams(JsonSettings):
     prefixes: list[str] | None = None
     seed: int = 0
     stats_tokens: int = 1_000_000
-    batch_rows: int = 256  # prompts per forward pass when reading keys
+    batch_rows: int = 256  # prompts per forward pass: reading keys, and the targets' groups of facts (memory)
 
     METHOD = "memit"  # the method name these settings are for (a class constant, not a field)
 

@@ -83,14 +83,31 @@ def compute_targets(
     model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
     templates: list[str], hp: MemitHParams,
 ) -> Targets:
-    """Step (1) for all facts in one batched forward and backward per step.
+    """Step (1), the facts in groups of ⌊batch_rows / (templates + 1)⌋, each group in one batched
+    forward and backward per step.
 
     Each fact has its own δ_i; the summed loss has the per-fact losses' gradients, and Adam is
-    element-wise, so every fact follows the trajectory it would follow alone. A fact whose loss
-    falls under early_stop_loss is frozen from then on (its δ is restored after each step).
+    element-wise, so every fact follows the trajectory it would follow alone, whatever its group
+    (the groups bound memory: the graph of a step grows with its rows). A fact whose loss falls
+    under early_stop_loss is frozen from then on (its δ is restored after each step).
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
+    per_group = max(1, hp.batch_rows // (len(templates) + 1))  # a fact's rows: its templates and its KL prompt
+    groups = [_group_targets(model, tok, requests[i:i + per_group], layer, templates, hp)
+              for i in range(0, len(requests), per_group)]
+    if len(groups) == 1:
+        return groups[0]
+    return Targets(z=torch.cat([g.z for g in groups]), h_init=torch.cat([g.h_init for g in groups]),
+                   losses=[x for g in groups for x in g.losses], clamped=[x for g in groups for x in g.clamped],
+                   target_prob=[x for g in groups for x in g.target_prob])
+
+
+def _group_targets(
+    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
+    templates: list[str], hp: MemitHParams,
+) -> Targets:
+    """`compute_targets` for one group of facts, all in each step's forward and backward."""
     block = arch.get_module(model, arch.spec_for(model).layer_path(layer))
     dev = _device(model)
     n, T = len(requests), len(templates)
