@@ -46,6 +46,8 @@ def denominators(runs: dict[str, Path]) -> str:
             f"{statistics.median(r['denom_bare_mean'] for r in ed):.4g} | {ratio[0]:.3g} | {statistics.median(ratio):.3g} | "
             f"{sum(x < 0.1 for x in ratio)} | {min(cos):.3f} / {statistics.mean(cos):.3f} | "
             f"{statistics.median(rel):.3g} / {rel[-1]:.3g} |")
+    if not lines:  # no ROME-family run: nothing to show
+        return ""
     head = ("| run | updates | median k̄ᵀC⁻¹k̄ (r-ROME) | median k_oᵀC⁻¹k̄ (ROME) | min ratio ROME/r-ROME | median ratio | "
             "ratio < 0.1 | key cosine min / mean | ‖Δ‖/‖W₀‖ median / max |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(lines)
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more `rankone bench sequential` options, e.g. '--gs-sample 100'")
     ap.add_argument("--serial", action="store_true", help="one method after the other instead of in parallel")
     ap.add_argument("--report-only", action="store_true", help="only redraw the figures and the section")
+    ap.add_argument("--upto", type=int, default=None, help="report the runs as they stood after this many edits")
     ap.add_argument("--note", default="", help="a sentence of interpretation appended to the section")
     args = ap.parse_args()
 
@@ -123,7 +126,7 @@ def main() -> None:
     wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else None
     runs = {m: d for m, d in places.items() if (d / "run.jsonl").is_file()}
     title = args.title or Path(args.model).name
-    rep = report(runs, out, title=title)
+    rep = report(runs, out, title=title, upto=args.upto)
     docs = ROOT / "docs"
     figs = []
     for f in rep["figures"]:
@@ -135,10 +138,10 @@ def main() -> None:
     cfg = first["config"]
     dens = denominators(runs)
     mechanism = ("The mechanism: the denominators of every update (all three are recorded whichever ROME variant "
-                 f"wrote it).\n\n{dens}\n" if dens.count("\n") > 1 else "")
+                 f"wrote it).\n\n{dens}\n" if dens else "")
     how = "; ".join(method_words(m, read_run(d)[0]) for m, d in runs.items())
     body = f"""Model `{Path(args.model).name}`, cases `{args.cases}`{' (only those whose true answer the model gives)' if args.known_only else ''};
-{args.n} edits one after another without reverting, each method on its own copy of the model: {how};
+{args.upto or args.n} edits one after another without reverting, each method on its own copy of the model: {how};
 {'guard on' if args.guard else 'guard off (anomalous updates are written and flagged)'}.
 Measured every {args.every} edits: ES of the newest edits; ES and PS of earlier edits (an evenly spaced sample of
 ≤ {cfg['retention_sample']} of them{', i.e. all' if cfg['retention_sample'] >= args.n else ''}; "kept" = among those that worked when made);
@@ -153,7 +156,7 @@ tokens); held-out perplexity; ‖W − W₀‖_F. A ‖Δ‖ spike = an update a
 
 {args.note}
 
-Runs, JSONL and checkpoints: `runs/sequential/{args.name}/` (not committed). Wall time of the runs {f"{wall} s" if wall is not None else "not recorded"}{" (methods in parallel, one thread each)" if not args.serial else ""}.
+Runs, JSONL and checkpoints: {", ".join(f"`{d.relative_to(ROOT)}/`" for d in runs.values())} (not committed). Wall time of the runs {f"{wall} s" if wall is not None else "not recorded"}{" (methods in parallel, one thread each)" if not args.serial else ""}.
 """
     print(body)
     write_section(f"sequential_{args.name}", f"Sequential editing, {' vs '.join(runs)} — {title}", body)

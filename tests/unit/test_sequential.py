@@ -202,6 +202,10 @@ def test_spike_flags_and_summary_and_plots(tok, corpus, tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| rome (layer 1) |" in md and "![delta_norms](delta_norms.png)" in md
+    # the same run under another label, cut after its first 2 edits (runs compared at one point)
+    cut = report({"early": tmp_path / "rome"}, tmp_path / "cut", upto=2)["summaries"][0]
+    assert cut["label"] == "early" and cut["n_attempted"] == 2 and s["n_attempted"] == 3
+    assert "| early (layer 1) |" in (tmp_path / "cut" / "summary.md").read_text()
 
 
 def test_generation_scores_read_the_greedy_continuation(tok):

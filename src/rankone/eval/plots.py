@@ -260,8 +260,9 @@ def summary_markdown(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def report(run_dirs: dict[str, str | os.PathLike], out_dir: str | os.PathLike, title: str = "",
-           prefix: str = "") -> dict[str, Any]:
-    """Figures, summary.json and summary.md for runs (label -> run folder) into out_dir."""
+           prefix: str = "", upto: int | None = None) -> dict[str, Any]:
+    """Figures, summary.json and summary.md for runs (label -> run folder) into out_dir; with
+    `upto`, each run as it stood after its first `upto` edits (to compare runs at one point)."""
     import json
 
     from rankone.core.atomic import write_json
@@ -270,6 +271,8 @@ def report(run_dirs: dict[str, str | os.PathLike], out_dir: str | os.PathLike, t
     runs, sums = {}, []
     for label, d in run_dirs.items():
         settings, recs = read_run(d)
+        if upto is not None:
+            recs = [r for r in recs if (r["i"] < upto if r["type"] == "edit" else r.get("n", 0) <= upto)]
         runs[label] = recs
         sums.append(dict(summarize_run(settings, recs), label=label, folder=str(d)))
     figs = plot_runs(runs, out_dir, prefix, title)
