@@ -61,7 +61,8 @@ def method_words(label: str, settings: dict) -> str:
     null = lambda: (f"null space holding ≤ {hp['nullspace_energy']:g} of the key energy"  # noqa: E731
                     if hp.get("nullspace_energy") else f"null-space threshold {hp['nullspace_threshold']:g}")
     extra = {"alphaedit": lambda: f", {null()}, α {hp['l2']:g}",
-             "memit": lambda: f", λ {hp['mom2_update_weight']:g}"}.get(method, lambda: "")()
+             "memit": lambda: f", λ {hp['mom2_update_weight']:g}" if hp.get("mom2_update_weight")
+             else ", λ = 15000 · d_in / 16384 (the default)"}.get(method, lambda: "")()
     return f"{label} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
 
 
