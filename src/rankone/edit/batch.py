@@ -102,7 +102,7 @@ def compute_batch(ed: Any, requests: Sequence[EditRequest], hp: MemitHParams | N
         hp = hp.resolve(ed.model)
     templates = ed.templates(hp)
     stats = ed.batch_stats(hp.layers, hp.stats_tokens)
-    groups = -(-len(requests) // max(1, hp.batch_rows // (len(templates) + 1)))  # memit.compute_targets' groups of facts
+    groups = -(-len(requests) // memit.facts_per_group(hp, len(templates)))
     passes = hp.v_steps * groups + len(hp.layers) * -(-len(requests) * len(templates) // hp.batch_rows)
     t0 = time.perf_counter()
     with ed.handle.scope(), Progress(passes, f"{hp.method} ({len(requests)} facts)", "passes", enabled=ed.progress,

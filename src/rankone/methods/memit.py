@@ -79,6 +79,12 @@ class Targets:
     target_prob: list[float]  # per fact: exp(−mean NLL) over the templates at its last step
 
 
+def facts_per_group(hp: MemitHParams, n_templates: int) -> int:
+    """How many facts `compute_targets` optimises in one pass: a fact's rows are its templates and
+    its KL prompt, and a pass holds at most batch_rows of them."""
+    return max(1, hp.batch_rows // (n_templates + 1))
+
+
 def compute_targets(
     model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
     templates: list[str], hp: MemitHParams,
@@ -93,7 +99,7 @@ def compute_targets(
     """
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
-    per_group = max(1, hp.batch_rows // (len(templates) + 1))  # a fact's rows: its templates and its KL prompt
+    per_group = facts_per_group(hp, len(templates))
     groups = [_group_targets(model, tok, requests[i:i + per_group], layer, templates, hp)
               for i in range(0, len(requests), per_group)]
     if len(groups) == 1:
