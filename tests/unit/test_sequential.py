@@ -83,14 +83,14 @@ def test_guard_refuses_instead_of_writing_and_logs_why(tok, corpus, caplog):
 # ---- the loop -------------------------------------------------------------------------------
 
 
-def new_run(tok, corpus, out, n=4, method="r-rome", **cfg):
+def new_run(tok, corpus, out, n=4, method="r-rome", checkpoint_s=None, **cfg):
     model = make_model("gpt2")
-    c = SequentialConfig(n=n, every=2, retention_sample=10, ns_sample=4, probe_sample=4, gen_prompts=2, gen_tokens=6,
-                         **cfg)
+    c = SequentialConfig(**{"n": n, "every": 2, "retention_sample": 10, "ns_sample": 4, "probe_sample": 4,
+                            "gen_prompts": 2, "gen_tokens": 6, **cfg})
     cases = make_cases()
     probes = [(x.prompt, x.target_true) for x in cases[n:]]
     run = SequentialRun(model, tok, cases, EditHParams(method=method, **FAST), out, c, probes,
-                        ppl_text=corpus_text()[:600], stats_corpus=corpus, progress=False)
+                        ppl_text=corpus_text()[:600], stats_corpus=corpus, progress=False, checkpoint_s=checkpoint_s)
     return model, run
 
 
@@ -148,6 +148,36 @@ def test_interrupted_run_resumes_to_the_same_result(ref, tok, corpus, tmp_path, 
     _, again = new_run(tok, corpus, tmp_path / "cut", guard=False)
     got = again.run()
     strip = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("delta_fro"), r.get("retention_es")) for r in rs]  # noqa: E731
+    assert strip(got) == strip(want)
+    assert [r["delta_fro"] for r in got if r["type"] == "edit"] == pytest.approx(
+        [r["delta_fro"] for r in want if r["type"] == "edit"], rel=1e-9)
+
+
+def test_timed_checkpoints_between_evaluations_lose_less_and_resume_the_same(tok, corpus, tmp_path, monkeypatch):
+    """Evaluated only at 0 and 4: without timed checkpoints a crash at edit 3 goes back to 0; with
+    them (every 0 s: after each edit) it goes back to 3, and the resumed run, made without them,
+    gives what an unbroken run gives: the interval is not a setting of the run."""
+    _, whole = new_run(tok, corpus, tmp_path / "whole", every=4)
+    want = whole.run()
+    real = SequentialRun._edit
+
+    def crash(self, i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return real(self, i)
+
+    monkeypatch.setattr(SequentialRun, "_edit", crash)
+    for name, every_s, back_to in (("plain", None, 0), ("timed", 0.0, 3)):
+        _, run = new_run(tok, corpus, tmp_path / name, every=4, checkpoint_s=every_s)
+        with pytest.raises(KeyboardInterrupt):
+            run.run()
+        state = json.loads((tmp_path / name / "checkpoint" / "state.json").read_text())
+        assert state["next"] == back_to, name
+    monkeypatch.setattr(SequentialRun, "_edit", real)
+    assert read_run(tmp_path / "timed")[0] == read_run(tmp_path / "whole")[0]  # the same run.json
+    _, again = new_run(tok, corpus, tmp_path / "timed", every=4)
+    got = again.run()
+    strip = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("retention_es"), r.get("ns")) for r in rs]  # noqa: E731
     assert strip(got) == strip(want)
     assert [r["delta_fro"] for r in got if r["type"] == "edit"] == pytest.approx(
         [r["delta_fro"] for r in want if r["type"] == "edit"], rel=1e-9)
@@ -331,4 +361,10 @@ def test_argument_errors_exit_2(capsys, model_dir, cases_file, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "sequential", "--model", str(model_dir), "--cases", str(cases_file), "--n", "0", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--n must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "sequential", "--model", str(model_dir), "--cases", str(cases_file), "--n", "2",
+                  "--checkpoint-minutes", bad, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and "--checkpoint-minutes" in capsys.readouterr().err, bad
     assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,19 @@ def positive_int(name: str) -> Any:
             raise argparse.ArgumentTypeError(f"{name} takes a whole number, not {v!r}") from None
         if x < 1:
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {x}")
+        return x
+    return parse
+
+
+def non_negative_float(name: str) -> Any:
+    """An argparse type: a finite number ≥ 0, or argparse's one-line error naming the option."""
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a number, not {v!r}") from None
+        if not math.isfinite(x) or x < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number ≥ 0, not {v}")
         return x
     return parse
 

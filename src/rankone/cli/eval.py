@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
+from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
 from rankone.eval.cases import KNOWN_RULES
@@ -230,7 +231,8 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
     runs = [SequentialRun(handle, None, cases, settings_for(m).for_model(handle, **g), out / m, cfg, None, ppl, meta,
-                          args.stats_corpus, progress=not args.quiet) for m, g in zip(methods, given)]
+                          args.stats_corpus, progress=not args.quiet,
+                          checkpoint_s=args.checkpoint_minutes * 60 or None) for m, g in zip(methods, given)]
     for r in runs:  # every folder is checked before any run starts
         r.preflight(args.force)
     for r in runs:
@@ -299,6 +301,9 @@ def register(sub: Any) -> None:
     _hparam_args(p)
     p.add_argument("--out", required=True, help="folder for the runs, plots and summary")
     p.add_argument("--every", type=_positive("--every"), default=10, help="evaluate and checkpoint every k edits")
+    p.add_argument("--checkpoint-minutes", type=_non_negative("--checkpoint-minutes"), default=10.0,
+                   help="also checkpoint between evaluations once this many minutes have passed since the last "
+                        "checkpoint, so an interrupted run loses at most that much (default 10; 0: only at evaluations)")
     p.add_argument("--no-guard", action="store_true", help="write every update, even anomalous ones (flag them only)")
     p.add_argument("--guard-factor", type=float, default=10.0, help="refuse/flag ‖Δ‖ above this × the running median")
     p.add_argument("--denom-factor", type=float, default=10.0, help="refuse a denominator below running median / this")

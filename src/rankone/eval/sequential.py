@@ -17,10 +17,10 @@ written and logs why; the same spike rule flags the updates it lets through.
 
 Files in the run folder: run.json (settings; a resumed run must match), run.jsonl (one line per
 edit and per evaluation point), checkpoint/ (the running patch and the loop state, replaced
-atomically at every evaluation point). After an interruption the same command truncates the
-JSONL to the checkpoint, re-applies the patch (fingerprint-checked) and goes on; AlphaEdit's
-preserved keys come back from the patch's own keys, so the resumed run solves what an unbroken
-one would.
+atomically at every evaluation point, and between them every `checkpoint_s` seconds). After an
+interruption the same command truncates the JSONL to the checkpoint, re-applies the patch
+(fingerprint-checked) and goes on; AlphaEdit's preserved keys come back from the patch's own keys,
+so the resumed run solves what an unbroken one would.
 """
 
 from __future__ import annotations
@@ -138,9 +138,12 @@ class SequentialRun:
     def __init__(self, model: ModelHandle | torch.nn.Module, tok: Any, cases: Sequence[Case], hp: HParams,
                  out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] | None = None,
                  ppl_text: str | None = None, meta: dict[str, Any] | None = None, stats_corpus: Any = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, checkpoint_s: float | None = 600.0) -> None:
         """`model`: a ModelHandle (tok None) or a model and its tokenizer. `cases`: the first cfg.n
-        are edited; `probes` default to `probe_pool` of the rest."""
+        are edited; `probes` default to `probe_pool` of the rest. `checkpoint_s`: besides every
+        evaluation point, checkpoint after the edit (or batch) that ends this many seconds since the
+        last checkpoint (None: only at evaluation points). It is not a setting of the run: where a
+        run stops and resumes does not change what it computes."""
         from rankone.edit.editor import Editor
 
         if len(cases) < cfg.n:
@@ -158,6 +161,7 @@ class SequentialRun:
         self.ppl_text = ppl_text
         self.meta = dict(meta or {})
         self.progress = progress
+        self.checkpoint_s = checkpoint_s
         self.layers = self.editor.layers()  # a batch method's window; else the one edited layer
         self.layer = self.layers[-1]
         self.path = self.editor.module_path(self.layer)
@@ -336,6 +340,7 @@ class SequentialRun:
         elif (self.out / "probes.json").is_file():
             self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
         bar = Progress(self.cfg.n, f"sequential {self.hp.method}", "edits", enabled=self.progress, initial=start)
+        saved = time.monotonic()
         try:
             for i in range(start, self.cfg.n, self.cfg.batch_size):
                 j = min(i + self.cfg.batch_size, self.cfg.n)
@@ -348,8 +353,13 @@ class SequentialRun:
                     self._checkpoint(j)
                     bar.note(f"retention {ev.get('retention_es') or 0:.2f}, probes {ev.get('probe_top1') or 0:.2f}, "
                              f"fluency {ev.get('fluency') or 0:.2f}")
+                    saved = time.monotonic()
                     if on_eval:
                         on_eval(ev)
+                elif self.checkpoint_s is not None and time.monotonic() - saved >= self.checkpoint_s:
+                    # long evaluation intervals (an hour of single edits on a real model) lose at most this much
+                    self._checkpoint(j)
+                    saved = time.monotonic()
         finally:
             bar.close()
         return self.lines
