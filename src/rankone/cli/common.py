@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rankone.core.errors import RankoneError
 from rankone.methods.hparams import AlphaEditHParams, EditHParams, MemitHParams, describe_fields
@@ -79,30 +79,27 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def positive_int(name: str) -> Any:
-    """An argparse type: a whole number ≥ 1, or argparse's one-line error naming the option."""
-    def parse(v: str) -> int:
+def _number_arg(name: str, cast: Callable[[str], Any], noun: str, ok: Callable[[Any], bool], rule: str) -> Any:
+    """An argparse type that casts, checks and otherwise gives argparse's one-line error naming the option."""
+    def parse(v: str) -> Any:
         try:
-            x = int(v)
+            x = cast(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a whole number, not {v!r}") from None
-        if x < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {x}")
+            raise argparse.ArgumentTypeError(f"{name} takes {noun}, not {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{name} must be {rule}, not {v}")
         return x
     return parse
+
+
+def positive_int(name: str) -> Any:
+    """A whole number ≥ 1."""
+    return _number_arg(name, int, "a whole number", lambda x: x >= 1, "at least 1")
 
 
 def non_negative_float(name: str) -> Any:
-    """An argparse type: a finite number ≥ 0, or argparse's one-line error naming the option."""
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a number, not {v!r}") from None
-        if not math.isfinite(x) or x < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number ≥ 0, not {v}")
-        return x
-    return parse
+    """A finite number ≥ 0."""
+    return _number_arg(name, float, "a number", lambda x: math.isfinite(x) and x >= 0, "a finite number ≥ 0")
 
 
 def layer_arg(value: str) -> int | str:
