@@ -30,11 +30,13 @@ from rankone.eval.plots import report  # noqa: E402
 from rankone.eval.sequential import read_run  # noqa: E402
 
 
-def denominators(runs: dict[str, Path]) -> str:
-    """The mechanism in numbers: ROME's denominator against r-ROME's over the same requests."""
+def denominators(runs: dict[str, Path], upto: int | None = None) -> str:
+    """The mechanism in numbers: ROME's denominator against r-ROME's over the same requests
+    (the first `upto` edits where given)."""
     lines = []
     for m, d in runs.items():
-        ed = [r for r in read_run(d)[1] if r["type"] == "edit" and r.get("denom_mean_mean")]
+        ed = [r for r in read_run(d)[1] if r["type"] == "edit" and r.get("denom_mean_mean")
+              and (upto is None or r["i"] < upto)]
         if not ed:
             continue
         ratio = sorted(r["denom_bare_mean"] / r["denom_mean_mean"] for r in ed)
@@ -137,7 +139,7 @@ def main() -> None:
     md = rep["markdown"].split("\n\n", 1)[1].split("\n\n![")[0]
     first = read_run(next(iter(runs.values())))[0]
     cfg = first["config"]
-    dens = denominators(runs)
+    dens = denominators(runs, args.upto)
     mechanism = ("The mechanism: the denominators of every update (all three are recorded whichever ROME variant "
                  f"wrote it).\n\n{dens}\n" if dens else "")
     how = "; ".join(method_words(m, read_run(d)[0]) for m, d in runs.items())
