@@ -28,6 +28,7 @@ from _report import ROOT, write_section  # noqa: E402
 
 from rankone.eval.plots import report  # noqa: E402
 from rankone.eval.sequential import read_run  # noqa: E402
+from rankone.methods.hparams import GPTJ_D_IN, GPTJ_LAMBDA  # noqa: E402
 
 
 def denominators(runs: dict[str, Path], upto: int | None = None) -> str:
@@ -64,7 +65,7 @@ def method_words(label: str, settings: dict) -> str:
                     if hp.get("nullspace_energy") else f"null-space threshold {hp['nullspace_threshold']:g}")
     extra = {"alphaedit": lambda: f", {null()}, α {hp['l2']:g}",
              "memit": lambda: f", λ {hp['mom2_update_weight']:g}" if hp.get("mom2_update_weight")
-             else ", λ = 15000 · d_in / 16384 (the default)"}.get(method, lambda: "")()
+             else f", λ = {GPTJ_LAMBDA:g} · d_in / {GPTJ_D_IN} (the default)"}.get(method, lambda: "")()
     return f"{label} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
 
 

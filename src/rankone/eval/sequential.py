@@ -201,6 +201,7 @@ class SequentialRun:
         with atomic_dir(self.out / "checkpoint", overwrite=True) as tmp:
             self.patch.save(tmp / "patch")
             write_json(tmp / "state.json", {"next": next_i, "lines": len(self.lines), "saved_at": utcnow()})
+        self._saved = time.monotonic()  # the timed checkpoints count from here
 
     def preflight(self, force: bool = False) -> str:
         """Check the folder without writing: 'fresh', 'resume' or a RankoneError saying why not."""
@@ -340,7 +341,7 @@ class SequentialRun:
         elif (self.out / "probes.json").is_file():
             self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
         bar = Progress(self.cfg.n, f"sequential {self.hp.method}", "edits", enabled=self.progress, initial=start)
-        saved = time.monotonic()
+        self._saved = time.monotonic()
         try:
             for i in range(start, self.cfg.n, self.cfg.batch_size):
                 j = min(i + self.cfg.batch_size, self.cfg.n)
@@ -353,13 +354,11 @@ class SequentialRun:
                     self._checkpoint(j)
                     bar.note(f"retention {ev.get('retention_es') or 0:.2f}, probes {ev.get('probe_top1') or 0:.2f}, "
                              f"fluency {ev.get('fluency') or 0:.2f}")
-                    saved = time.monotonic()
                     if on_eval:
                         on_eval(ev)
-                elif self.checkpoint_s is not None and time.monotonic() - saved >= self.checkpoint_s:
+                elif self.checkpoint_s is not None and time.monotonic() - self._saved >= self.checkpoint_s:
                     # long evaluation intervals (an hour of single edits on a real model) lose at most this much
                     self._checkpoint(j)
-                    saved = time.monotonic()
         finally:
             bar.close()
         return self.lines
