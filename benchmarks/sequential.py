@@ -20,7 +20,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,7 +102,6 @@ def main() -> None:
     entries = [m.partition("=") for m in args.methods.split(",")]
     methods = [m for m, _, d in entries if not d]  # the ones this script runs
     places = {m: (ROOT / "runs" / "sequential" / d if d else out / m) for m, _, d in entries}
-    t0 = time.perf_counter()
     if not args.report_only:
         procs = []
         for m in methods:
@@ -126,8 +124,6 @@ def main() -> None:
         for m, p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"{m} failed (exit {p.returncode}); see {out / (m + '.log')}")
-        (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0)}))
-    wall = json.loads((out / "wall.json").read_text())["seconds"] if (out / "wall.json").is_file() else None
     runs = {m: d for m, d in places.items() if (d / "run.jsonl").is_file()}
     title = args.title or Path(args.model).name
     rep = report(runs, out, title=title, upto=args.upto)
@@ -160,7 +156,7 @@ tokens); held-out perplexity; ‖W − W₀‖_F. A ‖Δ‖ spike = an update a
 
 {args.note}
 
-Runs, JSONL and checkpoints: {", ".join(f"`{d.relative_to(ROOT)}/`" for d in runs.values())} (not committed). Wall time of the runs {f"{wall} s" if wall is not None else "not recorded"}{" (methods in parallel, one thread each)" if not args.serial else ""}.
+Runs, JSONL and checkpoints: {", ".join(f"`{d.relative_to(ROOT)}/`" for d in runs.values())} (not committed). Each method's wall time (the table) is summed from its records, over resumes.
 """
     print(body)
     write_section(f"sequential_{args.name}", f"Sequential editing, {' vs '.join(runs)} — {title}", body)
