@@ -47,7 +47,7 @@ from rankone.core.errors import RankoneError  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.cases import cases_from_records  # noqa: E402
 from rankone.eval.metrics import alignable, evaluate_cases, hmean  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
 from rankone.methods.stats import BATCH_TOKENS, collect_mom2  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
@@ -127,7 +127,7 @@ def stats_part(name: str, model: Any, tok: Any, n_tokens: int, cmp_batch: int) -
     for how, truncate in (("truncated", True), ("full", False)):
         with peak_rss() as mem:
             t = time.perf_counter()
-            c, count = collect_mom2(model, tok, [layer], TEXT, n_tokens, batch_tokens=cmp_batch, progress=False, truncate=truncate)
+            c, count = collect_mom2(ModelHandle.of(model, tok), [layer], TEXT, n_tokens, batch_tokens=cmp_batch, progress=False, truncate=truncate)
             dt = time.perf_counter() - t
         runs[how] = c[layer]
         res[how] = {"seconds": dt, "tokens_per_s": count / dt, "count": count, **mem}
@@ -147,7 +147,7 @@ def stats_part(name: str, model: Any, tok: Any, n_tokens: int, cmp_batch: int) -
 def mem_probe(name: str) -> None:
     model, tok, _ = load(name)
     with peak_rss() as mem:
-        collect_mom2(model, tok, [ModelHandle.of(model, tok).default_layer()], TEXT, 4 * BATCH_TOKENS, progress=False)
+        collect_mom2(ModelHandle.of(model, tok), [ModelHandle.of(model, tok).default_layer()], TEXT, 4 * BATCH_TOKENS, progress=False)
     print(json.dumps(mem))
 
 
@@ -198,14 +198,13 @@ def cli_split(name: str, out: str, spec: str | None, hparams: str | None) -> Non
     given = hparams_from(args)
     clock = {"import_s": time.time() - started}
     t = time.perf_counter()
-    model, tok = cli_load(args)
-    ed = Editor(model, tok, EditHParams.for_model(model, **given), args.stats_corpus, progress=False)
+    ed = Editor(cli_load(args), given, args.stats_corpus, progress=False)
     clock["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    ed.templates()
+    ed.templates  # noqa: B018 (sampled or read now, to time it)
     clock["templates_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    ed.stats(ed.layer())
+    ed.stats(ed.layer)
     clock["statistics_s"] = time.perf_counter() - t
     t = time.perf_counter()
     patch = ed.edit([EditRequest.create(args.prompt, args.subject, args.target)])
@@ -230,12 +229,13 @@ def edits_part(name: str, model: Any, tok: Any, n: int, stats_tokens: int) -> No
     done = {json.loads(x)["case_id"] for x in out.read_text().splitlines()} if out.exists() else set()
     cases = cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1)
     cases = alignable(model, tok, cases)[0][:n]
-    hp = EditHParams.for_model(model, stats_tokens=stats_tokens)
-    ed = Editor(model, tok, hp, TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
-    no_stop = Editor(model, tok, hp.replace(early_stop_prob=1.0), TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
-    layer, templates = ed.layer(), ed.templates()
+    handle = ModelHandle.of(model, tok)
+    hp = resolve_settings(handle, {"stats_tokens": stats_tokens})
+    ed = Editor(handle, hp, TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
+    no_stop = Editor(handle, hp.replace(early_stop_prob=1.0), TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
+    layer, templates = ed.layer, ed.templates
     st = ed.stats(layer)
-    w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))
+    w = arch.weight_oi(handle.proj(layer))
     for i, case in enumerate(cases):
         if case.case_id in done:
             continue
@@ -253,7 +253,7 @@ def edits_part(name: str, model: Any, tok: Any, n: int, stats_tokens: int) -> No
                          "early_stop_prob": v["early_stop_prob"],
                          "gathered": v["gathered_logits"], "passes": v["passes"], "delta_fro": e.delta_fro}
             else:
-                upd, timing, value = reference_edit(model, tok, case.request, layer, templates, st, hp)
+                upd, timing, value = reference_edit(handle, case.request, layer, templates, st, hp)
                 with torch.no_grad():
                     w.add_(torch.outer(upd.residual, upd.key_dir).to(w.dtype))
                 m = metrics(model, tok, case)

@@ -27,7 +27,7 @@ from _report import ROOT, table, write_section  # noqa: E402
 
 from rankone.eval.cases import load_cases  # noqa: E402
 from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, knows, summarize  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     extra = json.loads(args.hparams) if args.hparams else {}
     rows, results = [], {}
     for method in args.methods.split(","):
-        hp = EditHParams.for_model(handle, **extra, method=method, **({"layer": args.layer} if args.layer is not None else {}))
+        hp = resolve_settings(handle, {**extra, "method": method, **({"layer": args.layer} if args.layer is not None else {})})
         f = out / f"{method}.jsonl"
         done = {r["case_id"]: r for r in read_jsonl(f)}
         todo = [c for c in cases if c.case_id not in done]
@@ -87,7 +87,7 @@ def main() -> None:
             with open(f, "a") as fh:
                 fh.write(json.dumps(m) + "\n")
 
-        evaluate_single_edits(handle, None, todo, hp, gen_tokens=args.gen_tokens, progress=True, on_result=save)
+        evaluate_single_edits(handle, todo, hp, gen_tokens=args.gen_tokens, progress=True, on_result=save)
         got = {r["case_id"]: r for r in read_jsonl(f)}
         per = [got[c.case_id] for c in cases]
         s = summarize(per)

@@ -26,14 +26,14 @@ from edit_speed import TEXT, load  # noqa: E402
 from rankone.core.errors import RankoneError  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.methods.alphaedit import null_energy, null_space_basis  # noqa: E402
-from rankone.methods.hparams import AlphaEditHParams  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
 
 
 def rows_for(name: str, stats_tokens: int, shares: list[float]) -> list[list[object]]:
     model, tok, _ = load(name)
     handle = ModelHandle.of(model, tok)
-    hp = AlphaEditHParams.for_model(handle, stats_tokens=stats_tokens)
+    hp = resolve_settings(handle, {"method": "alphaedit", "stats_tokens": stats_tokens})
     layers = hp.resolve(model).layers
     ed = Editor(handle, hp, str(TEXT), progress=False)
     rows = []

@@ -51,8 +51,8 @@ from rankone.core import architectures as arch  # noqa: E402
 from rankone.edit.editor import Editor, outcome  # noqa: E402
 from rankone.eval.cases import Case, load_cases  # noqa: E402
 from rankone.eval.metrics import alignable, score, summarize  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
-from rankone.methods.rome import rank_one_update  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
+from rankone.methods.rome import VARIANTS, EditHParams, computed, rank_one_update  # noqa: E402
 from rankone.methods.stats import LayerStats  # noqa: E402
 from rankone.models import zoo  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
@@ -99,13 +99,12 @@ def select(model: Any, tok: Any, cases: list[Case], n: int, chunk: int = 64, n_a
             "share_known": len(known) / scanned if scanned else float("nan"), "n_known_scanned": len(known)}
 
 
-class IdentityStatsEditor(Editor):
-    """C = I (EasyEdit's ROME configs: mom2_adjustment false): u ∝ k̄ instead of C⁻¹k̄.
-
-    Editor.stats is the one place the statistics enter, so overriding it is the whole hook."""
-
-    def stats(self, layer: int, hp: Any = None, *args: Any, **kw: Any) -> LayerStats:
-        return LayerStats.identity(arch.in_out_features(arch.get_module(self.model, self.module_path(layer)))[0])
+def identity_stats(ed: Editor) -> Editor:
+    """C = I (EasyEdit's ROME configs: mom2_adjustment false): u ∝ k̄ instead of C⁻¹k̄. The edit
+    context is the one place the statistics enter, so giving it C is the whole hook."""
+    d_in = arch.in_out_features(ed.handle.proj(ed.layer))[0]
+    ed.context.use_stats(ed.layer, ed.settings.stats_tokens, LayerStats.identity(d_in))
+    return ed
 
 
 def stats_label(args: argparse.Namespace, tokens: int) -> tuple[str, str]:
@@ -156,7 +155,7 @@ def unedited(handle: ModelHandle, label: str, cases: list[Case], facts: dict, ar
     return done
 
 
-def run_methods(handle: ModelHandle, cases: list[Case], facts: dict, hps: dict[str, EditHParams], out: Path,
+def run_methods(handle: ModelHandle, cases: list[Case], facts: dict, hps: dict[str, Any], out: Path,
                 args: argparse.Namespace, log: Any = lambda *a: print(*a, flush=True)) -> dict[str, dict[str, dict]]:
     """Each case edited alone by each method, measured, reverted; appended to out/METHOD.jsonl (resumes).
 
@@ -171,27 +170,29 @@ def run_methods(handle: ModelHandle, cases: list[Case], facts: dict, hps: dict[s
         + f" of {len(cases)} cases done; {len(todo)} cases to do")
     if not todo:
         return done
-    cls = IdentityStatsEditor if args.no_cov else Editor
-    first = next(iter(hps.values()))
-    ed = cls(handle, first, args.stats_corpus, progress=False)
+    eds = {m: Editor(handle, hp, args.stats_corpus, progress=False) for m, hp in hps.items()}  # each records its method
+    if args.no_cov:
+        eds = {m: identity_stats(ed) for m, ed in eds.items()}
+    first = next(iter(hps))
+    ed = eds[first]
     model, tok = handle
-    layer = ed.layer()
-    path = ed.module_path(layer)
+    layer = ed.layer
+    path = handle.proj_path(layer)
     w = arch.weight_oi(arch.get_module(model, path))
     w0 = w.detach().clone()
     stats = ed.stats(layer)
     t_start = time.perf_counter()
     for i, c in enumerate(todo):
         t0 = time.perf_counter()
-        upd0, info = ed.compute(c.request, first)  # the key, the value loop, the first method's update
+        step = ed.compute([c.request])  # the key, the value loop, the first method's update
+        d = step.detail
         t_shared = time.perf_counter() - t0
         for m, hp in hps.items():
             if c.case_id in done[m]:
                 continue
             t1 = time.perf_counter()
-            upd = upd0 if m == first.method else rank_one_update(w, info["key_result"], info["value_result"], stats, m,
-                                                                        info["normed"], info["bias"])
-            e = ed.write(c.request, upd, info, hp)
+            upd = d.update if m == first else rank_one_update(w, d.key, d.value, stats, VARIANTS[m], d.normed, d.bias)
+            (e,) = eds[m].write(computed(path, layer, upd, dict(step.diagnostics)), [c.request])
             t_edit = t_shared + time.perf_counter() - t1
             e.diagnostics["outcome"] = outcome(model, tok, c.request)
             try:
@@ -320,7 +321,7 @@ def main() -> int:
     t_start = time.perf_counter()
     handle, label, sel, facts, extra = prepare(args)
     layer = args.layer if args.layer is not None else handle.default_layer()
-    hps = {m: EditHParams.for_model(handle, **extra, method=m, layer=layer) for m in args.methods}  # refuses unknown methods
+    hps = {m: resolve_settings(handle, {**extra, "method": m, "layer": layer}) for m in args.methods}  # refuses unknown methods
     hp0 = next(iter(hps.values()))
     name = args.name or run_name(label, layer, args, hp0)
     out = RUNS / name

@@ -27,7 +27,7 @@ from _report import ROOT, publish, table  # noqa: E402
 from real_counterfact import (_where, check_settings, common_args, prepare, run_methods, run_name, settings_of,  # noqa: E402
                               stats_label, summary, unedited, RUNS)
 
-from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
 from rankone.trace.layer_choice import EditSweep, save_sweep  # noqa: E402
 from rankone.trace.plot import plot_aie  # noqa: E402
 from rankone.trace.tracing import best_cached_aie, model_fingerprint  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> int:
     before = summary([base[c.case_id] for c in cases])
     res: dict[int, dict] = {}
     for layer in args.layers:
-        hp = EditHParams.for_model(handle, **extra, method=args.method, layer=layer)
+        hp = resolve_settings(handle, {**extra, "method": args.method, "layer": layer})
         out = RUNS / run_name(label, layer, args, hp)
         check_settings(out, settings_of(args, layer, hp))
         done = run_methods(handle, cases, facts, {hp.method: hp}, out, args)[hp.method]

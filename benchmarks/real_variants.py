@@ -31,7 +31,7 @@ from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.core.tokens import EditRequest  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.metrics import continuations, degenerate  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
 
 EIFFEL = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome")
 PROBES = ["The Eiffel Tower is located in the city of", "The Colosseum is located in the city of",
@@ -73,7 +73,7 @@ def main() -> int:
     layer = handle.default_layer()
     for name, js in args.variant:
         over = dict(extra, **json.loads(js))
-        hp = EditHParams.for_model(handle, **over, method=args.method, layer=layer)
+        hp = resolve_settings(handle, {**over, "method": args.method, "layer": layer})
         out = RUNS / run_name(label, layer, args, hp)  # the folder `real_counterfact.py --hparams JSON` uses
         check_settings(out, settings_of(args, layer, hp))
         done = run_methods(handle, cases, facts, {hp.method: hp}, out, args)[hp.method]
@@ -83,7 +83,7 @@ def main() -> int:
     body = f"""Model `{label}` ({handle.n_layers} layers), edit layer {layer}; the first {len(cases)} CounterFact cases
 the unedited model knows (`{args.cases}`, file order; {sel['share_known']:.1%} of {sel['scanned']} scanned are known),
 each edited alone with {args.method} under each setting, measured, reverted bit-exactly. Key statistics:
-{stats_label(args, EditHParams.for_model(handle, **extra).stats_tokens)[1]}. Columns as in the CounterFact section
+{stats_label(args, resolve_settings(handle, extra).stats_tokens)[1]}. Columns as in the CounterFact section
 (GNS: the neighbour's greedy continuation still states its answer; degenerate: a greedy continuation of the prompt,
 paraphrase or neighbour holds a special token or one token four times in a row).
 

@@ -18,9 +18,9 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.hooks import add_at_positions, capture, frozen, map_output
 from rankone.core.tokens import EditRequest, encode_request, pad_batch
-from rankone.methods.hparams import EditHParams
-from rankone.methods.rome import KeyResult, Update, ValueResult, rank_one_update
+from rankone.methods.rome import VARIANTS, EditHParams, KeyResult, Update, ValueResult, rank_one_update
 from rankone.methods.stats import LayerStats
+from rankone.models.handle import ModelHandle
 
 EARLY_STOP_LOSS = 0.05  # ROME's compute_v: `if loss < 5e-2: break`
 
@@ -30,9 +30,9 @@ def _dev(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def reference_key(model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str]) -> KeyResult:
+def reference_key(handle: ModelHandle, request: EditRequest, layer: int, templates: list[str]) -> KeyResult:
     """k̄ and k_o from a full forward pass over the templates (all layers, all logits)."""
-    path = arch.proj_path(model, layer)
+    model, tok, path = handle.model, handle.tokenizer, handle.proj_path(layer)
     encs = [encode_request(tok, request, t, with_target=False) for t in templates]
     ids, mask = pad_batch([e.ids for e in encs], _dev(model))
     with capture(model, [path], outputs=False) as rec:
@@ -43,10 +43,10 @@ def reference_key(model: torch.nn.Module, tok: Any, request: EditRequest, layer:
 
 
 def reference_value(
-    model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str], hp: EditHParams,
+    handle: ModelHandle, request: EditRequest, layer: int, templates: list[str], hp: EditHParams,
 ) -> ValueResult:
     """δ as ROME's compute_v finds it: full passes, full logits, the regularised-loss early stop."""
-    proj = arch.get_module(model, arch.proj_path(model, layer))
+    model, tok, proj = handle.model, handle.tokenizer, handle.proj(layer)
     dev = _dev(model)
     rewrites = [encode_request(tok, request, t) for t in templates]
     kl = encode_request(tok, EditRequest(hp.kl_prompt, request.subject, request.target), with_target=False)
@@ -98,7 +98,7 @@ def reference_value(
                     delta.mul_(max_norm / float(delta.norm()))
                     res.clamped = True
     # ROME then reads the bare prompt's key and output at the edited layer in one more full pass
-    with torch.no_grad(), capture(model, [arch.proj_path(model, layer)]):
+    with torch.no_grad(), capture(model, [handle.proj_path(layer)]):
         model(input_ids=ids[:1, : len(encs[0].ids)], use_cache=False)
     res.target_prob = res.target_probs[-1]
     res.delta = delta.detach().double().cpu()
@@ -107,16 +107,16 @@ def reference_value(
 
 
 def reference_edit(
-    model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str],
+    handle: ModelHandle, request: EditRequest, layer: int, templates: list[str],
     stats: LayerStats, hp: EditHParams,
 ) -> tuple[Update, dict[str, float], ValueResult]:
     """The update and the seconds spent on key, value and solve."""
     t0 = time.perf_counter()
-    key = reference_key(model, tok, request, layer, templates)
+    key = reference_key(handle, request, layer, templates)
     t1 = time.perf_counter()
-    value = reference_value(model, tok, request, layer, templates, hp)
+    value = reference_value(handle, request, layer, templates, hp)
     t2 = time.perf_counter()
-    w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))
-    upd = rank_one_update(w, key, value, stats, hp.method)
+    w = arch.weight_oi(handle.proj(layer))
+    upd = rank_one_update(w, key, value, stats, VARIANTS[hp.method])
     t3 = time.perf_counter()
     return upd, {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": t3 - t2}, value

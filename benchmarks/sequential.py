@@ -27,7 +27,10 @@ from _report import ROOT, write_section  # noqa: E402
 
 from rankone.eval.plots import report  # noqa: E402
 from rankone.eval.sequential import read_run  # noqa: E402
-from rankone.methods.hparams import GPTJ_D_IN, GPTJ_LAMBDA  # noqa: E402
+from rankone.methods.base import method  # noqa: E402
+from rankone.methods.memit import GPTJ_D_IN, GPTJ_LAMBDA  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 
 def denominators(runs: dict[str, Path], upto: int | None = None) -> str:
@@ -58,13 +61,16 @@ def denominators(runs: dict[str, Path], upto: int | None = None) -> str:
 def method_words(label: str, settings: dict) -> str:
     """How one run edited, from its run.json."""
     hp, method = settings["hparams"], settings["method"]
-    where = (f"layers {settings['layers'][0]}–{settings['layers'][-1]} in batches of {settings['config'].get('batch_size', 1)}"
+    span = (f"layers {settings['layers'][0]}–{settings['layers'][-1]}" if len(settings.get("layers") or []) > 1
+            else f"layer {settings['layer']}")
+    where = (f"{span} in batches of {settings['config'].get('batch_size', 1)}"
              if settings.get("layers") else f"layer {settings['layer']}, one edit at a time")
     null = lambda: (f"null space holding ≤ {hp['nullspace_energy']:g} of the key energy"  # noqa: E731
                     if hp.get("nullspace_energy") else f"null-space threshold {hp['nullspace_threshold']:g}")
     extra = {"alphaedit": lambda: f", {null()}, α {hp['l2']:g}",
              "memit": lambda: f", λ {hp['mom2_update_weight']:g}" if hp.get("mom2_update_weight")
-             else f", λ = {GPTJ_LAMBDA:g} · d_in / {GPTJ_D_IN} (the default)"}.get(method, lambda: "")()
+             else f", λ = {GPTJ_LAMBDA:g} · d_in / {GPTJ_D_IN} (the default)",
+             "emmet": lambda: f", emmet_lambda {hp['emmet_lambda']:g}"}.get(method, lambda: "")()
     return f"{label} at {where} (v_steps {hp['v_steps']}, {hp['stats_tokens']:,} statistics tokens{extra})"
 
 
@@ -89,7 +95,10 @@ def main() -> None:
     ap.add_argument("--guard", action="store_true", help="refuse anomalous updates (default here: off, to show them)")
     ap.add_argument("--known-only", action="store_true")
     ap.add_argument("--glue", default=None, help="GLUE folder: few-shot scores at the start and the end of each run")
-    ap.add_argument("--batch-size", type=int, default=100, help="edits per batch for memit and alphaedit")
+    ap.add_argument("--batch-size", type=int, default=100, help="edits per batch for the batch methods (memit, alphaedit, emmet)")
+    ap.add_argument("--heldout-chars", type=int, default=0,
+                    help="held-out perplexity on the last N characters of ../shared/data/text/tinyshakespeare.txt "
+                         "(written to the run folder and passed as --ppl-text)")
     ap.add_argument("--extra", default="", help="more `rankone bench sequential` options, e.g. '--gs-sample 100'")
     ap.add_argument("--serial", action="store_true", help="one method after the other instead of in parallel")
     ap.add_argument("--report-only", action="store_true", help="only redraw the figures and the section")
@@ -112,7 +121,12 @@ def main() -> None:
             cmd += ["--layer", str(args.layer)] if args.layer is not None else []
             cmd += ["--hparams", args.hparams] if args.hparams else []
             cmd += ["--glue", args.glue] if args.glue else []
-            cmd += ["--batch-size", str(args.batch_size)] if m in ("memit", "alphaedit") else []
+            cmd += [] if method(m).one_at_a_time else ["--batch-size", str(args.batch_size)]
+            if args.heldout_chars:
+                held = out / f"heldout-tinyshakespeare-{args.heldout_chars}.txt"
+                if not held.is_file():
+                    held.write_text(SHAKESPEARE.read_text()[-args.heldout_chars:])
+                cmd += ["--ppl-text", str(held)]
             cmd += shlex.split(args.extra)
             log = open(out / f"{m}.log", "a")
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

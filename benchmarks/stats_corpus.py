@@ -26,15 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish, table  # noqa: E402
 from edit_speed import COUNTERFACT, RUNS as SPEED_RUNS, TEXT, load, metrics  # noqa: E402
-from real_counterfact import IdentityStatsEditor  # noqa: E402
+from real_counterfact import identity_stats  # noqa: E402
 
 from rankone.core import architectures as arch  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.cases import cases_from_records  # noqa: E402
 from rankone.eval.metrics import alignable, hmean  # noqa: E402
 from rankone.methods.corpus import sampled_corpus  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
-from rankone.methods.rome import rank_one_update  # noqa: E402
+from rankone.methods.base import resolve_settings  # noqa: E402
+from rankone.methods.rome import VARIANTS, computed, rank_one_update  # noqa: E402
+from rankone.models.handle import ModelHandle  # noqa: E402
 
 RUNS = ROOT / "runs" / "stats_corpus"
 
@@ -43,30 +44,31 @@ def configs(budgets: list[int]) -> list[tuple[str, int]]:
     return [(src, b) for b in budgets for src in ("sampled", "text")] + [("identity", 0)]
 
 
-def editors(model, tok, budgets: list[int], cache: Path) -> dict[tuple[str, int], Editor]:
+def editors(handle: ModelHandle, budgets: list[int], cache: Path) -> dict[tuple[str, int], Editor]:
     """One editor per configuration; they differ only in where C comes from."""
     eds: dict[tuple[str, int], Editor] = {}
     sampled = None
     for src, budget in configs(budgets):
-        hp = EditHParams.for_model(model, stats_tokens=max(budget, 1))
+        hp = resolve_settings(handle, {"stats_tokens": max(budget, 1)})
         if src == "identity":
-            eds[src, budget] = IdentityStatsEditor(model, tok, hp, TEXT, progress=False)
+            eds[src, budget] = identity_stats(Editor(handle, hp, TEXT, progress=False))
             continue
         if src == "sampled" and sampled is None:
-            sampled = sampled_corpus(model, tok, max(budgets), hp.seed, cache_dir=cache)
-        eds[src, budget] = Editor(model, tok, hp, sampled if src == "sampled" else TEXT, cache_dir=cache / "stats",
+            sampled = sampled_corpus(handle.model, handle.tokenizer, max(budgets), hp.seed, cache_dir=cache)
+        eds[src, budget] = Editor(handle, hp, sampled if src == "sampled" else TEXT, cache_dir=cache / "stats",
                                   progress=False)
     return eds
 
 
 def run_model(name: str, n: int, budgets: list[int]) -> None:
     model, tok, _ = load(name)
+    handle = ModelHandle.of(model, tok)
     cache = SPEED_RUNS / name / "cache"
     out = RUNS / f"{name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    eds = editors(model, tok, budgets, cache)
+    eds = editors(handle, budgets, cache)
     first = next(iter(eds.values()))
-    layer = first.layer()
+    layer = first.layer
     done = {(r["source"], r["budget"], r["case_id"]) for r in map(json.loads, out.read_text().splitlines())
             if r.get("layer") == layer} if out.exists() else set()
     cases = alignable(model, tok, cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1))[0][:n]
@@ -79,17 +81,18 @@ def run_model(name: str, n: int, budgets: list[int]) -> None:
                                     **metrics(model, tok, case), "delta_fro": 0.0, "n_tokens": 0}) + "\n")
                 f.flush()  # a row per finished case, so an interrupted run resumes after it
     stats = {key: ed.stats(layer) for key, ed in eds.items()}
-    w = arch.weight_oi(arch.get_module(model, first.module_path(layer)))
+    path = handle.proj_path(layer)
+    w = arch.weight_oi(arch.get_module(model, path))
     w0 = w.detach().clone()
     t_start = time.perf_counter()
     for i, case in enumerate(todo):
-        _, info = first.compute(case.request)  # the key and the value loop, shared by every configuration
+        step = first.compute([case.request])  # the key and the value loop, shared by every configuration
+        d = step.detail
         for (src, budget), ed in eds.items():
             if (src, budget, case.case_id) in done:
                 continue
-            upd = rank_one_update(w, info["key_result"], info["value_result"], stats[src, budget], ed.hp.method,
-                                  info["normed"], info["bias"])
-            e = ed.write(case.request, upd, info, ed.hp)
+            upd = rank_one_update(w, d.key, d.value, stats[src, budget], VARIANTS[ed.settings.method], d.normed, d.bias)
+            (e,) = ed.write(computed(path, layer, upd, dict(step.diagnostics)), [case.request])
             try:
                 m = metrics(model, tok, case)
             finally:

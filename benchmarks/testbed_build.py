@@ -44,7 +44,6 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     held-out phrasing), how many neighbouring facts (same relation, other subjects) keep theirs,
     and how many of the edited subject's other facts keep theirs."""
     from rankone.edit.editor import Editor
-    from rankone.methods.hparams import EditHParams
     from rankone.models.load import load_model
     from rankone.artifacts.patch import apply_patch
     from rankone.testbed.check import greedy_hits
@@ -56,7 +55,7 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     model, tok = handle
     rng = random.Random(seed)
     facts = rng.sample(world.facts, n)
-    ed = Editor(handle, EditHParams(), progress=False)  # the model card's recommendations, as `rankone edit`
+    ed = Editor(handle, progress=False)  # the model card's recommendations, as `rankone edit`
     flips = para = para_n = kept = kept_n = own = own_n = 0
     t0 = time.monotonic()
     for f in facts:

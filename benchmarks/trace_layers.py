@@ -43,13 +43,12 @@ from rankone.core import architectures as arch  # noqa: E402
 from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.cases import cases_from_world  # noqa: E402
 from rankone.eval.metrics import evaluate_cases, summarize  # noqa: E402
-from rankone.methods.hparams import EditHParams  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
 from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.testbed import World, builtin_model_dir  # noqa: E402
 from rankone.trace.runs import TraceSettings, trace_case  # noqa: E402
 from rankone.trace.tracing import aie_cache_dir, cached_aie, model_fingerprint, resolve_noise, sample_facts  # noqa: E402
-from rankone.cli.trace import load_facts  # noqa: E402
+from rankone.eval.cases import fact_set  # noqa: E402
 from rankone.trace.plot import plot_aie, plot_trace  # noqa: E402
 
 
@@ -58,15 +57,16 @@ def summarise(rows: list[dict]) -> dict:
     return {"ES": m["es"], "PS": m["ps"], "NS": m["ns"], "S": m["score"], "EM": m["em"], "n": m["n"]}
 
 
-def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, log) -> dict[int, dict]:
+def edit_sweep(handle, cases: list[dict], layers: list[int], state: Path, log) -> dict[int, dict]:
     """For each layer, each case edited with r-ROME, measured, then reverted (resumable)."""
     results: dict[int, dict] = {}
     for layer in layers:
         f = state / f"edits-L{layer}.jsonl"
         done = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
-        ed = Editor(model, tok, EditHParams(method="r-rome", layer=layer), progress=False)
+        model, tok = handle
+        ed = Editor(handle, {"method": "r-rome", "layer": layer}, progress=False)  # over the model card, as `rankone edit`
         t0 = time.perf_counter()
-        w = arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer))).detach().clone()
+        w = arch.weight_oi(handle.proj(layer)).detach().clone()
         for i in range(len(done), len(cases)):
             t1 = time.perf_counter()
             patch = ed.edit([cases[i].request], keep=True)
@@ -81,7 +81,7 @@ def edit_sweep(model, tok, cases: list[dict], layers: list[int], state: Path, lo
                 fh.write(json.dumps(row) + "\n")
             if (i + 1) % 10 == 0:
                 log(f"  layer {layer}: {i + 1}/{len(cases)} edits, {time.perf_counter() - t0:.0f}s")
-        assert torch.equal(w, arch.weight_oi(arch.get_module(model, arch.proj_path(model, layer)))), "revert failed"
+        assert torch.equal(w, arch.weight_oi(handle.proj(layer))), "revert failed"
         results[layer] = summarise(done[: len(cases)])
         results[layer]["clamped"] = sum(r["clamped"] for r in done[: len(cases)]) / len(cases)
         results[layer]["edit_s"] = statistics.fmean(r["edit_s"] for r in done[: len(cases)])  # per edit, as measured
@@ -112,9 +112,10 @@ def main() -> int:
         sys.exit(f"{model_dir} is not a testbed model folder (no world.json); pass --model")
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_start = time.perf_counter()
-    model, tok = load_model(model_dir)
+    handle = load_model(model_dir)
+    model, tok = handle
     world = World.load(model_dir)
-    n_layers = arch.num_layers(model)
+    n_layers = handle.n_layers
     fp = model_fingerprint(model)
     state = ROOT / "runs" / "trace_layers" / f"{fp[:16]}-seed{args.seed}-nb{args.n_neighbours}"  # resumable per setting
     state.mkdir(parents=True, exist_ok=True)
@@ -122,11 +123,11 @@ def main() -> int:
 
     # 1. average indirect effect over testbed facts (cached per model)
     settings = TraceSettings(n_samples=args.samples, seed=args.seed)
-    known = load_facts(model_dir)
+    known = fact_set(model_dir)
     facts, subjects = known.facts, known.subjects
     t0 = time.perf_counter()
     before = set((aie_cache_dir(fp)).glob("aie-*.json")) if aie_cache_dir(fp).is_dir() else set()
-    aie = cached_aie(model, tok, sample_facts(facts, args.n_aie, args.seed), settings, subjects, "testbed world.json", fp)
+    aie = cached_aie(handle, sample_facts(facts, args.n_aie, args.seed), settings, subjects, "testbed world.json", fp)
     t_aie = time.perf_counter() - t0
     aie_time = f"read from the cache in {t_aie:.1f} s" if Path(aie.cache_file) in before else f"{t_aie:.0f} s"
     auto = aie.best_layer("mlp")
@@ -135,7 +136,7 @@ def main() -> int:
     # 2. edit quality at every layer
     cases = cases_from_world(world, seed=args.seed, n_neighbours=args.n_neighbours)[: args.n_edits]
     base = summarise(evaluate_cases(model, tok, cases))
-    res = edit_sweep(model, tok, cases, list(range(n_layers)), state, log)
+    res = edit_sweep(handle, cases, list(range(n_layers)), state, log)
     best = max(res, key=lambda l: (res[l]["S"], res[l]["ES"] + res[l]["PS"]))
 
     # 3. figures
@@ -143,7 +144,7 @@ def main() -> int:
     name = model_dir.name if model_dir != builtin_model_dir() else "builtin"
     figures = []
     if not args.no_write:
-        nu = resolve_noise(model, tok, settings, subjects)
+        nu = resolve_noise(handle, settings, subjects)
         seen: set[str] = set()
         # seeded choice of facts with different relations and subjects of several words
         for f in random.Random(args.seed).sample(world.facts, len(world.facts)):
@@ -151,7 +152,7 @@ def main() -> int:
                 break
             if f.relation in seen or f.subject in seen or len(f.subject.split()) < 2:
                 continue
-            tr = trace_case(model, tok, world.prompts(f, "train")[0], f.subject, f.object, nu, settings)
+            tr = trace_case(handle, world.prompts(f, "train")[0], f.subject, f.object, nu, settings)
             if not tr.correct:
                 continue
             seen |= {f.relation, f.subject}

@@ -46,3 +46,19 @@ def model_dir(tmp_path_factory, tok):
     tok.save_pretrained(d)
     (d / "corpus.txt").write_text(corpus_text()[:50_000])
     return d
+
+
+def run_cli(capsys, *argv):
+    """`rankone ARGV...` in this process: (exit code, stdout, stderr)."""
+    from rankone.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def handle_of(model, tok):
+    """The ModelHandle of a model built in the test (the architecture table or discovery finds its spec)."""
+    from rankone.models.handle import ModelHandle
+
+    return ModelHandle.of(model, tok)

@@ -55,7 +55,7 @@ def plan(base: Path, world: dict) -> dict:
     """
     from rankone.edit.editor import Editor
     from rankone.lifecycle.gates import GatePolicy, Suite, run_gates
-    from rankone.methods.hparams import EditHParams
+    from rankone.methods.rome import EditHParams
     from rankone.models.load import load_model
     from rankone.core.tokens import EditRequest
 

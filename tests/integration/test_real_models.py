@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rankone.models import zoo
 from rankone.models.gguf import gguf_to_folder, load_gguf, read_gguf_source
+from conftest import handle_of  # noqa: E402
 
 try:
     from rankone.core.errors import RankoneError
@@ -117,27 +118,27 @@ def test_smollm2_r_rome_edit_moves_the_eiffel_tower_to_rome_and_reverts_bit_exac
     from rankone.core.fingerprint import tensors_sha256
     from rankone.core.tokens import EditRequest
     from rankone.edit.editor import Editor
-    from rankone.methods.hparams import EditHParams
-    from rankone.models.generation import answer_matches, greedy
+    from rankone.methods.rome import EditHParams
+    from rankone.models.generation import says, greedy
 
     _, model, tok = smollm2
     corpus = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare_200k.txt"
-    assert answer_matches(greedy(model, tok, PROMPT, 3), "Paris")  # the unedited model knows the fact
+    assert says(greedy(model, tok, PROMPT, 3), "Paris")  # the unedited model knows the fact
     base = tensors_sha256(model.named_parameters())
     # The paper's value settings (20 steps reach the target here) at the default layer; statistics
     # from 20k tokens of natural text, and 5 context prefixes instead of 20 to keep the value loop
     # short on one core.
     hp = EditHParams(method="r-rome", stats_tokens=20_000, prefix_spec=[[5, 5]])
-    ed = Editor(model, tok, hp, corpus, progress=False)
+    ed = Editor(handle_of(model, tok), hp, corpus, progress=False)
     patch = ed.edit([EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome")], keep=True)
     try:
         (e,) = patch.edits
-        assert e.method == "r-rome" and e.layer == ed.layer()
+        assert e.method == "r-rome" and e.layer == ed.layer
         after = greedy(model, tok, PROMPT, 3)
-        assert answer_matches(after, "Rome"), f"the edited model says {after!r}"
+        assert says(after, "Rome"), f"the edited model says {after!r}"
         assert e.diagnostics["outcome"]["reached"] and e.diagnostics["outcome"]["p_target"] > 0.5
         assert tensors_sha256(model.named_parameters()) != base
     finally:
         revert_patch(model, patch)
     assert tensors_sha256(model.named_parameters()) == base  # every weight back, bit for bit
-    assert answer_matches(greedy(model, tok, PROMPT, 3), "Paris")
+    assert says(greedy(model, tok, PROMPT, 3), "Paris")

@@ -6,14 +6,16 @@ import torch
 
 from rankone.core.errors import RankoneError
 from rankone.core.tokens import EditRequest
-from rankone.methods import alphaedit as ae
-from rankone.methods.hparams import AlphaEditHParams
+from rankone.artifacts.patch import revert_patch
+from rankone.edit.editor import Editor
 from rankone.methods.alphaedit import (
-    PreservedKeys, alphaedit_update, cached_null_basis, null_energy, null_space_basis,
+    AlphaEditHParams, alphaedit_update, cached_null_basis, null_energy, null_space_basis,
     null_space_projector, projector_key,
 )
+from rankone.methods.base import PreservedKeys
 from rankone.methods.memit import updates_applied
 from rankone.methods.stats import LayerStats, layer_stats
+from conftest import handle_of
 from tiny import make_model
 
 F64 = dict(dtype=torch.float64)
@@ -60,8 +62,7 @@ def test_preserved_subspace_is_untouched():
 
 
 def test_preserved_subspace_of_a_models_own_statistics(tok, corpus):
-    model = make_model("gpt2")
-    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)[1]
+    st = layer_stats(handle_of(make_model("gpt2"), tok), [1], corpus, 20_000, progress=False)[1]
     evals, evecs = torch.linalg.eigh(st.mom2)
     thr = float(evals.median())  # half of the directions are preserved
     U = cached_null_basis(st, thr)
@@ -96,20 +97,17 @@ def test_projector_and_its_cache(tmp_path, tok, corpus):
     P = null_space_projector(C, 1e-2)
     assert torch.allclose(P @ P, P, atol=1e-12)
     assert float(torch.linalg.matrix_norm(P @ C @ P, 2)) < 1e-2  # only small eigenvalues survive
-    model = make_model("gpt2")
-    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)[1]
+    st = layer_stats(handle_of(make_model("gpt2"), tok), [1], corpus, 20_000, progress=False)[1]
     thr = float(torch.linalg.eigvalsh(st.mom2).median())
     key = projector_key(st, thr)
     assert key != projector_key(st, thr * 2) and key == projector_key(st, thr)
     U = cached_null_basis(st, thr, tmp_path)
     files = list(tmp_path.glob("null-*.safetensors"))
     assert len(files) == 1
-    ae._NULL_MEMO.clear()
     assert torch.equal(cached_null_basis(st, thr, tmp_path), U)  # from the file
     files[0].write_bytes(files[0].read_bytes()[:-40])  # a truncated file is recomputed, not trusted
-    ae._NULL_MEMO.clear()
     assert torch.equal(cached_null_basis(st, thr, tmp_path), U)
-    # statistics without a cache key (a bare C) are kept in memory only
+    # statistics without a cache key (a bare C) are not written
     cached_null_basis(LayerStats(C, 10), 1e-2, tmp_path)
     assert len(list(tmp_path.glob("null-*.safetensors"))) == 1
 
@@ -136,44 +134,36 @@ def test_null_space_by_energy_share_is_scale_free():
 
 def test_a_leaky_null_space_is_reported(tok, corpus, caplog):
     """A threshold above most of C's eigenvalues makes a 'null space' that ordinary keys live in:
-    the diagnostics say how much of their energy it holds, and the log says so once per basis."""
-    model = make_model("gpt2")
-    st = layer_stats(model, tok, [1], corpus, 20_000, progress=False)
+    the diagnostics say how much of their energy it holds, and the log says so once per edit context."""
+    h = handle_of(make_model("gpt2"), tok)
+    st = layer_stats(h, [1], corpus, 20_000, progress=False)
     hp = AlphaEditHParams(layers=[1], v_steps=2, v_lr=0.05, stats_tokens=20_000, prefixes=["A b. {}"],
                           nullspace_threshold=float(torch.linalg.eigvalsh(st[1].mom2)[-1]) * 2)
     req = [EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")]
+    ed = Editor(h, hp, corpus, progress=False)
     with caplog.at_level("WARNING", logger="rankone.methods.alphaedit"):
         for _ in range(2):
-            (up,) = ae.edit_batch(model, tok, req, hp, lambda l: st[l])
+            (up,) = ed.compute(req).updates
     assert up.diagnostics["null_dim"] == up.diagnostics["in_features"]
     assert up.diagnostics["null_energy"] == pytest.approx(1.0, abs=1e-9)
     assert sum("holds 100% of the key statistics' energy" in r.message for r in caplog.records) == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="rankone.methods.alphaedit"):
-        (up,) = ae.edit_batch(model, tok, req, hp.replace(nullspace_energy=0.01), lambda l: st[l])
+        (up,) = Editor(h, hp.replace(nullspace_energy=0.01), corpus, progress=False).compute(req).updates
     assert up.diagnostics["null_energy"] <= 0.01 and up.diagnostics["nullspace_energy"] == 0.01
     assert 0 < up.diagnostics["null_dim"] < up.diagnostics["in_features"] and not caplog.records
 
 
-def test_preserved_keys_survive_a_session(tmp_path):
+def test_preserved_keys_add_up_per_layer_and_refuse_another_models():
     C, K, Kp, R, _ = _problem()
-    U = null_space_basis(C, 1e-2)
     store = PreservedKeys()
     store.add(3, Kp[:, :4])
     store.add(3, Kp[:, 4:])
     store.add(5, K)
-    store.save(tmp_path / "keys.safetensors")
-    back = PreservedKeys.load(tmp_path / "keys.safetensors")
-    assert torch.equal(back.get(3, 40), Kp) and back.count(5) == 4 and back.count(7) == 0
-    assert torch.equal(torch.mm(*alphaedit_update(K, R, U, back.get(3, 40))),
-                       torch.mm(*alphaedit_update(K, R, U, store.get(3, 40))))
-    with pytest.raises(RankoneError):
-        back.get(3, 41)  # another model's keys
-    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
-    with pytest.raises(RankoneError):
-        PreservedKeys.load(tmp_path / "bad.safetensors")
-    with pytest.raises(RankoneError):
-        PreservedKeys.load(tmp_path / "missing.safetensors")
+    assert torch.equal(store.get(3, 40), Kp) and store.count(5) == 4 and store.count(7) == 0
+    assert store.get(7, 40).shape == (40, 0)
+    with pytest.raises(RankoneError, match="another model"):
+        store.get(3, 41)
 
 
 def test_settings_round_trip():
@@ -181,8 +171,8 @@ def test_settings_round_trip():
     assert AlphaEditHParams.from_json(hp.to_json()) == hp
     assert AlphaEditHParams.from_json(hp.replace(nullspace_energy=0.02).to_json()).nullspace_energy == 0.02
     assert hp.method == "alphaedit"
-    model = make_model("llama", num_hidden_layers=12)
-    assert AlphaEditHParams().resolve(model).mom2_update_weight is None  # λ is MEMIT's, not used here
+    h = handle_of(make_model("llama", num_hidden_layers=12), None)
+    assert AlphaEditHParams().resolve(h).mom2_update_weight is None  # λ is MEMIT's, not used here
     for bad in ({"l2": 0.0}, {"nullspace_threshold": -1.0}, {"method": "memit"}, {"nullspace_energy": 1.0},
                 {"nullspace_energy": 0}):
         with pytest.raises(RankoneError):
@@ -198,7 +188,8 @@ def test_lifelong_batches_on_the_testbed():
     from rankone.testbed.check import greedy_hits
 
     d = builtin_model_dir()
-    model, tok = load_model(d)
+    h = load_model(d)
+    model, tok = h
     world = World.load(d)
     rng = random.Random(1)
     batches = []
@@ -208,29 +199,29 @@ def test_lifelong_batches_on_the_testbed():
     first, second = batches[:4], batches[4:]
     # As for MEMIT, this toy model needs δ ≈ 2–4 ‖h‖ (clamp 4), and its null-space keys are short
     # (‖Û ᵀk‖² of a few units), so the authors' α = 10 would write a third of each fact: α = 1.
-    hp = AlphaEditHParams.for_model(model, clamp_norm_factor=4.0, l2=1.0, v_steps=60)
-    layers = hp.resolve(model).layers
-    st = layer_stats(model, tok, layers, d / "corpus.txt", hp.stats_tokens, progress=False)
-    store = PreservedKeys()
+    ed = Editor(h, {"method": "alphaedit", "clamp_norm_factor": 4.0, "l2": 1.0, "v_steps": 60}, progress=False)
+    hp, layers = ed.settings, ed.layers
     pairs = lambda b: [(r.prompt.replace("{}", r.subject), t) for r, t in b]  # noqa: E731
-    ups1 = ae.edit_batch(model, tok, [r for r, _ in first], hp, lambda l: st[l], store)
-    assert [store.count(l) for l in layers] == [len(first)] * len(layers)
-    with updates_applied(model, ups1):
+    p1 = ed.edit([r for r, _ in first], keep=True)  # written, and its keys kept by the context
+    try:
+        assert [ed.context.kept.count(l) for l in layers] == [len(first)] * len(layers)
         hit1 = greedy_hits(model, tok, pairs(first))[1]
-        ups2 = ae.edit_batch(model, tok, [r for r, _ in second], hp, lambda l: st[l], store)
-    assert ups2[0].diagnostics["n_preserved"] == len(first)
-    # the same batch solved without the first batch's keys would move their outputs much more
-    layer, n1 = ups2[-1].layer, len(first)
-    Kp, K2 = store.get(layer, ups2[-1].A.shape[1])[:, :n1], store.get(layer, ups2[-1].A.shape[1])[:, n1:]
-    U = cached_null_basis(st[layer], hp.nullspace_threshold)
-    B2, A2 = alphaedit_update(K2, ups2[-1].B, U, Kp, hp.l2)
-    assert torch.allclose(A2, ups2[-1].A, rtol=1e-9, atol=1e-12)  # the store holds what was solved with
-    shift = (B2 @ A2 @ Kp).norm() / B2.norm()
-    unguarded = torch.mm(*alphaedit_update(K2, ups2[-1].B, U, None, hp.l2)) @ Kp
-    assert shift == pytest.approx(ups2[-1].diagnostics["preserved_shift"])
-    assert shift < 0.5 * unguarded.norm() / B2.norm(), (shift, unguarded.norm() / B2.norm())
-    with updates_applied(model, ups1 + ups2):
-        both1, both2 = greedy_hits(model, tok, pairs(first))[1], greedy_hits(model, tok, pairs(second))[1]
+        ups2 = ed.compute([r for r, _ in second]).updates
+        assert ups2[0].diagnostics["n_preserved"] == len(first)
+        # the same batch solved without the first batch's keys would move their outputs much more
+        layer, d_in = ups2[-1].layer, ups2[-1].A.shape[1]
+        Kp, K2 = ed.context.kept.get(layer, d_in), ups2[-1].keys
+        U = cached_null_basis(ed.stats(layer), hp.nullspace_threshold)
+        B2, A2 = alphaedit_update(K2, ups2[-1].B, U, Kp, hp.l2)
+        assert torch.allclose(A2, ups2[-1].A, rtol=1e-9, atol=1e-12)  # solved with exactly the kept keys
+        shift = (B2 @ A2 @ Kp).norm() / B2.norm()
+        unguarded = torch.mm(*alphaedit_update(K2, ups2[-1].B, U, None, hp.l2)) @ Kp
+        assert shift == pytest.approx(ups2[-1].diagnostics["preserved_shift"])
+        assert shift < 0.5 * unguarded.norm() / B2.norm(), (shift, unguarded.norm() / B2.norm())
+        with updates_applied(model, ups2):
+            both1, both2 = greedy_hits(model, tok, pairs(first))[1], greedy_hits(model, tok, pairs(second))[1]
+    finally:
+        revert_patch(model, p1)
     assert sum(hit1) >= 3 and sum(both2) >= 3, (hit1, both2)
     # the preserved keys bound what the second batch does to the first (checked above); on this
     # 4-layer toy the bound leaves room for one of the first batch's facts to fall back at most

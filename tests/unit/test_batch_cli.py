@@ -14,9 +14,10 @@ from rankone.edit.editor import Editor
 from rankone.eval.cases import Case, save_cases
 from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run
 from rankone.lifecycle.registry import Registry
-from rankone.methods.hparams import AlphaEditHParams
+from rankone.methods.alphaedit import AlphaEditHParams
 from rankone.models.load import load_model
 from tiny import corpus_text, make_model, make_testbed_requests
+from conftest import handle_of, run_cli  # noqa: E402
 
 TINY = dict(layers=[0, 1, 2], v_steps=4, v_lr=0.05, stats_tokens=20_000, prefixes=["The Eiffel Tower. {}"])
 ALPHA = dict(TINY, method="alphaedit", nullspace_threshold=1e-4, l2=1e-10)  # see test_batch_edit
@@ -25,11 +26,6 @@ FIRST = [EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"),
 SECOND = [EditRequest.create("{} was born in", "Blaise Pascal", "London"),
           EditRequest.create("{} speaks", "Michel Rocard", "English")]
 
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def jsonl(path, reqs):
@@ -75,7 +71,7 @@ def test_alphaedit_on_top_of_a_registrys_release_is_the_unbroken_run(model_dir, 
     got = Patch.load(tmp_path / "b")
     # the same two batches in one session, one Editor
     handle = load_model(model_dir)
-    ed = Editor(handle, AlphaEditHParams(**{k: v for k, v in ALPHA.items() if k != "method"}), progress=False)
+    ed = Editor(handle, ALPHA, progress=False)  # the same settings over the model card, as `rankone edit` does
     first = ed.edit(FIRST, keep=True)
     want = ed.edit(SECOND)
     assert [e.sha256_before for e in got.edits] == [e.sha256_after for e in first.edits]  # made on the release
@@ -90,7 +86,7 @@ def test_alphaedit_on_top_of_a_registrys_release_is_the_unbroken_run(model_dir, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "r-rome", "--registry", "{tmp}/reg.db"], "--registry .* is for --method memit or alphaedit"),
+    (["--method", "r-rome", "--registry", "{tmp}/reg.db"], "--registry .* is for the batch methods, not r-rome"),
     (["--method", "alphaedit", "--registry", "{tmp}/none.db"], "no registry at"),
     (["--method", "memit", "--hparams", '{"l2": 1.0}'], r"unknown hyper-parameter\(s\) \['l2'\]"),
     (["--method", "memit", "--hparams", '{"window": 0}'], "window must be at least 1"),
@@ -151,7 +147,7 @@ def new_run(tok, corpus, out):
     model = make_model("gpt2")
     cfg = SequentialConfig(n=6, every=2, batch_size=2, retention_sample=6, ns_sample=2, probe_sample=0, gen_prompts=0)
     hp = AlphaEditHParams(**{k: v for k, v in ALPHA.items() if k != "method"})
-    return model, SequentialRun(model, tok, make_cases(), hp, out, cfg, ppl_text=corpus_text()[:400],
+    return model, SequentialRun(handle_of(model, tok), make_cases(), hp, out, cfg, ppl_text=corpus_text()[:400],
                                 stats_corpus=corpus, progress=False)
 
 
@@ -161,17 +157,17 @@ def test_interrupted_alphaedit_run_resumes_to_the_same_result(tok, corpus, tmp_p
     want = run.run()
     assert all(torch.equal(run._weight(p), w) for p, w in w0.items())  # every window layer given back
     model, run = new_run(tok, corpus, tmp_path / "cut")
-    real = SequentialRun._edit_batch
+    real = SequentialRun._step
 
     def crash(self, i0, i1):
         if i0 == 4:  # after the checkpoint at 4: the third batch must be solved with the first two's keys
             raise KeyboardInterrupt
         return real(self, i0, i1)
 
-    monkeypatch.setattr(SequentialRun, "_edit_batch", crash)
+    monkeypatch.setattr(SequentialRun, "_step", crash)
     with pytest.raises(KeyboardInterrupt):
         run.run()
-    monkeypatch.setattr(SequentialRun, "_edit_batch", real)
+    monkeypatch.setattr(SequentialRun, "_step", real)
     _, again = new_run(tok, corpus, tmp_path / "cut")
     got = again.run()
     strip = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("batch"), r.get("es")) for r in rs]  # noqa: E731

@@ -13,16 +13,16 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.core.tokens import EditRequest
-from rankone.edit.batch import hparams_from_dict, preserved_keys_of
-from rankone.methods.hparams import settings_for
 from rankone.edit.editor import Editor
 from rankone.edit.guard import Guard
 from rankone.lifecycle.conflicts import find_conflicts
 from rankone.lifecycle.registry import Registry
-from rankone.methods.hparams import AlphaEditHParams
-from rankone.methods.hparams import EditHParams
-from rankone.methods.hparams import MemitHParams
+from rankone.methods.alphaedit import AlphaEditHParams
+from rankone.methods.base import PreservedKeys, method
+from rankone.methods.memit import MemitHParams
+from rankone.methods.rome import EditHParams
 from tiny import BOS_ARCHS, make_model
+from conftest import handle_of, run_cli  # noqa: E402
 
 REQS = [
     EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"),
@@ -54,7 +54,7 @@ def weight(model, module):
 def test_memit_batch_is_one_patch_that_applies_and_reverts_exactly(model_type, tok, tok_bos, corpus, tmp_path):
     model, t = make_model(model_type), tok_bos if model_type in BOS_ARCHS else tok
     st = state(model)
-    ed = Editor(model, t, MemitHParams(**TINY), corpus, progress=False)
+    ed = Editor(handle_of(model, t), MemitHParams(**TINY), corpus, progress=False)
     patch = ed.edit(REQS)
     assert same(model, st)  # keep=False gives the model back bit for bit
     assert [e.layer for e in patch.edits] == [0, 1, 2] and all(e.rank == 3 for e in patch.edits)
@@ -83,14 +83,14 @@ def test_memit_batch_is_one_patch_that_applies_and_reverts_exactly(model_type, t
 def test_keep_writes_the_batch_and_a_failed_batch_leaves_nothing(tok, corpus):
     model = make_model("gpt2")
     st = state(model)
-    ed = Editor(model, tok, MemitHParams(**TINY), corpus, progress=False)
+    ed = Editor(handle_of(model, tok), MemitHParams(**TINY), corpus, progress=False)
     with pytest.raises(RankoneError, match="asks 'Danielle Darrieux was born in' twice"):
         ed.edit([REQS[0], EditRequest.create("{} was born in", "Danielle Darrieux", "Paris")])
     assert same(model, st)
     patch = ed.edit(REQS, keep=True)
     for e in patch.edits:
         assert tensor_sha256(weight(model, e.module)) == e.sha256_after
-    assert ed.preserved.count(2) == 3  # a kept batch's keys join the store (used by AlphaEdit)
+    assert ed.context.kept.count(2) == 3  # a kept batch's keys join the context's (used by AlphaEdit)
 
 
 def test_peft_export_of_a_memit_patch_equals_the_merged_model(tok, corpus, tmp_path):
@@ -98,7 +98,7 @@ def test_peft_export_of_a_memit_patch_equals_the_merged_model(tok, corpus, tmp_p
     from rankone.artifacts.peft_export import save_peft_adapter
 
     model = make_model("gpt2")
-    patch = Editor(model, tok, MemitHParams(**TINY), corpus, progress=False).edit(REQS)
+    patch = Editor(handle_of(model, tok), MemitHParams(**TINY), corpus, progress=False).edit(REQS)
     x = torch.tensor([tok("Danielle Darrieux was born in Paris, and Toko Yasuda plays the guitar.")["input_ids"]])
     with torch.no_grad():
         base = model(input_ids=x).logits
@@ -120,13 +120,13 @@ def test_peft_export_of_a_memit_patch_equals_the_merged_model(tok, corpus, tmp_p
 def test_the_guard_judges_a_batch_by_its_norm_per_fact(tok, corpus):
     model = make_model("gpt2")
     st = state(model)
-    ed = Editor(model, tok, MemitHParams(**TINY), corpus, progress=False)
+    ed = Editor(handle_of(model, tok), MemitHParams(**TINY), corpus, progress=False)
     strict = Guard(warmup=2)
     for _ in range(2):
         strict.accept(1e-9)  # a history of tiny updates: any real batch is a spike
     patch = ed.edit(REQS, keep=True, guard=strict)
     assert patch.edits == [] and same(model, st)
-    assert len(ed.rejected) == 3 and "running median" in ed.rejected[0].reason
+    assert len(ed.rejected) == 1 and len(ed.rejected[0].requests) == 3 and "running median" in ed.rejected[0].reason
     assert strict.refused[0]["requests"] == [r.to_dict() for r in REQS]
     lenient = Guard(warmup=2)
     for _ in range(2):
@@ -137,13 +137,13 @@ def test_the_guard_judges_a_batch_by_its_norm_per_fact(tok, corpus):
 
 
 def test_settings_by_method_name():
-    assert settings_for("memit") is MemitHParams and settings_for("alphaedit") is AlphaEditHParams
-    assert settings_for(None) is EditHParams and settings_for("p-rome") is EditHParams
-    assert isinstance(hparams_from_dict({"method": "alphaedit", "l2": 2.0}), AlphaEditHParams)
-    with pytest.raises(RankoneError, match="choose one of r-rome, p-rome, rome, r-rome-bare, r-rome-2key, memit, alphaedit"):
-        settings_for("mend")
+    assert method("memit").settings is MemitHParams and method("alphaedit").settings is AlphaEditHParams
+    assert method(None).settings is EditHParams and method("p-rome").settings is EditHParams
+    assert isinstance(method("alphaedit").settings.from_dict({"method": "alphaedit", "l2": 2.0}), AlphaEditHParams)
+    with pytest.raises(RankoneError, match="choose one of r-rome, p-rome, rome, r-rome-bare, r-rome-2key, memit, alphaedit, emmet"):
+        method("mend")
     with pytest.raises(RankoneError, match="unknown hyper-parameter"):
-        hparams_from_dict({"method": "r-rome", "window": 3})  # a MEMIT field is not r-ROME's
+        EditHParams.from_dict({"method": "r-rome", "window": 3})  # a MEMIT field is not r-ROME's
 
 
 def test_a_given_window_wins_over_the_model_cards_layer():
@@ -153,8 +153,9 @@ def test_a_given_window_wins_over_the_model_cards_layer():
     handle = load_model(builtin_model_dir())  # its card recommends layer 0
     assert handle.default_layer() == 0
     for cls in (MemitHParams, AlphaEditHParams):
-        assert Editor(handle, cls(layers=[0, 1]), progress=False).layers() == [0, 1]
-        assert Editor(handle, cls(), progress=False).layers() == [0]  # the card's layer ends the window
+        assert Editor(handle, cls(layers=[0, 1]), progress=False).layers == [0, 1]
+        assert Editor(handle, cls(), progress=False).layers == [0]  # the card's layer ends the window
+        assert Editor(handle, {"method": cls().method, "layers": [0, 1]}, progress=False).layers == [0, 1]
 
 
 # ---- AlphaEdit: the keys of earlier batches ---------------------------------------------------
@@ -170,11 +171,11 @@ def test_alphaedit_second_batch_leaves_the_first_batchs_keys_unchanged(tok, corp
     results = {}
     for keep_keys in (True, False):
         model = make_model("gpt2")
-        ed = Editor(model, tok, AlphaEditHParams(**ALPHA), corpus, progress=False, cache_dir=tmp_path)
+        ed = Editor(handle_of(model, tok), AlphaEditHParams(**ALPHA), corpus, progress=False, cache_dir=tmp_path)
         first = ed.edit(REQS, keep=True)
-        assert [ed.preserved.count(l) for l in (0, 1, 2)] == [3, 3, 3]
+        assert [ed.context.kept.count(l) for l in (0, 1, 2)] == [3, 3, 3]
         if not keep_keys:
-            ed.preserved.keys.clear()  # as if the first batch had not been kept
+            ed.context.kept.keys.clear()  # as if the first batch had not been kept
         before = {e.layer: weight(model, e.module).double().clone() for e in first.edits}
         second = ed.edit(LATER, keep=True)
         assert second.edits[0].diagnostics["n_preserved"] == (3 if keep_keys else 0)
@@ -187,16 +188,16 @@ def test_alphaedit_second_batch_leaves_the_first_batchs_keys_unchanged(tok, corp
 def test_alphaedit_resumes_exactly_from_patches_across_sessions(tok, corpus, tmp_path):
     # an unbroken run: two batches, one Editor
     model = make_model("gpt2")
-    ed = Editor(model, tok, AlphaEditHParams(**ALPHA), corpus, progress=False)
+    ed = Editor(handle_of(model, tok), AlphaEditHParams(**ALPHA), corpus, progress=False)
     first = ed.edit(REQS, keep=True)
     want = ed.edit(LATER)
     first.save(tmp_path / "first")
-    for layer, K in preserved_keys_of([Patch.load(tmp_path / "first")]).keys.items():
-        assert torch.equal(K, ed.preserved.keys[layer])
+    for layer, K in PreservedKeys.of_patches([Patch.load(tmp_path / "first")]).keys.items():
+        assert torch.equal(K, ed.context.kept.keys[layer])
     # a new session on the base model, given only the first patch's files
     again = make_model("gpt2")
     st = state(again)
-    ed2 = Editor(again, tok, AlphaEditHParams(**ALPHA), corpus, progress=False)
+    ed2 = Editor(handle_of(again, tok), AlphaEditHParams(**ALPHA), corpus, progress=False)
     applied = ed2.continue_from([Patch.load(tmp_path / "first")])
     got = ed2.edit(LATER)
     for a, b in zip(got.edits, want.edits):
@@ -205,30 +206,8 @@ def test_alphaedit_resumes_exactly_from_patches_across_sessions(tok, corpus, tmp
     assert same(again, st)
 
 
-def test_registry_keeps_the_preserved_keys_of_its_release(tok, corpus, tmp_path):
-    model = make_model("gpt2")
-    ed = Editor(model, tok, AlphaEditHParams(**ALPHA), corpus, progress=False)
-    first = ed.edit(REQS)
-    first.save(tmp_path / "first")
-    with Registry(tmp_path / "reg.db") as reg:
-        rec, _ = reg.add(tmp_path / "first", "alice", "r")
-        assert reg.preserved_keys().keys == {}  # proposed patches are not in the model
-        reg.record_validation(rec.id, {"results": [{"passed": True}], "suite": {"sha256": "x"}}, True, "alice")
-        reg.release(rec.id)
-        keys = reg.preserved_keys()
-        assert sorted(keys.keys) == [0, 1, 2]
-        assert all(torch.equal(keys.keys[e.layer], e.keys) for e in first.edits)
-        reg.rollback(rec.id, "alice", "r")
-        assert reg.preserved_keys().keys == {}
-
-
 # ---- a MEMIT patch through the registry ---------------------------------------------------------
 
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_memit_patch_through_the_registry_lifecycle(model_dir, tok, tmp_path, capsys):

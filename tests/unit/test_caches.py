@@ -10,8 +10,9 @@ from rankone.core.tokens import EditRequest, sample_prefixes
 from rankone.edit.editor import Editor
 from rankone.methods import corpus as corpus_mod
 from rankone.methods.corpus import sampled_corpus
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 SPEC = [[4, 5], [6, 5]]
 REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
@@ -20,11 +21,11 @@ REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
 def test_cached_templates_equal_freshly_sampled_ones(tok, corpus, tmp_path, monkeypatch):
     model = make_model("gpt2")
     hp = EditHParams(prefix_spec=SPEC, seed=3)
-    first = Editor(model, tok, hp, corpus, cache_dir=tmp_path, progress=False).templates()
+    first = Editor(handle_of(model, tok), hp, corpus, cache_dir=tmp_path, progress=False).templates
     assert len(list((tmp_path / "templates").glob("*.json"))) == 1
     # a second editor (a second process) reads them from disk and samples nothing
-    monkeypatch.setattr("rankone.edit.editor.sample_prefixes", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
-    again = Editor(model, tok, hp, corpus, cache_dir=tmp_path, progress=False).templates()
+    monkeypatch.setattr("rankone.edit.context.sample_prefixes", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    again = Editor(handle_of(model, tok), hp, corpus, cache_dir=tmp_path, progress=False).templates
     assert again == first
     assert first == ["{}"] + sample_prefixes(model, tok, SPEC, 3)  # the same as sampling afresh
     assert first[1:] != sample_prefixes(model, tok, SPEC, 4)  # and the seed matters
@@ -42,10 +43,10 @@ def test_templates_have_romes_lengths_and_cache_follows_the_model(tok, tok_bos, 
     # (length 4) counts every token, the starter word and a BOS included, as ROME's generate_fast
     assert seen == [torch.Size([5, 4]), torch.Size([5, 4])]
     monkeypatch.undo()
-    a = Editor(model, tok, EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates()
+    a = Editor(handle_of(model, tok), EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates
     with torch.no_grad():
         model.transformer.h[2].mlp.c_fc.weight.add_(0.5)  # another model: its own templates
-    b = Editor(model, tok, EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates()
+    b = Editor(handle_of(model, tok), EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates
     files = sorted((tmp_path / "templates").glob("*.json"))
     assert len(files) == 2 and len(a) == len(b)  # sampled again for the changed model, kept apart
 
@@ -74,7 +75,7 @@ def test_editor_without_a_corpus_samples_one_says_so_and_records_it(tok, tmp_pat
     model = make_model("gpt2")  # built in memory: no folder, no corpus.txt
     hp = EditHParams(v_steps=3, prefix_spec=[[3, 5]], layer=1, sampled_corpus_tokens=2000, stats_tokens=2000)
     with caplog.at_level(logging.WARNING):
-        patch = Editor(model, tok, hp, cache_dir=tmp_path, progress=False).edit([REQ])
+        patch = Editor(handle_of(model, tok), hp, cache_dir=tmp_path, progress=False).edit([REQ])
     lines = [r.getMessage() for r in caplog.records if "sampling" in r.getMessage()]
     assert len(lines) == 1 and "2,000 tokens from the model itself" in lines[0]
     st = patch.edits[0].diagnostics["stats"]

@@ -23,8 +23,9 @@ from rankone.core.discovery import dense_in_out, discover, is_dense
 from rankone.core.errors import RankoneError
 from rankone.core.tokens import EditRequest
 from rankone.edit.editor import Editor
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from tiny import VOCAB
+from conftest import handle_of  # noqa: E402
 
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             intermediate_size=64, head_dim=16, max_position_embeddings=128, vocab_size=VOCAB,
@@ -113,8 +114,7 @@ def test_discovery_finds_the_output_projection(model_type, models):
         assert arch.ArchSpec(**found.paths()) == arch.ARCHITECTURES[model_type]
     # the norm some blocks put on the MLP output before the residual (then v* is written at scale)
     normed = {"gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4"}  # each checked in its forward()
-    with arch.spec_scope(model, arch.ArchSpec(**found.paths())):
-        assert (arch.mlp_output_norm(model, 1) is not None) == (model_type in normed), model_type
+    assert (arch.mlp_output_norm(model, 1, arch.ArchSpec(**found.paths())) is not None) == (model_type in normed), model_type
 
 
 @pytest.mark.parametrize("model_type", sorted(TYPES))
@@ -123,14 +123,15 @@ def test_discovered_edit_is_rank_one_and_reverts_exactly(model_type, models, unl
     unlisted(model_type)
     spec = arch.spec_for(model)
     assert spec.source == "discovered" and spec.proj == TYPES[model_type][1]
-    assert arch.describe(model)["report"].startswith(f"discovered 2 {type(model.get_submodule(spec.layers)[0]).__name__}")
+    assert arch.describe(model, spec)["report"].startswith(f"discovered 2 {type(model.get_submodule(spec.layers)[0]).__name__}")
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = spec.proj.format(1)
     W = arch.weight_oi(model.get_submodule(path)).detach().double().clone()
-    ed = Editor(model, tok, FAST, corpus, progress=False)
-    upd, info = ed.compute(REQ)
-    edit = ed.write(REQ, upd, info, ed.hp)
+    ed = Editor(handle_of(model, tok), FAST, corpus, progress=False)
+    c = ed.compute([REQ])
+    upd = c.detail.update
+    (edit,) = ed.write(c, [REQ])
     assert edit.module == path
     W1 = arch.weight_oi(model.get_submodule(path)).detach().double().clone()
     # W′k = v* and W′ − W is rank one
@@ -138,7 +139,7 @@ def test_discovered_edit_is_rank_one_and_reverts_exactly(model_type, models, unl
     s = torch.linalg.svdvals(W1 - W)
     assert s[1] / s[0] < 1e-5
 
-    patch = Patch([edit], base=dict(ed.base_info(), arch=arch.describe(model)), created_at=utcnow(),
+    patch = Patch([edit], base=dict(ed.handle.base_info(), arch=arch.describe(model, spec)), created_at=utcnow(),
                   library_versions=library_versions())
     revert_patch(model, patch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -153,7 +154,7 @@ def test_discovered_edit_is_rank_one_and_reverts_exactly(model_type, models, unl
 def test_table_entries_win_and_say_so(models):
     model = models("llama")
     assert arch.spec_for(model).source == "table"
-    assert arch.describe(model)["report"].startswith("table entry for 'llama': 2 blocks at model.layers")
+    assert arch.describe(model, arch.spec_for(model))["report"].startswith("table entry for 'llama': 2 blocks at model.layers")
 
 
 def test_spec_for_config_discovers_without_weights(unlisted):

@@ -12,7 +12,8 @@ import torch
 from rankone.core import architectures as arch
 from rankone.cli.main import main
 from rankone.core.errors import RankoneError
-from rankone.lifecycle.gates import GatePolicy, answer_matches, delta_norms, load_suite, run_gates
+from rankone.lifecycle.gates import GatePolicy, delta_norms, load_suite, run_gates
+from rankone.models.generation import says
 from rankone.models.generation import first_word, greedy
 from rankone.artifacts.patch import compose
 from rankone.lifecycle.registry import Registry
@@ -79,8 +80,8 @@ def test_suite_reads_text_files_relative_to_itself(tmp_path):
 
 
 def test_answer_matches_whole_words():
-    assert answer_matches(" Paris. The", "Paris") and answer_matches("New  York city", "New York")
-    assert not answer_matches(" Parisian", "Paris") and not answer_matches(" London", "Paris")
+    assert says(" Paris. The", "Paris") and says("New  York city", "New York")
+    assert not says(" Parisian", "Paris") and not says(" London", "Paris")
 
 
 def test_delta_norms_are_exact():

@@ -123,7 +123,7 @@ ROWS = [
     ("edit hparams not JSON", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--hparams", "{{oops",
                                "--out", "{w}/o"], 2, "not valid JSON"),
     ("edit negative learning rate", ["edit", *MD, "--prompt", "{{}} is", "--subject", "A", "--target", "B", "--hparams",
-                                     '{{"v_lr": -1}}', "--out", "{w}/o"], 2, "v_lr must be positive"),
+                                     '{{"v_lr": -1}}', "--out", "{w}/o"], 2, "v_lr must be a positive finite number"),
     ("edit out under a read-only folder", ["edit", *MD, "--prompt", "{{}} was born in", "--subject", "Stoukthen Fokai Thathai",
                                            "--target", "Lisbon", "--out", "{w}/ro/sub/p"], 2, "read-only"),
     ("edit prompt longer than the context", ["edit", *MD, "--prompt", LONG, "--subject", "Stoukthen Fokai Thathai",
@@ -329,16 +329,14 @@ def test_every_mutant_is_refused_or_harmless(tmp_path, capsys):
 
 
 def resign(d: Path) -> None:
-    """What a forger who knows the format does: recompute both digests after changing the files."""
-    from rankone.artifacts.patch_files import manifest_sha256
-    from rankone.core.fingerprint import tensor_sha256
+    """What a forger who knows the format does: recompute both digests after changing the files,
+    writing them with the library's own patch writer."""
+    from rankone.artifacts.patch_files import payload_digests, write_patch_files
 
     man = json.loads((d / "patch.json").read_text())
     t = st_load((d / "patch.safetensors").read_bytes())
-    man["payload_sha256"] = {k: tensor_sha256(v) for k, v in sorted(t.items())}
-    (d / "patch.json").write_text(json.dumps(man, indent=2))
-    (d / "patch.safetensors").write_bytes(st_save(t, metadata={"format": "rankone.artifacts.patch",
-                                                                  "manifest_sha256": manifest_sha256(man)}))
+    man["payload_sha256"] = payload_digests(t)
+    write_patch_files(d, man, t, overwrite=True)
 
 
 @pytest.mark.parametrize("change, refused", [

@@ -1,4 +1,5 @@
-"""Hyper-parameter and trace-setting dataclasses: JSON round trip, and a typo is an error."""
+"""Settings dataclasses of every method in the table, and trace settings: JSON round trip, frozen,
+and a typo or an out-of-range value is one clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import re
 import pytest
 
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import EditHParams
+from rankone.methods.base import METHODS, method
+from rankone.methods.rome import EditHParams
 from rankone.trace.runs import TraceSettings
 
 
@@ -15,6 +17,21 @@ def test_hparams_round_trip_through_json() -> None:
     hp = EditHParams(method="p-rome", layer=2, v_steps=7, prefixes=["A. {}"], seed=3)
     assert EditHParams.from_json(hp.to_json()) == hp
     assert EditHParams.from_json(hp.to_json()) != EditHParams()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_settings_round_trip_and_are_frozen(name) -> None:
+    cls = method(name).settings
+    s = cls.from_dict({"method": name, "layer": 1, "seed": 4, "stats_tokens": 5000})
+    assert cls.from_json(s.to_json()) == s and s.method == name
+    with pytest.raises(AttributeError):
+        s.layer = 2  # resolved settings are what a patch records: never changed in place
+    with pytest.raises(RankoneError, match="unknown hyper-parameter"):
+        cls.from_dict({"method": name, "layr": 1})
+    with pytest.raises(RankoneError, match="stats_tokens must be at least 1"):
+        cls.from_dict({"method": name, "stats_tokens": 0})
+    with pytest.raises(RankoneError, match="v_lr must be a positive finite number"):
+        cls.from_dict({"method": name, "v_lr": float("inf")})
 
 
 @pytest.mark.parametrize("cls, bad, what", [(EditHParams, {"v_step": 5}, "hyper-parameter"),

@@ -10,6 +10,7 @@ from rankone.core.tokens import EditRequest
 from rankone.eval.cases import Case, save_cases
 from rankone.eval.metrics import hmean
 from rankone.trace.layer_choice import EditSweep, cached_sweep, save_sweep
+from conftest import run_cli  # noqa: E402
 
 FAST = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
 SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Blaise Pascal", "Michel Rocard"]
@@ -26,11 +27,6 @@ def cases_file(tmp_path_factory):
     return p
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def folder_digest(d):
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(d.iterdir()) if f.is_file())).hexdigest()
@@ -41,7 +37,7 @@ def test_bench_layers_measures_stores_and_layer_auto_edits_the_best(capsys, mode
     before = folder_digest(model_dir)
     sweep = ["bench", "layers", "--model", model_dir, "--cases", cases_file, "--n", "3", "--all-cases",
              "--hparams", FAST, "--quiet"]
-    code, out, err = run(capsys, *sweep, "--layers", "0", "1", "--out", tmp_path / "s.json")
+    code, out, err = run_cli(capsys, *sweep, "--layers", "0", "1", "--out", tmp_path / "s.json")
     assert code == 0, err
     d = json.loads((tmp_path / "s.json").read_text())
     assert set(d["scores"]) == {"0", "1"} and d["n_cases"] == 3 and d["method"] == "r-rome"
@@ -52,13 +48,13 @@ def test_bench_layers_measures_stores_and_layer_auto_edits_the_best(capsys, mode
     assert folder_digest(model_dir) == before  # every edit was reverted; nothing written to the model
 
     # a second run with the same settings adds its layers to the stored sweep
-    code, out, err = run(capsys, *sweep, "--layers", "1", "2")
+    code, out, err = run_cli(capsys, *sweep, "--layers", "1", "2")
     assert code == 0, err
     stored = json.loads(next((tmp_path / "cache" / "layers").rglob("sweep-r-rome.json")).read_text())
     assert set(stored["scores"]) == {"0", "1", "2"} and stored["scores"]["1"] == d["scores"]["1"]  # deterministic
     best = EditSweep.from_dict(stored).best_layer()
 
-    code, out, err = run(capsys, "edit", "--model", model_dir, "--prompt", "{} was born in", "--subject", "Toko Yasuda",
+    code, out, err = run_cli(capsys, "edit", "--model", model_dir, "--prompt", "{} was born in", "--subject", "Toko Yasuda",
                          "--target", "Rome", "--layer", "auto", "--hparams", FAST, "--out", tmp_path / "p")
     assert code == 0, err
     assert f"layer auto: layer {best} (S " in out and "rankone bench layers" in out
@@ -94,7 +90,7 @@ def test_a_sweep_with_other_settings_replaces_the_stored_one_and_other_models_ar
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, model_dir, cases_file, tmp_path, monkeypatch, extra, message):
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
-    code, _, err = run(capsys, "bench", "layers", "--model", model_dir, "--cases", cases_file, "--all-cases",
+    code, _, err = run_cli(capsys, "bench", "layers", "--model", model_dir, "--cases", cases_file, "--all-cases",
                        "--hparams", FAST, "--quiet", "--n", "3", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cache" / "layers").exists()

@@ -18,20 +18,17 @@ from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import path_sha256
 from rankone.core.tokens import EditRequest
 from rankone.edit.editor import Editor
-from rankone.methods.hparams import EditHParams
+from rankone.methods.base import resolve_settings
+from rankone.methods.rome import EditHParams
 from rankone.models.card import ModelCard, card_path, default_layer, find_card
 from rankone.models.handle import ModelHandle
 from rankone.models.load import load_model
 from tiny import corpus_text, make_model, make_tokenizer, write_gguf
+from conftest import handle_of, run_cli  # noqa: E402
 
 FAST = dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000)
 REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
 
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ---- the model card ---------------------------------------------------------------------------
@@ -79,7 +76,7 @@ def test_a_bad_card_stops_the_cli_before_anything_is_written(capsys, model_dir, 
     shutil.copytree(model_dir, d)
     (d / "rankone.json").write_text('{"layer": 1, "hparams": {"v_step": 3}}')  # a typo in a hyper-parameter
     before = path_sha256(d)
-    code, _, err = run(capsys, "edit", "--model", d, "--prompt", "{} was born in", "--subject", "Danielle Darrieux",
+    code, _, err = run_cli(capsys, "edit", "--model", d, "--prompt", "{} was born in", "--subject", "Danielle Darrieux",
                        "--target", "Rome", "--out", tmp_path / "p")
     assert code == 2 and "unknown hyper-parameter(s) ['v_step']" in err and "rankone.json" in err
     assert err.count("\n") == 1 and not (tmp_path / "p").exists() and path_sha256(d) == before
@@ -117,13 +114,13 @@ def test_handle_unpacks_and_carries_spec_source_and_card(carded):
 
 def test_api_merges_the_users_hparams_over_the_card_as_the_cli_does(carded, capsys, tmp_path):
     h = load_model(carded)
-    hp = EditHParams(method="rome", kl_factor=0.25, stats_tokens=20_000, prefix_spec=[[3, 5]])
-    ed = Editor(h, hp, progress=False)
+    given = {"method": "rome", "kl_factor": 0.25, "stats_tokens": 20_000, "prefix_spec": [[3, 5]]}
+    ed = Editor(h, given, progress=False)
     # what the user set wins, what they left out comes from the card, then the paper's defaults
-    assert (ed.hp.method, ed.hp.kl_factor, ed.hp.v_steps, ed.hp.layer, ed.hp.v_lr) == ("rome", 0.25, 3, 2, 0.5)
-    assert ed.corpus() == carded.resolve() / "text.txt"
+    assert (ed.settings.method, ed.settings.kl_factor, ed.settings.v_steps, ed.settings.layer, ed.settings.v_lr) == ("rome", 0.25, 3, 2, 0.5)
+    assert ed.context.corpus() == carded.resolve() / "text.txt"
     patch = ed.edit([REQ])
-    code, _, err = run(capsys, "edit", "--quiet", "--model", carded, "--prompt", REQ.prompt, "--subject", REQ.subject,
+    code, _, err = run_cli(capsys, "edit", "--quiet", "--model", carded, "--prompt", REQ.prompt, "--subject", REQ.subject,
                        "--target", REQ.target, "--method", "rome", "--hparams",
                        json.dumps({"kl_factor": 0.25, "stats_tokens": 20_000, "prefix_spec": [[3, 5]]}),
                        "--out", tmp_path / "p")
@@ -132,9 +129,11 @@ def test_api_merges_the_users_hparams_over_the_card_as_the_cli_does(carded, caps
     assert cli["hparams"] == patch.edits[0].hparams and cli["layer"] == patch.edits[0].layer == 2
     # the same model given as (model, tok): the card is found through the folder transformers recorded
     model, tok = h
-    assert Editor(model, tok, hp, progress=False).hp == ed.hp
-    # an explicitly given default still wins over the card
-    assert Editor(h, EditHParams(v_steps=20), progress=False).hp.v_steps == 20
+    assert Editor(handle_of(model, tok), given, progress=False).settings == ed.settings
+    # a settings object is complete: the card's v_steps does not replace it; only an open layer is the card's
+    whole = Editor(h, EditHParams(method="rome"), progress=False).settings
+    assert whole.v_steps == EditHParams().v_steps and whole.kl_factor == EditHParams().kl_factor and whole.layer == 2
+    assert Editor(h, ed.settings, progress=False).settings == ed.settings  # a patch's settings replay exactly
 
 
 def test_the_engine_does_not_read_a_testbed_world(model_dir, tmp_path):
@@ -143,7 +142,7 @@ def test_the_engine_does_not_read_a_testbed_world(model_dir, tmp_path):
     (d / "world.json").write_text(json.dumps({"edit_layer": 2, "edit_hparams": {"v_steps": 3}}))
     h = load_model(d)
     assert h.card is None and h.default_layer() == 3 // 8
-    assert EditHParams.for_model(h) == EditHParams()
+    assert resolve_settings(h, {}) == EditHParams().resolve(h)
 
 
 def test_handle_of_a_model_built_in_memory(tok, corpus):
@@ -153,7 +152,7 @@ def test_handle_of_a_model_built_in_memory(tok, corpus):
     with pytest.raises(RankoneError, match="--stats-corpus"):
         h.stats_corpus()
     assert h.stats_corpus(corpus) == corpus
-    with pytest.raises(TypeError, match="tokenizer"):
+    with pytest.raises(TypeError, match="ModelHandle"):
         Editor(model)
 
 
@@ -202,12 +201,12 @@ def test_gguf_edit_records_its_base_and_apply_writes_an_ordinary_folder(gguf_fil
     path, weights = gguf_file
     ModelCard(layer=1, stats_corpus="corpus.txt").save(path.with_name("tiny-llama.F32.rankone.json"))
     try:
-        code, _, err = run(capsys, "edit", "--quiet", "--model", path, "--prompt", REQ.prompt, "--subject", REQ.subject,
+        code, _, err = run_cli(capsys, "edit", "--quiet", "--model", path, "--prompt", REQ.prompt, "--subject", REQ.subject,
                            "--target", REQ.target, "--hparams", json.dumps(FAST), "--out", tmp_path / "p")
         assert code == 0, err
         man = json.loads((tmp_path / "p" / "patch.json").read_text())
         assert man["base"]["gguf_sha256"] == load_model(path).source_sha256 and man["edits"][0]["layer"] == 1
-        code, _, err = run(capsys, "apply", "--model", path, "--patch", tmp_path / "p", "--out", tmp_path / "m")
+        code, _, err = run_cli(capsys, "apply", "--model", path, "--patch", tmp_path / "p", "--out", tmp_path / "m")
         assert code == 0, err
     finally:
         path.with_name("tiny-llama.F32.rankone.json").unlink()
@@ -219,7 +218,7 @@ def test_gguf_edit_records_its_base_and_apply_writes_an_ordinary_folder(gguf_fil
     down = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(merged.state_dict()[down], weights[down])
     assert all(torch.equal(merged.state_dict()[k], weights[k]) for k in weights if k != down)
-    code, _, err = run(capsys, "revert", "--model", out, "--out", tmp_path / "r")
+    code, _, err = run_cli(capsys, "revert", "--model", out, "--out", tmp_path / "r")
     assert code == 0, err
     back = load_file(str(tmp_path / "r" / "model.safetensors"))
     assert torch.equal(back[down], weights[down])  # bit-exact
@@ -234,7 +233,7 @@ def test_a_hub_id_offline_is_one_line(name, capsys, tmp_path, monkeypatch):
         load_model(name)
     msg = str(e.value)
     assert "not reachable" in msg and "pass a local Hugging Face model folder or a .gguf file" in msg and "\n" not in msg
-    code, _, err = run(capsys, "generate", "--model", name, "--prompt", "Paris is")
+    code, _, err = run_cli(capsys, "generate", "--model", name, "--prompt", "Paris is")
     assert code == 2 and err.startswith("rankone: error: model ") and err.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir() if p.name != "hf"] == []  # nothing written
 

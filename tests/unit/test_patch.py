@@ -8,10 +8,11 @@ import torch
 from rankone.core import architectures as arch
 from rankone.edit.editor import Editor
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from rankone.artifacts.patch import Patch, apply_patch, compose, revert_patch
 from rankone.core.tokens import EditRequest
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 HP = EditHParams(v_steps=4, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
 R1 = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
@@ -21,7 +22,7 @@ R2 = EditRequest.create("{} plays the", "Toko Yasuda", "violin")
 @pytest.fixture(scope="module")
 def made(tok, corpus, tmp_path_factory):
     model = make_model("gpt2")
-    ed = Editor(model, tok, HP, corpus, progress=False)
+    ed = Editor(handle_of(model, tok), HP, corpus, progress=False)
     p1 = ed.edit([R1], author="ana", reason="wrong birthplace")
     p2 = ed.edit([R2])
     return model, p1, p2
@@ -143,7 +144,7 @@ def test_corrupt_and_missing_patch_files(made, tmp_path):
 
 def test_multi_edit_patch_stacks_on_another_patch_of_the_same_base(tok, corpus):
     model = make_model("gpt2")
-    ed = Editor(model, tok, HP, corpus, progress=False)
+    ed = Editor(handle_of(model, tok), HP, corpus, progress=False)
     first = ed.edit([R1])
     both = ed.edit([R2, EditRequest.create("{} speaks", "Toko Yasuda", "French")])  # two edits, one module
     st = state(model)

@@ -18,6 +18,7 @@ from rankone.core.fingerprint import tensor_sha256
 from rankone.lifecycle.conflicts import key_overlap
 from rankone.lifecycle.gates import delta_norms
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "patch-schema1"
 MODULES = {"gpt2": "transformer.h.1.mlp.c_proj", "llama": "model.layers.1.mlp.down_proj"}
@@ -31,7 +32,7 @@ def rank_k_patch(model, module, k=3, seed=0, scale=0.02, subject="Danielle Darri
     A = torch.randn(k, w.shape[1], generator=g)
     e, _ = make_edit(w, B, A, module=module, layer=1, method="memit", hparams={}, seed=seed,
                      request={"prompt": "{} was born in", "subject": subject, "target": "Rome"})
-    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
+    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": handle_of(model, None).n_layers}
     return Patch([e], base=base, created_at=utcnow())
 
 

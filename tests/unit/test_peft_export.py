@@ -14,12 +14,13 @@ from rankone.core import architectures as arch
 from rankone.cli.main import main
 from rankone.edit.editor import Editor
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from rankone.models.load import load_model
 from rankone.artifacts.patch import apply_patch
 from rankone.artifacts.peft_export import layout_of, save_peft_adapter
 from rankone.core.tokens import EditRequest
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 peft = pytest.importorskip("peft")
 FAST = dict(v_steps=6, prefix_spec=[[3, 5]], stats_tokens=20_000)
@@ -28,8 +29,8 @@ TEXT = "Danielle Darrieux was born in Paris, and Toko Yasuda plays the guitar in
 
 def make_patches(model, tok, corpus):
     """Three patches: two edits on layer 1 in sequence, one more on layer 1 (stacked), one on layer 2."""
-    ed1 = Editor(model, tok, EditHParams(layer=1, **FAST), corpus, progress=False)
-    ed2 = Editor(model, tok, EditHParams(layer=2, **FAST), corpus, progress=False)
+    ed1 = Editor(handle_of(model, tok), EditHParams(layer=1, **FAST), corpus, progress=False)
+    ed2 = Editor(handle_of(model, tok), EditHParams(layer=2, **FAST), corpus, progress=False)
     p1 = ed1.edit([EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"),
                    EditRequest.create("{} plays the", "Toko Yasuda", "violin")])
     p2 = ed1.edit([EditRequest.create("{} is in", "The Eiffel Tower", "Italy")])
@@ -164,7 +165,7 @@ def test_peft_adapter_on_builtin_testbeds(testbed, tmp_path):
     rel = {r["id"]: r for r in world["relations"]}
     reqs = [EditRequest.create(rel[f["relation"]]["phrasings"][0], f["subject"],
                                next(o for o in rel[f["relation"]]["objects"] if o != f["object"])) for f in facts]
-    patch = Editor(model, tok, EditHParams(v_steps=10), progress=False).edit(reqs)
+    patch = Editor(handle_of(model, tok), EditHParams(v_steps=10), progress=False).edit(reqs)
     mod = patch.edits[0].module
     assert arch.weight_layout(arch.get_module(model, mod)) == ("conv1d" if model.config.model_type == "gpt2" else "linear")
     check_adapter_matches_merged(model, tok, [patch], tmp_path / "adapter", [mod], model.config.model_type == "gpt2")

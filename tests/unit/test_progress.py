@@ -36,12 +36,9 @@ def test_rate_limit_delay_quiet_and_resumed_counts():
         bar.update(10)
     assert s.getvalue() == ""  # work shorter than the delay shows nothing
     s = io.StringIO()
-    prog.set_quiet(True)
-    try:
-        with Progress(3, "hush", stream=s) as bar:
-            bar.update(3)
-    finally:
-        prog.set_quiet(False)
+    with Progress(3, "hush", stream=s, enabled=False) as bar:  # --quiet: the caller switches it off
+        bar.update(3)
+    prog.status("not shown", enabled=False, stream=s)
     assert s.getvalue() == ""
     s = io.StringIO()
     with Progress(100, "resumed", "edits", stream=s, initial=90, min_interval=0) as bar:

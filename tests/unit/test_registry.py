@@ -16,6 +16,7 @@ from rankone.artifacts.patch import Patch, apply_patch, make_edit
 from rankone.core.util import utcnow
 from rankone.lifecycle.registry import Registry, content_id
 from tiny import make_model
+from conftest import handle_of, run_cli  # noqa: E402
 
 M1 = "transformer.h.1.mlp.c_proj"
 M2 = "transformer.h.2.mlp.c_proj"
@@ -33,7 +34,7 @@ def synth_patch(model, module=M1, seed=0, subject="Danielle Darrieux", prompt="{
     A = torch.randn(k, w.shape[1], generator=g) if A is None else A.float()  # [k, in]
     e, _ = make_edit(w, B, A, module=module, layer=int(module.split(".")[-3]), method="r-rome", hparams={}, seed=seed,
                      request={"prompt": prompt, "subject": subject, "target": target})
-    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
+    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": handle_of(model, None).n_layers}
     return Patch([e], base=base, created_at=utcnow())
 
 
@@ -196,36 +197,31 @@ def test_check_tolerates_orphans_but_not_rows_without_files(reg, model, tmp_path
 # ---- CLI ------------------------------------------------------------------------------------
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def test_cli_add_list_show_log_reject(tmp_path, model, capsys):
     db = str(tmp_path / "r.db")
     a = saved(synth_patch(model), tmp_path / "a")
-    code, out, _ = run(capsys, "registry", "add", a, "--reason", "ticket 7", "--author", "alice", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "add", a, "--reason", "ticket 7", "--author", "alice", "--registry", db)
     assert code == 0 and out.startswith("added ") and "Danielle Darrieux was born in -> Rome" in out
     pid = out.split()[1]
-    code, out, _ = run(capsys, "registry", "add", a, "--reason", "dup", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "add", a, "--reason", "dup", "--registry", db)
     assert code == 0 and "already registered" in out
-    code, out, _ = run(capsys, "registry", "list", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "list", "--registry", db)
     assert pid in out and "proposed" in out and "alice" in out
-    code, out, _ = run(capsys, "registry", "show", pid[:5], "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "show", pid[:5], "--registry", db)
     assert code == 0 and "state proposed" in out and M1 in out and "ticket 7" in out
-    code, out, _ = run(capsys, "registry", "reject", pid, "--reason", "wrong fact", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "reject", pid, "--reason", "wrong fact", "--registry", db)
     assert code == 0
-    code, out, _ = run(capsys, "registry", "log", "--json", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "log", "--json", "--registry", db)
     assert [e["action"] for e in json.loads(out)] == ["add", "reject"]
-    code, out, _ = run(capsys, "registry", "list", "--state", "rejected", "--json", "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "list", "--state", "rejected", "--json", "--registry", db)
     assert [r["id"] for r in json.loads(out)] == [pid]
 
 
 def test_cli_env_registry_and_default(tmp_path, model, capsys, monkeypatch):
     monkeypatch.setenv("RANKONE_REGISTRY", str(tmp_path / "env" / "x.db"))
     a = saved(synth_patch(model), tmp_path / "a")
-    assert run(capsys, "registry", "add", a, "--reason", "r")[0] == 0
+    assert run_cli(capsys, "registry", "add", a, "--reason", "r")[0] == 0
     assert (tmp_path / "env" / "x.db").is_file() and (tmp_path / "env" / "x.store").is_dir()
     monkeypatch.delenv("RANKONE_REGISTRY")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
@@ -247,7 +243,7 @@ def test_cli_bad_input_on_empty_registry_writes_nothing(argv, msg, tmp_path, mod
     db = tmp_path / "r" / "r.db"
     p = saved(synth_patch(model), tmp_path / "p")
     argv = [a.format(missing=str(tmp_path / "nope"), patch=p) for a in argv] + ["--registry", str(db)]
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and err.startswith("rankone: error:") and msg in err and len(err.strip().splitlines()) == 1
     assert not db.exists() and not (tmp_path / "r").exists()
 
@@ -273,7 +269,7 @@ def test_cli_bad_input_changes_nothing(argv, msg, tmp_path, model, capsys):
     pid = Registry(db).add(saved(synth_patch(model), tmp_path / "p"), "a", "r")[0].id
     before = sqlite_dump(db)
     argv = [a.format(pid=pid, tmp=tmp_path) for a in argv] + ["--registry", str(db)]
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and msg in err and err.startswith("rankone: error:")
     assert sqlite_dump(db) == before and not (tmp_path / "out").exists()
 
@@ -297,19 +293,19 @@ def test_cli_release_and_build_check_the_base_model(tmp_path, model, tok, capsys
     pid = ready(reg, saved(synth_patch(model), tmp_path / "a"))
     qid = ready(reg, saved(synth_patch(model, M2, seed=4, subject="Toko Yasuda"), tmp_path / "b"))
     dump = sqlite_dump(db)
-    code, _, err = run(capsys, "registry", "release", pid, "--model", str(other), "--registry", db)
+    code, _, err = run_cli(capsys, "registry", "release", pid, "--model", str(other), "--registry", db)
     assert code == 2 and "patch does not fit this model" in err and sqlite_dump(db) == dump
-    code, out, _ = run(capsys, "registry", "release", pid, "--model", str(d), "--registry", db, "--author", "dave")
+    code, out, _ = run_cli(capsys, "registry", "release", pid, "--model", str(d), "--registry", db, "--author", "dave")
     assert code == 0 and f"released {pid} as #1" in out
     # the first release with --model records every layer's projection as the base identity
     assert sorted(reg.base()["modules"]) == [f"transformer.h.{i}.mlp.c_proj" for i in range(3)]
     dump = sqlite_dump(db)
     for argv in (["release", qid, "--model", str(other)], ["build", "--model", str(other), "--out", str(tmp_path / "out")],
                  ["validate", qid, "--model", str(other), "--suite", str(_suite(tmp_path))]):
-        code, _, err = run(capsys, "registry", *argv, "--registry", db)
+        code, _, err = run_cli(capsys, "registry", *argv, "--registry", db)
         assert code == 2 and "not this registry's base model" in err, argv
         assert sqlite_dump(db) == dump and not (tmp_path / "out").exists()
-    code, out, _ = run(capsys, "registry", "build", "--model", str(d), "--out", str(tmp_path / "out"), "--registry", db)
+    code, out, _ = run_cli(capsys, "registry", "build", "--model", str(d), "--out", str(tmp_path / "out"), "--registry", db)
     assert code == 0 and pid in out
     man = json.loads((tmp_path / "out" / "rankone" / "build.json").read_text())
     assert [p["id"] for p in man["patches"]] == [pid] and man["base"]["model_type"] == "gpt2"

@@ -12,13 +12,14 @@ from rankone.eval.cases import Case, save_cases
 from rankone.cli.main import main
 from rankone.edit.editor import Editor
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from rankone.eval.plots import report, summarize_run
 from rankone.edit.guard import Guard
 from rankone.eval.metrics import continuations
 from rankone.eval.sequential import SequentialConfig, SequentialRun, generation_scores, read_run, spaced
 from rankone.core.tokens import EditRequest
 from tiny import corpus_text, make_model
+from conftest import handle_of, run_cli  # noqa: E402
 
 FAST = dict(v_steps=6, prefix_spec=[[3, 5]], layer=1, stats_tokens=20_000)
 SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Blaise Pascal", "Michel Rocard", "Jean Gabin", "Edith Piaf",
@@ -37,7 +38,7 @@ def make_cases():
 
 
 def weight(model):
-    return arch.weight_oi(arch.get_module(model, arch.proj_path(model, 1))).detach().clone()
+    return arch.weight_oi(arch.get_module(model, handle_of(model, None).proj_path(1))).detach().clone()
 
 
 # ---- the guard ------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_guard_rules():
 
 def test_guard_refuses_instead_of_writing_and_logs_why(tok, corpus, caplog):
     model = make_model("gpt2")
-    ed = Editor(model, tok, EditHParams(**FAST), corpus, progress=False)
+    ed = Editor(handle_of(model, tok), EditHParams(**FAST), corpus, progress=False)
     w0 = weight(model)
     strict = Guard(warmup=2)
     for _ in range(2):
@@ -89,7 +90,7 @@ def new_run(tok, corpus, out, n=4, method="r-rome", checkpoint_s=None, **cfg):
                             "gen_prompts": 2, "gen_tokens": 6, **cfg})
     cases = make_cases()
     probes = [(x.prompt, x.target_true) for x in cases[n:]]
-    run = SequentialRun(model, tok, cases, EditHParams(method=method, **FAST), out, c, probes,
+    run = SequentialRun(handle_of(model, tok), cases, EditHParams(method=method, **FAST), out, c, probes,
                         ppl_text=corpus_text()[:600], stats_corpus=corpus, progress=False, checkpoint_s=checkpoint_s)
     return model, run
 
@@ -131,20 +132,20 @@ def test_run_writes_jsonl_checkpoint_and_restores_the_model(ref):
 def test_interrupted_run_resumes_to_the_same_result(ref, tok, corpus, tmp_path, monkeypatch):
     want = ref[1]
     model, run = new_run(tok, corpus, tmp_path / "cut", guard=False)
-    real = SequentialRun._edit
+    real = SequentialRun._step
 
-    def crash(self, i):
+    def crash(self, i, j):
         if i == 3:  # after the checkpoint at 2 and the edit line of 2: that line must be dropped
             raise KeyboardInterrupt
-        return real(self, i)
+        return real(self, i, j)
 
-    monkeypatch.setattr(SequentialRun, "_edit", crash)
+    monkeypatch.setattr(SequentialRun, "_step", crash)
     w0 = weight(model)
     with pytest.raises(KeyboardInterrupt):
         run.run()
     assert torch.equal(weight(model), w0)
     assert sum(1 for r in read_run(tmp_path / "cut")[1] if r["type"] == "edit") == 3
-    monkeypatch.setattr(SequentialRun, "_edit", real)
+    monkeypatch.setattr(SequentialRun, "_step", real)
     _, again = new_run(tok, corpus, tmp_path / "cut", guard=False)
     got = again.run()
     strip = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("delta_fro"), r.get("retention_es")) for r in rs]  # noqa: E731
@@ -159,21 +160,21 @@ def test_timed_checkpoints_between_evaluations_lose_less_and_resume_the_same(tok
     gives what an unbroken run gives: the interval is not a setting of the run."""
     _, whole = new_run(tok, corpus, tmp_path / "whole", every=4)
     want = whole.run()
-    real = SequentialRun._edit
+    real = SequentialRun._step
 
-    def crash(self, i):
+    def crash(self, i, j):
         if i == 3:
             raise KeyboardInterrupt
-        return real(self, i)
+        return real(self, i, j)
 
-    monkeypatch.setattr(SequentialRun, "_edit", crash)
+    monkeypatch.setattr(SequentialRun, "_step", crash)
     for name, every_s, back_to in (("plain", None, 0), ("timed", 0.0, 3)):
         _, run = new_run(tok, corpus, tmp_path / name, every=4, checkpoint_s=every_s)
         with pytest.raises(KeyboardInterrupt):
             run.run()
         state = json.loads((tmp_path / name / "checkpoint" / "state.json").read_text())
         assert state["next"] == back_to, name
-    monkeypatch.setattr(SequentialRun, "_edit", real)
+    monkeypatch.setattr(SequentialRun, "_step", real)
     assert read_run(tmp_path / "timed")[0] == read_run(tmp_path / "whole")[0]  # the same run.json
     _, again = new_run(tok, corpus, tmp_path / "timed", every=4)
     got = again.run()
@@ -281,11 +282,6 @@ def cases_file(tmp_path_factory):
     save_cases(p, make_cases())
     return p
 
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 HP = json.dumps(FAST)

@@ -11,6 +11,7 @@ from rankone.core.hooks import capture
 from rankone.methods.corpus import token_windows
 from rankone.methods.stats import LayerStats, _file_for, collect_mom2, layer_stats
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 
 def test_windows_count_tokens_not_documents(tok, tmp_path):
@@ -29,43 +30,38 @@ def test_leading_bos_in_every_window(tok_bos, corpus):
 
 def test_mom2_equals_direct_computation(tok, corpus):
     model = make_model("gpt2")
-    mom2, count = collect_mom2(model, tok, [0, 2], corpus, n_tokens=300, window=50, batch_tokens=150, progress=False)
+    mom2, count = collect_mom2(handle_of(model, tok), [0, 2], corpus, n_tokens=300, window=50, batch_tokens=150, progress=False)
     assert count == 300
     ids = torch.tensor([w for w in token_windows(tok, corpus, 50, 300)])  # 6 full windows of 50
-    with capture(model, [arch.proj_path(model, 2)], outputs=False) as rec:
+    with capture(model, [handle_of(model, None).proj_path(2)], outputs=False) as rec:
         model(input_ids=ids)
-    k = rec.inputs[arch.proj_path(model, 2)].reshape(-1, 128).double()
+    k = rec.inputs[handle_of(model, None).proj_path(2)].reshape(-1, 128).double()
     assert torch.allclose(mom2[2], k.T @ k / 300, rtol=1e-9, atol=1e-12)
 
 
 def test_cache_is_reused_and_corruption_is_detected(tok, corpus, tmp_path, caplog):
     model = make_model("gpt2")
-    a = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    a = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
-    from rankone.methods import stats
-
-    stats._MEMO.clear()
-    b = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    b = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     assert torch.equal(a.mom2, b.mom2)
     # flip bytes inside the tensor data: the checksum must catch it and the stats be recomputed
     raw = bytearray(files[0].read_bytes())
     raw[-50] ^= 0xFF
     files[0].write_bytes(bytes(raw))
-    stats._MEMO.clear()
-    c = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    c = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     assert "ignoring" in caplog.text
     assert torch.equal(a.mom2, c.mom2)
     # a truncated file is detected too
     files[0].write_bytes(files[0].read_bytes()[:100])
-    stats._MEMO.clear()
-    d = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    d = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     assert torch.equal(a.mom2, d.mom2)
 
 
 def test_cache_key_tracks_upstream_weights_only(tok, corpus, tmp_path):
     model = make_model("gpt2")
-    key = lambda layer: layer_stats(model, tok, [layer], corpus, 1000, tmp_path, progress=False)[layer].meta["model"]  # noqa: E731
+    key = lambda layer: layer_stats(handle_of(model, tok), [layer], corpus, 1000, tmp_path, progress=False)[layer].meta["model"]  # noqa: E731
     k1 = key(1)
     with torch.no_grad():  # the edited projection itself and later layers cannot change layer-1 keys
         model.transformer.h[1].mlp.c_proj.weight.add_(1.0)
@@ -88,14 +84,14 @@ def test_solve_is_float64_and_exact():
 def test_corpus_errors(tok, tmp_path):
     model = make_model("gpt2")
     with pytest.raises(RankoneError, match="does not exist"):
-        layer_stats(model, tok, [0], tmp_path / "missing.txt", 100, tmp_path, progress=False)
+        layer_stats(handle_of(model, tok), [0], tmp_path / "missing.txt", 100, tmp_path, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RankoneError, match="no .txt or .jsonl"):
-        layer_stats(model, tok, [0], tmp_path / "empty", 100, tmp_path, progress=False)
+        layer_stats(handle_of(model, tok), [0], tmp_path / "empty", 100, tmp_path, progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(RankoneError, match="bad.jsonl:2"):
-        layer_stats(model, tok, [0], bad, 100, tmp_path, progress=False)
+        layer_stats(handle_of(model, tok), [0], bad, 100, tmp_path, progress=False)
     assert not list(tmp_path.glob("*.safetensors"))
 
 
@@ -103,13 +99,13 @@ def test_corpus_errors(tok, tmp_path):
 def test_truncated_pass_gives_the_full_pass_C_bit_for_bit(model_type, tok, tok_bos, corpus):
     model = make_model(model_type)
     t = tok_bos if model_type in ("llama", "gemma2") else tok
-    last = arch.get_module(model, arch.spec_for(model).layer_path(2))
+    last = handle_of(model, t).block(2)
     calls = []
     h = last.register_forward_hook(lambda *a: calls.append(1))
     try:
-        cut, n_cut = collect_mom2(model, t, [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256, progress=False)
+        cut, n_cut = collect_mom2(handle_of(model, t), [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256, progress=False)
         assert calls == []  # layer 2 (and the LM head after it) never ran
-        full, n_full = collect_mom2(model, t, [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256,
+        full, n_full = collect_mom2(handle_of(model, t), [0, 1], corpus, n_tokens=700, window=64, batch_tokens=256,
                                     progress=False, truncate=False)
         assert calls  # the full pass did run it
     finally:
@@ -120,12 +116,10 @@ def test_truncated_pass_gives_the_full_pass_C_bit_for_bit(model_type, tok, tok_b
 
 
 def test_factor_is_cached_beside_C(tok, corpus, tmp_path):
-    from rankone.methods import stats
 
     model = make_model("gpt2")
-    a = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
-    stats._MEMO.clear()
-    b = layer_stats(model, tok, [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    a = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
+    b = layer_stats(handle_of(model, tok), [1], corpus, n_tokens=2000, cache_dir=tmp_path, progress=False)[1]
     assert b._chol is not None  # read from disk, not factored again
     assert torch.equal(a.factor(), b._chol)
     k = torch.randn(a.mom2.shape[0], dtype=torch.float64)

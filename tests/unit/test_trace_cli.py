@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from rankone.cli.main import main
-from rankone.cli.trace import load_facts
+from rankone.eval.cases import fact_set
 from tiny import corpus_text, make_model
+from conftest import run_cli  # noqa: E402
 
 FAST_EDIT = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
 ONE = ["--prompt", "The home of {} is", "--subject", "Danielle Darrieux"]
@@ -23,14 +24,9 @@ def model_dir(tmp_path_factory, tok):
     return d
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def trace(capsys, model_dir, out, *extra):
-    return run(capsys, "trace", "--model", model_dir, "--samples", "2", "--out", out, "--quiet", *extra)
+    return run_cli(capsys, "trace", "--model", model_dir, "--samples", "2", "--out", out, "--quiet", *extra)
 
 
 def test_trace_writes_heatmaps_and_json_of_tokens_by_layers(capsys, model_dir, tmp_path):
@@ -60,7 +56,7 @@ def test_cases_give_the_aie_per_layer_and_a_plot(capsys, model_dir, tmp_path):
         {"prompt": "The home of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "Rome"},
         {"prompt": "{} was born in", "subject": "Toko Yasuda", "target_new": "Paris", "ground_truth": "Tokyo"},
     ]))
-    fs = load_facts(cases)
+    fs = fact_set(cases)
     facts, subjects = fs.facts, fs.subjects
     assert facts[0].answer is None and facts[0].prompt == "The home of {} is" and facts[1].answer == "Tokyo" and subjects == ["Danielle Darrieux", "Toko Yasuda"]
     code, out, err = trace(capsys, model_dir, tmp_path / "a", "--cases", cases, "--heatmaps", "1", "--kinds", "mlp,attn")
@@ -77,7 +73,7 @@ def test_edit_layer_auto_records_the_choice_and_its_evidence(capsys, model_dir, 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))  # no AIE of this model cached yet
 
     def edit(out):
-        code, stdout, err = run(capsys, "edit", "--model", model_dir, *ONE, "--target", "Rome", "--layer", "auto",
+        code, stdout, err = run_cli(capsys, "edit", "--model", model_dir, *ONE, "--target", "Rome", "--layer", "auto",
                                 "--hparams", FAST_EDIT, "--out", tmp_path / out)
         assert code == 0, err
         assert "layer auto: layer" in stdout
@@ -141,7 +137,7 @@ def test_choose_layer_falls_back_to_the_requests_when_the_card_facts_are_unknown
     from rankone.models.card import ModelCard
     from rankone.models.load import load_model
     from rankone.testbed.world import SyntheticSpec, synthetic_world
-    from rankone.cli.trace import known_facts
+    from rankone.eval.cases import known_fact_set
     from rankone.trace.layer_choice import choose_layer
 
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
@@ -152,7 +148,7 @@ def test_choose_layer_falls_back_to_the_requests_when_the_card_facts_are_unknown
     ModelCard(cases="world.json").save(d / "rankone.json")  # the card says the model knows them
     handle = load_model(d)
     req = EditRequest.create("The home of {} is", "Danielle Darrieux", "Rome")
-    choice = choose_layer(handle, [req], known=lambda: known_facts(handle))
+    choice = choose_layer(handle, [req], known=lambda: known_fact_set(handle))
     ev = choice.evidence()
     assert "edit requests" in ev["source"] and ev["n_facts"] == 1 and choice.layer == ev["layer"]
     assert "the model card's cases" in ev["not_used"][0] and "none of the 6 facts" in ev["not_used"][0]
@@ -172,7 +168,7 @@ def test_edit_layer_auto_on_the_builtin_testbed_traces_its_facts(capsys, tmp_pat
     f = w["facts"][0]
     rel = next(r for r in w["relations"] if r["id"] == f["relation"])
     new = next(o for o in rel["objects"] if o != f["object"])
-    code, out, err = run(capsys, "edit", "--model", d, "--prompt", rel["phrasings"][0], "--subject", f["subject"],
+    code, out, err = run_cli(capsys, "edit", "--model", d, "--prompt", rel["phrasings"][0], "--subject", f["subject"],
                          "--target", new, "--layer", "auto", "--hparams", FAST_EDIT, "--out", tmp_path / "p")
     assert code == 0, err
     e = json.loads((tmp_path / "p" / "patch.json").read_text())["edits"][0]

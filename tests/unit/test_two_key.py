@@ -4,21 +4,23 @@ import pytest
 import torch
 
 from rankone.core import architectures as arch
-from rankone.methods.rome import KeyResult, ValueResult, rank_one_update, two_key_direction
+from rankone.methods.rome import VARIANTS, KeyResult, ValueResult, rank_one_update, two_key_direction
 from rankone.methods.stats import LayerStats
 from test_rome import NORMED_OUTPUT, REQ, setup
 from tiny import CONFIGS
+from conftest import handle_of  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_two_key_update_adds_the_same_residual_at_both_keys(model_type, tok, tok_bos, corpus):
     model, t, ed = setup(model_type, tok, tok_bos, corpus, "r-rome-2key")
-    path = arch.proj_path(model, 1)
+    path = handle_of(model, None).proj_path(1)
     W = arch.weight_oi(arch.get_module(model, path)).detach().double().clone()
-    upd, info = ed.compute(REQ)
-    ed.write(REQ, upd, info, ed.hp)
+    c = ed.compute([REQ])
+    upd, info = c.detail.update, c.detail
+    ed.write(c, [REQ])
     dW = arch.weight_oi(arch.get_module(model, path)).detach().double() - W
-    kr = info["key_result"]
+    kr = info.key
     assert not torch.allclose(kr.k_mean, kr.k_bare, rtol=1e-3)  # the prefixes move the key: two constraints
     for k in (kr.k_mean, kr.k_bare):  # ΔW k̄ = ΔW k_o = r (float32 weights: relative 1e-4)
         assert (dW @ k - upd.residual).norm() / upd.residual.norm() < 1e-4
@@ -26,7 +28,7 @@ def test_two_key_update_adds_the_same_residual_at_both_keys(model_type, tok, tok
     s = torch.linalg.svdvals(dW)
     assert s[1] / s[0] < 1e-5
     if model_type not in NORMED_OUTPUT:  # r = δ: the residual is r-ROME's
-        assert torch.allclose(upd.residual, info["value_result"].delta, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(upd.residual, info.value.delta, rtol=1e-9, atol=1e-12)
 
 
 def _stats(n: int, seed: int):
@@ -73,5 +75,5 @@ def test_single_template_writes_exactly_r_rome():
     w = torch.randn(6, 8, generator=g, dtype=torch.float64)
     key = KeyResult(keys=k[None], k_mean=k, k_bare=k.clone())
     val = ValueResult(delta=torch.randn(6, generator=g, dtype=torch.float64), current_value=torch.ones(6))
-    a, b = (rank_one_update(w, key, val, st, m) for m in ("r-rome", "r-rome-2key"))
+    a, b = (rank_one_update(w, key, val, st, VARIANTS[m]) for m in ("r-rome", "r-rome-2key"))
     assert torch.equal(a.key_dir, b.key_dir) and torch.equal(a.residual, b.residual)

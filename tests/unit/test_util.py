@@ -6,8 +6,9 @@ from datetime import datetime, timezone
 from rankone.core.util import mean, median, user_name, utcnow
 from rankone.core.tokens import EditRequest
 from rankone.edit.editor import Editor
-from rankone.methods.hparams import EditHParams
+from rankone.methods.rome import EditHParams
 from tiny import make_model
+from conftest import handle_of  # noqa: E402
 
 
 def _parse(stamp: str) -> datetime:
@@ -24,7 +25,7 @@ def test_utcnow_is_utc_and_sorts_as_text(monkeypatch):
 def test_patches_are_stamped_by_the_same_clock(tok, corpus, monkeypatch):
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     hp = EditHParams(v_steps=2, prefix_spec=[[3, 2]], layer=1, stats_tokens=5_000)
-    patch = Editor(make_model("gpt2"), tok, hp, corpus, progress=False).edit([EditRequest.create("{} is in", "Paris", "Rome")])
+    patch = Editor(handle_of(make_model("gpt2"), tok), hp, corpus, progress=False).edit([EditRequest.create("{} is in", "Paris", "Rome")])
     for stamp in (patch.created_at, patch.edits[0].created_at):
         assert abs((_parse(stamp) - datetime.now(timezone.utc)).total_seconds()) < 120
 

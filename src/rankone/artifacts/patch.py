@@ -26,10 +26,12 @@ from typing import Any, Iterable
 import torch
 
 from rankone.core import architectures as arch
-from rankone.core.errors import RankoneError
+from rankone.core.errors import OverflowRefused, RankoneError
 from rankone.core.util import utcnow
 from rankone.core.fingerprint import tensor_sha256
-from rankone.artifacts.patch_files import FORMAT, SCHEMA_VERSION, content_id_of, read_patch_files, write_patch_files
+from rankone.methods.base import lowrank_fro
+from rankone.artifacts.patch_files import (FORMAT, SCHEMA_VERSION, content_id_of, payload_digests, read_patch_files,
+                                           write_patch_files)
 
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -60,12 +62,6 @@ def revert_fix(before: torch.Tensor, after: torch.Tensor, B: torch.Tensor, A: to
     it = _INT[before.dtype]
     bad = (back.reshape(-1).view(it) != before.reshape(-1).view(it)).nonzero()[:, 0]
     return bad.cpu(), before.reshape(-1)[bad].cpu()
-
-
-def lowrank_fro(B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖B A‖_F without forming B A: ‖BA‖² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ. B [out, k], A [k, in]."""
-    b, a = B.double(), A.double()
-    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
 
 
 # ---- the artifact ---------------------------------------------------------------------------
@@ -137,7 +133,7 @@ def make_edit(before: torch.Tensor, B: torch.Tensor, A: torch.Tensor, **fields: 
         raise RankoneError(f"edit factors B {list(B.shape)} and A {list(A.shape)} do not make a {list(before.shape)} update")
     after = merged(before, B, A)
     if not torch.isfinite(after).all():
-        raise RankoneError(f"the edit of {fields.get('module', 'the module')} overflows {before.dtype}; "
+        raise OverflowRefused(f"the edit of {fields.get('module', 'the module')} overflows {before.dtype}; "
                            "it is refused (nothing written)")
     fix_idx, fix_val = revert_fix(before, after, B, A)
     fields.setdefault("created_at", utcnow())
@@ -174,7 +170,7 @@ class Patch:
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "created_at": self.created_at,
             "base": self.base, "library_versions": self.library_versions,
             "edits": [e.manifest(i) for i, e in enumerate(self.edits)],
-            "payload_sha256": {k: tensor_sha256(v) for k, v in sorted(self.tensors().items())},
+            "payload_sha256": payload_digests(self.tensors()),
         }
 
     def facts(self) -> list[dict[str, str]]:
@@ -255,7 +251,7 @@ def apply_edit(model: torch.nn.Module, e: Edit, check: bool = True) -> None:
         raise RankoneError(f"patch edit for {e.module} holds non-finite numbers; refusing to apply it")
     new = merged(w.detach(), e.B, e.A)
     if not torch.isfinite(new).all():
-        raise RankoneError(f"applying the edit to {e.module} would overflow {w.dtype}; refusing (model untouched)")
+        raise OverflowRefused(f"applying the edit to {e.module} would overflow {w.dtype}; refusing (model untouched)")
     if check and (fp := tensor_sha256(new)) != e.sha256_after:
         raise RankoneError(
             f"patch edit for {e.module} does not give the weights it records ({fp[:12]}… vs sha256_after "

@@ -59,6 +59,11 @@ def content_id_of(man: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def payload_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The manifest's `payload_sha256`: each tensor's digest (dtype, shape and bytes), by name."""
+    return {k: tensor_sha256(v) for k, v in sorted(tensors.items())}
+
+
 def write_patch_files(path: str | os.PathLike, man: dict[str, Any], tensors: dict[str, torch.Tensor],
                       overwrite: bool = False) -> Path:
     """The folder, whole or not at all; the payload's header carries the manifest's digest."""

@@ -10,13 +10,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rankone.core.errors import RankoneError
-from rankone.methods.hparams import AlphaEditHParams, EditHParams, MemitHParams, describe_fields
+from rankone.methods.base import METHODS, method, user_settings
+from rankone.methods.settings import describe_fields
 
-_EXTRA = {f for f in AlphaEditHParams.__dataclass_fields__ if f not in MemitHParams.__dataclass_fields__}
-HPARAMS_HELP = ("JSON object (or a JSON file) of edit hyper-parameters. For the rank-one methods (r-rome, p-rome, rome, r-rome-bare, r-rome-2key) any of: "
-                f"{describe_fields(EditHParams)}. For memit any of: {describe_fields(MemitHParams)}. "
-                f"For alphaedit those of memit (without mom2_update_weight) and {', '.join(sorted(_EXTRA))}. "
-                "The model folder's recommendations fill what is not given")
+
+def methods_help() -> str:
+    """--method's help: each method of the table in one line."""
+    return "; ".join(f"{name}: {method(name).summary}" for name in METHODS) + " (see the README's Methods)"
+
+
+def hparams_help() -> str:
+    """--hparams' help: the settings of each method of the table (one entry per settings class)."""
+    by_class: dict[Any, list[str]] = {}
+    for name in METHODS:
+        by_class.setdefault(method(name).settings, []).append(name)
+    parts = [f"for {', '.join(names)} any of: {describe_fields(cls, frozenset({'method'}))}" for cls, names in by_class.items()]
+    return ("JSON object (or a JSON file) of the method's settings; " + ". ".join(parts)
+            + ". What is not given comes from the model card (rankone.json), then the paper's defaults")
 
 
 def model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,10 +63,8 @@ def load_requests(path: str) -> list[Any]:
 
 
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The user's hyper-parameters (--hparams, then flags), checked now against the settings of
-    their method (rankone.edit.batch.settings_for), merged with the model's later."""
-    from rankone.methods.hparams import settings_for
-
+    """The user's settings (--hparams, then flags), checked now against their method's settings
+    class (names, types, ranges), before any model loads; merged with the model card's later."""
     given: dict[str, Any] = {}
     if args.hparams:
         text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
@@ -71,7 +79,7 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
             given[name] = getattr(args, name)
     if isinstance(getattr(args, "layer", None), int):
         given["layer"] = args.layer
-    settings_for(given.get("method")).from_dict(given)  # known names of that method's settings, or one clear error
+    user_settings(method(given.get("method")), given)  # known names, types and ranges of that method's settings
     corpus = getattr(args, "stats_corpus", None)
     if corpus and not os.path.exists(corpus):
         raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, model_args
+from rankone.cli.common import hparams_from, hparams_help, layer_arg, load, methods_help, model_args
 from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
 from rankone.eval.cases import KNOWN_RULES
-from rankone.methods.hparams import ALL_METHODS, METHODS
+from rankone.methods.base import DEFAULT_METHOD, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _hparam_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=layer_arg, default=None, help="layer to edit (default: the model's recorded one)")
-    p.add_argument("--hparams", help=HPARAMS_HELP)
+    p.add_argument("--hparams", help=hparams_help())
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes and of the case order (default 0)")
     p.add_argument("--stats-corpus", help="corpus for the key statistics (default: corpus.txt in the model folder)")
     p.add_argument("--stats-tokens", type=int, default=None, help="tokens of the corpus for the key statistics (default 1,000,000)")
@@ -91,13 +91,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # what starts now, on stdout with the command's other notes (stderr stays one line on an error)
     status(f"eval: reading {args.cases} and loading {args.model}; the scoring shows its progress and time left",
-           stream=sys.stdout)
+           enabled=not args.quiet, stream=sys.stdout)
     from rankone.artifacts.patch import Patch
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.protocol import EvalSettings, evaluate_before_after
-    from rankone.methods.hparams import EditHParams
 
     if args.patch and args.edit_each:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
@@ -108,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.glue:
         for t in GLUE_TASKS:
             load_glue(args.glue, t)
-    hp = EditHParams.from_dict(_given(args)) if args.edit_each else None
+    hp = _given(args) if args.edit_each else None  # checked now, merged with the model card's once loaded
     cases = load_cases(args.cases)
     patches = [Patch.load(p) for p in (args.patch or [])]
     handle = load(args)
@@ -160,22 +159,17 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.layer_sweep import sweep_layers
-    from rankone.methods.hparams import EditHParams
-    from rankone.trace.layer_choice import EditSweep, save_sweep
-    from rankone.trace.tracing import model_fingerprint
 
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
     if args.out:
         check_out_file(args.out)
-    hp = EditHParams.from_dict(_given(args, "r-rome"))  # the default method's sweep is what --layer auto reads
+    hp = _given(args, DEFAULT_METHOD)  # the default method's sweep is what --layer auto reads
     cases = load_cases(args.cases)
     handle = load(args)
     known: bool | str = False if args.all_cases else args.known_by
-    got = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
-                       progress=not args.quiet, log=None if args.quiet else print)
-    sw = save_sweep(EditSweep(got.scores, got.method, got.cases, got.n_cases, got.settings,
-                              model_fingerprint(handle.model)))  # the model's layer evidence from now on
+    sw = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
+                      progress=not args.quiet, log=None if args.quiet else print)  # the model's layer evidence from now on
     best = sw.best_layer()
     print(f"{'layer':>5}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}")
     for layer, s in sorted(sw.scores.items()):
@@ -196,14 +190,15 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
     from rankone.eval.protocol import select_cases
-    from rankone.methods.hparams import BATCH_SETTINGS, settings_for
     from rankone.eval.sequential import SequentialConfig, SequentialRun
+    from rankone.methods.base import method
 
-    methods = list(dict.fromkeys(args.method or ["r-rome"]))
-    if args.batch_size > 1 and not any(m in BATCH_SETTINGS for m in methods):
-        raise RankoneError(f"--batch-size is for the batch methods ({', '.join(BATCH_SETTINGS)}); "
+    methods = list(dict.fromkeys(args.method or [DEFAULT_METHOD]))
+    batch = [m for m in METHODS if not method(m).one_at_a_time]
+    if args.batch_size > 1 and not any(m in batch for m in methods):
+        raise RankoneError(f"--batch-size is for the batch methods ({', '.join(batch)}); "
                            f"{', '.join(methods)} edit one request at a time")
-    if any(m in BATCH_SETTINGS for m in methods) and args.every % args.batch_size:
+    if any(m in batch for m in methods) and args.every % args.batch_size:
         raise RankoneError(f"--every {args.every} must be a multiple of --batch-size {args.batch_size}: "
                            "the model is measured between batches")
     _check_file(args.ppl_text, "--ppl-text file")
@@ -230,14 +225,14 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
-    runs = [SequentialRun(handle, None, cases, settings_for(m).for_model(handle, **g), out / m, cfg, None, ppl, meta,
+    runs = [SequentialRun(handle, cases, g, out / m, cfg, None, ppl, meta,
                           args.stats_corpus, progress=not args.quiet,
                           checkpoint_s=args.checkpoint_minutes * 60 or None) for m, g in zip(methods, given)]
     for r in runs:  # every folder is checked before any run starts
         r.preflight(args.force)
     for r in runs:
         r.run(force=args.force)
-    order = ("rome", *(m for m in METHODS if m != "rome"), *BATCH_SETTINGS)  # ROME first: the baseline column
+    order = ("rome", *(m for m in METHODS if m != "rome"))  # ROME first: the baseline column
     done = {m: out / m for m in order if (out / m / "run.jsonl").is_file()}
     rep = report(done, out, title=args.title or Path(args.model).name)
     print(rep["markdown"].split("\n\n![")[0])
@@ -265,7 +260,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cases", required=True, help="CounterFact .json/.jsonl (flat or ROME format), or a testbed folder/world.json")
     p.add_argument("--patch", action="append", help="patch folder; repeat to apply several in order")
     p.add_argument("--edit-each", action="store_true", help="instead of a patch: edit every case alone, measure, revert")
-    p.add_argument("--method", choices=list(METHODS), default=None, help="with --edit-each")
+    p.add_argument("--method", choices=list(METHODS), default=None, help="with --edit-each: " + methods_help())
     _hparam_args(p)
     p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
     p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")
@@ -291,12 +286,12 @@ def register(sub: Any) -> None:
     model_args(p)
     p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (edited in file order)")
     p.add_argument("--n", type=_positive("--n"), required=True, help="number of edits")
-    p.add_argument("--method", action="append", choices=list(ALL_METHODS),
-                   help="repeat to compare methods (each runs in OUT/METHOD; default r-rome); memit and alphaedit "
+    p.add_argument("--method", action="append", choices=list(METHODS),
+                   help="repeat to compare methods (each runs in OUT/METHOD; default r-rome); the batch methods (memit, alphaedit, emmet) "
                         "edit in batches of --batch-size. With several methods --hparams must suit all of them; "
                         "runs made one method at a time into the same --out are compared in one report")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=1,
-                   help="edits per batch for memit and alphaedit (default 1; the ROME family always edits one at a "
+                   help="edits per batch for the batch methods (default 1; the ROME family always edits one at a "
                         "time); --every must be a multiple of it")
     _hparam_args(p)
     p.add_argument("--out", required=True, help="folder for the runs, plots and summary")

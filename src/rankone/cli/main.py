@@ -11,10 +11,9 @@ import sys
 import warnings
 from typing import Any, Callable
 
-from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, load_requests, model_args, positive_int
+from rankone.cli.common import hparams_from, hparams_help, layer_arg, load, load_requests, methods_help, model_args, positive_int
 from rankone.core.errors import RankoneError
-from rankone.core.progress import set_quiet
-from rankone.methods.hparams import ALL_METHODS
+from rankone.methods.base import DEFAULT_METHOD, METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
 PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
@@ -25,10 +24,9 @@ PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "r
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.edit.batch import outcomes_of
-    from rankone.methods.hparams import BATCH_SETTINGS, settings_for
-    from rankone.edit.editor import Editor, check_request
     from rankone.core.tokens import EditRequest
+    from rankone.edit.editor import Editor, check_request, outcomes_of
+    from rankone.methods.base import method, resolve_settings
 
     if args.requests and (args.prompt or args.subject or args.target):
         raise RankoneError("give either --requests FILE or --prompt/--subject/--target, not both")
@@ -39,27 +37,28 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise RankoneError("an edit needs --prompt, --subject and --target (or --requests FILE.jsonl)")
         reqs = [EditRequest.create(args.prompt, args.subject, args.target)]
     given = hparams_from(args)
-    cls = settings_for(given.get("method"))
-    if args.registry is not None and given.get("method") not in BATCH_SETTINGS:
-        raise RankoneError(f"--registry (edit on top of the released patches) is for --method {' or '.join(BATCH_SETTINGS)}")
+    m = method(given.get("method"))
+    if args.registry is not None and m.one_at_a_time:
+        raise RankoneError(f"--registry (edit on top of the released patches) is for the batch methods, not {m.name}; "
+                           "give e.g. --method alphaedit")
     check_out_dir(args.out, args.force)
     reg = _open_registry(args.registry) if args.registry is not None else None
     handle = load(args)
-    hp = cls.for_model(handle, **given)
-    for r in reqs:  # every alignment or length problem surfaces before any optimisation
-        check_request(handle.model, handle.tokenizer, r, hp)
     choice = None
     if args.layer == "auto":
-        from rankone.cli.trace import choose_layer_for  # the tracing feature chooses and explains the layer
+        from rankone.eval.layer_sweep import choose_edit_layer
 
-        choice = choose_layer_for(handle, reqs, getattr(args, "trace_cases", None) or getattr(args, "cases", None),
-                                  args.quiet)
-        hp = hp.replace(layer=choice.layer)
-    ed = Editor(handle, hp, stats_corpus=args.stats_corpus, progress=not args.quiet)
+        choice = choose_edit_layer(handle, reqs, None, progress=not args.quiet)
+        if not args.quiet:
+            print(choice.explain())
+        given["layer"] = choice.layer
+    settings = resolve_settings(handle, given)  # paper ← model card ← yours, once
+    for r in reqs:  # every alignment or length problem surfaces before any optimisation
+        check_request(handle, r, settings)
+    ed = Editor(handle, settings, args.stats_corpus, progress=not args.quiet)
     if choice is not None:
         ed.notes["layer_choice"] = choice.evidence()
-    ed.layer()
-    if reg is not None:  # the registry's base, then its release: statistics from the base, keys preserved
+    if reg is not None:  # the registry's base, then its release: statistics from the base, keys kept
         with reg:
             reg.check_model(handle)
             ed.continue_from([reg.load_patch(r.id) for r in reg.released()])
@@ -71,10 +70,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
               f"above); nothing written (--require-success)", file=sys.stderr)
         return 1
     patch.save(args.out, overwrite=args.force)
-    if ed.is_batch:
-        print(f"{hp.method}: {len(reqs)} request(s) as one batch: "
+    one = ed.method.one_at_a_time
+    if not one:
+        print(f"{settings.method}: {len(reqs)} request(s) as one batch: "
               + ", ".join(f"{e.module} rank {e.rank} |Δ|={e.delta_fro:.4g}" for e in patch.edits))
-    for (r, o), e in zip(outs, patch.edits if not ed.is_batch else [None] * len(outs)):
+    for (r, o), e in zip(outs, patch.edits if one else [None] * len(outs)):
         print(("" if e is None else f"edited {e.module}: ") + f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}"
               + ("" if e is None else f"  |Δ|={e.delta_fro:.4g}") + f"  p(target)={o['p_target']:.3f}  "
               f"the model now says {o['answer']!r}" + ("" if o["reached"] else "  (target NOT reached)"))
@@ -192,17 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = add("edit", cmd_edit, "compute an edit and save it as a patch: rank-one edits in sequence (r-rome, p-rome, "
-                              "rome), or all requests as one batch (memit, alphaedit)")
+    p = add("edit", cmd_edit, "compute an edit and save it as a patch: rank-one edits in sequence (the ROME family), "
+                              "or all requests as one batch (memit, alphaedit, emmet)")
     model_args(p)
     p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
     p.add_argument("--subject", help="the entity whose fact changes, as it appears in the prompt, e.g. 'Danielle Darrieux'")
     p.add_argument("--target", help="the new object the model should say after the prompt, e.g. 'Rome'")
     p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence, "
-                                      "or one batch with --method memit|alphaedit")
-    p.add_argument("--method", choices=list(ALL_METHODS), default=None,
-                   help="r-rome (default), p-rome, rome, r-rome-bare or r-rome-2key: which keys enter a rank-one update; memit or alphaedit: "
-                        "the requests as one batch over a window of layers (see the README's Methods)")
+                                      "or one batch with a batch method (memit, alphaedit, emmet)")
+    p.add_argument("--method", choices=list(METHODS), default=None, help=f"(default {DEFAULT_METHOD}) " + methods_help())
     p.add_argument("--layer", type=layer_arg, default=None,
                    help="layer to edit (for memit/alphaedit the last, critical layer of the window), or 'auto': the "
                         "best layer of this model's measured sweep (`rankone bench layers`), else causal tracing's "
@@ -211,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-tokens", type=int, default=None,
                    help="tokens of the corpus for the key statistics C (default 1,000,000; cached per model and layer)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled context prefixes (default 0)")
-    p.add_argument("--hparams", help=HPARAMS_HELP)
+    p.add_argument("--hparams", help=hparams_help())
     p.add_argument("--registry", default=None,
-                   help="with --method memit|alphaedit: edit on top of this registry's released patches (--model is "
+                   help="with a batch method: edit on top of this registry's released patches (--model is "
                         "its base; the statistics come from the base, as in an unbroken run); alphaedit preserves "
                         "their keys, so the batch leaves their facts as they are")
     p.add_argument("--author", help="who makes the edit, recorded in the patch (default: the OS user)")
@@ -270,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rankone: %(message)s")
-    set_quiet(bool(getattr(args, "quiet", False)))
     try:
         from transformers.utils import logging as hf_logging
 

@@ -1,5 +1,4 @@
-"""`rankone trace` (one prompt's heatmaps, or the average indirect effect over a case file) and the
-layer choice behind `rankone edit --layer auto` (the library's `rankone.trace.layer_choice`)."""
+"""`rankone trace`: one prompt's heatmaps, or the average indirect effect over a case file."""
 
 from __future__ import annotations
 
@@ -13,29 +12,7 @@ from rankone.core.errors import RankoneError
 from rankone.trace import KINDS, MAX_CASES
 
 if TYPE_CHECKING:  # imported where they are used: the parser must not pay for torch
-    from rankone.trace.layer_choice import FactSet, LayerChoice
     from rankone.trace.runs import TraceSettings
-
-
-# ---- case files -----------------------------------------------------------------------------
-
-
-def load_facts(path: str | os.PathLike, source: str | None = None) -> FactSet:
-    """The facts of a case file (any format `rankone.eval.cases.load_cases` reads) for tracing."""
-    from rankone.eval.cases import load_cases
-    from rankone.trace.tracing import SubjectPrompt
-
-    cases = load_cases(path)
-    facts = [SubjectPrompt(c.template, c.subject, c.target_true) for c in cases]
-    from rankone.trace.layer_choice import FactSet
-
-    return FactSet(facts, list(dict.fromkeys(c.subject for c in cases)), source or str(path))
-
-
-def known_facts(handle: Any) -> FactSet | None:
-    """The facts the model card says the model knows (its `cases` file), or None."""
-    p = handle.cases_file()
-    return load_facts(p, f"{p} (the model card's cases)") if p is not None else None
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -82,6 +59,7 @@ def settings_from(args: argparse.Namespace) -> TraceSettings:
 def cmd_trace(args: argparse.Namespace) -> int:
     from rankone.cli.common import load
     from rankone.core.atomic import check_out_dir
+    from rankone.eval.cases import fact_set, known_fact_set
     from rankone.trace.tracing import sample_facts
 
     single = args.prompt is not None or args.subject is not None or args.target is not None
@@ -94,22 +72,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.max_cases < 0 or args.heatmaps < 0:
         raise RankoneError("--max-cases and --heatmaps must be zero or positive")
     settings = settings_from(args)
-    cases = load_facts(args.cases) if args.cases else None
+    cases = fact_set(args.cases) if args.cases else None
     if single:
         from rankone.core.tokens import EditRequest
 
         EditRequest.create(args.prompt, args.subject, args.target or "x")  # bad prompt/subject: fail before loading
-    noise_subjects = load_facts(args.noise_from).subjects if args.noise_from else (cases.subjects if cases else [])
+    noise_subjects = fact_set(args.noise_from).subjects if args.noise_from else (cases.subjects if cases else [])
     check_out_dir(args.out, args.force)
     handle = load(args)
-    with handle.scope():
-        if not noise_subjects:
-            known = known_facts(handle)
-            noise_subjects = known.subjects if known else [args.subject]
-        if single:
-            return _trace_one(handle, args, settings, noise_subjects)
-        assert cases is not None
-        return _trace_cases(handle, args, settings, sample_facts(cases.facts, args.max_cases, args.seed), noise_subjects)
+    if not noise_subjects:
+        known = known_fact_set(handle)
+        noise_subjects = known.subjects if known else [args.subject]
+    if single:
+        return _trace_one(handle, args, settings, noise_subjects)
+    assert cases is not None
+    return _trace_cases(handle, args, settings, sample_facts(cases.facts, args.max_cases, args.seed), noise_subjects)
 
 
 def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, noise_subjects: list[str]) -> int:
@@ -118,9 +95,8 @@ def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, n
     from rankone.trace.runs import trace_case
     from rankone.trace.tracing import resolve_noise
 
-    model, tok = handle
-    nu = resolve_noise(model, tok, settings, noise_subjects)
-    tr = trace_case(model, tok, args.prompt, args.subject, args.target, nu, settings)
+    nu = resolve_noise(handle, settings, noise_subjects)
+    tr = trace_case(handle, args.prompt, args.subject, args.target, nu, settings)
     if not tr.correct:
         print(f"rankone: not traced: the model continues {tr.prompt!r} with {tr.predicted!r}, not {tr.answer_token!r}; "
               "causal tracing explains answers the model gets right", file=sys.stderr)
@@ -148,13 +124,14 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
     from rankone.core.atomic import atomic_dir, write_json
     from rankone.trace.plot import plot_aie, plot_trace
     from rankone.trace.runs import trace_case
+    from rankone.core.progress import Stepper
     from rankone.trace.tracing import cached_aie
 
-    model, tok = handle
-
-    bar = _bar(args.quiet)
-    aie = cached_aie(model, tok, facts, settings, noise_subjects, source=str(args.cases), progress=bar)
-    _close(bar)
+    step = Stepper("tracing", "facts", enabled=not args.quiet)
+    try:
+        aie = cached_aie(handle, facts, settings, noise_subjects, source=str(args.cases), progress=step)
+    finally:
+        step.close()
     chosen = aie.best_layer("mlp") if "mlp" in aie.aie else None
     with atomic_dir(args.out, args.force) as d:
         write_json(d / "aie.json", dict(aie.to_dict(), model=str(args.model), chosen_layer=chosen))
@@ -163,7 +140,7 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
         for prompt, subject, answer in facts:
             if done >= args.heatmaps:
                 break
-            tr = trace_case(model, tok, prompt, subject, answer, aie.noise_scale, settings)
+            tr = trace_case(handle, prompt, subject, answer, aie.noise_scale, settings)
             if tr.correct:
                 write_json(d / f"case{done}.json", tr.to_dict())
                 for kind in settings.kinds:
@@ -180,49 +157,3 @@ def _trace_cases(handle: Any, args: argparse.Namespace, settings: TraceSettings,
                   "`rankone bench layers` measured this model's layers")
     print(f"wrote {args.out}: aie.json, aie.png" + (f" and heatmaps of {args.heatmaps} fact(s)" if args.heatmaps else ""))
     return 0
-
-
-def _bar(quiet: bool) -> Any:
-    """A progress callback step(i, n) for the tracing library (core.progress display, opened on the first step)."""
-    from rankone.core.progress import Progress
-
-    def step(i: int, n: int) -> None:
-        if step.bar is None:  # type: ignore[attr-defined]
-            step.bar = Progress(n, "tracing", "facts", enabled=not quiet)  # type: ignore[attr-defined]
-        step.bar.update(i - step.bar.n)  # type: ignore[attr-defined]
-
-    step.bar = None  # type: ignore[attr-defined]
-    return step
-
-
-def _close(step: Any) -> None:
-    if step is not None and step.bar is not None:
-        step.bar.close()
-        step.bar = None
-
-
-# ---- `rankone edit --layer auto` -------------------------------------------------------------------
-
-
-def choose_layer_for(handle: Any, requests: Sequence[Any], cases: str | None, quiet: bool) -> LayerChoice:
-    """`--layer auto`: the library's choice from the named case file, the cache, the model card's
-    facts or the requests; one line says which layer and why."""
-    from rankone.trace.layer_choice import choose_layer
-
-    bar = _bar(quiet)
-    try:
-        choice = choose_layer(handle, requests, load_facts(cases) if cases else None, lambda: known_facts(handle), bar)
-    finally:
-        _close(bar)
-    if quiet:
-        return choice
-    if choice.sweep is not None:
-        sw, s = choice.sweep, choice.sweep.scores[choice.layer]
-        print(f"layer auto: layer {choice.layer} (S {s['score']:.3f}, the best of layers {sorted(sw.scores)} measured by "
-              f"`rankone bench layers` on {sw.n_cases} cases; {sw.cache_file})")
-    else:
-        a = choice.aie.aie["mlp"]
-        print(f"layer auto: layer {choice.layer} (MLP AIE {a[choice.layer]:.4f}, the largest over layers "
-              f"0..{len(a) - 1}; {choice.aie.n_facts} facts from {choice.aie.source}; `rankone bench layers` "
-              "measures edits per layer instead)")
-    return choice

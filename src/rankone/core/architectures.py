@@ -2,7 +2,8 @@
 
 A path template holds `{}` for the layer index (pyvene style: where a hook goes is data).
 `proj` is the MLP's output projection, the module ROME edits: its input is the key k, its output
-the value v. Everything else in the package asks `spec_for` and never hard-codes a module name.
+the value v. A model handle (rankone.models.handle) holds the spec found once by `spec_for`;
+everything else reads the handle's and never hard-codes a module name.
 A model type the table lacks is discovered from its modules (`rankone.core.discovery`); a user's
 `--arch-spec` overrides both. `ArchSpec.source` says which of the three a spec came from.
 """
@@ -11,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from rankone.core.discovery import OVERRIDE_HINT, Discovery, dense_in_out, discover, is_conv1d
+from rankone.core.discovery import OVERRIDE_HINT, dense_in_out, discover, is_conv1d
 from rankone.core.errors import RankoneError
 
 SOURCES = ("table", "discovered", "override")
@@ -34,6 +33,7 @@ class ArchSpec:
     embed: str  # the token embedding (for tracing's noise)
     # where the paths came from: "table", "discovered" or "override" (not part of equality)
     source: str = field(default="table", compare=False)
+    found: str = field(default="", compare=False)  # what discovery found, in words (discovered specs only)
 
     def layer_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -42,12 +42,12 @@ class ArchSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     def paths(self) -> dict[str, str]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("source", "found")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
-        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
-        unknown = set(d) - names - {"source"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"source", "found"}
+        unknown = set(d) - names - {"source", "found"}
         missing = names - set(d)
         if unknown or missing:
             raise RankoneError(
@@ -112,10 +112,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mpt": _decoder("transformer.blocks", "ffn", "ffn.down_proj", "attn", "transformer.wte"),
 }
 
-# What discovery found per model object (weak: forgotten with the model; no attribute on it).
-_DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, tuple[ArchSpec, Discovery]]" = weakref.WeakKeyDictionary()
-
-
 def lookup(
     model_type: str, override: dict[str, Any] | ArchSpec | None = None, model: nn.Module | None = None
 ) -> ArchSpec:
@@ -128,7 +124,7 @@ def lookup(
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     if model is not None:
-        return _discovered(model, model_type)[0]
+        return _discovered(model, model_type)
     raise RankoneError(
         f"unknown model type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} and what "
         f"discovery finds in a loaded model; or {OVERRIDE_HINT}"
@@ -136,8 +132,9 @@ def lookup(
 
 
 def spec_for(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
-    spec = lookup(getattr(model.config, "model_type", "?"), override or _scoped(model), model)
-    return spec
+    """Where `model`'s modules are: the override, else the table, else discovery. Called once, when
+    a model handle is made (rankone.models.handle); everything after reads the handle's spec."""
+    return lookup(getattr(model.config, "model_type", "?"), override, model)
 
 
 def spec_for_config(config: Any, override: dict[str, Any] | ArchSpec | None = None) -> ArchSpec:
@@ -156,54 +153,25 @@ def spec_for_config(config: Any, override: dict[str, Any] | ArchSpec | None = No
         raise RankoneError(
             f"cannot build model type {model_type!r} from its config to find its layout ({first}); {OVERRIDE_HINT}"
         ) from None
-    return _discovered(skeleton, model_type)[0]
+    return _discovered(skeleton, model_type)
 
 
-def _discovered(model: nn.Module, model_type: str) -> tuple[ArchSpec, Discovery]:
-    if model not in _DISCOVERED:
-        found = discover(model, model_type)
-        _DISCOVERED[model] = (ArchSpec(**found.paths(), source="discovered"), found)
-    return _DISCOVERED[model]
+def _discovered(model: nn.Module, model_type: str) -> ArchSpec:
+    found = discover(model, model_type)
+    return ArchSpec(**found.paths(), source="discovered", found=found.report())
 
 
-def describe(model: nn.Module, override: dict[str, Any] | ArchSpec | None = None) -> dict[str, Any]:
+def describe(model: nn.Module, spec: ArchSpec) -> dict[str, Any]:
     """What a patch records about where it edits: model type, source, the path templates, a report."""
     model_type = getattr(model.config, "model_type", "?")
-    spec = spec_for(model, override)
     if spec.source == "discovered":
-        report = _discovered(model, model_type)[1].report()
+        report = spec.found
     else:
         proj = get_module(model, spec.proj.format(0))
         d_in, d_out = dense_in_out(proj) if hasattr(proj, "weight") else ("?", "?")
         report = (f"{spec.source} entry for {model_type!r}: {num_layers(model, spec)} blocks at {spec.layers}; "
                   f"editing {spec.proj} ({type(proj).__name__} {d_in}->{d_out})")
     return {"model_type": model_type, "source": spec.source, "spec": spec.paths(), "report": report}
-
-
-# A hand-given spec (--arch-spec) is carried by the model handle (rankone.models.handle), never
-# stored on the module; inside `spec_scope` every spec_for(model) call finds it.
-_SCOPES: dict[int, list[ArchSpec]] = {}
-
-
-@contextmanager
-def spec_scope(model: nn.Module, spec: ArchSpec | None) -> Iterator[None]:
-    """Within the block, `spec_for(model)` answers `spec` (None: the table, unchanged)."""
-    if spec is None:
-        yield
-        return
-    stack = _SCOPES.setdefault(id(model), [])
-    stack.append(spec)
-    try:
-        yield
-    finally:
-        stack.pop()
-        if not stack:
-            del _SCOPES[id(model)]
-
-
-def _scoped(model: nn.Module) -> ArchSpec | None:
-    stack = _SCOPES.get(id(model))
-    return stack[-1] if stack else None
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -216,23 +184,16 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def num_layers(model: nn.Module, spec: ArchSpec | None = None) -> int:
-    spec = spec or spec_for(model)
+def num_layers(model: nn.Module, spec: ArchSpec) -> int:
     layers = get_module(model, spec.layers)
     return len(layers)  # type: ignore[arg-type]
 
 
-def check_layer(model: nn.Module, layer: int, spec: ArchSpec | None = None) -> int:
+def check_layer(model: nn.Module, layer: int, spec: ArchSpec) -> int:
     n = num_layers(model, spec)
     if not isinstance(layer, int) or not 0 <= layer < n:
         raise RankoneError(f"layer {layer} is out of range: this model has layers 0..{n - 1}")
     return layer
-
-
-def proj_path(model: nn.Module, layer: int) -> str:
-    spec = spec_for(model)
-    check_layer(model, layer, spec)
-    return spec.proj.format(layer)
 
 
 # Names of a norm that some blocks apply to the MLP's output before adding it to the residual
@@ -240,9 +201,8 @@ def proj_path(model: nn.Module, layer: int) -> str:
 MLP_OUTPUT_NORMS = ("post_feedforward_layernorm",)
 
 
-def mlp_output_norm(model: nn.Module, layer: int) -> str | None:
+def mlp_output_norm(model: nn.Module, layer: int, spec: ArchSpec) -> str | None:
     """The path of the norm applied to layer `layer`'s MLP output (None: the output is added as is)."""
-    spec = spec_for(model)
     check_layer(model, layer, spec)
     block = get_module(model, spec.layer_path(layer))
     return next((f"{spec.layer_path(layer)}.{n}" for n in MLP_OUTPUT_NORMS if isinstance(getattr(block, n, None), nn.Module)), None)

@@ -6,8 +6,9 @@ first and the last, each with the count and, once a step is done, an estimate of
 
     rankone: scoring (before): 64/480 prompts, 0:01 elapsed, about 0:09 left
 
-`--quiet` silences every display (the CLI calls `set_quiet`); a display with `delay` shows
-nothing unless the work takes longer than that, so that short steps inside a long loop stay quiet.
+Every display is switched by the caller (`enabled`; the CLI passes `not --quiet` down), never by
+process-wide state; a display with `delay` shows nothing unless the work takes longer than that,
+so that short steps inside a long loop stay quiet.
 """
 
 from __future__ import annotations
@@ -16,19 +17,10 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, TextIO
 
-_QUIET = False
-
-
-def set_quiet(quiet: bool) -> None:
-    """Silence (or restore) every progress display of this process (the CLI's `--quiet`)."""
-    global _QUIET
-    _QUIET = bool(quiet)
-
-
-def status(text: str, stream: TextIO | None = None) -> None:
+def status(text: str, enabled: bool = True, stream: TextIO | None = None) -> None:
     """One line saying what starts now (before a step that has no count yet, such as loading a
-    model), so that a long command is never silent; nothing under --quiet."""
-    if not _QUIET:
+    model), so that a long command is never silent; nothing when not enabled (--quiet)."""
+    if enabled:
         print(f"rankone: {text}", file=stream if stream is not None else sys.stderr, flush=True)
 
 
@@ -53,7 +45,7 @@ class Progress:
         self._note = ""
         self.delay, self.min_interval = delay, min_interval
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled and not _QUIET
+        self.enabled = enabled
         self.t0 = time.perf_counter()
         self._last = -1e9
         self._bar: Any = None
@@ -134,6 +126,25 @@ def track(items: Iterable[Any], desc: str, unit: str = "steps", total: int | Non
         for x in items:
             yield x
             bar.update()
+
+
+class Stepper:
+    """A progress callback `step(i, n)` (i of n done) for library code that reports steps, shown as
+    a `Progress` opened on the first call; `close()` ends it."""
+
+    def __init__(self, desc: str, unit: str, enabled: bool = True) -> None:
+        self.desc, self.unit, self.enabled = desc, unit, enabled
+        self.bar: Progress | None = None
+
+    def __call__(self, i: int, n: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(n, self.desc, self.unit, enabled=self.enabled)
+        self.bar.update(i - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _isatty(stream: Any) -> bool:

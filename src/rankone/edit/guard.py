@@ -26,9 +26,8 @@ import statistics
 from typing import Any, Sequence
 
 from rankone.core.errors import RankoneError
-from rankone.edit.batch import batch_norm
 from rankone.core.tokens import EditRequest
-from rankone.methods.rome import Update
+from rankone.methods.base import Computed
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +77,16 @@ class Guard:
         if denom is not None:
             self.denoms.append(float(denom))
 
-    def __call__(self, update: Update | Sequence[Any], request: EditRequest | Sequence[EditRequest]) -> str | None:
-        """(Update, EditRequest) of a rank-one edit, or (list of LayerUpdate, list of EditRequest) of a batch."""
-        if isinstance(update, (list, tuple)):
-            return self._batch(update, list(request))  # type: ignore[arg-type]
-        assert isinstance(request, EditRequest)
-        d = update.diagnostics
-        why = self.check(float(d["delta_fro"]), float(d["denominator"]))
+    def __call__(self, c: Computed, requests: Sequence[EditRequest]) -> str | None:
+        """A step's computed update: a rank-one edit is judged by its ‖Δ‖_F and denominator, a batch
+        of n by its ‖Δ‖ per fact (no denominator)."""
+        per_fact = c.delta_fro / math.sqrt(len(requests))
+        why = self.check(per_fact, c.denominator)
         if why:
-            self.refused.append({"request": request.to_dict(), "reason": why, "delta_fro": d["delta_fro"],
-                                 "denominator": d["denominator"]})
-            log.warning("guard refused %s -> %s: %s", request.text()[0], request.target, why)
+            self.refused.append({"requests": [r.to_dict() for r in requests], "reason": why, "delta_fro": c.delta_fro,
+                                 "delta_fro_per_fact": per_fact, "denominator": c.denominator})
+            log.warning("guard refused %s -> %s%s: %s", requests[0].text()[0], requests[0].target,
+                        f" and {len(requests) - 1} more" if len(requests) > 1 else "", why)
         else:
-            self.accept(d["delta_fro"], d["denominator"])
-        return why
-
-    def _batch(self, updates: Sequence[Any], requests: list[EditRequest]) -> str | None:
-        d = batch_norm(updates)
-        why = self.check(d["delta_fro_per_fact"])
-        if why:
-            self.refused.append({"requests": [r.to_dict() for r in requests], "reason": why, "delta_fro": d["delta_fro"],
-                                 "delta_fro_per_fact": d["delta_fro_per_fact"]})
-            log.warning("guard refused a batch of %d edit(s) (%s -> %s, ...): %s", len(requests),
-                        requests[0].text()[0], requests[0].target, why)
-        else:
-            self.accept(d["delta_fro_per_fact"])
+            self.accept(per_fact, c.denominator)
         return why

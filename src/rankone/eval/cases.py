@@ -36,6 +36,9 @@ from rankone.core.counterfact import FLAT_KEYS, is_flat, rewrite, target_str
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_file, json_lines
 from rankone.core.tokens import EditRequest
+from rankone.models.handle import ModelHandle
+from rankone.trace.layer_choice import FactSet
+from rankone.trace.tracing import SubjectPrompt
 
 # When a case counts as known by the unedited model (`metrics.knows`): the true answer is its greedy
 # first token, or P(true) > P(new) on the prompt.
@@ -349,3 +352,16 @@ def edited_by(cases: list[Case], requests: list[dict[str, str]]) -> tuple[list[b
         out_exact.append((fact(r), " ".join(r["target"].lower().split())) in exact)
         out_fact.append(fact(r) in facts)
     return out_exact, out_fact
+
+
+def fact_set(path: str | os.PathLike, source: str | None = None) -> FactSet:
+    """The facts of a case file (any format `load_cases` reads) as tracing takes them."""
+    cases = load_cases(path)
+    facts = [SubjectPrompt(c.template, c.subject, c.target_true) for c in cases]
+    return FactSet(facts, list(dict.fromkeys(c.subject for c in cases)), source or str(path))
+
+
+def known_fact_set(handle: ModelHandle) -> FactSet | None:
+    """The facts the model card says the model knows (its `cases` file) as a FactSet, or None."""
+    p = handle.cases_file()
+    return fact_set(p, f"{p} (the model card's cases)") if p is not None else None

@@ -1,46 +1,43 @@
-"""Which layer edits best, measured (`rankone bench layers`; what `rankone edit --layer auto` reads).
+"""Which layer edits best, measured (`rankone bench layers`), and `rankone edit --layer auto`.
 
     for each candidate layer l:   each of n cases the model knows is edited alone at l, scored, reverted
     S(l) = hmean(ES(l), PS(l), NS(l))          (ROME's single-edit protocol, `evaluate_single_edits`)
-    best = argmax_l S(l)                        (`EditSweep.best_layer`)
+    best = argmax_l S(l)                        (`trace.layer_choice.EditSweep.best_layer`)
 
 Causal tracing is cheaper but answers another question (where the fact is recalled): on Gemma 3
-270M its layer scored 0.083 S below the best measured one. `rankone bench layers` stores the
-result per model fingerprint (`trace.layer_choice.save_sweep`), so one run serves every later
-`--layer auto`; eval only measures (it never imports trace).
+270M its layer scored 0.083 S below the best measured one. The sweep is stored per model
+fingerprint (`trace.layer_choice.save_sweep`), so one run serves every later `--layer auto`,
+which `choose_edit_layer` answers from the case files eval reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from rankone.core.errors import RankoneError
-from rankone.eval.cases import Case
+from rankone.core.progress import Stepper
+from rankone.core.tokens import EditRequest
+from rankone.eval.cases import Case, fact_set, known_fact_set
 from rankone.eval.metrics import evaluate_single_edits, summarize
 from rankone.eval.protocol import select_cases
-from rankone.methods.hparams import EditHParams
+from rankone.methods.base import resolve_settings
+from rankone.methods.settings import MethodSettings
 from rankone.models.handle import ModelHandle
+from rankone.trace.layer_choice import EditSweep, LayerChoice, choose_layer, save_sweep
+from rankone.trace.tracing import model_fingerprint
 
 Log = Callable[[str], None]
 
 
-@dataclass
-class LayerScores:
-    scores: dict[int, dict[str, float]]  # layer -> {"es", "ps", "ns", "score", "n"}
-    method: str
-    cases: str  # where the cases came from and how they were chosen
-    n_cases: int
-    settings: dict[str, Any]  # what the edits ran with, their layer aside
-
-
 def sweep_layers(
-    handle: ModelHandle, cases: Sequence[Case], layers: Sequence[int], hparams: EditHParams, n: int,
+    handle: ModelHandle, cases: Sequence[Case], layers: Sequence[int], hparams: MethodSettings | Mapping[str, Any] | str | None,
+    n: int,
     known_only: bool | str = "over-new", stats_corpus: Any = None, source: str = "", progress: bool = False,
-    log: Log | None = None,
-) -> LayerScores:
-    """Single-edit ES/PS/NS/S of the first n usable cases at each layer. The model is given back
-    exactly as it was."""
+    log: Log | None = None, store: bool = True,
+) -> EditSweep:
+    """Single-edit ES/PS/NS/S of the first n usable cases at each layer, stored as this model's
+    layer evidence (store=True; merged with layers measured before with the same setting). The
+    model is given back exactly as it was."""
     model, tok = handle
     n_layers = handle.n_layers
     bad = [l for l in layers if not 0 <= int(l) < n_layers]
@@ -51,10 +48,10 @@ def sweep_layers(
     chosen, _ = select_cases(model, tok, cases, known_only, limit=n)
     if len(chosen) < n:
         raise RankoneError(f"only {len(chosen)} usable case(s) in {source or 'the cases'}, {n} asked; lower --n")
-    hp = hparams.over(handle)
+    hp = resolve_settings(handle, hparams)
     scores: dict[int, dict[str, float]] = {}
     for layer in sorted(set(int(l) for l in layers)):
-        after = evaluate_single_edits(handle, None, chosen, hp.replace(layer=layer), stats_corpus, gen_tokens=0,
+        after = evaluate_single_edits(handle, chosen, hp.replace(layer=layer), stats_corpus, gen_tokens=0,
                                       progress=progress)
         s = summarize(after)
         scores[layer] = {k: float(s[k]) for k in ("es", "ps", "ns", "score")} | {"n": len(after)}
@@ -64,4 +61,16 @@ def sweep_layers(
     how = f"{source or 'cases'}: the first {len(chosen)} " + ("usable" if rule == "all" else f"known ({rule})")
     settings = {"stats": str(stats_corpus) if stats_corpus else "the model's default corpus",
                 **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}
-    return LayerScores(scores, hp.method, how, len(chosen), settings)
+    sweep = EditSweep(scores, hp.method, how, len(chosen), settings, model_fingerprint(model))
+    return save_sweep(sweep) if store else sweep
+
+
+def choose_edit_layer(handle: ModelHandle, requests: Sequence[EditRequest], cases: str | None = None,
+                      progress: bool = True) -> LayerChoice:
+    """`--layer auto`: the layer of this model's measured sweep, else causal tracing's, from the
+    named case file, the cache, the facts the model card names, or the requests themselves."""
+    step = Stepper("tracing", "facts", enabled=progress)
+    try:
+        return choose_layer(handle, requests, fact_set(cases) if cases else None, lambda: known_fact_set(handle), step)
+    finally:
+        step.close()

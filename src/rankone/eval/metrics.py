@@ -31,7 +31,7 @@ from rankone.eval.cases import KNOWN_RULES, Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean
 from rankone.core.progress import Progress, track
-from rankone.models.generation import context_limit
+from rankone.models.generation import context_limit, says
 from rankone.core.tokens import encode, join_target, kv_cache_kwargs, kv_cache_of, token_span
 
 NORMS = ("mean", "sum")
@@ -283,20 +283,11 @@ def degenerate(tok: Any, ids: Sequence[int], run: int = 4) -> bool:
     return any(len(set(ids[j:j + run])) == 1 for j in range(len(ids) - run + 1))
 
 
-def states(text: str, target: str) -> bool:
-    """Does `text` state `target` anywhere, as whole words, ignoring case and spacing?
-    ("Rome" is stated by "in rome, Italy" but not by "Romeo"; "New York" by "new  York".)"""
-    parts = target.split()
-    if not parts:
-        return False
-    return re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)", text, re.I) is not None
-
-
 def generation_success(model: torch.nn.Module, tok: Any, prompt: str, target: str, max_new_tokens: int = 20) -> bool:
     """Generation-based success: the greedy continuation of the prompt (max_new_tokens, not cut to
     the target's length) states the target as whole words, case-insensitively. It counts what a
     user reads, where teacher-forced ES only compares two probabilities."""
-    return states(generate(model, tok, prompt, max_new_tokens, top_k=1)[len(prompt):], target)
+    return says(generate(model, tok, prompt, max_new_tokens, top_k=1)[len(prompt):], target, anywhere=True)
 
 
 def fluency(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 50, top_k: int = 5,
@@ -310,7 +301,7 @@ def fluency(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_to
 # ---- single edits ---------------------------------------------------------------------------
 
 
-def evaluate_single_edits(model: Any, tok: Any, cases: Sequence[Case], hparams: Any,
+def evaluate_single_edits(handle: Any, cases: Sequence[Case], settings: Any,
                           stats_corpus: Any = None, norm: str = "mean", gen_tokens: int = 50,
                           progress: bool = True, on_result: Any = None) -> list[dict[str, Any]]:
     """Each case edited alone on the base model, measured, then reverted exactly (the papers' protocol).
@@ -322,10 +313,10 @@ def evaluate_single_edits(model: Any, tok: Any, cases: Sequence[Case], hparams: 
     from rankone.edit.editor import Editor
     from rankone.artifacts.patch import revert_patch
 
-    ed = Editor(model, tok, hparams, stats_corpus, progress=progress)  # `model` may be a ModelHandle (tok None)
+    ed = Editor(handle, settings, stats_corpus, progress=progress)
     model, tok = ed.model, ed.tok
     out = []
-    for c in track(cases, f"single edits ({ed.hp.method})", "edits", enabled=progress):
+    for c in track(cases, f"single edits ({ed.settings.method})", "edits", enabled=progress):
         t0 = time.perf_counter()
         patch = ed.edit([c.request], keep=True)
         t_edit = time.perf_counter() - t0

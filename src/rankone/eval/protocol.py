@@ -16,7 +16,7 @@ Nothing here prints; `rankone eval` prints the report's tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from rankone.artifacts.patch import Patch, apply_patch
 from rankone.core.errors import RankoneError
@@ -24,7 +24,8 @@ from rankone.core.progress import track
 from rankone.eval.cases import Case, edited_by
 from rankone.eval.glue import glue_suite
 from rankone.eval.metrics import alignable, evaluate_cases, evaluate_single_edits, fluency, knows, summarize
-from rankone.methods.hparams import EditHParams
+from rankone.methods.base import resolve_settings
+from rankone.methods.settings import MethodSettings
 from rankone.models.generation import perplexity
 from rankone.models.handle import ModelHandle
 
@@ -125,12 +126,13 @@ def measure(model: Any, tok: Any, cases: Sequence[Case], settings: EvalSettings,
 
 
 def evaluate_before_after(
-    handle: ModelHandle, cases: Sequence[Case], patches: Sequence[Patch] = (), hparams: EditHParams | None = None,
+    handle: ModelHandle, cases: Sequence[Case], patches: Sequence[Patch] = (),
+    hparams: MethodSettings | Mapping[str, Any] | str | None = None,
     stats_corpus: Any = None, settings: EvalSettings | None = None, known_only: bool = False, n: int | None = None,
     progress: bool = False,
 ) -> EvalReport:
-    """Measure, edit (the patches, else each case alone with `hparams` over the model card's
-    recommendations), measure again, revert. The model is given back exactly as it was."""
+    """Measure, edit (the patches, else each case alone with the settings `hparams` resolves to, as
+    for the Editor), measure again, revert. The model is given back exactly as it was."""
     settings = settings or EvalSettings()
     model, tok = handle
     if patches:
@@ -138,7 +140,7 @@ def evaluate_before_after(
     chosen, info = select_cases(model, tok, cases, known_only)
     chosen = chosen[:n] if n else chosen
     before, extra_b = measure(model, tok, chosen, settings, "before", progress)
-    hp: EditHParams | None = None
+    hp: MethodSettings | None = None
     same_fact: list[bool] = []
     if patches:
         applied = apply_patch(model, list(patches))
@@ -151,8 +153,8 @@ def evaluate_before_after(
             m["edited"] = x
         mode = "patch"
     else:
-        hp = (hparams or EditHParams()).over(handle)
-        after = evaluate_single_edits(handle, None, chosen, hp, stats_corpus, settings.norm, settings.gen_tokens,
+        hp = resolve_settings(handle, hparams)
+        after = evaluate_single_edits(handle, chosen, hp, stats_corpus, settings.norm, settings.gen_tokens,
                                       progress=progress)
         for m in after:
             m["edited"] = True

@@ -35,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -45,12 +45,13 @@ from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
 from rankone.eval.glue import glue_suite
-from rankone.eval.metrics import continuations, evaluate_cases, fluency, score, states
-from rankone.models.generation import perplexity
-from rankone.methods.hparams import HParams, settings_for
+from rankone.eval.metrics import continuations, evaluate_cases, fluency, score
+from rankone.models.generation import perplexity, says
+from rankone.methods.base import method
+from rankone.methods.settings import MethodSettings
 from rankone.artifacts.patch import Patch, library_versions
 from rankone.edit.guard import Guard
-from rankone.eval.sequential_steps import edit_batch, edit_one
+from rankone.eval.sequential_steps import edit_step
 from rankone.models.handle import ModelHandle
 from rankone.core.progress import Progress
 
@@ -119,7 +120,7 @@ def generation_scores(model: Any, tok: Any, cases: Sequence[Case], max_new_token
     para = [c for c in cases if c.paraphrase_prompts]
     prompts = [c.prompt for c in cases] + [c.paraphrase_prompts[0] for c in para]
     texts = [tok.decode(x, skip_special_tokens=True) for x in continuations(model, tok, prompts, max_new_tokens)]
-    hit = [states(t, c.target_new) for t, c in zip(texts, cases + para)]
+    hit = [says(t, c.target_new, anywhere=True) for t, c in zip(texts, cases + para)]
     return mean(hit[:len(cases)]), (mean(hit[len(cases):]) if para else None)
 
 
@@ -135,12 +136,12 @@ def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[t
 class SequentialRun:
     """One method's sequential run in `out_dir`; `run()` starts it or resumes it."""
 
-    def __init__(self, model: ModelHandle | torch.nn.Module, tok: Any, cases: Sequence[Case], hp: HParams,
+    def __init__(self, handle: ModelHandle, cases: Sequence[Case], settings: MethodSettings | Mapping[str, Any] | str | None,
                  out_dir: str | os.PathLike, cfg: SequentialConfig, probes: Sequence[tuple[str, str]] | None = None,
                  ppl_text: str | None = None, meta: dict[str, Any] | None = None, stats_corpus: Any = None,
                  progress: bool = True, checkpoint_s: float | None = 600.0) -> None:
-        """`model`: a ModelHandle (tok None) or a model and its tokenizer. `cases`: the first cfg.n
-        are edited; `probes` default to `probe_pool` of the rest. `checkpoint_s`: besides every
+        """`settings`: as for the Editor (a method name, a dict of settings, a settings object).
+        `cases`: the first cfg.n are edited; `probes` default to `probe_pool` of the rest. `checkpoint_s`: besides every
         evaluation point, checkpoint after the edit (or batch) that ends this many seconds since the
         last checkpoint (None: only at evaluation points). It is not a setting of the run: where a
         run stops and resumes does not change what it computes."""
@@ -148,13 +149,13 @@ class SequentialRun:
 
         if len(cases) < cfg.n:
             raise RankoneError(f"only {len(cases)} usable case(s) for {cfg.n} edits; ask for fewer (--n) or give more cases")
-        self.editor = Editor(model, tok, hp, stats_corpus, progress=progress)
-        if not self.editor.is_batch:
+        self.editor = Editor(handle, settings, stats_corpus, progress=progress)
+        if self.editor.method.one_at_a_time:
             cfg = dataclasses.replace(cfg, batch_size=1)  # the ROME family edits one request at a time
         elif cfg.every % cfg.batch_size:
             raise RankoneError(f"--every {cfg.every} must be a multiple of --batch-size {cfg.batch_size}: "
                                "the model is measured between batches")
-        self.model, self.tok, self.hp, self.cfg = self.editor.model, self.editor.tok, self.editor.hp, cfg
+        self.model, self.tok, self.settings, self.cfg = self.editor.model, self.editor.tok, self.editor.settings, cfg
         self.cases = list(cases[:cfg.n])
         self.out = Path(out_dir)
         self.probes = list(probe_pool(cases, cfg.n, cfg.probe_sample) if probes is None else probes)
@@ -162,12 +163,12 @@ class SequentialRun:
         self.meta = dict(meta or {})
         self.progress = progress
         self.checkpoint_s = checkpoint_s
-        self.layers = self.editor.layers()  # a batch method's window; else the one edited layer
+        self.layers = self.editor.layers  # a window method's window; else the one edited layer
         self.layer = self.layers[-1]
-        self.path = self.editor.module_path(self.layer)
-        self.paths = [self.editor.module_path(l) for l in self.layers]
+        self.path = handle.proj_path(self.layer)
+        self.paths = [handle.proj_path(l) for l in self.layers]
         self.guard = Guard(cfg.guard_factor, cfg.denom_factor, cfg.warmup) if cfg.guard else None
-        self.patch = Patch([], base=self.editor.base_info(), created_at=utcnow(), library_versions=library_versions())
+        self.patch = Patch([], base=handle.base_info(), created_at=utcnow(), library_versions=library_versions())
         self.lines: list[dict[str, Any]] = []
         idx = spaced(len(self.cases), cfg.ns_sample)
         self.ns_cases = [dataclasses.replace(self.cases[i], paraphrase_prompts=[]) for i in idx]
@@ -177,11 +178,11 @@ class SequentialRun:
 
     # -- identity and files --
 
-    def settings(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
         """What a run's folder must match to be resumed (run.json)."""
         ids = hashlib.sha256(json.dumps([c.to_dict() for c in self.cases], sort_keys=True).encode()).hexdigest()
-        window = {"layers": self.layers} if self.editor.is_batch else {}
-        return {"format": "rankone.eval.sequential/1", "method": self.hp.method, "hparams": self.hp.to_dict(),
+        window = {} if self.editor.method.one_at_a_time else {"layers": self.layers}
+        return {"format": "rankone.eval.sequential/1", "method": self.settings.method, "hparams": self.settings.to_dict(),
                 "config": self.cfg.to_dict(), "layer": self.layer, "module": self.path, **window, "cases_sha256": ids,
                 "probes": len(self.probes), "meta": self.meta}
 
@@ -211,7 +212,7 @@ class SequentialRun:
         if force or not self.out.is_dir():
             return "fresh"
         if run_json.is_file():
-            old, new = _as_today(json.loads(run_json.read_text())), json.loads(json.dumps(self.settings()))
+            old, new = _as_today(json.loads(run_json.read_text())), json.loads(json.dumps(self.identity()))
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise RankoneError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
@@ -230,7 +231,7 @@ class SequentialRun:
             p = self.out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "run.json", self.settings())
+        write_json(self.out / "run.json", self.identity())
         self.jsonl.write_text("")
         return 0
 
@@ -310,11 +311,9 @@ class SequentialRun:
 
     # -- the loop --
 
-    def _edit(self, i: int) -> dict[str, Any]:
-        return edit_one(self, i)
-
-    def _edit_batch(self, i0: int, i1: int) -> list[dict[str, Any]]:
-        return edit_batch(self, i0, i1)
+    def _step(self, i0: int, i1: int) -> list[dict[str, Any]]:
+        """Cases i0..i1−1 as one step (one case for the ROME family, a batch otherwise)."""
+        return edit_step(self, i0, i1)
 
     def run(self, force: bool = False, on_eval: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         # the base weights of every edited layer: given back when the run ends, however it ends
@@ -340,12 +339,12 @@ class SequentialRun:
             self._checkpoint(0)
         elif (self.out / "probes.json").is_file():
             self.probes = [tuple(p) for p in json.loads((self.out / "probes.json").read_text())]
-        bar = Progress(self.cfg.n, f"sequential {self.hp.method}", "edits", enabled=self.progress, initial=start)
+        bar = Progress(self.cfg.n, f"sequential {self.settings.method}", "edits", enabled=self.progress, initial=start)
         self._saved = time.monotonic()
         try:
             for i in range(start, self.cfg.n, self.cfg.batch_size):
                 j = min(i + self.cfg.batch_size, self.cfg.n)
-                for rec in [self._edit(i)] if self.cfg.batch_size == 1 else self._edit_batch(i, j):
+                for rec in self._step(i, j):
                     self._emit(rec)
                 bar.update(j - i)
                 if j % self.cfg.every == 0 or j == self.cfg.n:
@@ -379,7 +378,7 @@ def _as_today(settings: dict[str, Any]) -> dict[str, Any]:
     out = dict(settings)
     try:
         if isinstance(out.get("hparams"), dict):
-            out["hparams"] = settings_for(out.get("method")).from_dict(out["hparams"]).to_dict()
+            out["hparams"] = method(out.get("method")).settings.from_dict(out["hparams"]).to_dict()
         if isinstance(out.get("config"), dict):
             out["config"] = SequentialConfig.from_dict(out["config"]).to_dict()
     except (RankoneError, TypeError):  # not loadable by this version: compared as stored, so it differs

@@ -1,96 +1,96 @@
-"""The two kinds of step of a sequential run (`rankone.eval.sequential.SequentialRun`): one
-rank-one edit, or one batch (MEMIT, AlphaEdit). Each writes through the run's Editor with the
-run's guard, appends what was written to the run's patch and returns the JSONL records: one per
-case, scored (ES, top-1 of the new target) right after its edit or its batch.
+"""One step of a sequential run (`rankone.eval.sequential.SequentialRun`): cases i0..i1−1 written
+through the run's Editor with the run's guard (one case for the ROME family, a batch for the
+window methods), appended to the run's patch, and one JSONL record per case, scored (ES, top-1 of
+the new target) right after its step.
 
-In a batch every case's record carries the batch's first index (`batch`) and the batch's ‖Δ‖ per
-fact (`delta_fro`: ‖ΣBA‖_F over the window / √n, the number the guard judges; see
-rankone.edit.guard); batch methods have no denominator.
+Every record of a step carries the step's first index (`batch`, for a batch) and ‖Δ‖ per fact
+(`delta_fro`: ‖ΣBA‖_F over the step's layers / √n, the number the guard judges; for one
+rank-one edit its ‖Δ‖_F); a rank-one edit also records its denominators and key cosine. An
+update that would overflow the weights is refused unwritten and recorded as a failed edit.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Protocol, Sequence
+
+import torch
 
 from rankone.artifacts.patch import Patch, compose
-from rankone.edit.guard import norm_spike
+from rankone.core.errors import OverflowRefused
+from rankone.edit.editor import Editor
+from rankone.edit.guard import Guard, norm_spike
 from rankone.eval.cases import Case
 from rankone.eval.metrics import score
 
 
-def keep(run: Any, p: Patch) -> None:
+class SequentialRun(Protocol):
+    """What a step reads and writes of its run (rankone.eval.sequential.SequentialRun)."""
+
+    editor: Editor
+    guard: Guard | None
+    cases: Sequence[Case]
+    cfg: Any  # SequentialConfig: norm, spike_factor, warmup
+    model: torch.nn.Module
+    tok: Any
+    lines: list[dict[str, Any]]
+    patch: Patch
+
+    def w_dist(self) -> float: ...
+
+RANK_ONE_FIELDS = ("denominator", "denom_mean_mean", "denom_bare_bare", "denom_bare_mean", "key_cosine",
+                   "weight_fro", "delta_norm", "current_value_norm")
+
+
+def keep(run: SequentialRun, p: Patch) -> None:
     """Append a written patch's edits to the run's patch."""
     run.patch = compose([run.patch, p]) if run.patch.edits else Patch(
         list(p.edits), run.patch.base, run.patch.created_at, run.patch.library_versions)
 
 
-def score_now(run: Any, case: Case) -> dict[str, float]:
+def score_now(run: SequentialRun, case: Case) -> dict[str, float]:
     """ES (new target over the true one) and top-1 of the new target, on the model as it is now."""
     sc = score(run.model, run.tok, [(case.prompt, case.target_new), (case.prompt, case.target_true)])
     return {"es": float(sc[0].p(run.cfg.norm) > sc[1].p(run.cfg.norm)), "top1": float(sc[0].top1)}
 
 
-def edit_one(run: Any, i: int) -> dict[str, Any]:
-    """Case i as one rank-one edit; its record with the update's ‖Δ‖ and denominators."""
-    case = run.cases[i]
-    t0 = time.perf_counter()
-    n_rej = len(run.editor.rejected)
-    rec: dict[str, Any] = {"type": "edit", "i": i, "case_id": case.case_id, "prompt": case.prompt,
-                           "target": case.target_new, "target_true": case.target_true}
-    try:
-        p = run.editor.edit([case.request], keep=True, guard=run.guard)
-    except FloatingPointError as e:  # the update overflows the weight's dtype: never written
-        p, rec["reason"] = None, f"overflow: {e}"
-    if p is not None and p.edits:
-        e = p.edits[0]
-        keep(run, p)
-        d = e.diagnostics
-        prev = [r["delta_fro"] for r in run.lines if r["type"] == "edit" and r["accepted"]]
-        rec.update(accepted=True, **score_now(run, case), value_prob=d.get("value", {}).get("target_prob"))
-        spike = norm_spike(e.delta_fro, prev, run.cfg.spike_factor, run.cfg.warmup)
-        rec["flags"] = [f"‖Δ‖ spike: {spike}"] if spike else []
-    else:
-        d = run.editor.rejected[-1].diagnostics if len(run.editor.rejected) > n_rej else {}
-        rec.update(accepted=False, reason=rec.get("reason") or (run.editor.rejected[-1].reason if d else "?"),
-                   flags=["refused by the guard" if d else "not written"])
-    for k in ("delta_fro", "denominator", "denom_mean_mean", "denom_bare_bare", "denom_bare_mean", "key_cosine",
-              "weight_fro", "delta_norm", "current_value_norm"):
-        rec[k] = d.get(k)
-    rec["w_dist"] = run.w_dist()
-    rec["seconds"] = time.perf_counter() - t0
-    return rec
-
-
-def edit_batch(run: Any, i0: int, i1: int) -> list[dict[str, Any]]:
-    """Cases i0..i1−1 as one batch; one record per case, scored once the batch is written."""
+def edit_step(run: SequentialRun, i0: int, i1: int) -> list[dict[str, Any]]:
+    """Cases i0..i1−1 as one step of the run's method; one record per case."""
     cases = run.cases[i0:i1]
     t0 = time.perf_counter()
-    recs: list[dict[str, Any]] = [{"type": "edit", "i": i, "batch": i0, "case_id": c.case_id, "prompt": c.prompt,
-                                   "target": c.target_new, "target_true": c.target_true, "denominator": None}
+    recs: list[dict[str, Any]] = [{"type": "edit", "i": i, "case_id": c.case_id, "prompt": c.prompt,
+                                   "target": c.target_new, "target_true": c.target_true}
                                   for i, c in zip(range(i0, i1), cases)]
-    n_rej, why = len(run.editor.rejected), "not written"
+    if len(cases) > 1 or not run.editor.method.one_at_a_time:
+        for r in recs:
+            r["batch"] = i0
+    n_rej, why, p = len(run.editor.rejected), "not written", None
     try:
         p = run.editor.edit([c.request for c in cases], keep=True, guard=run.guard)
-    except FloatingPointError as e:  # the update overflows the weight's dtype: never written
-        p, why = None, f"overflow: {e}"
+    except OverflowRefused as e:  # the update overflows the weight's dtype: never written
+        why = f"overflow: {e}"
+    refused = run.editor.rejected[-1] if len(run.editor.rejected) > n_rej else None
+    computed = refused.computed if refused is not None else None
     if p is not None and p.edits:
         keep(run, p)
         per_fact = math.sqrt(sum(e.delta_fro ** 2 for e in p.edits) / len(cases))  # as the guard measures it
         prev = [r["delta_fro"] for r in run.lines if r["type"] == "edit" and r["accepted"]]
         spike = norm_spike(per_fact, prev, run.cfg.spike_factor, run.cfg.warmup)
-        probs = p.edits[-1].diagnostics.get("targets", {}).get("target_prob", [None] * len(cases))
+        d = p.edits[-1].diagnostics
+        probs = d["targets"]["target_prob"] if "targets" in d else [d.get("value", {}).get("target_prob")]
         for rec, c, prob in zip(recs, cases, probs):
             rec.update(accepted=True, **score_now(run, c), value_prob=prob, delta_fro=per_fact,
                        flags=[f"‖Δ‖ spike: {spike}"] if spike else [])
     else:
-        refused = len(run.editor.rejected) > n_rej
-        why = run.editor.rejected[-1].reason if refused else why
-        per_fact = run.editor.rejected[-1].diagnostics["delta_fro_per_fact"] if refused else None
+        why = refused.reason if refused is not None else why
+        per_fact = computed.delta_fro / math.sqrt(len(cases)) if computed is not None else None
+        d = computed.updates[-1].diagnostics if computed is not None else {}
         for rec in recs:
             rec.update(accepted=False, reason=why, delta_fro=per_fact,
-                       flags=["refused by the guard" if refused else "not written"])
+                       flags=["refused by the guard" if refused is not None else "not written"])
+    for rec in recs:
+        rec.update({k: d.get(k) for k in RANK_ONE_FIELDS} if run.editor.method.one_at_a_time else {"denominator": None})
     w, secs = run.w_dist(), (time.perf_counter() - t0) / len(cases)
     for rec in recs:
         rec.update(w_dist=w, seconds=secs)

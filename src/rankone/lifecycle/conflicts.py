@@ -25,7 +25,6 @@ files alone (no model, no statistics):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +32,8 @@ from typing import Any, Iterable
 import torch
 
 from rankone.artifacts.patch import Edit, Patch
+from rankone.core.errors import RankoneError
+from rankone.testbed.world import WORLD_FILE, World
 
 
 @dataclass
@@ -92,13 +93,13 @@ def fit_release(base_fp: dict[str, str], released: list[tuple[str, Patch]], patc
 
 def relation_map(model_dir: str | Path | None) -> dict[str, str]:
     """Normalised phrasing → relation id, from a testbed's world.json (empty when there is none)."""
-    if model_dir is None or not (Path(model_dir) / "world.json").is_file():
+    if model_dir is None or not (Path(model_dir) / WORLD_FILE).is_file():
         return {}
     try:
-        world = json.loads((Path(model_dir) / "world.json").read_text(encoding="utf-8"))
-        return {_norm(ph): str(r["id"]) for r in world.get("relations", []) for ph in r.get("phrasings", [])}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        world = World.load(model_dir)
+    except RankoneError:  # a damaged world file only costs the relation names
         return {}
+    return {_norm(ph): r.id for r in world.relations for ph in r.phrasings}
 
 
 def _norm(template: str) -> str:

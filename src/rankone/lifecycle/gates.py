@@ -35,8 +35,9 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_lines
-from rankone.models.generation import answer_matches, first_word, greedy, perplexity, target_logprob  # noqa: F401  (answer_matches re-exported)
-from rankone.artifacts.patch import Patch, apply_patch, lowrank_fro
+from rankone.models.generation import first_word, greedy, perplexity, says, target_logprob
+from rankone.artifacts.patch import Patch, apply_patch
+from rankone.methods.base import lowrank_fro
 from rankone.core.util import utcnow
 
 CHECK_TYPES = ("target", "keep", "perplexity")
@@ -300,7 +301,7 @@ def _fmt_p(p: float | None) -> str:
 
 def _judge(c: Check, b: dict[str, Any], a: dict[str, Any], policy: GatePolicy) -> CheckResult:
     if c.type == "target":
-        ok = answer_matches(a["cont"], c.target)
+        ok = says(a["cont"], c.target)
         return CheckResult("target", c.prompt, c.target, f"{first_word(b['cont'])} {_fmt_p(b['p'])}",
                            f"{first_word(a['cont'])} {_fmt_p(a['p'])}", a["p"], None, ok,
                            "" if ok else f"answer {a['cont'].strip()!r} is not {c.target!r}")

@@ -39,9 +39,8 @@ from rankone.core.util import user_name, utcnow
 from rankone.models.handle import ModelHandle
 
 
-def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.ArchSpec | None = None) -> dict[str, str]:
+def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.ArchSpec) -> dict[str, str]:
     """sha256 of each listed module's [out, in] weight, and of every layer's edited projection."""
-    spec = spec or arch.spec_for(model)
     names = set(modules) | {spec.proj.format(i) for i in range(arch.num_layers(model, spec))}
     out = {}
     for m in sorted(names):
@@ -107,23 +106,14 @@ class Registry(RegistryStore):
                          "suite_sha256": report.get("suite", {}).get("sha256", "")})
         return self.get(pid)
 
-    def preserved_keys(self) -> Any:
-        """AlphaEdit's preserved keys for the next batch on this registry's base: the keys of every
-        released batch edit, in release order (a PreservedKeys; see rankone.edit.batch). Derived from
-        the released patches themselves, so it is exact across sessions and a rollback drops its keys."""
-        from rankone.edit.batch import preserved_keys_of
-
-        return preserved_keys_of(p for _, p in self._released_patches(self.db))
-
     def _released_patches(self, db: Any) -> list[tuple[str, Patch]]:
         rows = db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq").fetchall()
         return [(r[0], self.load_patch(r[0])) for r in rows]
 
     def check_model(self, model: ModelHandle | torch.nn.Module, extra_modules: Sequence[str] = ()) -> dict[str, str]:
         """Refuse a model that is not this registry's base; its fingerprints when it is."""
-        spec = model.spec if isinstance(model, ModelHandle) else None
-        m = model.model if isinstance(model, ModelHandle) else model
-        fps = model_fingerprints(m, self.base_module_names() + list(extra_modules), spec)
+        h = model if isinstance(model, ModelHandle) else ModelHandle.of(model, None)
+        fps = model_fingerprints(h.model, self.base_module_names() + list(extra_modules), h.spec)
         self.verify_base(fps)
         return fps
 

@@ -12,7 +12,7 @@ of the preserved knowledge's keys and the keys of earlier edits kept, one functi
  (5) update  ΔW_l = R_l K_lᵀ P (K_p K_pᵀ P + K_l K_lᵀ P + α I)⁻¹
              the minimiser of ‖Δ P K_l − R_l‖² + ‖Δ P K_p‖² + α ‖Δ P‖² (the paper's closed form;
              α is `L2` in the authors' code), K_p [in, n_p] the keys of all earlier edits on
-             this layer (`PreservedKeys`). ΔW (I − P) = 0, and on the basis Û it is symmetric:
+             this layer (the edit context's `preserved`). ΔW (I − P) = 0, and on the basis Û it is symmetric:
                  ΔW = R (Û X)ᵀ,  X = (Ûᵀ S Û + α I_r)⁻¹ Ûᵀ K,  S = K_p K_pᵀ + K Kᵀ,
              with G = Ûᵀ [K_p K] [r, m] and Ûᵀ S Û = G Gᵀ; when m < r, (G Gᵀ + αI)⁻¹ G =
              G (Gᵀ G + αI)⁻¹ makes it an m × m solve. Float64, Cholesky. B = R [out, k],
@@ -33,13 +33,16 @@ instead; a smaller ε preserves more and leaves fewer directions to write in.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -48,14 +51,39 @@ from safetensors.torch import save as safetensors_bytes
 from rankone.core.atomic import write_bytes
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
-from rankone.core.tokens import EditRequest
-from rankone.methods.hparams import AlphaEditHParams
-from rankone.methods.memit import LayerUpdate, context_templates, run_window
-from rankone.methods.stats import LayerStats, cache_root
+from rankone.methods.base import EditInputs, Method
+from rankone.methods.cache import cache_root
+from rankone.methods.memit import MemitHParams, window_passes, window_step
+from rankone.methods.stats import LayerStats
+from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.methods.alphaedit/1"
 NULL_ENERGY_WARN = 0.05  # a null space holding more of the preserved keys' energy than this is logged
+
+
+@dataclass(frozen=True)
+class AlphaEditHParams(MemitHParams):
+    """MEMIT's window and target settings (mom2_update_weight is not used) and the null-space ones."""
+
+    method: str = "alphaedit"
+    nullspace_threshold: float = 2e-2  # eigenvalues of E[k kᵀ] below this span the null space (key² units)
+    # instead, scale-free: the smallest eigen-directions that together hold at most this share of trace E[k kᵀ]
+    nullspace_energy: float | None = None
+    l2: float = 10.0  # α
+
+    def check(self) -> None:
+        super().check()
+        for name in ("nullspace_threshold", "l2"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v > 0):
+                raise RankoneError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        if self.nullspace_energy is not None and not 0 < float(self.nullspace_energy) < 1:
+            raise RankoneError(f"nullspace_energy is a share of the key energy, between 0 and 1 (e.g. 0.02), "
+                               f"got {self.nullspace_energy}")
+
+    def resolve(self, handle: ModelHandle) -> "AlphaEditHParams":
+        return dataclasses.replace(super().resolve(handle), mom2_update_weight=None)
 
 
 # ---- (4) the null-space projector -----------------------------------------------------------
@@ -98,25 +126,18 @@ def projector_key(stats: LayerStats | torch.Tensor, threshold: float, energy: fl
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-_NULL_MEMO: dict[str, torch.Tensor] = {}
-_WARNED: set[int] = set()  # ids of memoised bases whose null-energy warning was logged
-
-
 def cached_null_basis(
     stats: LayerStats, threshold: float, cache_dir: str | os.PathLike | None = None, energy: float | None = None,
 ) -> torch.Tensor:
-    """Û for these statistics, computed once: from memory, else from a verified file beside the
-    statistics cache (only for statistics that carry a cache key), else by eigendecomposition."""
+    """Û for these statistics: from a verified file beside the statistics cache (only for
+    statistics that carry a cache key), else by eigendecomposition (and saved there)."""
     key = projector_key(stats, threshold, energy)
-    if key in _NULL_MEMO:
-        return _NULL_MEMO[key]
     f = (Path(cache_dir) if cache_dir is not None else cache_root() / "nullspace") / f"null-{key[:32]}.safetensors"
     U = _load_basis(f, key) if stats.meta else None
     if U is None:
         U = null_space_basis(stats.mom2, threshold, energy)
         if stats.meta:
             write_bytes(f, safetensors_bytes({"basis": U}, {"key": key, "checksum": tensor_sha256(U)}))
-    _NULL_MEMO[key] = U
     return U
 
 
@@ -133,56 +154,6 @@ def _load_basis(f: Path, key: str) -> torch.Tensor | None:
         log.warning("ignoring null-space cache %s: it does not match these statistics or fails its checksum", f)
         return None
     return U
-
-
-# ---- the keys of earlier edits --------------------------------------------------------------
-
-
-@dataclass
-class PreservedKeys:
-    """K_p per layer: the keys every earlier AlphaEdit batch wrote there ([in, n_p] float64).
-    Saved beside the registry or a sequential run's checkpoints, so a later session solves
-    exactly the problem an unbroken run would."""
-
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def get(self, layer: int, in_features: int) -> torch.Tensor:
-        k = self.keys.get(layer)
-        if k is None:
-            return torch.zeros(in_features, 0, dtype=torch.float64)
-        if k.shape[0] != in_features:
-            raise RankoneError(f"preserved keys of layer {layer} have {k.shape[0]} features, the layer has {in_features}: "
-                               "they belong to another model; start a new store")
-        return k
-
-    def add(self, layer: int, K: torch.Tensor) -> None:
-        K = K.detach().to("cpu", torch.float64)
-        self.keys[layer] = torch.cat([self.get(layer, K.shape[0]), K], dim=1)
-
-    def count(self, layer: int) -> int:
-        return 0 if layer not in self.keys else int(self.keys[layer].shape[1])
-
-    def copy(self) -> "PreservedKeys":
-        return PreservedKeys({l: k.clone() for l, k in self.keys.items()})
-
-    def save(self, path: str | os.PathLike) -> None:
-        tensors = {f"layer.{l}": k.contiguous() for l, k in sorted(self.keys.items())}
-        write_bytes(path, safetensors_bytes(tensors, {"schema": SCHEMA + "/preserved"}))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PreservedKeys":
-        p = Path(path)
-        if not p.is_file():
-            raise RankoneError(f"preserved-keys file {p} does not exist; pass the file a previous AlphaEdit run saved")
-        try:
-            with safe_open(str(p), "pt") as fh:
-                meta = fh.metadata() or {}
-                keys = {int(n.split(".", 1)[1]): fh.get_tensor(n) for n in fh.keys()}
-        except Exception as e:
-            raise RankoneError(f"{p} is not a readable preserved-keys file ({str(e).splitlines()[0]})") from None
-        if meta.get("schema") != SCHEMA + "/preserved" or any(k.ndim != 2 or k.dtype != torch.float64 for k in keys.values()):
-            raise RankoneError(f"{p} is not a rankone preserved-keys file (schema {meta.get('schema')!r})")
-        return cls(keys)
 
 
 # ---- (5) the update -------------------------------------------------------------------------
@@ -213,41 +184,32 @@ def alphaedit_update(
     return R.clone(), (U @ X).T.contiguous()
 
 
-def edit_batch(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: AlphaEditHParams,
-    stats_for_layer: Callable[[int], LayerStats], preserved: PreservedKeys | None = None,
-    templates: list[str] | None = None, cache_dir: str | os.PathLike | None = None,
-) -> list[LayerUpdate]:
-    """AlphaEdit for a batch: one LayerUpdate (module, layer, B, A, diagnostics) per window layer,
-    lowest first, ΔW = B A. The model is not changed. `preserved` holds the earlier edits' keys;
-    when given, this batch's keys are appended to it after every layer has been solved (so keep
-    it only if the updates are written; pass preserved.copy() to try a batch). Û comes from
-    `cached_null_basis(stats_for_layer(layer), threshold, cache_dir, energy)`."""
-    if not requests:
-        raise RankoneError("no requests to edit: give at least one prompt/subject/target")
-    hp = hparams.resolve(model)
-    tmpl = templates if templates is not None else context_templates(model, tok, hp)
-
-    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        st = stats_for_layer(layer)
-        U = cached_null_basis(st, hp.nullspace_threshold, cache_dir, hp.nullspace_energy)
+def null_basis(ctx: EditInputs, hp: AlphaEditHParams, layer: int, st: LayerStats) -> torch.Tensor:
+    """Û of a layer, computed (or read from disk) once per edit context; a leaky one is logged once."""
+    def make() -> torch.Tensor:
+        U = cached_null_basis(st, hp.nullspace_threshold, ctx.cache_dir, hp.nullspace_energy)
         leak = null_energy(st.mom2, U)
-        if leak > NULL_ENERGY_WARN and id(U) not in _WARNED:  # once per cached basis, not per batch
-            _WARNED.add(id(U))
+        if leak > NULL_ENERGY_WARN:
             log.warning("AlphaEdit's null space at layer %d (%d of %d directions) holds %.0f%% of the key statistics' "
                         "energy, so updates confined to it still reach ordinary text's keys; a smaller null space: "
                         "--hparams '{\"nullspace_energy\": 0.02}' (fewer directions left to write in)",
-                        layer, U.shape[1], K.shape[0], 100 * leak)
-        Kp = preserved.get(layer, K.shape[0]) if preserved is not None else None
-        B, A = alphaedit_update(K, R, U, Kp, hp.l2)
-        moved = float((B @ (A @ Kp)).norm() / R.norm().clamp_min(1e-300)) if Kp is not None and Kp.shape[1] else 0.0
-        return B, A, {"method": "alphaedit", "null_dim": int(U.shape[1]), "in_features": int(K.shape[0]),
-                      "null_energy": leak, "threshold": hp.nullspace_threshold, "nullspace_energy": hp.nullspace_energy,
-                      "l2": hp.l2, "n_preserved": 0 if Kp is None else int(Kp.shape[1]),
-                      "preserved_shift": moved, "stats_tokens": st.n_tokens, "hparams": hp.to_dict(), "templates": tmpl}
+                        layer, U.shape[1], U.shape[0], 100 * leak)
+        return U
+    return ctx.memo(("alphaedit.null_basis", layer, projector_key(st, hp.nullspace_threshold, hp.nullspace_energy)), make)
 
-    updates, keys = run_window(model, tok, requests, hp, tmpl, solve)
-    if preserved is not None:
-        for layer, K in keys.items():
-            preserved.add(layer, K)
-    return updates
+
+def alphaedit_solver(ctx: EditInputs, hp: AlphaEditHParams, layer: int, K: torch.Tensor, R: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    st = ctx.stats([layer], hp.stats_tokens)[layer]
+    U = null_basis(ctx, hp, layer, st)
+    Kp = ctx.preserved(layer, K.shape[0])  # [in, n_p] the keys of earlier edits kept in the model
+    B, A = alphaedit_update(K, R, U, Kp, hp.l2)
+    moved = float((B @ (A @ Kp)).norm() / R.norm().clamp_min(1e-300)) if Kp.shape[1] else 0.0
+    return B, A, {"null_dim": int(U.shape[1]), "in_features": int(K.shape[0]), "null_energy": null_energy(st.mom2, U),
+                  "threshold": hp.nullspace_threshold, "nullspace_energy": hp.nullspace_energy, "l2": hp.l2,
+                  "n_preserved": int(Kp.shape[1]), "preserved_shift": moved, "stats_tokens": st.n_tokens}
+
+
+ALPHAEDIT = Method(name="alphaedit", settings=AlphaEditHParams, compute=functools.partial(window_step, alphaedit_solver),
+                   one_at_a_time=False, planned_passes=window_passes,
+                   summary="MEMIT's batch confined to the null space of C, earlier edits' keys kept (Fang et al. 2025)")

@@ -33,38 +33,91 @@ post_feedforward_layernorm) gets the update written in pre-norm units.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output
-from rankone.core.tokens import EditRequest, encode_request, pad_batch, sample_prefixes
-from rankone.methods.hparams import MemitHParams
+from rankone.core.tokens import EditRequest, encode_request, pad_batch
+from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method
 from rankone.methods.passes import ValuePasses
-from rankone.methods.rome import _device
+from rankone.methods.settings import MethodSettings, check_value_loop
 from rankone.methods.stats import LayerStats
+from rankone.models.handle import ModelHandle
 
-class LayerUpdate(NamedTuple):
-    """One layer's share of a batch edit: ΔW = B A on the projection at `module`."""
-
-    module: str
-    layer: int
-    B: torch.Tensor  # [out, k] float64
-    A: torch.Tensor  # [k, in] float64
-    diagnostics: dict[str, Any]
-    keys: torch.Tensor | None = None  # [in, k] float64: the batch's keys this layer was solved with
+GPTJ_LAMBDA, GPTJ_D_IN = 15000.0, 16384  # MEMIT's mom2_update_weight for GPT-J and its key size
 
 
-def context_templates(model: torch.nn.Module, tok: Any, hp: MemitHParams) -> list[str]:
-    """"{}" and the prefixed copies the targets and keys average over (ROME's recipe)."""
-    if hp.prefixes is not None:
-        return ["{}"] + list(hp.prefixes)
-    return ["{}"] + sample_prefixes(model, tok, hp.prefix_spec, hp.seed)
+@dataclass(frozen=True)
+class MemitHParams(MethodSettings):
+    """MEMIT's settings (the paper's GPT-J ones, adapted per model by `resolve`). The window
+    settings and the target optimisation are shared by every method that spreads a batch over a
+    window of layers (AlphaEdit, EMMET: their settings derive from these)."""
+
+    method: str = "memit"
+    layers: list[int] | None = None  # the window itself; None: `window` layers ending at `layer`
+    window: int | None = None  # None: round(n_layers / 6), within 1..5
+    mom2_update_weight: float | None = None  # λ; None: 15000 · d_in / 16384
+    # target optimisation (MEMIT's GPT-J settings)
+    v_steps: int = 25
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    early_stop_loss: float = 0.05
+    kl_prompt: str = "{} is a"
+    fast_value: bool = True  # replay the cached hidden states up to the critical layer
+    prefix_spec: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    batch_rows: int = 256  # prompts per forward pass: reading keys, and the targets' groups of facts (memory)
+
+    def check(self) -> None:
+        super().check()
+        check_value_loop(self)
+        if self.layers is not None:
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+                raise RankoneError(f"layers {self.layers} must be a non-empty increasing list, e.g. [3, 4, 5, 6, 7]")
+            if self.layer is not None and self.layer != self.layers[-1]:
+                raise RankoneError(f"layer {self.layer} must be the last of layers {self.layers} (the critical layer)")
+        if self.window is not None and int(self.window) < 1:
+            raise RankoneError(f"window must be at least 1, got {self.window}")
+        lam = self.mom2_update_weight
+        if lam is not None and not (math.isfinite(lam) and lam > 0):
+            raise RankoneError(f"mom2_update_weight must be a positive finite number, got {lam}")
+        if not math.isfinite(self.early_stop_loss) or self.early_stop_loss < 0:
+            raise RankoneError(f"early_stop_loss must be a finite number ≥ 0, got {self.early_stop_loss}")
+        if int(self.batch_rows) < 1:
+            raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
+
+    @classmethod
+    def merge(cls, card: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+        """As MethodSettings.merge; a window the user gives fixes the critical layer (over the card's)."""
+        merged = super().merge(card, user)
+        if user.get("layers") and user.get("layer") is None:
+            merged["layer"] = user["layers"][-1]
+        return merged
+
+    def resolve(self, handle: ModelHandle) -> "MemitHParams":
+        """The window and λ made concrete for the model (what gets recorded)."""
+        if self.layers is not None:
+            layers = [handle.check_layer(int(l)) for l in self.layers]
+        else:
+            last = handle.check_layer(handle.default_layer() if self.layer is None else int(self.layer))
+            size = int(self.window) if self.window is not None else self.default_window(handle.n_layers)
+            layers = list(range(max(0, last - size + 1), last + 1))
+        d_in = arch.in_out_features(handle.proj(layers[-1]))[0]
+        lam = self.mom2_update_weight if self.mom2_update_weight is not None else GPTJ_LAMBDA * d_in / GPTJ_D_IN
+        return self.replace(layers=layers, layer=layers[-1], window=len(layers), mom2_update_weight=float(lam))
+
+    @staticmethod
+    def default_window(n_layers: int) -> int:
+        return min(5, max(1, round(n_layers / 6)))
 
 
 # ---- (1) targets ------------------------------------------------------------------------------
@@ -86,8 +139,7 @@ def facts_per_group(hp: MemitHParams, n_templates: int) -> int:
 
 
 def compute_targets(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
-    templates: list[str], hp: MemitHParams,
+    handle: ModelHandle, requests: Sequence[EditRequest], layer: int, templates: list[str], hp: MemitHParams,
 ) -> Targets:
     """Step (1), the facts in groups of ⌊batch_rows / (templates + 1)⌋, each group in one batched
     forward and backward per step.
@@ -100,7 +152,7 @@ def compute_targets(
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
     per_group = facts_per_group(hp, len(templates))
-    groups = [_group_targets(model, tok, requests[i:i + per_group], layer, templates, hp)
+    groups = [_group_targets(handle, requests[i:i + per_group], layer, templates, hp)
               for i in range(0, len(requests), per_group)]
     if len(groups) == 1:
         return groups[0]
@@ -110,12 +162,12 @@ def compute_targets(
 
 
 def _group_targets(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
-    templates: list[str], hp: MemitHParams,
+    handle: ModelHandle, requests: Sequence[EditRequest], layer: int, templates: list[str], hp: MemitHParams,
 ) -> Targets:
     """`compute_targets` for one group of facts, all in each step's forward and backward."""
-    block = arch.get_module(model, arch.spec_for(model).layer_path(layer))
-    dev = _device(model)
+    model, tok = handle.model, handle.tokenizer
+    block = handle.block(layer)
+    dev = handle.device
     n, T = len(requests), len(templates)
     rewrites = [encode_request(tok, r, t) for r in requests for t in templates]  # row i·T + j
     kls = [encode_request(tok, EditRequest(hp.kl_prompt, r.subject, r.target), with_target=False) for r in requests]
@@ -130,7 +182,7 @@ def _group_targets(
     t_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
     n_t = len(t_rows)
-    passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs],
+    passes = ValuePasses(handle, layer, [e.ids for e in encs], [e.subject_last for e in encs],
                          t_rows.tolist() + list(range(n * T, n * T + n)), t_pos + [e.subject_last for e in kls],
                          fast=hp.fast_value)
     delta_pos = torch.as_tensor(passes.delta_pos, device=dev)  # [rows]: each row's subject in the pass
@@ -147,7 +199,7 @@ def _group_targets(
         rows_delta = delta.to(h.dtype)[fact_of_row]  # [rows, d]
         return (h3 + at_subject[:, :, None].to(h.dtype) * rows_delta[:, None, :]).reshape(h.shape)
 
-    d = arch.in_out_features(arch.get_module(model, arch.proj_path(model, layer)))[1]
+    d = arch.in_out_features(handle.proj(layer))[1]
     delta = torch.zeros(n, d, device=dev, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n, dtype=torch.bool)
@@ -197,7 +249,7 @@ def _group_targets(
 
 @torch.no_grad()
 def read_keys(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], layer: int,
+    handle: ModelHandle, requests: Sequence[EditRequest], layer: int,
     templates: list[str], z_layer: int, batch_rows: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K [in, n]: each fact's key at `layer` averaged over the templates (= compute_key's k̄), and
@@ -205,13 +257,13 @@ def read_keys(
     same forward passes (template "{}" is the bare prompt)."""
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
-    spec = arch.spec_for(model)
-    proj, blk = arch.proj_path(model, layer), spec.layer_path(z_layer)
+    model, tok = handle.model, handle.tokenizer
+    proj, blk = handle.proj_path(layer), handle.block_path(z_layer)
     encs = [encode_request(tok, r, t, with_target=False) for r in requests for t in templates]
     keys, hidden = [], []
     for s in range(0, len(encs), batch_rows):
         part = encs[s: s + batch_rows]
-        ids, mask = pad_batch([e.ids for e in part], _device(model))
+        ids, mask = pad_batch([e.ids for e in part], handle.device)
         with capture(model, [proj, blk], inputs=True, outputs=True) as rec:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         rows = torch.arange(len(part), device=ids.device)
@@ -274,28 +326,27 @@ def updates_applied(model: torch.nn.Module, updates: Sequence[LayerUpdate]) -> I
         yield
 
 
-Solver = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
+Solver = Callable[[EditInputs, Any, int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
 
 
 def run_window(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hp: MemitHParams,
-    templates: list[str], solver: Solver,
-) -> tuple[list[LayerUpdate], dict[int, torch.Tensor]]:
-    """Steps (1)–(3) over the window, lowest layer first; `solver(layer, K, R) -> (B, A, diag)` is
-    step (4) of the method. Returns the updates and the keys K_l [in, n] each layer was solved
-    with (the keys that layer will see from now on: its own update does not change its input)."""
+    handle: ModelHandle, requests: Sequence[EditRequest], hp: MemitHParams,
+    templates: list[str], solve: Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"],
+) -> list[LayerUpdate]:
+    """Steps (1)–(3) over the window, lowest layer first; `solve(layer, K, R) -> (B, A, diag)` is
+    step (4) of the method. Each update carries the keys K_l [in, n] its layer was solved with
+    (the keys that layer will see from now on: its own update does not change its input)."""
     t0 = time.perf_counter()
     L = hp.layers[-1]
-    targets = compute_targets(model, tok, requests, L, templates, hp)
+    targets = compute_targets(handle, requests, L, templates, hp)
     t_target = time.perf_counter() - t0
     updates: list[LayerUpdate] = []
-    keys: dict[int, torch.Tensor] = {}
     for t, layer in enumerate(hp.layers):
         t1 = time.perf_counter()
-        with updates_applied(model, updates):
-            K, H = read_keys(model, tok, requests, layer, templates, L, hp.batch_rows)
+        with updates_applied(handle.model, updates):
+            K, H = read_keys(handle, requests, layer, templates, L, hp.batch_rows)
         R = spread_residual(targets.z, H, len(hp.layers) - t)  # [d, n]
-        B, A, extra = solver(layer, K, R)
+        B, A, extra = solve(layer, K, R)
         dW = B @ A  # [out, in]
         diag = {
             "layer": layer, "layers": list(hp.layers), "n_facts": len(requests), "share": 1 / (len(hp.layers) - t),
@@ -308,29 +359,35 @@ def run_window(
                         "h_norm": targets.h_init.norm(dim=1).tolist()},
             **extra,
         }
-        updates.append(LayerUpdate(arch.proj_path(model, layer), layer, B, A, diag, K))
-        keys[layer] = K
-    return updates, keys
+        updates.append(LayerUpdate(handle.proj_path(layer), layer, B, A, diag, K))
+    return updates
 
 
-def edit_batch(
-    model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MemitHParams,
-    stats_for_layer: Callable[[int], LayerStats], templates: list[str] | None = None,
-) -> list[LayerUpdate]:
-    """MEMIT for a batch: one LayerUpdate (module, layer, B, A, diagnostics) per window layer,
-    lowest first, with ΔW = B A to be added to the projection's [out, in] weight. The model is
-    not changed. stats_for_layer(layer) gives C for that layer (for a sequence of batches: the
-    unedited model's C, as in the paper); templates default to "{}" + sampled prefixes."""
-    if not requests:
-        raise RankoneError("no requests to edit: give at least one prompt/subject/target")
-    hp = hparams.resolve(model)
-    tmpl = templates if templates is not None else context_templates(model, tok, hp)
+def window_step(solver: Solver, ctx: EditInputs, requests: Sequence[EditRequest], hp: MemitHParams) -> Computed:
+    """A batch over the window with `solver(ctx, hp, layer, K, R)` as step (4): the step every
+    window method (MEMIT, AlphaEdit, EMMET) shares. C of every window layer is taken before the
+    first layer is solved (one pass), from the model as the context first saw it."""
+    templates = ctx.templates(hp)
+    ctx.stats(hp.layers, hp.stats_tokens)
+    updates = run_window(ctx.handle, requests, hp, templates, functools.partial(solver, ctx, hp))
+    return Computed(updates)
+
+
+def window_passes(hp: MemitHParams, n: int, n_templates: int) -> int:
+    """Forward passes a window step runs at most: the targets' steps per group of facts, then one
+    pass of every fact's prompts per window layer (in chunks of batch_rows)."""
+    groups = -(-n // facts_per_group(hp, n_templates))
+    return hp.v_steps * groups + len(hp.layers or [0]) * -(-n * n_templates // hp.batch_rows)
+
+
+def memit_solver(ctx: EditInputs, hp: MemitHParams, layer: int, K: torch.Tensor, R: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    st = ctx.stats([layer], hp.stats_tokens)[layer]
     lam = float(hp.mom2_update_weight)
+    B, A = memit_update(K, R, st, lam)
+    return B, A, {"lambda": lam, "stats_tokens": st.n_tokens, "jitter": st.jitter}
 
-    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        st = stats_for_layer(layer)
-        B, A = memit_update(K, R, st, lam)
-        return B, A, {"method": "memit", "lambda": lam, "stats_tokens": st.n_tokens, "jitter": st.jitter,
-                      "hparams": hp.to_dict(), "templates": tmpl}
 
-    return run_window(model, tok, requests, hp, tmpl, solve)[0]
+MEMIT = Method(name="memit", settings=MemitHParams, compute=functools.partial(window_step, memit_solver),
+               one_at_a_time=False, summary="the requests as one batch over a window of layers (Meng et al. 2023)",
+               planned_passes=window_passes)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from rankone.core import architectures as arch
 from rankone.core.hooks import capture, replace_forward, stop_at
 from rankone.core.tokens import kv_cache_kwargs, kv_cache_of, pad_batch
+from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ class ValuePasses:
     `logits()` once per step, with δ added at `delta_pos` of a [rows, positions] = `shape` pass."""
 
     def __init__(
-        self, model: torch.nn.Module, layer: int, seqs: list[list[int]], split: list[int],
+        self, handle: ModelHandle, layer: int, seqs: list[list[int]], split: list[int],
         read_rows: list[int], read_pos: list[int], fast: bool = True, gather: bool = True,
     ) -> None:
-        self.model, self.layer = model, layer
-        self.dev = next(model.parameters()).device
+        model = handle.model
+        self.handle, self.model, self.layer = handle, model, layer
+        self.dev = handle.device
         last = {r: max(p for q, p in zip(read_rows, read_pos) if q == r) for r in set(read_rows)}
         seqs = [s[: max(last.get(i, len(s) - 1), c) + 1] for i, (s, c) in enumerate(zip(seqs, split))]  # nothing after the last read
         self.ids, self.mask = pad_batch(seqs, self.dev)  # [rows, pos]
@@ -84,7 +85,7 @@ class ValuePasses:
             return
         sel = [j for j, r in enumerate(read_rows) if r in check]
         want = h[torch.tensor([check.index(read_rows[j]) for j in sel]), torch.tensor([read_pos[j] for j in sel])]
-        below = arch.get_module(model, arch.spec_for(model).layer_path(layer - 1)) if layer > 0 else None
+        below = handle.block(layer - 1) if layer > 0 else None
         try:
             if self._prepare_suffix(seqs, split, below, sel, want):
                 return
@@ -140,10 +141,8 @@ class ValuePasses:
 
     def __enter__(self) -> "ValuePasses":
         if self._below is not None:
-            spec = arch.spec_for(self.model)
             for j in range(self.layer):
-                block = arch.get_module(self.model, spec.layer_path(j))
-                self._stack.enter_context(replace_forward(block, lambda *a, **k: self._below))
+                self._stack.enter_context(replace_forward(self.handle.block(j), lambda *a, **k: self._below))
         return self
 
     def __exit__(self, *exc: Any) -> None:

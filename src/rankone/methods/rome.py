@@ -45,18 +45,64 @@ which its weight-decay and KL terms delay or prevent).
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from rankone.core import architectures as arch
+from rankone.core.errors import RankoneError
 from rankone.core.hooks import add_at_positions, capture, frozen, map_output, stop_at
 from rankone.core.tokens import EditRequest, encode_request, pad_batch
-from rankone.methods.hparams import EditHParams
+from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method
 from rankone.methods.passes import ValuePasses
+from rankone.methods.settings import MethodSettings, check_value_loop
 from rankone.methods.stats import LayerStats
+from rankone.models.handle import ModelHandle
+
+
+@dataclass(frozen=True)
+class EditHParams(MethodSettings):
+    """The ROME family's settings (the paper's defaults). `method` names the variant."""
+
+    method: str = "r-rome"  # which key enters where in the update: VARIANTS
+    # value optimisation (ROME paper defaults)
+    v_steps: int = 20
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    after_kl_factor: float = 0.0  # KL of what follows the new answer (compute_value); 0: ROME's loss
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_prob: float = 0.99  # stop once p(target) = exp(−NLL) reaches it; why 0.99: BENCHMARKS.md
+    # a value still below reach_prob after v_steps passes goes on, up to v_steps_max passes in all
+    # (some multi-token targets need twice v_steps); v_steps_max ≤ v_steps: never
+    reach_prob: float = 0.9
+    v_steps_max: int = 50
+    kl_prompt: str = "{} is a"
+    fast_value: bool = True  # value steps run only what δ changes (cached prefixes, replayed lower layers)
+    # where a norm follows the projection (Gemma 2/3, OLMo 2), write v* at the current output's scale
+    normed_target: bool = True
+
+    @classmethod
+    def serves(cls, name: str) -> bool:
+        return name in VARIANTS
+
+    def check(self) -> None:
+        if self.method not in VARIANTS:
+            raise RankoneError(f"{self.method!r} is not a ROME variant; these settings are for {', '.join(VARIANTS)}")
+        super().check()
+        check_value_loop(self)
+        if not math.isfinite(self.after_kl_factor) or self.after_kl_factor < 0:
+            raise RankoneError(f"after_kl_factor must be a finite number ≥ 0, got {self.after_kl_factor}")
+        if not 0 < float(self.early_stop_prob) <= 1:
+            raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
+        if not 0 < float(self.reach_prob) <= 1:
+            raise RankoneError(f"reach_prob must be in (0, 1], got {self.reach_prob}")
+        if int(self.v_steps_max) < 1:
+            raise RankoneError(f"v_steps_max must be at least 1 (≤ v_steps: no extra passes), got {self.v_steps_max}")
 
 
 @dataclass
@@ -80,20 +126,14 @@ class ValueResult:
     passes: str = ""  # how each pass ran: "suffix" (cached prefixes), "replay" (lower layers) or "full"
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 @torch.no_grad()
-def compute_key(
-    model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str]
-) -> KeyResult:
+def compute_key(handle: ModelHandle, request: EditRequest, layer: int, templates: list[str]) -> KeyResult:
     """k̄ = mean over context templates of the projection input at the subject's last token."""
     if templates[0] != "{}":
         raise ValueError("the first context template must be the bare prompt '{}'")
-    path = arch.proj_path(model, layer)
+    model, tok, path = handle.model, handle.tokenizer, handle.proj_path(layer)
     encs = [encode_request(tok, request, t, with_target=False) for t in templates]
-    ids, mask = pad_batch([e.ids for e in encs], _device(model))
+    ids, mask = pad_batch([e.ids for e in encs], handle.device)
     with capture(model, [path], outputs=False) as rec, stop_at(arch.get_module(model, path)):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     x = rec.inputs[path].reshape(*ids.shape, -1)  # [n_templates, pos, in]
@@ -103,7 +143,7 @@ def compute_key(
 
 
 def compute_value(
-    model: torch.nn.Module, tok: Any, request: EditRequest, layer: int, templates: list[str],
+    handle: ModelHandle, request: EditRequest, layer: int, templates: list[str],
     hp: EditHParams, full_logits: bool = False,
 ) -> ValueResult:
     """Optimise δ (added to the projection output at the subject's last token of every prompt).
@@ -121,7 +161,7 @@ def compute_value(
     (cached prefixes, replayed lower layers, the head only where read) is `passes.ValuePasses`;
     fast_value=False runs whole prompts, full_logits=True applies the head at every position.
     """
-    proj = arch.get_module(model, arch.proj_path(model, layer))
+    model, tok, proj = handle.model, handle.tokenizer, handle.proj(layer)
     rewrites = [encode_request(tok, request, t) for t in templates]
     kl = encode_request(tok, EditRequest(hp.kl_prompt, request.subject, request.target), with_target=False)
     encs = rewrites + [kl]
@@ -133,10 +173,10 @@ def compute_value(
     read_pos = [p - 1 for e in rewrites for p in e.target_positions] + [rewrites[0].target_positions[-1], kl.subject_last]
     tgt_ids = torch.tensor([t for e in rewrites for t in e.target_ids])
     per_row = torch.tensor([len(e.target_positions) for e in rewrites], dtype=torch.float32)
-    passes = ValuePasses(model, layer, [e.ids for e in encs], [e.subject_last for e in encs], read_rows, read_pos,
+    passes = ValuePasses(handle, layer, [e.ids for e in encs], [e.subject_last for e in encs], read_rows, read_pos,
                          fast=hp.fast_value, gather=not full_logits)
 
-    delta = torch.zeros(arch.in_out_features(proj)[1], device=_device(proj), dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(arch.in_out_features(proj)[1], device=handle.device, dtype=torch.float32, requires_grad=True)
     captured: dict[str, torch.Tensor] = {}
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:  # h: [rows, pos, out] (or [rows·pos, out])
@@ -218,30 +258,42 @@ class Update:
     diagnostics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Which key enters where in ΔW = (v* − W k) dᵀ / (dᵀ k): the module docstring's table."""
+
+    written: str  # the key k whose output becomes v*: "mean" (k̄) or "bare" (k_o)
+    direction: str  # d's key: "mean" (C⁻¹k̄), "bare" (C⁻¹k_o) or "two" (`two_key_direction`)
+    value_at_bare: bool = False  # v* = W k_o + δ instead of W k + δ (r-rome-bare)
+
+
+VARIANTS: dict[str, Variant] = {
+    "r-rome": Variant("mean", "mean"),
+    "p-rome": Variant("bare", "bare"),
+    "rome": Variant("bare", "mean"),
+    "r-rome-bare": Variant("mean", "mean", value_at_bare=True),
+    "r-rome-2key": Variant("mean", "two"),
+}
+
+
 def rank_one_update(
-    w: torch.Tensor, key: KeyResult, value: ValueResult, stats: LayerStats, method: str,
+    w: torch.Tensor, key: KeyResult, value: ValueResult, stats: LayerStats, variant: Variant,
     normed: bool = False, bias: torch.Tensor | None = None,
 ) -> Update:
-    """The closed-form update of the method, in float64 on a cached Cholesky factor of C
+    """The closed-form update of the variant, in float64 on a cached Cholesky factor of C
     (normed: a norm follows the projection, whose bias is `bias`; see the module's docstring)."""
     W = w.detach().to("cpu", torch.float64)  # [out, in]
     k_bar, k_o = key.k_mean, key.k_bare
     cinv_kbar, cinv_ko = stats.solve(k_bar), stats.solve(k_o)  # [in]
-    value_key = None  # the key whose current output δ is added to (default: k, the key written)
-    if method == "r-rome":
-        k, direction, denom = k_bar, cinv_kbar, float(k_bar @ cinv_kbar)
-    elif method == "r-rome-bare":
-        k, direction, denom, value_key = k_bar, cinv_kbar, float(k_bar @ cinv_kbar), k_o
-    elif method == "p-rome":
-        k, direction, denom = k_o, cinv_ko, float(k_o @ cinv_ko)
-    elif method == "rome":
-        k, direction, denom = k_o, cinv_kbar, float(k_o @ cinv_kbar)
-    elif method == "r-rome-2key":
-        k, (direction, denom) = k_bar, two_key_direction(k_bar, k_o, cinv_kbar, cinv_ko)
+    k = k_bar if variant.written == "mean" else k_o
+    if variant.direction == "two":
+        direction, denom = two_key_direction(k_bar, k_o, cinv_kbar, cinv_ko)
     else:
-        raise ValueError(method)
+        direction = cinv_kbar if variant.direction == "mean" else cinv_ko
+        denom = float(k @ direction)
+    value_key = k_o if variant.value_at_bare else k  # the key whose current output δ is added to
     # desired projection output for k (the bias cancels)
-    target_value = W @ (k if value_key is None else value_key) + value.delta
+    target_value = W @ value_key + value.delta
     scale = 1.0
     if normed:  # only the direction of the output W k + b counts: keep the current scale
         b = torch.zeros_like(target_value) if bias is None else bias.detach().to("cpu", torch.float64)
@@ -263,3 +315,62 @@ def rank_one_update(
         "bare_key_gain": float(key_dir @ k_o),  # the share of the residual the bare prompt receives
     }
     return Update(residual=residual, key_dir=key_dir, target_value=target_value, key=k, diagnostics=diag)
+
+
+# ---- the method interface (rankone.methods.base) ----------------------------------------------
+
+
+@dataclass
+class RankOneDetail:
+    """What one rank-one step computed on the way to its update: any other variant's update
+    follows from these without a second value loop (`rank_one_update(w, key, value, C, VARIANTS[m], ...)`)."""
+
+    key: KeyResult
+    value: ValueResult
+    normed: bool
+    bias: torch.Tensor | None
+    update: Update  # the variant's update in float64 (residual, key direction, v*, the key written)
+
+
+def edit_step(variant: Variant, ctx: EditInputs, requests: Sequence[EditRequest], s: EditHParams) -> Computed:
+    """One request: its key, its value, and the variant's rank-one update at layer s.layer."""
+    (request,) = requests
+    handle, layer = ctx.handle, s.layer
+    templates = ctx.templates(s)
+    st = ctx.stats([layer], s.stats_tokens)[layer]
+    t0 = time.perf_counter()
+    key = compute_key(handle, request, layer, templates)
+    t1 = time.perf_counter()
+    value = compute_value(handle, request, layer, templates, s)  # one forward pass a step
+    t2 = time.perf_counter()
+    proj = handle.proj(layer)
+    normed = s.normed_target and handle.mlp_output_norm(layer) is not None
+    upd = rank_one_update(arch.weight_oi(proj), key, value, st, variant, normed, proj.bias)
+    diag = {
+        "timing": {"key_s": t1 - t0, "value_s": t2 - t1, "solve_s": time.perf_counter() - t2},
+        "value": {"losses": value.losses, "target_probs": value.target_probs, "clamped": value.clamped,
+                  "target_prob": value.target_prob, "steps": len(value.losses), "stopped_early": value.stopped_early,
+                  "extended": value.extended, "early_stop_prob": s.early_stop_prob, "gathered_logits": value.gathered,
+                  "passes": value.passes},
+    }
+    return computed(handle.proj_path(layer), layer, upd, diag, RankOneDetail(key, value, normed, proj.bias, upd))
+
+
+def computed(module: str, layer: int, upd: Update, diagnostics: dict[str, Any], detail: Any = None) -> Computed:
+    """A rank-one update as the step record the Editor writes: ΔW = residual ⊗ key_dir is the
+    patch's B (one column) and A (one row)."""
+    one = LayerUpdate(module, layer, upd.residual[:, None], upd.key_dir[None, :], upd.diagnostics)
+    return Computed([one], diagnostics, denominator=upd.diagnostics["denominator"], detail=detail)
+
+
+def _variant_method(name: str, summary: str) -> Method:
+    return Method(name=name, settings=EditHParams, compute=functools.partial(edit_step, VARIANTS[name]),
+                  one_at_a_time=True, summary=summary,
+                  planned_passes=lambda s, n, t: n * max(s.v_steps, s.v_steps_max))
+
+
+R_ROME = _variant_method("r-rome", "averaged key everywhere; stable over many edits (the default)")
+P_ROME = _variant_method("p-rome", "the bare prompt's key everywhere")
+ROME = _variant_method("rome", "the original code's mix of keys, kept to show its failure")
+R_ROME_BARE = _variant_method("r-rome-bare", "averaged key, the bare prompt's output plus δ written at it")
+R_ROME_2KEY = _variant_method("r-rome-2key", "r-ROME's value written so that k̄ and k_o both receive δ")

@@ -27,6 +27,7 @@ from rankone.core.fingerprint import path_sha256, tensor_sha256, tensors_sha256
 from rankone.core.hooks import capture, stop_at
 from rankone.methods.cache import cache_root, digest
 from rankone.methods.corpus import token_windows
+from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 SCHEMA = "rankone.methods.stats/1"
@@ -36,17 +37,16 @@ BATCH_TOKENS = 4096  # tokens per forward pass of the statistics (16 windows of 
 # ---- fingerprints ---------------------------------------------------------------------------
 
 
-def upstream_fingerprint(model: torch.nn.Module, layer: int) -> str:
+def upstream_fingerprint(handle: ModelHandle, layer: int) -> str:
     """Hash of every weight that can change the keys at `layer`.
 
     Layers above, and the edited projection itself, cannot; leaving them out keeps the cache
     valid while edits at this layer accumulate (sequential editing).
     """
-    spec = arch.spec_for(model)
-    proj = spec.proj.format(layer) + "."
-    later = tuple(f"{spec.layers}.{j}." for j in range(layer + 1, arch.num_layers(model, spec)))
+    proj = handle.proj_path(layer) + "."
+    later = tuple(f"{handle.block_path(j)}." for j in range(layer + 1, handle.n_layers))
     named = [
-        (n, p) for n, p in model.named_parameters()
+        (n, p) for n, p in handle.model.named_parameters()
         if not n.startswith(later) and not n.startswith(proj)
     ]
     return tensors_sha256(named)
@@ -99,7 +99,7 @@ class LayerStats:
 
 @torch.no_grad()
 def collect_mom2(
-    model: torch.nn.Module, tok: Any, layers: list[int], corpus: str | os.PathLike,
+    handle: ModelHandle, layers: list[int], corpus: str | os.PathLike,
     n_tokens: int, window: int = 256, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
     truncate: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
@@ -109,9 +109,10 @@ def collect_mom2(
     pass ends right after the deepest layer's projection; truncate=False runs the whole model
     (only to show that both give the same C).
     """
-    paths = {layer: arch.proj_path(model, layer) for layer in layers}
+    model, tok = handle.model, handle.tokenizer
+    paths = {layer: handle.proj_path(layer) for layer in layers}
     deepest = arch.get_module(model, paths[max(layers)])
-    dev = next(model.parameters()).device
+    dev = handle.device
     sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     count = 0
     bar = tqdm(total=n_tokens, unit="tok", desc="key statistics", disable=not progress, leave=False)
@@ -153,38 +154,29 @@ def collect_mom2(
     return {layer: s.cpu() / count for layer, s in sums.items()}, count  # type: ignore[union-attr]
 
 
-_MEMO: dict[tuple, LayerStats] = {}
-
-
 def layer_stats(
-    model: torch.nn.Module, tok: Any, layers: list[int], corpus: str | os.PathLike,
+    handle: ModelHandle, layers: list[int], corpus: str | os.PathLike,
     n_tokens: int = 1_000_000, cache_dir: str | os.PathLike | None = None, progress: bool = True,
 ) -> dict[int, LayerStats]:
-    """Statistics for each layer: from memory, else from a verified disk cache, else computed."""
+    """Statistics for each layer: from a verified disk cache, else computed (all missing layers in
+    one pass) and cached. Keeping them in memory is the caller's (rankone.edit.context)."""
     corpus_fp = path_sha256(corpus)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
     found: dict[int, LayerStats] = {}
-    missing: list[int] = []
-    keys: dict[int, dict[str, str]] = {}
+    keys = {layer: {"schema": SCHEMA, "model": upstream_fingerprint(handle, layer), "layer": str(layer),
+                    "module": handle.proj_path(layer), "corpus": corpus_fp, "budget": str(n_tokens)}
+            for layer in layers}
     for layer in layers:
-        keys[layer] = {
-            "schema": SCHEMA, "model": upstream_fingerprint(model, layer), "layer": str(layer),
-            "module": arch.proj_path(model, layer), "corpus": corpus_fp, "budget": str(n_tokens),
-        }
-        memo_key = tuple(sorted(keys[layer].items()))
-        if memo_key in _MEMO:
-            found[layer] = _MEMO[memo_key]
-        elif (st := _load(root, keys[layer])) is not None:
-            found[layer] = _MEMO[memo_key] = st
-        else:
-            missing.append(layer)
+        if (st := _load(root, keys[layer])) is not None:
+            found[layer] = st
+    missing = [layer for layer in layers if layer not in found]
     if missing:
-        mom2, count = collect_mom2(model, tok, missing, corpus, n_tokens, progress=progress)
+        mom2, count = collect_mom2(handle, missing, corpus, n_tokens, progress=progress)
         for layer in missing:
             st = LayerStats(mom2[layer], count, keys[layer])
             st.factor()  # once, here: the factor is cached beside C
             _save(root, keys[layer], st)
-            found[layer] = _MEMO[tuple(sorted(keys[layer].items()))] = st
+            found[layer] = st
     return found
 
 

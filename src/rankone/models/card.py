@@ -7,7 +7,7 @@ The testbed build writes one; anyone may write one for their own model. Every ke
     {
       "schema_version": 1,
       "layer": 4,                        # the layer to edit (else n_layers // 8, `default_layer`)
-      "hparams": {"v_steps": 100},       # EditHParams fields; the user's own settings win
+      "hparams": {"v_steps": 100},       # settings fields (any method's); the user's own settings win
       "stats_corpus": "corpus.txt",      # text for the key statistics C (relative to the card)
       "cases": "world.json",             # facts the model knows (for tracing and --layer auto)
       "notes": "free text"
@@ -35,7 +35,7 @@ SCHEMA_VERSION = 1
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "schema_version": ((int,), "the number 1"),
     "layer": ((int,), "a layer number (0 or more)"),
-    "hparams": ((dict,), "an object of EditHParams fields"),
+    "hparams": ((dict,), "an object of method settings"),
     "stats_corpus": ((str,), "a path (text file, folder of .txt or .jsonl)"),
     "cases": ((str,), "a path to a case file"),
     "notes": ((str,), "text"),
@@ -45,11 +45,12 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 @dataclass
 class ModelCard:
     layer: int | None = None  # recommended edit layer
-    hparams: dict[str, Any] = field(default_factory=dict)  # recommended EditHParams fields
+    hparams: dict[str, Any] = field(default_factory=dict)  # recommended method settings (rankone.methods)
     stats_corpus: str | None = None  # relative to `folder`
     cases: str | None = None  # relative to `folder`: facts this model knows
     notes: str | None = None
     folder: Path | None = field(default=None, compare=False, repr=False)  # where the card lives; not saved
+    file: Path | None = field(default=None, compare=False, repr=False)  # the file it was read from; not saved
 
     # -- reading and writing --
 
@@ -88,7 +89,9 @@ class ModelCard:
             raise RankoneError(f"cannot read the model card {p}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RankoneError(f"model card {p} is not valid JSON ({e}); fix or remove it") from None
-        return cls.from_dict(d, str(p), p.parent.resolve())
+        card = cls.from_dict(d, str(p), p.parent.resolve())
+        card.file = p
+        return card
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the card atomically (a reader sees the old card or the new one)."""

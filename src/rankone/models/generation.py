@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -53,10 +54,16 @@ def target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -
     return float(sum(logp[p - 1, ids[p]] for p in range(first, last + 1)))
 
 
-def answer_matches(continuation: str, target: str) -> bool:
-    """Does the continuation start with the target as whole words ("Paris" ≠ "Parisian")?"""
-    c, t = " ".join(continuation.split()), " ".join(target.split())
-    return c.startswith(t) and (len(c) == len(t) or not c[len(t)].isalnum())
+def says(text: str, target: str, anywhere: bool = False) -> bool:
+    """The one rule for "the model said the target": the target as whole words, ignoring case and
+    spacing ("Rome" in "rome, Italy", not in "Romeo"; "New York" in "new  York"), at the start of
+    the continuation (its answer: an edit's outcome, a gate's target check, the demo) or, with
+    anywhere=True, anywhere in it (generation-based success, which reads a longer continuation)."""
+    parts = target.split()
+    if not parts:
+        return False
+    words = r"\s+".join(map(re.escape, parts)) + r"(?!\w)"
+    return re.search((r"(?<!\w)" if anywhere else r"^\s*") + words, text, re.I) is not None
 
 
 def first_word(text: str) -> str:

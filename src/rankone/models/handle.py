@@ -2,13 +2,12 @@
 
     handle = load_model("path/to/model")      # a folder, a .gguf file or a hub id
     model, tok = handle                       # unpacks like the (model, tokenizer) pair it holds
-    Editor(handle, EditHParams(layer=3))      # uses the model card's recommendations under yours
+    Editor(handle, {"layer": 3})              # your settings over the model card's recommendations
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,11 +57,29 @@ class ModelHandle:
     def n_layers(self) -> int:
         return arch.num_layers(self.model, self.spec)
 
-    @contextmanager
-    def scope(self) -> Iterator["ModelHandle"]:
-        """Within the block, code that asks `arch.spec_for(model)` gets this handle's spec."""
-        with arch.spec_scope(self.model, self.spec):
-            yield self
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_layer(self, layer: int) -> int:
+        return arch.check_layer(self.model, layer, self.spec)
+
+    def proj_path(self, layer: int) -> str:
+        """The edited projection of `layer`, e.g. 'transformer.h.3.mlp.c_proj'."""
+        return self.spec.proj.format(self.check_layer(layer))
+
+    def proj(self, layer: int) -> torch.nn.Module:
+        return arch.get_module(self.model, self.proj_path(layer))
+
+    def block_path(self, layer: int) -> str:
+        return self.spec.layer_path(self.check_layer(layer))
+
+    def block(self, layer: int) -> torch.nn.Module:
+        return arch.get_module(self.model, self.block_path(layer))
+
+    def mlp_output_norm(self, layer: int) -> str | None:
+        """The norm between layer `layer`'s projection and the residual stream (Gemma 2/3), or None."""
+        return arch.mlp_output_norm(self.model, layer, self.spec)
 
     # -- what the model recommends --
 

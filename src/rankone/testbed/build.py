@@ -87,7 +87,7 @@ def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.Path
     model = build_model(cfg, tok)
     log(f"world {w.name}: {len(w.facts)} facts, {len(w.subjects)} subjects, "
         f"{len(lines)} corpus lines; {cfg.arch} {cfg.n_layer}x{cfg.n_embd}, vocab {len(tok)}")
-    rep = train(model, tok, w, cfg, log=log)
+    rep = train(model, tok, w, cfg, log=log, progress=verbose)
     t_eval = time.monotonic()
     acc = evaluate_world(model, tok, w)  # full evaluation, every fact
     log(f"final accuracy: {acc}")

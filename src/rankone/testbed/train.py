@@ -228,7 +228,7 @@ class TrainReport:
 
 
 def train(model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
-          log: Callable[[str], None] | None = None) -> TrainReport:
+          log: Callable[[str], None] | None = None, progress: bool = True) -> TrainReport:
     """Train until the sampled fact accuracy reaches the targets or the time budget runs out."""
     # No cap: the machine's cores by default. On a busy shared machine ask for 1: measured on 2
     # cores while another process held one, 1 thread 8.1k tokens/s, 2 threads 1.3k tokens/s.
@@ -255,7 +255,8 @@ def train(model: Any, tokenizer: Any, world: World, cfg: TrainConfig,
     t0 = time.monotonic()
     acc: dict[str, float] = {}
     reason = "time budget"
-    bar = Progress(int(cfg.time_budget_s), f"training {world.name}/{cfg.arch}", "s of the time budget", min_interval=10.0)
+    bar = Progress(int(cfg.time_budget_s), f"training {world.name}/{cfg.arch}", "s of the time budget",
+                   enabled=progress, min_interval=10.0)
     done = False
     while not done and epoch < cfg.max_epochs:
         batches = make_batches(sents, cfg, rng, bos, pad)

@@ -115,6 +115,17 @@ class LayerChoice:
     not_used: list[str] = field(default_factory=list)  # evidence tried first, and why it could not be used
     sweep: EditSweep | None = None
 
+    def explain(self) -> str:
+        """One line: which layer and why."""
+        if self.sweep is not None:
+            sw, sc = self.sweep, self.sweep.scores[self.layer]
+            return (f"layer auto: layer {self.layer} (S {sc['score']:.3f}, the best of layers {sorted(sw.scores)} measured "
+                    f"by `rankone bench layers` on {sw.n_cases} cases; {sw.cache_file})")
+        assert self.aie is not None
+        a = self.aie.aie["mlp"]
+        return (f"layer auto: layer {self.layer} (MLP AIE {a[self.layer]:.4f}, the largest over layers 0..{len(a) - 1}; "
+                f"{self.aie.n_facts} facts from {self.aie.source}; `rankone bench layers` measures edits per layer instead)")
+
     def evidence(self) -> dict[str, Any]:
         """What a patch records about the choice (its edits' diagnostics['layer_choice'])."""
         if self.sweep is not None:
@@ -146,42 +157,40 @@ def choose_layer(handle: ModelHandle, requests: Sequence[EditRequest], cases: Fa
     last with the model's own answers. AIEs are cached per model, so a second choice is instant.
     """
     settings = TraceSettings(kinds=["mlp"])  # fixed noise seed: the choice does not depend on the edit's seed
-    model, tok = handle
-    with handle.scope():
-        fp = model_fingerprint(model)
-        sweep = cached_sweep(fp)
-        if sweep is not None and len(sweep.scores) >= 2:
-            return LayerChoice(sweep.best_layer(), None, fp, sweep=sweep)
-        aie: AIE | None = None
-        tried: list[str] = []
-        if cases is not None:
-            aie = cached_aie(model, tok, sample_facts(cases.facts, MAX_CASES), settings, cases.subjects, cases.source,
-                             fp, progress)
-        if aie is None:
-            aie = best_cached_aie(fp)
-            if aie is not None and not aie.source:
-                aie.source = "cache"
-        known_set: FactSet | None = None
-        if aie is None and known is not None:
-            try:
-                known_set = known()
-                if known_set is not None and known_set.facts:
-                    aie = cached_aie(model, tok, sample_facts(known_set.facts, AUTO_FACTS), settings, known_set.subjects,
-                                     known_set.source, fp, progress)
-            except RankoneError as e:
-                tried.append(f"{known_set.source if known_set else 'the model card facts'}: {e}")
-        if aie is None:
-            facts = [SubjectPrompt(r.prompt, r.subject, None) for r in requests]
-            if not facts:
-                raise RankoneError("--layer auto needs edit requests, facts the model knows (a case file or its model "
-                                   "card's cases) or a traced case file to choose a layer from")
-            subjects = [f.subject for f in facts] + (known_set.subjects if known_set else [])
-            try:
-                aie = cached_aie(model, tok, facts, settings, subjects, "edit requests (the model's own answers)", fp,
-                                 progress)
-            except RankoneError as e:
-                tried.append(f"edit requests: {e}")
-        if aie is None:
-            raise RankoneError("cannot choose the layer by causal tracing (" + "; ".join(tried) + "); give --layer N, or "
-                               "first run `rankone trace --model DIR --cases FILE` with facts the model answers correctly")
+    fp = model_fingerprint(handle.model)
+    sweep = cached_sweep(fp)
+    if sweep is not None and len(sweep.scores) >= 2:
+        return LayerChoice(sweep.best_layer(), None, fp, sweep=sweep)
+    aie: AIE | None = None
+    tried: list[str] = []
+    if cases is not None:
+        aie = cached_aie(handle, sample_facts(cases.facts, MAX_CASES), settings, cases.subjects, cases.source,
+                         fp, progress)
+    if aie is None:
+        aie = best_cached_aie(fp)
+        if aie is not None and not aie.source:
+            aie.source = "cache"
+    known_set: FactSet | None = None
+    if aie is None and known is not None:
+        try:
+            known_set = known()
+            if known_set is not None and known_set.facts:
+                aie = cached_aie(handle, sample_facts(known_set.facts, AUTO_FACTS), settings, known_set.subjects,
+                                 known_set.source, fp, progress)
+        except RankoneError as e:
+            tried.append(f"{known_set.source if known_set else 'the model card facts'}: {e}")
+    if aie is None:
+        facts = [SubjectPrompt(r.prompt, r.subject, None) for r in requests]
+        if not facts:
+            raise RankoneError("--layer auto needs edit requests, facts the model knows (a case file or its model "
+                               "card's cases) or a traced case file to choose a layer from")
+        subjects = [f.subject for f in facts] + (known_set.subjects if known_set else [])
+        try:
+            aie = cached_aie(handle, facts, settings, subjects, "edit requests (the model's own answers)", fp,
+                             progress)
+        except RankoneError as e:
+            tried.append(f"edit requests: {e}")
+    if aie is None:
+        raise RankoneError("cannot choose the layer by causal tracing (" + "; ".join(tried) + "); give --layer N, or "
+                           "first run `rankone trace --model DIR --cases FILE` with facts the model answers correctly")
     return LayerChoice(aie.best_layer("mlp"), aie, fp, tried)

@@ -37,6 +37,7 @@ from rankone.core.errors import RankoneError
 from rankone.trace import KINDS
 from rankone.core.hooks import map_output
 from rankone.core.tokens import EditRequest, encode, join_target, token_span
+from rankone.models.handle import ModelHandle
 
 Site = tuple[str, int]  # (module path, token position) whose clean output is put back
 
@@ -82,7 +83,7 @@ class TraceSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TraceSettings":
-        from rankone.methods.hparams import strict_from_dict
+        from rankone.methods.settings import strict_from_dict  # noqa: PLC0415
 
         return strict_from_dict(cls, d, "trace setting")
 
@@ -140,7 +141,7 @@ def _prepare(tok: Any, prompt: str, subject: str, answer: str | None) -> tuple[s
 
 @torch.no_grad()
 def trace_case(
-    model: torch.nn.Module, tok: Any, prompt: str, subject: str, answer: str | None,
+    handle: ModelHandle, prompt: str, subject: str, answer: str | None,
     noise_scale: float, settings: TraceSettings | None = None, positions: str = "all",
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> CaseTrace:
@@ -150,8 +151,8 @@ def trace_case(
     A case the model gets wrong comes back with correct=False and no scores.
     """
     s = settings or TraceSettings()
-    spec = arch.spec_for(model)
-    n_layers = arch.num_layers(model, spec)
+    model, tok, spec = handle.model, handle.tokenizer, handle.spec
+    n_layers = handle.n_layers
     window = s.window or default_window(n_layers)
     if positions not in ("all", "subject_last"):
         raise ValueError(f"positions must be 'all' or 'subject_last', not {positions!r}")
@@ -186,7 +187,7 @@ def trace_case(
                     groups.append(_sites(spec, kind, layer, t, window, n_layers))
                     index.append((kind, i, layer))
         noise = _noise(s, sl - sf + 1, clean[paths["embed"][0]].shape[-1], noise_scale)  # [S, n_subj, d]
-        p = _run_groups(model, x, (sf, sl), noise, clean, groups, answer_id, s.batch_rows, on_chunk)
+        p = _run_groups(handle, x, (sf, sl), noise, clean, groups, answer_id, s.batch_rows, on_chunk)
     finally:
         model.train(was_training)
     out.p_corrupted = float(p[0])
@@ -239,29 +240,23 @@ def _noise(s: TraceSettings, n_tokens: int, d: int, scale: float) -> torch.Tenso
     return torch.randn(s.n_samples, n_tokens, d, generator=gen) * scale  # [S, n_subj, d]
 
 
-_KEEP: dict[type, bool] = {}
-
-
 def _last_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """softmax of the last position's logits, [batch, vocab] float32 (only that position's logits)."""
     kw: dict[str, Any] = {"input_ids": x, "attention_mask": torch.ones_like(x), "use_cache": False}
-    cls = type(model)
-    if cls not in _KEEP:
-        _KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    if _KEEP[cls]:
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1
     return torch.softmax(model(**kw).logits[:, -1].float(), dim=-1)
 
 
 def _run_groups(
-    model: torch.nn.Module, x: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor,
+    handle: ModelHandle, x: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor,
     clean: dict[str, torch.Tensor], groups: list[list[Site]], answer_id: int, batch_rows: int,
     on_chunk: Callable[[int, int], None] | None,
 ) -> torch.Tensor:
     """Mean p(answer) over the noise samples for each group of restorations: [n_groups]."""
     S = noise.shape[0]
     per = max(1, batch_rows // S)  # groups per forward pass
-    spec = arch.spec_for(model)
+    model, spec = handle.model, handle.spec
     out = []
     chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
     for c, chunk in enumerate(chunks):

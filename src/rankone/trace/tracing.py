@@ -23,7 +23,8 @@ from rankone.core import architectures as arch
 from rankone.core.atomic import write_json
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import model_sha256, tensor_sha256
-from rankone.methods.stats import cache_root
+from rankone.methods.cache import cache_root
+from rankone.models.handle import ModelHandle
 from rankone.core.tokens import encode, token_span
 from rankone.trace.runs import TraceSettings, default_window, trace_case
 
@@ -35,28 +36,25 @@ SCHEMA = "rankone.trace.tracing/1"
 
 
 @torch.no_grad()
-def subject_embedding_std(model: torch.nn.Module, tok: Any, subjects: Sequence[str]) -> float:
+def subject_embedding_std(handle: ModelHandle, subjects: Sequence[str]) -> float:
     """σ: the standard deviation of all elements of the subjects' token embeddings (paper's recipe)."""
-    embed = arch.get_module(model, arch.spec_for(model).embed)
+    tok = handle.tokenizer
+    embed = arch.get_module(handle.model, handle.spec.embed)
+    d = int(embed.weight.shape[-1])
     dev = next(embed.parameters()).device
     rows = []
     for s in dict.fromkeys(subjects):  # unique, in order
         ids, offsets = encode(tok, s)
         first, last = token_span(tok, s, 0, len(s), offsets)
-        rows.append(embed(torch.tensor(ids[first:last + 1], device=dev)).float().reshape(-1, _d(model)).cpu())
+        rows.append(embed(torch.tensor(ids[first:last + 1], device=dev)).float().reshape(-1, d).cpu())
     if not rows:
         raise RankoneError("no subjects to measure the noise scale on; give cases or an explicit noise scale")
     return float(torch.cat(rows).std())
 
 
-def _d(model: torch.nn.Module) -> int:
-    w = arch.get_module(model, arch.spec_for(model).embed).weight
-    return int(w.shape[-1])
-
-
-def noise_sigma(model: torch.nn.Module, tok: Any, subjects: Sequence[str]) -> float:
+def noise_sigma(handle: ModelHandle, subjects: Sequence[str]) -> float:
     """σ, cached per (embedding weights, subject set) under <cache>/trace/noise-*.json."""
-    emb = arch.get_module(model, arch.spec_for(model).embed).weight
+    emb = arch.get_module(handle.model, handle.spec.embed).weight
     subj = sorted(set(subjects))
     key = {"schema": SCHEMA, "embed": tensor_sha256(emb),
            "subjects": hashlib.sha256("\0".join(subj).encode()).hexdigest()}
@@ -67,16 +65,16 @@ def noise_sigma(model: torch.nn.Module, tok: Any, subjects: Sequence[str]) -> fl
             return d["sigma"]
     except (OSError, json.JSONDecodeError):
         pass
-    sigma = subject_embedding_std(model, tok, subj)
+    sigma = subject_embedding_std(handle, subj)
     write_json(f, {"key": key, "sigma": sigma, "n_subjects": len(subj)})
     return sigma
 
 
-def resolve_noise(model: torch.nn.Module, tok: Any, settings: TraceSettings, subjects: Sequence[str]) -> float:
+def resolve_noise(handle: ModelHandle, settings: TraceSettings, subjects: Sequence[str]) -> float:
     """ν for these settings: the absolute scale if given, else noise_factor × σ(subjects)."""
     if settings.noise_scale is not None:
         return float(settings.noise_scale)
-    return settings.noise_factor * noise_sigma(model, tok, subjects)
+    return settings.noise_factor * noise_sigma(handle, subjects)
 
 
 # ---- average indirect effect ------------------------------------------------------------------
@@ -136,16 +134,16 @@ def sample_facts(facts: Sequence[T], n: int, seed: int = 0) -> list[T]:
 
 
 def average_indirect_effect(
-    model: torch.nn.Module, tok: Any, facts: Sequence[SubjectPrompt], noise_scale: float,
+    handle: ModelHandle, facts: Sequence[SubjectPrompt], noise_scale: float,
     settings: TraceSettings | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> AIE:
     s = settings or TraceSettings()
-    n_layers = arch.num_layers(model)
+    n_layers = handle.n_layers
     ies: dict[str, list[torch.Tensor]] = {k: [] for k in s.kinds}
     clean, corr, wrong, skipped = [], [], [], []
     for i, (prompt, subject, answer) in enumerate(facts):
         try:
-            tr = trace_case(model, tok, prompt, subject, answer, noise_scale, s, positions="subject_last")
+            tr = trace_case(handle, prompt, subject, answer, noise_scale, s, positions="subject_last")
         except RankoneError as e:  # one unalignable fact (subject inside a token) must not end a long run
             skipped.append({"prompt": prompt, "subject": subject, "why": str(e)})
             tr = None
@@ -197,12 +195,12 @@ def aie_cache_dir(model_fp: str) -> Any:
 
 
 def cached_aie(
-    model: torch.nn.Module, tok: Any, facts: Sequence[SubjectPrompt], settings: TraceSettings,
+    handle: ModelHandle, facts: Sequence[SubjectPrompt], settings: TraceSettings,
     noise_subjects: Sequence[str], source: str = "", model_fp: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AIE:
     """The AIE of these facts and settings: from <cache>/trace/<model>/aie-*.json, else computed and saved."""
-    fp = model_fp or model_fingerprint(model)
+    fp = model_fp or model_fingerprint(handle.model)
     key = {"schema": SCHEMA, "model": fp, "facts": facts_sha256(facts), "settings": settings.to_dict(),
            "noise_subjects": hashlib.sha256("\0".join(sorted(set(noise_subjects))).encode()).hexdigest()}
     f = aie_cache_dir(fp) / f"aie-{_digest(key)}.json"
@@ -214,8 +212,8 @@ def cached_aie(
             return a
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
-    nu = resolve_noise(model, tok, settings, noise_subjects)
-    a = average_indirect_effect(model, tok, facts, nu, settings, progress)
+    nu = resolve_noise(handle, settings, noise_subjects)
+    a = average_indirect_effect(handle, facts, nu, settings, progress)
     a.source, a.cache_file = source, str(f)
     write_json(f, {"key": key, "aie": a.to_dict()})
     return a
