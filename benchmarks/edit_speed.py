@@ -1,4 +1,4 @@
-"""Edit speed on real models, side by side with ROME's reference recipe (issue 12).
+"""Edit speed on real models, side by side with ROME's reference recipe.
 
     python benchmarks/edit_speed.py [--models smollm2-135m gemma3-270m] [--cases 50 20]
                                     [--stats-tokens 100000] [--report-only]
@@ -369,10 +369,10 @@ def main() -> None:
             edits_part(name, model, tok, n, args.stats_tokens)
         if "cli" in args.parts and not (RUNS / name / "cli.json").exists():  # last: its first run samples a corpus
             (RUNS / name / "cli.json").write_text(json.dumps(cli_part(name, spec, args.cli_hparams), indent=1))
-        write_section("edit_speed", "Edit speed on real models (issue 12)", report(args.models))
+        write_section("edit_speed", "Edit speed on real models", report(args.models))
     body = report(args.models)
     print(body)
-    write_section("edit_speed", "Edit speed on real models (issue 12)", body)
+    write_section("edit_speed", "Edit speed on real models", body)
 
 
 if __name__ == "__main__":

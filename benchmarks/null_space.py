@@ -1,4 +1,4 @@
-"""Does a real model's key statistics have the null space AlphaEdit needs? (issue 13)
+"""Does a real model's key statistics have the null space AlphaEdit needs?
 
     python benchmarks/null_space.py [--models smollm2-135m] [--stats-tokens 100000] [--shares 0.01 0.02 0.05]
 

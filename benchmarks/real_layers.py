@@ -32,7 +32,7 @@ from rankone.trace.layer_choice import EditSweep, save_sweep  # noqa: E402
 from rankone.trace.plot import plot_aie  # noqa: E402
 from rankone.trace.tracing import best_cached_aie, model_fingerprint  # noqa: E402
 
-TOLERANCE = 0.03  # issue 14: the default layer and --layer auto must be within this S of the best layer
+TOLERANCE = 0.03  # the default layer and --layer auto must be within this S of the best layer
 
 
 def verdict(res: dict[int, dict], sweep: EditSweep, default: int, auto: int | None, stored: bool) -> str:

@@ -1,4 +1,4 @@
-"""What the statistics corpus costs in edit quality (issue 14): C from the model's own samples, from
+"""What the statistics corpus costs in edit quality: C from the model's own samples, from
 natural text, or no C at all (identity, EasyEdit's default), at two token budgets.
 
     python benchmarks/stats_corpus.py [--models smollm2-135m gemma3-270m] [--cases 30] [--budgets 20000 100000]
@@ -144,7 +144,7 @@ def main() -> None:
             "and reverted (C changes only the solve, so the rows differ only by C). The sampled corpus is drawn "
             "from the model itself (seeded), as `rankone edit` does without `--stats-corpus`.\n\n"
             + report(args.models, args.budgets))
-    publish("stats_corpus", "Which statistics corpus (issue 14)", body, write=not args.no_write)
+    publish("stats_corpus", "Which statistics corpus", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Does causal tracing pick the layer where editing works best? (issue 6)
+"""Does causal tracing pick the layer where editing works best?
 
 On the small-world testbed: the average indirect effect (AIE) per layer of restoring hidden states,
 MLP outputs and attention outputs at the last subject token, and the quality of single r-ROME edits
@@ -195,7 +195,7 @@ Edit quality of {args.n_edits} single r-ROME edits per layer (default hyper-para
     print(body)
     log(f"total {time.perf_counter() - t_start:.0f}s")
     if not args.no_write:
-        write_section("trace", "Causal tracing and the layer to edit (issue 6)", body)
+        write_section("trace", "Causal tracing and the layer to edit", body)
         json.dump({"aie": aie.to_dict(), "quality": res, "no_edit": base, "auto": auto, "best": best},
                   open(state / "summary.json", "w"), indent=1)
     return 0
