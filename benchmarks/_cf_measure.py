@@ -9,7 +9,8 @@ from typing import Any
 
 from rankone.core.errors import RankoneError
 from rankone.eval.cases import Case
-from rankone.eval.metrics import continuations, degenerate, evaluate_cases, fluency, score, states
+from rankone.eval.metrics import continuations, degenerate, evaluate_cases, fluency, score
+from rankone.models.generation import says
 
 
 def subject_facts(cases: list[Case]) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, set[str]]]:
@@ -57,10 +58,10 @@ def measure(model: Any, tok: Any, case: Case, facts: list[tuple[str, str]], args
     said, *rest = continuations(model, tok, [case.prompt, *case.paraphrase_prompts, *near_prompts], args.gen_new)  # greedy
     para, near = rest[:n_para], rest[n_para:]
     text = tok.decode(said, skip_special_tokens=True)
-    m["gs"], m["gs_true"] = float(states(text, case.target_new)), float(states(text, case.target_true))
+    m["gs"], m["gs_true"] = float(says(text, case.target_new, anywhere=True)), float(says(text, case.target_true, anywhere=True))
     m["continuation"] = text
-    m["gps"] = sum(states(tok.decode(x, skip_special_tokens=True), case.target_new) for x in para) / n_para if para else float("nan")
-    m["gns"] = sum(states(tok.decode(x, skip_special_tokens=True), t) for x, t in zip(near, case.neighborhood_targets)) \
+    m["gps"] = sum(says(tok.decode(x, skip_special_tokens=True), case.target_new, anywhere=True) for x in para) / n_para if para else float("nan")
+    m["gns"] = sum(says(tok.decode(x, skip_special_tokens=True), t, anywhere=True) for x, t in zip(near, case.neighborhood_targets)) \
         / len(near) if near else float("nan")  # the neighbour's greedy continuation still states its answer
     m["degenerate"] = float(any(degenerate(tok, x) for x in [said, *para, *near]))
     m["os"], m["om"], m["n_other_facts"] = _om(model, tok, case, facts)

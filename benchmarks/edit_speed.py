@@ -1,7 +1,8 @@
-"""Edit speed on real models, side by side with ROME's reference recipe.
+"""Edit speed on real models, side by side with the published ROME recipe (issues 12, 28).
 
     python benchmarks/edit_speed.py [--models smollm2-135m gemma3-270m] [--cases 50 20]
-                                    [--stats-tokens 100000] [--report-only]
+                                    [--stats-tokens 100000] [--parts stats cli edits]
+                                    [--layer N] [--report-only]
 
 Per model (from `rankone.models.zoo.real_model_dir`), each part checkpointed under
 runs/edit_speed/<model>/ and skipped (cases: resumed) when re-run:
@@ -11,13 +12,17 @@ runs/edit_speed/<model>/ and skipped (cases: resumed) when re-run:
 * cli.json: wall time of `rankone edit` run twice on the model folder with no --stats-corpus
   (the first run samples a corpus and templates, the second finds them cached), and the second
   run's split into import, load, templates, statistics, edit and write;
-* cases.jsonl: on the same CounterFact cases (counterfact-edit.json, in file order, those the
-  tokenizer aligns) at the model's default layer, with the same templates and cached statistics,
-  rankone's edit, rankone without its early stop (20 passes), and the reference recipe
-  (benchmarks/rome_reference.py), each timed (key, value, solve), scored (ES/PS/NS on the edit,
-  rephrase and locality prompts) and reverted exactly; the three run in rotating order.
+* cases-published.jsonl: on the same CounterFact cases (counterfact-edit.json, in file order,
+  those the tokenizer aligns) at --layer (default: the model's), with the same templates, cached
+  statistics and C⁻¹, rankone's edit with ROME's update (method rome), rankone with its default
+  method, and the published ROME recipe re-implemented step for step (benchmarks/rome_reference.py),
+  each timed (key, value, solve, and the wall time of the whole edit), scored (ES/PS/NS on the
+  edit, rephrase and locality prompts) and reverted exactly; the three run in one process, in
+  rotating order, so that the machine's load falls on all of them. Its section of BENCHMARKS.md
+  is written every 5 cases.
 
-Threads are torch's default (not set here); the load average is recorded with each figure.
+Threads are torch's default (not set here), and so is OpenMP's wait policy unless OMP_WAIT_POLICY is
+set for the run (recorded with each case, as is the load average).
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, table, write_section  # noqa: E402
-from rome_reference import reference_edit  # noqa: E402
+from rome_reference import inverse_cov, reference_edit  # noqa: E402
 
 from rankone.artifacts.patch import revert_patch  # noqa: E402
 from rankone.core import architectures as arch  # noqa: E402
@@ -48,6 +53,7 @@ from rankone.edit.editor import Editor  # noqa: E402
 from rankone.eval.cases import cases_from_records  # noqa: E402
 from rankone.eval.metrics import alignable, evaluate_cases, hmean  # noqa: E402
 from rankone.methods.base import resolve_settings  # noqa: E402
+from rankone.methods.rome import EditHParams  # noqa: E402
 from rankone.methods.stats import BATCH_TOKENS, collect_mom2  # noqa: E402
 from rankone.models.handle import ModelHandle  # noqa: E402
 from rankone.models.load import load_model  # noqa: E402
@@ -60,6 +66,8 @@ TEXT = DATA / "text" / "tinyshakespeare.txt"
 # Module paths for a model type the table does not list (Gemma 3 is laid out like Llama).
 LLAMA_LIKE = {"layers": "model.layers", "mlp": "model.layers.{}.mlp", "proj": "model.layers.{}.mlp.down_proj",
               "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens"}
+PUBLISHED_CASES = "cases-published.jsonl"  # the side-by-side edits (the recipe as published, issue 28)
+SIDES = ["rankone", "reference", "rankone_default"]
 CLI_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
 
@@ -204,7 +212,7 @@ def cli_split(name: str, out: str, spec: str | None, hparams: str | None) -> Non
     ed.templates  # noqa: B018 (sampled or read now, to time it)
     clock["templates_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    ed.stats(ed.layer)
+    ed.stats()
     clock["statistics_s"] = time.perf_counter() - t
     t = time.perf_counter()
     patch = ed.edit([EditRequest.create(args.prompt, args.subject, args.target)])
@@ -224,59 +232,111 @@ def metrics(model: Any, tok: Any, case: Any) -> dict[str, float]:
     return {k: m[k] for k in ("es", "ps", "ns", "p_new", "p_true")}
 
 
-def edits_part(name: str, model: Any, tok: Any, n: int, stats_tokens: int) -> None:
-    out = RUNS / name / "cases.jsonl"
+def edits_part(name: str, model: Any, tok: Any, n: int, stats_tokens: int, layer: int | None,
+               checkpoint: Callable[[], None]) -> None:
+    """rankone beside the published ROME recipe on the same cases, interleaved, checkpointed per case."""
+    out = RUNS / name / PUBLISHED_CASES
     done = {json.loads(x)["case_id"] for x in out.read_text().splitlines()} if out.exists() else set()
     cases = cases_from_records(json.loads(COUNTERFACT.read_text()), str(COUNTERFACT), n_neighbours=1)
     cases = alignable(model, tok, cases)[0][:n]
+    given = {"layer": layer} if layer is not None else {}
     handle = ModelHandle.of(model, tok)
-    hp = resolve_settings(handle, {"stats_tokens": stats_tokens})
-    ed = Editor(handle, hp, TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
-    no_stop = Editor(handle, hp.replace(early_stop_prob=1.0), TEXT, cache_dir=RUNS / name / "cache" / "edits", progress=False)
-    layer, templates = ed.layer, ed.templates
-    st = ed.stats(layer)
+    hp = resolve_settings(handle, {"stats_tokens": stats_tokens, "method": "rome", **given})  # ROME's update, as published
+    cache = RUNS / name / "cache" / "edits"
+    editors = {"rankone": Editor(handle, hp, TEXT, cache_dir=cache, progress=False),
+               "rankone_default": Editor(handle, hp.replace(method=EditHParams().method), TEXT, cache_dir=cache, progress=False)}
+    layer, templates = editors["rankone"].layer, editors["rankone"].templates
+    inv_cov = inverse_cov(editors["rankone"].stats(layer))  # the published code inverts C once per layer and keeps it
     w = arch.weight_oi(handle.proj(layer))
     for i, case in enumerate(cases):
         if case.case_id in done:
             continue
-        rec: dict[str, Any] = {"case_id": case.case_id, "layer": layer, "load": load_avg(), "base": metrics(model, tok, case)}
+        rec: dict[str, Any] = {"case_id": case.case_id, "layer": layer, "load": load_avg(), "threads": torch.get_num_threads(),
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "base": metrics(model, tok, case)}
         before = w.detach().clone()
-        sides = ["rankone", "reference", "rankone_no_stop"]
-        for side in sides[i % 3:] + sides[: i % 3]:  # rotated, so that no side always runs first
-            if side != "reference":
-                patch = (ed if side == "rankone" else no_stop).edit([case.request], keep=True)
+        for side in SIDES[i % 3:] + SIDES[: i % 3]:  # rotated, so that no side always runs first
+            t = time.perf_counter()
+            if side in editors:
+                patch = editors[side].edit([case.request], keep=True)
+                wall = time.perf_counter() - t
                 e = patch.edits[0]
                 m = metrics(model, tok, case)
                 revert_patch(model, patch)
                 timing, v = e.diagnostics["timing"], e.diagnostics["value"]
                 extra = {"steps": v["steps"], "target_prob": v["target_prob"], "stopped_early": v["stopped_early"],
-                         "early_stop_prob": v["early_stop_prob"],
-                         "gathered": v["gathered_logits"], "passes": v["passes"], "delta_fro": e.delta_fro}
+                         "early_stop_prob": v["early_stop_prob"], "passes": v["passes"], "delta_fro": e.delta_fro}
             else:
-                upd, timing, value = reference_edit(handle, case.request, layer, templates, st, hp)
+                upd, timing, trace = reference_edit(handle, case.request, layer, templates, inv_cov, hp)
                 with torch.no_grad():
-                    w.add_(torch.outer(upd.residual, upd.key_dir).to(w.dtype))
+                    w.add_(upd.to(w.dtype))
+                wall = time.perf_counter() - t
                 m = metrics(model, tok, case)
                 with torch.no_grad():
                     w.copy_(before)
-                extra = {"steps": len(value.losses), "target_prob": value.target_prob, "stopped_early": value.stopped_early,
-                         "delta_fro": float(upd.residual.norm() * upd.key_dir.norm())}
+                extra = {"steps": len(trace.losses), "target_prob": trace.target_prob, "stopped_early": trace.stopped_early,
+                         "delta_fro": float(upd.norm())}
             assert torch.equal(w, before), "revert was not exact"
-            rec[side] = {**timing, "total_s": sum(timing.values()), **m, **extra}
+            rec[side] = {**timing, "total_s": sum(timing.values()), "wall_s": wall, **m, **extra}
+        rec["load_end"] = load_avg()
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"[{name}] case {case.case_id}: " + ", ".join(f"{k} {rec[k]['total_s']:.1f} s" for k in sides)
-              + f", load {rec['load']}", flush=True)
+        print(f"[{name}] case {case.case_id}: " + ", ".join(f"{k} {rec[k]['wall_s']:.1f} s" for k in SIDES)
+              + f", load {rec['load']}-{rec['load_end']}", flush=True)
+        if (i + 1) % 5 == 0:
+            checkpoint()  # the section so far, in case the run is stopped
 
 
 # ---- the report -------------------------------------------------------------------------------
 
 
 def summary(rows: list[dict[str, Any]], side: str) -> dict[str, float]:
-    med = {k: statistics.median(r[side][k] for r in rows) for k in ("key_s", "value_s", "solve_s", "total_s", "steps")}
+    keys = ("key_s", "value_s", "solve_s", "total_s", "steps") + (("wall_s",) if "wall_s" in rows[0][side] else ())
+    med = {k: statistics.median(r[side][k] for r in rows) for k in keys}
     mean = {k: statistics.mean(r[side][k] for r in rows) for k in ("es", "ps", "ns", "target_prob")}
     mean["s"] = hmean([mean["es"], mean["ps"], mean["ns"]])
     return {**med, **mean}
+
+
+def published_report(models: list[str]) -> str:
+    """The per-edit comparison with the published recipe (cases-published.jsonl of each model)."""
+    parts = []
+    for name in models:
+        f = RUNS / name / PUBLISHED_CASES
+        if not f.exists():
+            continue
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        s = {side: summary(rows, side) for side in SIDES}
+        ratio = lambda side, k: statistics.median(r["reference"][k] / r[side][k] for r in rows)  # noqa: E731
+        spread = lambda side: "{:.1f}-{:.1f}×".format(*(f(r["reference"]["wall_s"] / r[side]["wall_s"] for r in rows)  # noqa: E731
+                                                      for f in (min, max)))
+        base = {k: statistics.mean(r["base"][k] for r in rows) for k in ("es", "ps", "ns")}
+        loads = [x for r in rows for x in (r["load"], r.get("load_end", r["load"]))]
+        same = sum(all(r["rankone"][k] == r["reference"][k] for k in ("es", "ps", "ns")) for r in rows)
+        policy = sorted({r.get("omp_wait_policy") or "default" for r in rows})
+        labels = {"rankone": "rankone, method rome (ROME's update)",
+                  "rankone_default": f"rankone, method {EditHParams().method} (its default)",
+                  "reference": "published ROME recipe (benchmarks/rome_reference.py)"}
+        parts.append(
+            f"### {name}\n\n{len(rows)} CounterFact cases (counterfact-edit.json, first alignable), layer {rows[0]['layer']}, "
+            f"statistics cached ({TEXT.name}), the same 21 context templates and C for every side; the three sides run "
+            f"in one process, in rotating order per case; torch threads {sorted({r['threads'] for r in rows})}, "
+            f"OMP_WAIT_POLICY {', '.join(policy)}; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores "
+            f"(a shared machine). Wall: the whole edit call (rankone's `Editor.edit`, which also writes the patch entry "
+            f"and checks the outcome; the recipe's edit and adding ΔW); compute: key + value + solve.\n\n"
+            + table(["recipe", "key s", "value s", "solve s", "compute s (median)", "wall s / edit (median)",
+                     "value passes (median)", "p(target)", "ES", "PS", "NS", "S"],
+                    [[labels[k], v["key_s"], v["value_s"], v["solve_s"], v["total_s"], v["wall_s"], v["steps"],
+                      v["target_prob"], v["es"], v["ps"], v["ns"], v["s"]] for k, v in s.items()])
+            + f"\n\nPer edit, rankone (method rome) is **{ratio('rankone', 'wall_s'):.2f}×** faster than the published "
+            f"recipe in wall time (median of per-case ratios, which range {spread('rankone')} as the load moves; "
+            f"{ratio('rankone', 'total_s'):.2f}× in compute; ratio of "
+            f"median walls {s['reference']['wall_s'] / s['rankone']['wall_s']:.2f}×), and with its default method "
+            f"{ratio('rankone_default', 'wall_s'):.2f}×. The recipe's loss-based early stop fired in "
+            f"{sum(r['reference']['stopped_early'] for r in rows)} of {len(rows)} cases, rankone's p(target) ≥ "
+            f"{rows[0]['rankone']['early_stop_prob']} stop in {sum(r['rankone']['stopped_early'] for r in rows)}. rankone "
+            f"(method rome) and the recipe agree on ES, PS and NS in {same} of {len(rows)} cases. Unedited model on the "
+            f"same prompts: ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}.")
+    return "\n\n".join(parts)
 
 
 def report(models: list[str]) -> str:
@@ -284,31 +344,6 @@ def report(models: list[str]) -> str:
     for name in models:
         d = RUNS / name
         sec = [f"### {name}"]
-        if (d / "cases.jsonl").exists():
-            rows = [json.loads(x) for x in (d / "cases.jsonl").read_text().splitlines()]
-            a, b, c = summary(rows, "rankone"), summary(rows, "reference"), summary(rows, "rankone_no_stop")
-            ratio = statistics.median(r["reference"]["total_s"] / r["rankone"]["total_s"] for r in rows)
-            base = {k: statistics.mean(r["base"][k] for r in rows) for k in ("es", "ps", "ns")}
-            loads = [r["load"] for r in rows]
-            sec.append(
-                f"{len(rows)} CounterFact cases (counterfact-edit.json, first alignable), r-ROME at layer {rows[0]['layer']}, "
-                f"statistics cached ({TEXT.name}), same templates; load average {min(loads):.1f}-{max(loads):.1f} on "
-                f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}.\n\n"
-                + table(["recipe", "key s", "value s", "solve s", "total s / edit (median)", "value passes (median)",
-                         "p(target)", "ES", "PS", "NS", "S"],
-                        [[lbl, s["key_s"], s["value_s"], s["solve_s"], s["total_s"], s["steps"], s["target_prob"],
-                          s["es"], s["ps"], s["ns"], s["s"]]
-                         for lbl, s in ((f"rankone (stops at p(target) ≥ {rows[0]['rankone']['early_stop_prob']})", a),
-                                        ("rankone, no early stop (20 passes)", c),
-                                        ("ROME reference recipe", b))])
-                + f"\n\nPer edit, rankone is **{ratio:.2f}×** faster than the reference recipe (median of per-case ratios; "
-                f"ratio of medians {b['total_s'] / a['total_s']:.2f}×); the reference's loss-based early stop fired in "
-                f"{sum(r['reference']['stopped_early'] for r in rows)} of {len(rows)} cases. Unedited model on the same prompts: "
-                f"ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}. rankone and the reference agree on ES, PS "
-                f"and NS in {sum(all(r['rankone'][k] == r['reference'][k] for k in ('es', 'ps', 'ns')) for r in rows)} of "
-                f"{len(rows)} cases: the loss and the optimiser are the same, but where a norm follows the MLP output "
-                f"(Gemma 3) rankone writes v* at the current scale (`normed_target`, README \"Methods\") and the reference "
-                f"ROME's unscaled v*.")
         if (d / "cases-early-stop-0.95.jsonl").exists():  # an earlier run with early_stop_prob = 0.95
             old = [json.loads(x) for x in (d / "cases-early-stop-0.95.jsonl").read_text().splitlines()]
             o, f = summary(old, "rankone"), summary(old, "rankone_no_stop")
@@ -339,6 +374,19 @@ def report(models: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def write_reports(models: list[str], parts: list[str]) -> None:
+    """The sections whose data this run has: the published-recipe comparison (edits), the rest."""
+    if "edits" in parts and published_report(models):
+        body = published_report(models)
+        print(body)
+        write_section("edit_speed_published", "Per edit against the published ROME recipe (issue 28)", body)
+    has_data = any((RUNS / m / f).exists() for m in models for f in ("stats.json", "cli.json", "cases-early-stop-0.95.jsonl"))
+    if {"stats", "cli"} & set(parts) and has_data:  # never replace the section by one without its figures
+        body = report(models)
+        print(body)
+        write_section("edit_speed", "Edit speed on real models (issue 12)", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -346,6 +394,7 @@ def main() -> None:
     ap.add_argument("--stats-tokens", type=int, default=100_000, help="statistics budget of the side-by-side edits")
     ap.add_argument("--cmp-tokens", type=int, default=16_384, help="tokens of the truncated-vs-full statistics comparison")
     ap.add_argument("--parts", nargs="+", default=["stats", "cli", "edits"])
+    ap.add_argument("--layer", type=int, default=None, help="the edited layer of the side-by-side edits (default: the model's)")
     ap.add_argument("--cli-hparams", default=None, help="--hparams for the CLI runs (default: none, as a user types it)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--cli-split", default=None, help=argparse.SUPPRESS)
@@ -366,13 +415,10 @@ def main() -> None:
         if "stats" in args.parts and not (RUNS / name / "stats.json").exists():
             (RUNS / name / "stats.json").write_text(json.dumps(stats_part(name, model, tok, args.cmp_tokens, cmp_batch), indent=1))
         if "edits" in args.parts:
-            edits_part(name, model, tok, n, args.stats_tokens)
+            edits_part(name, model, tok, n, args.stats_tokens, args.layer, lambda: write_reports(args.models, ["edits"]))
         if "cli" in args.parts and not (RUNS / name / "cli.json").exists():  # last: its first run samples a corpus
             (RUNS / name / "cli.json").write_text(json.dumps(cli_part(name, spec, args.cli_hparams), indent=1))
-        write_section("edit_speed", "Edit speed on real models", report(args.models))
-    body = report(args.models)
-    print(body)
-    write_section("edit_speed", "Edit speed on real models", body)
+    write_reports(args.models, args.parts)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,21 @@ def test_sliding_window_model_caches_prefixes_only_where_that_is_exact(window, t
     full = compute_value(ed.handle, REQ, 1, ed.templates, hp.replace(fast_value=False), full_logits=True)
     assert fast.passes == ("suffix" if window == 512 else "replay")
     assert torch.allclose(fast.delta, full.delta, rtol=1e-5, atol=1e-5 * float(full.delta.abs().max()))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+def test_no_pass_applies_the_head_to_every_prompt_at_every_position(model_type, tok, tok_bos, corpus):
+    # The prefix pass only fills the KV cache: the head runs there at one position per prompt, and
+    # the value steps apply it at the positions the loss reads; only the check pass (a few prompts)
+    # computes whole logits. The edit is the same as with whole prompts.
+    model, t, ed = setup(model_type, tok, tok_bos, corpus)
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape[:-1])))
+    try:
+        res = compute_value(model, t, REQ, 1, ed.templates(), _fixed_steps(ed.hp, 2))
+    finally:
+        hook.remove()
+    rows = len(ed.templates()) + 1  # the rewriting prompts and the KL prompt
+    assert res.passes == "suffix" and res.gathered
+    assert (rows, 1) in shapes  # the prefix pass
+    assert not [s for s in shapes if len(s) == 2 and s[0] == rows and s[1] > 1], shapes

@@ -16,6 +16,7 @@ alone does not give the model's logits.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from contextlib import ExitStack
 from typing import Any
@@ -37,6 +38,16 @@ def lm_head_logits(model: torch.nn.Module, head: torch.nn.Module, h: torch.Tenso
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def few_logits(model: torch.nn.Module) -> dict[str, Any]:
+    """The keyword that makes the model apply its LM head at the last position only, where its
+    forward has one (transformers' `logits_to_keep`, earlier `num_logits_to_keep`); else none."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -122,7 +133,9 @@ class ValuePasses:
         for i, c in enumerate(split):
             real[i, :c] = 1
         suf_ids, suf_mask = pad_batch([s[c:] for s, c in zip(seqs, split)], self.dev)  # [rows, S]
-        self.cache = kv_cache_of(self.model(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True))
+        # Only the KV cache is wanted: the head runs at one position, not at every prefix position
+        # (22 rows of ~20 tokens through a 49k-token vocabulary cost as much as 4 value steps).
+        self.cache = kv_cache_of(self.model(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True, **few_logits(self.model)))
         self.suffix = {"input_ids": suf_ids, "attention_mask": torch.cat([real, suf_mask], dim=1),
                        "position_ids": torch.tensor(split, device=self.dev)[:, None] + torch.arange(S, device=self.dev)}
         kept: dict[str, Any] = {}
