@@ -238,10 +238,10 @@ def test_no_pass_applies_the_head_to_every_prompt_at_every_position(model_type, 
     shapes = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape[:-1])))
     try:
-        res = compute_value(model, t, REQ, 1, ed.templates(), _fixed_steps(ed.hp, 2))
+        res = compute_value(ed.handle, REQ, 1, ed.templates, _fixed_steps(ed.settings, 2))
     finally:
         hook.remove()
-    rows = len(ed.templates()) + 1  # the rewriting prompts and the KL prompt
+    rows = len(ed.templates) + 1  # the rewriting prompts and the KL prompt
     assert res.passes == "suffix" and res.gathered
     assert (rows, 1) in shapes  # the prefix pass
     assert not [s for s in shapes if len(s) == 2 and s[0] == rows and s[1] > 1], shapes
