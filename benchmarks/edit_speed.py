@@ -1,4 +1,4 @@
-"""Edit speed on real models, side by side with the published ROME recipe (issues 12, 28).
+"""Edit speed on real models, side by side with the published ROME recipe.
 
     python benchmarks/edit_speed.py [--models smollm2-135m gemma3-270m] [--cases 50 20]
                                     [--stats-tokens 100000] [--parts stats cli edits]
@@ -66,7 +66,7 @@ TEXT = DATA / "text" / "tinyshakespeare.txt"
 # Module paths for a model type the table does not list (Gemma 3 is laid out like Llama).
 LLAMA_LIKE = {"layers": "model.layers", "mlp": "model.layers.{}.mlp", "proj": "model.layers.{}.mlp.down_proj",
               "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens"}
-PUBLISHED_CASES = "cases-published.jsonl"  # the side-by-side edits (the recipe as published, issue 28)
+PUBLISHED_CASES = "cases-published.jsonl"  # the side-by-side edits (the recipe as published)
 SIDES = ["rankone", "reference", "rankone_default"]
 CLI_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 
@@ -379,12 +379,12 @@ def write_reports(models: list[str], parts: list[str]) -> None:
     if "edits" in parts and published_report(models):
         body = published_report(models)
         print(body)
-        write_section("edit_speed_published", "Per edit against the published ROME recipe (issue 28)", body)
+        write_section("edit_speed_published", "Per edit against the published ROME recipe", body)
     has_data = any((RUNS / m / f).exists() for m in models for f in ("stats.json", "cli.json", "cases-early-stop-0.95.jsonl"))
     if {"stats", "cli"} & set(parts) and has_data:  # never replace the section by one without its figures
         body = report(models)
         print(body)
-        write_section("edit_speed", "Edit speed on real models (issue 12)", body)
+        write_section("edit_speed", "Edit speed on real models", body)
 
 
 def main() -> None:
