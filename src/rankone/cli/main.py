@@ -17,7 +17,7 @@ from rankone.core.progress import set_quiet
 from rankone.methods.hparams import ALL_METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
-PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace")
+PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace", "rankone.cli.serve")
 
 
 # ---- commands --------------------------------------------------------------------------------
