@@ -41,6 +41,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens-cap", type=positive_int("--max-tokens-cap"), default=512,
                    help="the largest max_tokens a request may ask for (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of random routing, shadow samples and unseeded sampling")
+    p.add_argument("--threads", type=positive_int("--threads"), default=None,
+                   help="torch threads for the model (default: torch's own choice, one per core)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
 
@@ -81,6 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if registry is not None and not Path(registry).is_file():
         raise RankoneError(f"no registry at {registry}; `rankone registry add` creates one")
     port = _free_to_listen(args.host, args.port)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     builtin = args.model is None
     settings = ServeSettings(host=args.host, port=port, max_batch=args.max_batch, max_waiting=args.max_waiting,
                              max_tokens_cap=args.max_tokens_cap, seed=args.seed,

@@ -175,6 +175,7 @@ class Registry(Staging):
                 raise RankoneError(f"patch {pid} is {state}; only a staged patch is promoted (`rankone registry stage` first)")
             if not promote and state != "validated":
                 hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
+                hint += "; promote it with `rankone registry promote`" if state == "staged" else ""
                 raise RankoneError(f"patch {pid} cannot be released: {hint}")
             last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
             if last is None or not last[0]:
