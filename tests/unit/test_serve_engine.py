@@ -160,7 +160,7 @@ def test_queue_is_bounded(handle):
 
     m, tok = handle
     engine = Engine(m, tok, Arms("fp", (), (), torch.float32, "cpu"), Router(None), max_batch=1, max_waiting=2)
-    for _ in range(2):  # not started: nothing is taken from the queue
+    for _ in range(3):  # not started: nothing is taken from the queue; the batch's place counts too
         engine.submit(GenRequest([1, 2], "x", 1, lambda ev: None))
     with pytest.raises(ApiError) as e:
         engine.submit(GenRequest([1, 2], "x", 1, lambda ev: None))

@@ -65,6 +65,8 @@ class _Call:
         self.ttft: float | None = None
         self.patchset: PatchSet | None = None
         self.tokens = 0
+        self.rid = ""
+        self.text = ""
 
     async def start(self) -> PatchSet:
         self.server.engine.submit(self.req)
@@ -89,9 +91,15 @@ class _Call:
                 return
 
     def record(self, status: int) -> None:
-        arm = self.patchset.arm if self.patchset is not None else "none"
-        self.server.metrics.request(arm, status, time.perf_counter() - self.t0, self.ttft, self.tokens,
+        ps = self.patchset
+        latency = time.perf_counter() - self.t0
+        self.server.metrics.request(ps.arm if ps is not None else "none", status, latency, self.ttft, self.tokens,
                                     self.req.route.pin is not None or self.req.route.user is not None)
+        self.server.request_done({
+            "id": self.rid, "at": time.time(), "status": status, "user": self.req.route.user, "pin": self.req.route.pin,
+            **(ps.describe() if ps is not None else {"arm": "none", "digest": None, "patches": []}),
+            "latency_s": latency, "ttft_s": self.ttft, "completion_tokens": self.tokens,
+            "prompt": self.req.prompt_text, "text": self.text})
 
 
 def create_app(server: Server) -> FastAPI:
@@ -204,7 +212,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
     except Exception as e:  # noqa: BLE001 - never a traceback to the client
         log.error("500 %s %s: %s: %s", request.method, request.url.path, type(e).__name__, " ".join(str(e).split())[:300])
         return JSONResponse(ApiError(500, f"internal error ({type(e).__name__})", "internal_error").body(), status_code=500)
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    rid = call.rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     shape = _Shape(rid, server.name, ps, chat, int(time.time()), len(req.prompt_ids))
     if body.stream:
         usage = bool((body.stream_options or {}).get("include_usage"))
@@ -219,6 +227,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
     except ApiError as e:
         call.record(e.status)
         return _error(e, request)
+    call.text = info["text"]
     call.record(200)
     return JSONResponse(shape.whole(info["text"], info["finish_reason"], info["completion_tokens"]), headers=_headers(ps))
 
@@ -230,6 +239,7 @@ async def _stream(call: _Call, shape: "_Shape", usage: bool, request: Request) -
             yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
         async for kind, value in call.pieces():
             if kind == "text":
+                call.text += value
                 yield _sse(shape.chunk(value, None))
             else:
                 yield _sse(shape.chunk("" if not shape.chat else {}, value["finish_reason"]))

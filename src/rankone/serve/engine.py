@@ -52,6 +52,7 @@ class GenRequest:
     route: Route = field(default_factory=Route)
     patchset: PatchSet | None = None  # set for shadow rows (chosen when their job was made)
     cancelled: bool = False  # set by the caller (client gone); the row leaves at the next step
+    ended: bool = False  # done, failed or dropped: no longer counted against the capacity
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Engine:
         self._queue: deque[GenRequest] = deque()
         self._shadow: deque[tuple[GenRequest, ShadowJob]] = deque()
         self.shadow_dropped = 0
+        self._active = 0  # requests submitted and not ended (waiting, running, or being answered)
         self._rows: list[_Row] = []
         self._batch = Batch()
         self._lock = threading.Lock()
@@ -110,12 +112,19 @@ class Engine:
 
     def submit(self, req: GenRequest) -> None:
         """Queue a request, or refuse it with 429 when the queue is full (never an unbounded backlog)."""
-        with self._lock:
-            if len(self._queue) >= self.max_waiting:
+        with self._lock:  # requests in the batch and waiting for it, together, are bounded
+            if self._active >= self.max_batch + self.max_waiting:
                 raise ApiError(429, f"the server is at capacity ({self.max_batch} running, {self.max_waiting} waiting); "
                                     "retry shortly", "server_busy", headers={"Retry-After": "1"})
             self._queue.append(req)
+            self._active += 1
         self._wake.set()
+
+    def _end(self, req: GenRequest) -> None:
+        if req.patchset is None and not req.ended:  # shadow rows never counted
+            req.ended = True
+            with self._lock:
+                self._active -= 1
 
     def update(self, arms: Arms, stable: dict[str, torch.Tensor] | None) -> None:
         """New arms from the registry; `stable`: new stable weights to copy in once nothing is in flight."""
@@ -128,7 +137,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"waiting": len(self._queue), "running": len(self._rows), "shadow_waiting": len(self._shadow),
+            return {"waiting": len(self._queue), "running": len(self._rows), "active": self._active,
+                    "shadow_waiting": len(self._shadow),
                     "shadow_dropped": self.shadow_dropped, "max_batch": self.max_batch, "max_waiting": self.max_waiting,
                     "swap_pending": self._pending is not None}
 
@@ -172,10 +182,12 @@ class Engine:
         rows = []
         for req in taken:
             if req.cancelled:
+                self._end(req)
                 continue
             try:
                 ps = req.patchset if req.patchset is not None else self.router.resolve(req.route, arms)
             except ApiError as e:
+                self._end(req)
                 req.sink(("error", e))
                 continue
             if ps.stable_digest != arms.stable.digest:
@@ -203,6 +215,9 @@ class Engine:
 
     def _decode(self) -> None:
         live = [i for i, r in enumerate(self._rows) if not r.req.cancelled]
+        for r in self._rows:
+            if r.req.cancelled:
+                self._end(r.req)
         if len(live) < len(self._rows):
             self._rows = [self._rows[i] for i in live]
             self._batch.keep(live)
@@ -238,6 +253,8 @@ class Engine:
         return keep
 
     def _emit(self, row: _Row, event: Event) -> None:
+        if event[0] in ("done", "error"):
+            self._end(row.req)  # before the answer leaves: the client may send its next request at once
         try:
             row.req.sink(event)
         except Exception as e:  # noqa: BLE001 - a broken consumer never stops the batch

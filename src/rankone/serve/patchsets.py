@@ -99,8 +99,7 @@ class Arms:
 
     @property
     def base(self) -> PatchSet:
-        if not self.released:
-            return self.stable
+        """The base model: stable minus the released patches (nothing to subtract before a release)."""
         return self._get(("base",), lambda: PatchSet(
             "base", (), self._digest(()), self.stable.digest,
             delta_factors([p for _, p in self.released], -1.0, self.dtype, self.device)))

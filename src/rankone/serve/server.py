@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +29,8 @@ from rankone.serve.patchsets import Arms, StableBuilder, swap_in
 from rankone.serve.routing import Router
 from rankone.serve.settings import ServeSettings
 from rankone.serve.watcher import RegistryWatcher
+
+log = logging.getLogger("rankone.serve")
 
 ADMIN_HINT = "start the server with --admin-token-file FILE or the RANKONE_ADMIN_TOKEN environment variable"
 
@@ -79,6 +82,9 @@ class Server:
                              on_shadow=self._shadow_done)
         self._publish_metrics(arms)
         self.started = time.time()
+        # Called with a record of every answered request (id, arm, digest, patches, user, status,
+        # timings, prompt, text): where a request log or feedback intake attaches (none here).
+        self.request_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def start(self) -> "Server":
         self.engine.start()
@@ -111,6 +117,13 @@ class Server:
         self.metrics.shadow_result(scope, agree)
 
     # ---- requests -------------------------------------------------------------------------------
+
+    def request_done(self, record: dict[str, Any]) -> None:
+        for listener in self.request_listeners:
+            try:
+                listener(record)
+            except Exception as e:  # noqa: BLE001 - a listener never fails a request
+                log.warning("a request listener failed (%s: %s)", type(e).__name__, " ".join(str(e).split())[:200])
 
     def check_admin(self, authorization: str | None, what: str) -> None:
         """A bearer admin token, or 401 (none given) / 403 (wrong, or none configured)."""
