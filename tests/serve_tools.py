@@ -69,14 +69,15 @@ def offline(model, tok, patches: list[Patch], prompt: str, n: int) -> str:
 class ServerProcess:
     """`rankone serve` in a subprocess on a free 127.0.0.1 port; stopped by pid."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, threads: int | None = 1) -> None:
         self.args = args
         e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
                  HF_HUB_OFFLINE="1", **(env or {}))
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rankone-serve-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "rankone.cli.main", "serve", "--port", "0", "--threads", "1",
-                                      *args], stdout=self.log, stderr=subprocess.STDOUT, env=e)
+        threading = ["--threads", str(threads)] if threads else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "rankone.cli.main", "serve", "--port", "0", *threading, *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=e)
         self.url = self._wait()
 
     def _wait(self, timeout: float = 120.0) -> str:

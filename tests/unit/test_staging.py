@@ -12,20 +12,7 @@ from rankone.cli.main import main
 from rankone.core.errors import RankoneError
 from rankone.lifecycle.registry import Registry
 from rankone.lifecycle.store import _SCHEMA
-from test_registry import FAIL, M1, M2, PASS, ready, saved, synth_patch  # noqa: F401  (tests/unit is on sys.path)
-from tiny import make_model
-
-
-@pytest.fixture
-def model():
-    return make_model("gpt2")
-
-
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "reg" / "registry.db")
-    yield r
-    r.close()
+from test_registry import FAIL, M2, PASS, model, ready, reg, saved, synth_patch  # noqa: F401  (fixtures; tests/unit is on sys.path)
 
 
 def test_stage_promote_abort_and_their_audit_entries(reg, model, tmp_path):

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from rankone.cli.build import cmd_build, cmd_export
-from rankone.cli.registry_staging import add_staging_commands
+from rankone.cli.registry_staging import cmd_abort, cmd_stage, percent
 from rankone.cli.registry_commands import (
     cmd_add,
     cmd_check,
@@ -69,12 +69,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--policy", default=None, help="JSON thresholds (default: rankone.lifecycle.gates.GatePolicy; docs/policy.example.json)")
     p.add_argument("--reason", default=None, help="a note for the audit log")
 
-    p = add("release", cmd_release, "append a validated patch to the release order (refuses conflicts unless --force)")
-    p.add_argument("id", help=ID_HELP)
-    model_args(p, required=False)
-    p.add_argument("--policy", default=None, help="JSON thresholds; its conflict_key_cosine decides key overlaps (default 0.9)")
-    p.add_argument("--force", action="store_true", help="release despite conflicts (recorded in the audit log)")
-    p.add_argument("--reason", default=None, help="a note for the audit log")
+    def release_args(p: argparse.ArgumentParser, verb: str) -> None:
+        p.add_argument("id", help=ID_HELP)
+        model_args(p, required=False)
+        p.add_argument("--policy", default=None, help="JSON thresholds; its conflict_key_cosine decides key overlaps (default 0.9)")
+        p.add_argument("--force", action="store_true", help=f"{verb} despite conflicts (recorded in the audit log)")
+        p.add_argument("--reason", default=None, help="a note for the audit log")
+
+    release_args(add("release", cmd_release, "append a validated patch to the release order (refuses conflicts unless --force)"),
+                 "release")
 
     p = add("rollback", cmd_rollback, "take a released patch out of the release")
     p.add_argument("id", help=ID_HELP)
@@ -95,7 +98,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--format", choices=FORMATS, default="merged", help=FORMAT_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
-    add_staging_commands(add, ID_HELP)
+    p = add("stage", cmd_stage, "roll a validated patch out to a share of live traffic (rankone serve): canary and/or shadow")
+    p.add_argument("id", help=ID_HELP)
+    p.add_argument("--canary", type=percent("canary"), default=0.0,
+                   help="percentage of users (sticky per user) whose requests get the candidate (0-100)")
+    p.add_argument("--shadow", type=percent("shadow"), default=0.0,
+                   help="percentage of the other requests re-run on the candidate after answering, compared, never shown")
+    p.add_argument("--reason", default=None, help="a note for the audit log")
+
+    p = add("promote", cmd_release, "release a staged patch (a running rankone serve merges it into stable)")
+    release_args(p, "promote")
+    p.set_defaults(promote=True)
+
+    p = add("abort", cmd_abort, "take a staged patch out of the candidate for good")
+    p.add_argument("id", help=ID_HELP)
+    p.add_argument("--reason", help="why (required)")
 
     p = add("check", cmd_check, "verify that database, store and audit chain agree")
     p.add_argument("--prune", action="store_true", help="remove orphaned store folders older than 10 minutes")
