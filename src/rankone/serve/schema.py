@@ -67,11 +67,16 @@ def parse(raw: bytes, cls: type[_Body]) -> Any:
         body = cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("str", "list[", "function")))
-        raise ApiError(400, f"'{where}': {err['msg'].rstrip('.')} (got {_short(err.get('input'))})", "invalid_type",
-                       where.split(".")[0] or None) from None
+        where = ".".join(str(x) for x in err["loc"] if _is_field(x))
+        said = "is required" if err["type"] == "missing" else f"{err['msg'].rstrip('.')} (got {_short(err.get('input'))})"
+        raise ApiError(400, f"'{where}': {said}", "invalid_type", where.split(".")[0] or None) from None
     _check_common(body)
     return body
+
+
+def _is_field(loc: Any) -> bool:
+    """A field name or an index in an error's location; not one of the union's type tags (str, list[str], ...)."""
+    return isinstance(loc, int) or (str(loc).isidentifier() and loc not in ("str", "int", "float", "bool", "none"))
 
 
 def _short(v: Any) -> str:
