@@ -20,7 +20,11 @@ against one batch per arm, timed on decode steps of 16 rows (8 stable, 8 candida
 
 Targets (issue 25): (b) ≥ 0.9 × (a) at 1 client; (c) ≥ 0.95 × (b); (b) at 16 clients ≥ 3 × (b)
 at 1 client; (d) adds no latency to the answer it returns. The server runs in its own process
-(as users run it); the clients are this process's threads. The load average is recorded.
+(as users run it); the clients are this process's threads. For each client count the four run
+one after another (the load of a shared machine moves): the 10 patches are staged at canary
+100 % for (c), then at canary 0 % and shadow 100 % for (b), whose requests pin the stable arm
+(pinned requests are never shadowed), and (d), whose requests are routed. The load average is
+recorded.
 """
 
 from __future__ import annotations
@@ -111,11 +115,13 @@ def closed_loop(one, clients: int, requests: int) -> dict[str, float]:
     return summarise(rows, time.perf_counter() - t0)
 
 
-def http_one(url: str, name: str, max_tokens: int):
+def http_one(url: str, name: str, max_tokens: int, pin: str | None = None):
+    headers = {"X-Rankone-Patchset": pin, "Authorization": "Bearer benchmark"} if pin else {}
+
     def one(prompt: str, user: str) -> tuple[float, float, int]:
         t0 = time.perf_counter()
         first, n = None, 0
-        with httpx.stream("POST", url + "/v1/completions", timeout=600,
+        with httpx.stream("POST", url + "/v1/completions", timeout=600, headers=headers,
                           json={"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                 "stream": True, "stream_options": {"include_usage": True}, "user": user}) as r:
             r.raise_for_status()
@@ -225,20 +231,12 @@ def main() -> None:
     patches = random_patches(handle, 10)
     load0 = os.getloadavg()[0]
     res: dict[tuple[str, int], dict] = {}
-
-    engine = Engine(handle.model, handle.tokenizer, Arms("fp", (), (), torch.float32, "cpu"), Router(None), max_batch=16)
-    engine.start()
-    try:
-        engine_one(engine, handle.tokenizer, 4)(PROMPTS[0], "warm")
-        for c in args.clients:
-            res[("a", c)] = closed_loop(engine_one(engine, handle.tokenizer, args.max_tokens), c, args.requests)
-    finally:
-        engine.stop()
     res[("a'", 1)] = hf_generate(handle, args.requests, args.max_tokens)
     mixing = arm_mixing(handle, patches)
-
+    engine = Engine(handle.model, handle.tokenizer, Arms("fp", (), (), torch.float32, "cpu"), Router(None), max_batch=16)
     with tempfile.TemporaryDirectory() as tmp:
-        reg_path = str(Path(tmp) / "registry.db")
+        reg_path, token = str(Path(tmp) / "registry.db"), Path(tmp) / "admin.token"
+        token.write_text("benchmark")
         ids = []
         with Registry(reg_path) as reg:
             for i, p in enumerate(patches):
@@ -246,35 +244,48 @@ def main() -> None:
                 rec, _ = reg.add(str(Path(tmp) / f"p{i}"), "benchmark", "speed only")
                 reg.record_validation(rec.id, PASS, True, "benchmark")
                 ids.append(rec.id)
+
+        def stage(canary: float, shadow: float) -> None:
+            with Registry(reg_path) as reg:
+                for pid in ids:
+                    reg.stage(pid, canary=canary, shadow=shadow, actor="benchmark")
+            wait_status(server.url, lambda st: any(a.get("staged") and all(x["canary"] == canary and x["shadow"] == shadow
+                                                                         for x in a["staged"]) for a in st["arms"]))
+
         server = ServerProcess("--model", str(folder), "--registry", reg_path, "--max-batch", "16", "--max-waiting", "64",
-                               "--served-model-name", "bench", threads=args.threads)
+                               "--served-model-name", "bench", "--admin-token-file", str(token), threads=args.threads)
+        engine.start()
+        shadows = 0
         try:
-            one = http_one(server.url, "bench", args.max_tokens)
-            http_one(server.url, "bench", 4)(PROMPTS[0], "warm")
-            for config, canary, shadow in (("b", 0, 0), ("c", 100, 0), ("d", 0, 100)):
-                if canary or shadow:
-                    with Registry(reg_path) as reg:
-                        for pid in ids:
-                            reg.stage(pid, canary=canary, shadow=shadow, actor="benchmark")
-                    wait_status(server.url, lambda st: any(all(x["canary"] == canary and x["shadow"] == shadow
-                                                               for x in a.get("staged", [])) and a.get("staged")
-                                                           for a in st["arms"]))
-                for c in args.clients:
-                    res[(config, c)] = closed_loop(one, c, args.requests)
+            one = {"a": engine_one(engine, handle.tokenizer, args.max_tokens),
+                   "b": http_one(server.url, "bench", args.max_tokens, pin="stable"),  # no shadow: pins are not sampled
+                   "c": http_one(server.url, "bench", args.max_tokens),
+                   "d": http_one(server.url, "bench", args.max_tokens)}
+            for c in args.clients:  # the four side by side for each client count: the shared machine's load moves
+                for config in ("a", "c", "b", "d"):
+                    if config == "c":
+                        stage(100, 0)
+                    elif config == "b":
+                        stage(0, 100)
+                    closed_loop(one[config], 1, 1)  # warm
+                    res[(config, c)] = closed_loop(one[config], c, args.requests)
                     if config == "d":  # its shadow runs finish before the next measurement starts
-                        st = wait_status(server.url, lambda st: st["engine"]["shadow_waiting"] == 0 and st["engine"]["running"] == 0,
-                                         600)
-                        res[(config, c)]["shadow"] = sum(v["comparisons"] for k, v in st["shadow"].items() if k != "dropped")
-                        res[(config, c)]["dropped"] = st["shadow"]["dropped"]
+                        st = wait_status(server.url, lambda st: st["engine"]["shadow_waiting"] == 0
+                                         and st["engine"]["running"] == 0, 600)
+                        total = sum(v["comparisons"] for k, v in st["shadow"].items() if k != "dropped")
+                        res[(config, c)]["shadow"], shadows = total - shadows, total
         finally:
+            engine.stop()
             server.stop()
+    order = {"a": 0, "a'": 1, "b": 2, "c": 3, "d": 4}
+    res = dict(sorted(res.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
     publish("serve", f"Serving: rankone serve on {args.model} (issue 25)",
             report(args, res, mixing, load0, os.getloadavg()[0]), write=not args.no_write)
 
 
 def report(args, res, mixing, load0: float, load1: float) -> str:
     names = {"a": "(a) engine in process, merged model", "a'": "(a') transformers generate, one at a time",
-             "b": "(b) rankone serve, stable", "c": "(c) canary: 10 rank-one patches as deltas, 100 %",
+             "b": "(b) rankone serve, stable (pinned)", "c": "(c) canary: 10 rank-one patches as deltas, 100 %",
              "d": "(d) shadow: 10 patches, 100 %"}
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
     rows = [[names[k], c, f"{r['tok_s']:.1f}", ms(r["p50"]), ms(r["p95"]), ms(r["ttft50"]), ms(r["ttft95"]),
