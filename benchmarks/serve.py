@@ -255,7 +255,7 @@ def main() -> None:
         server = ServerProcess("--model", str(folder), "--registry", reg_path, "--max-batch", "16", "--max-waiting", "64",
                                "--served-model-name", "bench", "--admin-token-file", str(token), threads=args.threads)
         engine.start()
-        shadows = 0
+        shadows = (0, 0)  # shadow comparisons and skipped shadow runs so far
         try:
             one = {"a": engine_one(engine, handle.tokenizer, args.max_tokens),
                    "b": http_one(server.url, "bench", args.max_tokens, pin="stable"),  # no shadow: pins are not sampled
@@ -273,7 +273,8 @@ def main() -> None:
                         st = wait_status(server.url, lambda st: st["engine"]["shadow_waiting"] == 0
                                          and st["engine"]["running"] == 0, 600)
                         total = sum(v["comparisons"] for k, v in st["shadow"].items() if k != "dropped")
-                        res[(config, c)]["shadow"], shadows = total - shadows, total
+                        res[(config, c)]["shadow"] = f"{total - shadows[0]} ({st['shadow']['dropped'] - shadows[1]} skipped)"
+                        shadows = (total, st["shadow"]["dropped"])
         finally:
             engine.stop()
             server.stop()
@@ -294,7 +295,7 @@ def report(args, res, mixing, load0: float, load1: float) -> str:
             f"{args.threads or torch.get_num_threads()}; load average {load0:.1f} before, {load1:.1f} after "
             "(the machine is shared).", "",
             table(["configuration", "clients", "tokens/s", "p50 ms", "p95 ms", "TTFT p50 ms", "TTFT p95 ms",
-                   "requests", "shadow runs"], rows), ""]
+                   "requests", "shadow runs (skipped: queue full)"], rows), ""]
     t = lambda k, c: res[(k, c)]["tok_s"] if (k, c) in res else float("nan")  # noqa: E731
     lo, hi = min(args.clients), max(args.clients)
     checks = [("(b) ≥ 0.9 × (a), 1 client", t("b", lo) / t("a", lo), 0.9),

@@ -223,14 +223,18 @@ def test_shadow_compares_after_answering_and_never_shows_the_candidate(world):
     prompts = [P_S, "Nousren Thurber Likdos was born in", P_R, "Hello"]
     for i, p in enumerate(prompts):
         assert _arm_of(world, f"shadow-user-{i}", p)[0] == "stable"
+    chunks = list(world.client().completions.create(model=NAME, prompt=P_S, max_tokens=6, temperature=0, stream=True,
+                                                    user="shadow-user-streamed"))
+    assert "".join(c.choices[0].text for c in chunks) == world.offline([world.ids["R"]], P_S, 6)
+    prompts.append(P_S)  # a streamed answer is shadowed too
     world.wait_for(lambda st: sum(v["comparisons"] for k, v in st["shadow"].items() if k != "dropped")
-                   >= sum(v["comparisons"] for k, v in before.items() if k != "dropped") + 4, 30)
+                   >= sum(v["comparisons"] for k, v in before.items() if k != "dropped") + 5, 30)
     after = world.status()["shadow"]
     r, s = world.ids["R"], world.ids["S"]
-    for scope, ps in (("edited", prompts[:2]), ("unrelated", prompts[2:])):
+    for scope, ps in (("edited", prompts[:2] + prompts[4:]), ("unrelated", prompts[2:4])):
         want = sum(world.offline([r], p, 6) != world.offline([r, s], p, 6) for p in ps)
         got = after[scope]["disagreements"] - before.get(scope, {}).get("disagreements", 0)
-        assert after[scope]["comparisons"] - before.get(scope, {}).get("comparisons", 0) == 2 and got == want, scope
+        assert after[scope]["comparisons"] - before.get(scope, {}).get("comparisons", 0) == len(ps) and got == want, scope
     metrics = httpx.get(world.url + "/metrics").text
     assert f'rankone_shadow_comparisons_total{{scope="edited"}} {float(after["edited"]["comparisons"])}' in metrics
     assert f'rankone_staged_percent{{kind="shadow",patch="{s}"}} 100.0' in metrics

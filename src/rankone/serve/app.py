@@ -233,7 +233,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
 
 
 async def _stream(call: _Call, shape: "_Shape", usage: bool, request: Request) -> AsyncIterator[str]:
-    status = 200
+    status = 499  # until the last chunk is out: a client that leaves earlier is recorded as gone
     try:
         if shape.chat:
             yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
@@ -246,14 +246,16 @@ async def _stream(call: _Call, shape: "_Shape", usage: bool, request: Request) -
                 if usage:
                     yield _sse(dict(shape.chunk("", None), choices=[], usage=shape.usage(value["completion_tokens"])))
         yield "data: [DONE]\n\n"
+        status = 200
     except ApiError as e:
         status = e.status
         log.warning("%d %s %s (mid-stream): %s", e.status, request.method, request.url.path, e.message)
         yield _sse(e.body())
         yield "data: [DONE]\n\n"
     finally:
-        call.req.cancelled = True  # a client that left frees its place in the batch
-        call.record(status if call.tokens or status != 200 else 499)
+        if status != 200:
+            call.req.cancelled = True  # a client that left frees its place in the batch
+        call.record(status)
 
 
 def _sse(obj: dict[str, Any]) -> str:

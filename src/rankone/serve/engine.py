@@ -266,8 +266,7 @@ class Engine:
     def _after(self, row: _Row) -> None:
         """A stable request done (routed, not pinned): maybe queue its shadow re-run on the candidate."""
         req = row.req
-        if (req.patchset is not None or req.route.pin is not None or row.patchset.arm != "stable" or req.cancelled
-                or not self.arms.staged):
+        if req.patchset is not None or req.route.pin is not None or row.patchset.arm != "stable" or not self.arms.staged:
             return
         ids = self.router.shadow_ids(self.arms)
         if not ids:
