@@ -155,6 +155,32 @@ def test_requests_join_a_running_batch(handle):
     assert order == ["short", "long"]
 
 
+def test_shadow_runs_wait_while_a_request_is_in_flight(handle, patches):
+    """A shadow re-run uses idle time only: a request sent when the first one is answered finishes
+    before the first one's shadow comparison is made."""
+    m, tok = handle
+    arms = Arms("fp", (), (Staged("s", 0, 100, patches[0]),), torch.float32, "cpu")
+    order: list[str] = []
+    done = threading.Event()
+    engine = Engine(m, tok, arms, Router(None), on_shadow=lambda job, agree: (order.append("shadow"), done.set()))
+
+    def sink(name, then=None):
+        def f(ev):
+            if ev[0] == "done":
+                order.append(name)
+                if then is not None:
+                    engine.submit(then)
+        return f
+    second = GenRequest(tok(PROMPTS[1])["input_ids"], PROMPTS[1], 20, sink("second"), route=Route("u2"))
+    engine.start()
+    try:
+        engine.submit(GenRequest(tok(PROMPTS[0])["input_ids"], PROMPTS[0], 5, sink("first", second), route=Route("u1")))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert order[:3] == ["first", "second", "shadow"]
+
+
 def test_queue_is_bounded(handle):
     from rankone.serve.errors import ApiError
 

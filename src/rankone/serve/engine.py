@@ -12,7 +12,10 @@ or a rollback) wait until the batch has drained: no new request joins meanwhile,
 copied in when no row is in flight, so no request ever sees two stables.
 
 Shadow runs (a stable request re-run greedily on the candidate after its answer was sent) wait
-in their own bounded queue and only take batch places that no request is waiting for.
+in their own bounded queue (a full queue skips the sample, counted) and run in their own batch,
+advanced only while no request is in flight: they use the time the server would idle, so they
+cost no more than their own compute and add no latency to any answer beyond finishing the step
+in progress when a request arrives.
 """
 
 from __future__ import annotations
@@ -65,6 +68,21 @@ class _Row:
 
 
 @dataclass
+class _Lane:
+    """Rows decoded together and their cache, kept in step."""
+    rows: list[_Row] = field(default_factory=list)
+    batch: Batch = field(default_factory=Batch)
+
+    def keep(self, idx: list[int]) -> None:
+        self.rows = [self.rows[i] for i in idx]
+        self.batch.keep(idx)
+
+    def clear(self) -> None:
+        self.rows = []
+        self.batch.clear()
+
+
+@dataclass
 class ShadowJob:
     """A stable answer and its re-run on the candidate; compared when both are known."""
     prompt_text: str
@@ -89,8 +107,8 @@ class Engine:
         self._shadow: deque[tuple[GenRequest, ShadowJob]] = deque()
         self.shadow_dropped = 0
         self._active = 0  # requests submitted and not ended (waiting, running, or being answered)
-        self._rows: list[_Row] = []
-        self._batch = Batch()
+        self._live = _Lane()  # the requests in flight
+        self._shadows = _Lane()  # shadow runs in flight: advanced only when no request is
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -137,8 +155,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"waiting": len(self._queue), "running": len(self._rows), "active": self._active,
-                    "shadow_waiting": len(self._shadow),
+            return {"waiting": len(self._queue), "running": len(self._live.rows), "active": self._active,
+                    "shadow_waiting": len(self._shadow), "shadow_running": len(self._shadows.rows),
                     "shadow_dropped": self.shadow_dropped, "max_batch": self.max_batch, "max_waiting": self.max_waiting,
                     "swap_pending": self._pending is not None}
 
@@ -146,39 +164,54 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            lane = self._live
             new = self._admit()
-            if not new and not self._rows:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
+            if not new and not lane.rows:  # no request in flight: the time is the shadows'
+                lane, new = self._shadows, self._admit_shadows()
+                if not new and not lane.rows:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
             try:
                 if new:
-                    self._prefill(new)
-                if self._rows:
-                    self._decode()
+                    self._prefill(lane, new)
+                if lane.rows and (lane is self._live or not self._queue):
+                    self._decode(lane)
             except Exception as e:  # noqa: BLE001 - one failed pass fails its rows, never the server
                 log.error("generation failed (%s: %s); %d request(s) answered with 500", type(e).__name__,
-                          " ".join(str(e).split())[:300], len(self._rows) + len(new))
-                for r in [*self._rows, *new]:
+                          " ".join(str(e).split())[:300], len(lane.rows) + len(new))
+                for r in [*lane.rows, *new]:
                     self._emit(r, ("error", ApiError(500, f"generation failed: {type(e).__name__}", "generation_failed")))
-                self._rows, new = [], []
-                self._batch.clear()
+                lane.clear()
         self.alive = False
 
     def _admit(self) -> list[_Row]:
-        """Swap stable in if a swap waits and nothing is in flight; then take requests, then shadows."""
+        """Swap stable in if a swap waits and no request is in flight (shadow runs in flight are
+        dropped: they compare against the stable that goes); then take waiting requests."""
         with self._lock:
             if self._pending is not None:
-                if self._rows:
+                if self._live.rows:
                     return []  # draining: the swap happens once the batch is empty
+                self.shadow_dropped += len(self._shadows.rows)
+                self._shadows.clear()
                 arms, weights = self._pending
                 swap_in(self.model, weights)
                 self.arms, self._pending = arms, None
-            room = self.max_batch - len(self._rows)
+            room = self.max_batch - len(self._live.rows)
             taken = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-            if not self._queue:
-                taken += [self._shadow.popleft()[0] for _ in range(min(room - len(taken), len(self._shadow)))]
             arms = self.arms
+        return self._rows_for(taken, arms)
+
+    def _admit_shadows(self) -> list[_Row]:
+        with self._lock:
+            if self._pending is not None:
+                return []
+            room = self.max_batch - len(self._shadows.rows)
+            taken = [self._shadow.popleft()[0] for _ in range(min(room, len(self._shadow)))]
+            arms = self.arms
+        return self._rows_for(taken, arms)
+
+    def _rows_for(self, taken: list[GenRequest], arms: Arms) -> list[_Row]:
         rows = []
         for req in taken:
             if req.cancelled:
@@ -200,7 +233,7 @@ class Engine:
             rows.append(row)
         return rows
 
-    def _prefill(self, new: list[_Row]) -> None:
+    def _prefill(self, lane: "_Lane", new: list[_Row]) -> None:
         ids, mask = left_padded([r.req.prompt_ids for r in new], self.pad_id)
         with row_deltas(self.model, [r.patchset for r in new]):
             logits, kv = self.runner.step(ids, mask, None)
@@ -209,30 +242,28 @@ class Engine:
         if keep:
             idx = torch.tensor(keep, dtype=torch.long)
             dev = kv[0][0].device
-            self._batch.join([(k.index_select(0, idx.to(dev)), v.index_select(0, idx.to(dev))) for k, v in kv],
-                             mask.index_select(0, idx))
-            self._rows += [new[i] for i in keep]
+            lane.batch.join([(k.index_select(0, idx.to(dev)), v.index_select(0, idx.to(dev))) for k, v in kv],
+                            mask.index_select(0, idx))
+            lane.rows += [new[i] for i in keep]
 
-    def _decode(self) -> None:
-        live = [i for i, r in enumerate(self._rows) if not r.req.cancelled]
-        for r in self._rows:
+    def _decode(self, lane: "_Lane") -> None:
+        live = [i for i, r in enumerate(lane.rows) if not r.req.cancelled]
+        for r in lane.rows:
             if r.req.cancelled:
                 self._end(r.req)
-        if len(live) < len(self._rows):
-            self._rows = [self._rows[i] for i in live]
-            self._batch.keep(live)
-            if not self._rows:
+        if len(live) < len(lane.rows):
+            lane.keep(live)
+            if not lane.rows:
                 return
-        assert self._batch.mask is not None
-        ids = torch.tensor([[r.last] for r in self._rows], dtype=torch.long)  # [batch, 1]
-        mask = torch.cat([self._batch.mask, torch.ones(len(self._rows), 1, dtype=torch.long)], 1)
-        with row_deltas(self.model, [r.patchset for r in self._rows]):
-            logits, kv = self.runner.step(ids, mask, self._batch.kv)
-        self._batch.kv, self._batch.mask = kv, mask
-        keep = self._take_tokens(self._rows, logits)
-        if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._batch.keep(keep)
+        assert lane.batch.mask is not None
+        ids = torch.tensor([[r.last] for r in lane.rows], dtype=torch.long)  # [batch, 1]
+        mask = torch.cat([lane.batch.mask, torch.ones(len(lane.rows), 1, dtype=torch.long)], 1)
+        with row_deltas(self.model, [r.patchset for r in lane.rows]):
+            logits, kv = self.runner.step(ids, mask, lane.batch.kv)
+        lane.batch.kv, lane.batch.mask = kv, mask
+        keep = self._take_tokens(lane.rows, logits)
+        if len(keep) < len(lane.rows):
+            lane.keep(keep)
 
     def _take_tokens(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token [batch, vocab] -> emit; the indices of the rows that go on."""
