@@ -12,7 +12,8 @@ token), it measures tokens/s, p50/p95 latency and p50/p95 time to first token fo
   (b) `rankone serve`, the stable arm;
   (c) a canary carrying 10 rank-one patches (one per layer, random factors: the cost of a delta
       does not depend on its numbers) as deltas, at 100 %;
-  (d) the same 10 patches in shadow at 100 %: every request re-run on the candidate after answering.
+  (d) the same 10 patches in shadow at 100 %: every request re-run on the candidate after answering
+      (in time no request needs; samples that find the shadow queue full are skipped and counted).
 
 plus (a') transformers' own `generate` (greedy, KV cache), one request at a time, for reference,
 and the choice the engine makes for rows of different arms: one batch with per-row deltas
@@ -271,7 +272,7 @@ def main() -> None:
                     res[(config, c)] = closed_loop(one[config], c, args.requests)
                     if config == "d":  # its shadow runs finish before the next measurement starts
                         st = wait_status(server.url, lambda st: st["engine"]["shadow_waiting"] == 0
-                                         and st["engine"]["running"] == 0, 600)
+                                         and st["engine"]["shadow_running"] == 0 and st["engine"]["running"] == 0, 600)
                         total = sum(v["comparisons"] for k, v in st["shadow"].items() if k != "dropped")
                         res[(config, c)]["shadow"] = f"{total - shadows[0]} ({st['shadow']['dropped'] - shadows[1]} skipped)"
                         shadows = (total, st["shadow"]["dropped"])
