@@ -1,7 +1,7 @@
 """Serving: throughput, latency and time to first token of `rankone serve` (issue 25).
 
     python benchmarks/serve.py [--model smollm2-135m] [--clients 1 4 16] [--requests 4] [--max-tokens 32]
-                               [--threads N] [--no-write]
+                               [--threads N] [--no-write] [--note TEXT] [--report-only]
 
 On one model (default SmolLM2-135M, the cached folder of `rankone.models.zoo.real_model_dir`),
 for 1, 4 and 16 concurrent clients, each sending `--requests` greedy requests one after another
@@ -224,7 +224,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice), server and (a) alike")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md as it is")
+    ap.add_argument("--note", default="", help="a paragraph of interpretation appended to the section")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the section as the last run wrote it, with --note appended")
     args = ap.parse_args()
+    title = f"Serving: rankone serve on {args.model} (issue 25)"
+    if args.report_only:
+        publish("serve", title, measured_body("serve") + (f"\n\nNote: {args.note}" if args.note else ""), write=not args.no_write)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = model_dir(args.model)
@@ -281,8 +288,21 @@ def main() -> None:
             server.stop()
     order = {"a": 0, "a'": 1, "b": 2, "c": 3, "d": 4}
     res = dict(sorted(res.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
-    publish("serve", f"Serving: rankone serve on {args.model} (issue 25)",
-            report(args, res, mixing, load0, os.getloadavg()[0]), write=not args.no_write)
+    publish("serve", title, report(args, res, mixing, load0, os.getloadavg()[0]) + (f"\n\nNote: {args.note}" if args.note else ""),
+            write=not args.no_write)
+
+
+def measured_body(name: str) -> str:
+    """The figures of a section as its last run wrote them (its header and any note left out)."""
+    import re
+
+    from _report import BENCH
+
+    m = re.search(rf"<!-- {name}:begin -->\n.*?\nMachine: [^\n]*\n\n(.*?)\n<!-- {name}:end -->", BENCH.read_text(), re.S)
+    if m is None:
+        raise SystemExit(f"BENCHMARKS.md has no section {name!r} yet: run the benchmark first")
+    body = m.group(1)
+    return body.split("\n\nNote: ")[0]
 
 
 def report(args, res, mixing, load0: float, load1: float) -> str:
