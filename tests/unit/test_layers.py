@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "lifecycle": set(_ENGINE) | {"testbed"},
     "trace": set(_ENGINE),
     "eval": set(_ENGINE) | {"testbed", "trace"},
-    "cli": set(_ENGINE) | {"testbed", "lifecycle", "trace", "eval"},
+    "serve": set(_ENGINE) | {"lifecycle"},  # the live loop reads the registry; never eval, trace or the testbed
+    "cli": set(_ENGINE) | {"testbed", "lifecycle", "trace", "eval", "serve"},
 }
 
 

@@ -78,14 +78,20 @@ def adapter_config(model: torch.nn.Module, modules: list[str], rank: int, fan_in
 
 
 def save_peft_adapter(model: torch.nn.Module, patches: list[Patch], out: str | os.PathLike, overwrite: bool = False,
-                      sources: list[str] | None = None) -> Path:
-    """Write the patches as one LoRA adapter for `model` (the base they were made on)."""
+                      sources: list[str] | None = None, rank: int | None = None) -> Path:
+    """Write the patches as one LoRA adapter for `model` (the base they were made on).
+
+    `rank`: pad every module to this r (zero rows and columns add nothing), e.g. to a rank an
+    engine accepts; at least the patches' largest total rank on a module."""
     if not patches or not any(p.edits for p in patches):
         raise RankoneError("no edits to export: the patches are empty")
     factors = lora_factors(patches)
     modules = sorted(factors)
     fan_in_fan_out = layout_of(model, modules)
-    rank = max(a.shape[0] for a, _ in factors.values())
+    need = max(a.shape[0] for a, _ in factors.values())
+    if rank is not None and rank < need:
+        raise RankoneError(f"the patches need LoRA rank {need} on one module; rank {rank} cannot hold them")
+    rank = rank or need
     tensors: dict[str, torch.Tensor] = {}
     for m, (a, b) in factors.items():
         w = arch.weight_oi(arch.get_module(model, m))

@@ -89,6 +89,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
 
+    if args.format == "vllm":
+        from rankone.cli.export_vllm import cmd_export_vllm
+
+        return cmd_export_vllm(args, _patches_for)
+    if not args.patch:
+        raise RankoneError(f"export --format {args.format} needs --patch (a patch folder or registry id)")
     patches, sources = _patches_for(args)
     check_out_dir(args.out, args.force)
     handle = load(args)

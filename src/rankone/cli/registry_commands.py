@@ -139,10 +139,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     from rankone.lifecycle.gates import GatePolicy
 
+    promote = getattr(args, "promote", False)  # `registry promote`: the same release, of a staged patch
     policy = GatePolicy.load(args.policy)
     with _open(args) as reg:
         rec = reg.get(args.id)
-        if rec.state != "validated":
+        if promote and rec.state != "staged":
+            raise RankoneError(f"patch {rec.id} is {rec.state}; only a staged patch is promoted (`rankone registry stage` first)")
+        if not promote and rec.state != "validated":
             hint = "validate it first with `rankone registry validate`" if rec.state == "proposed" else f"it is {rec.state}"
             raise RankoneError(f"patch {rec.id} cannot be released: {hint}")
         model = None
@@ -154,13 +157,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         seen = vals[-1]["report"].get("reference") if vals else None
         now_released = [r.id for r in reg.released()]
         rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine,
-                                     model=model)
+                                     model=model, promote=promote)
     if seen is not None and seen != now_released:
         print(f"note: validated with {len(seen)} released patch(es), released onto {len(now_released)}; "
               "validate again to check it against the current release")
     for c in conflicts:
         print(f"warning: released over a conflict (--force): {c.detail}")
-    print(f"released {rec.id} as #{rec.release_seq}: {_facts(rec.summary, 200)}")
+    print(f"{'promoted' if promote else 'released'} {rec.id} as #{rec.release_seq}: {_facts(rec.summary, 200)}")
     return 0
 
 

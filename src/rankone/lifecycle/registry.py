@@ -3,7 +3,9 @@
 One registry releases onto one base model. The database, the content-addressed store, locking
 and crash safety are `rankone.lifecycle.store`; this module is the patch lifecycle on top of them.
 
-States: proposed → validated → released → rolled_back, and proposed|validated → rejected.
+States: proposed → validated → released → rolled_back, and proposed|validated → rejected; a
+validated patch may be staged first (validated → staged → released by `promote`, or → aborted;
+`rankone.lifecycle.staging`), which `rankone serve` rolls out to a share of users.
 Every transition appends to `audit` (time, actor, action, states, reason) in the same
 transaction as the change; triggers make `audit` and `validations` append-only, and each audit
 entry carries the hash of the one before it, so `check` notices entries removed behind SQLite's
@@ -28,7 +30,6 @@ from rankone.core.fingerprint import tensor_sha256
 from rankone.lifecycle.store import (
     CheckReport,
     PatchRecord,
-    RegistryStore,
     _entry_hash,
     _safe_id,
     content_id,
@@ -36,6 +37,7 @@ from rankone.lifecycle.store import (
     is_patch_dir,
 )
 from rankone.core.util import user_name, utcnow
+from rankone.lifecycle.staging import Staging
 from rankone.models.handle import ModelHandle
 
 
@@ -51,7 +53,7 @@ def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.Ar
     return out
 
 
-class Registry(RegistryStore):
+class Registry(Staging):
     """One registry file and its store. Every public method is one transaction."""
 
     # -- transitions --
@@ -133,7 +135,8 @@ class Registry(RegistryStore):
                 conflict_threshold: float = 0.9, relations: dict[str, str] | None = None,
                 base_modules: dict[str, str] | None = None, base_info: dict[str, Any] | None = None,
                 verified_chain: list[str] | None = None,
-                model: ModelHandle | torch.nn.Module | None = None) -> tuple[PatchRecord, list[Any]]:
+                model: ModelHandle | torch.nn.Module | None = None,
+                promote: bool = False) -> tuple[PatchRecord, list[Any]]:
         """Append a validated patch to the release order. Conflicts refuse unless `force`.
 
         `model`: the real base model (a ModelHandle from load_model, or the model itself). The
@@ -142,6 +145,7 @@ class Registry(RegistryStore):
         rests on the fingerprint walk over the patches alone.
         `base_modules`/`base_info`/`verified_chain`: the same evidence, when the caller has already
         checked the model itself (recorded on the first release, compared on later ones).
+        `promote`: release a staged patch (`Staging.promote`) rather than a validated one.
         """
         from rankone.lifecycle.conflicts import explain, find_conflicts, fit_release, relation_map
 
@@ -157,8 +161,11 @@ class Registry(RegistryStore):
         actor = actor or user_name()
         with self._tx() as db:
             state = self._state(db, pid)
-            if state != "validated":
+            if promote and state != "staged":
+                raise RankoneError(f"patch {pid} is {state}; only a staged patch is promoted (`rankone registry stage` first)")
+            if not promote and state != "validated":
                 hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
+                hint += "; promote it with `rankone registry promote`" if state == "staged" else ""
                 raise RankoneError(f"patch {pid} cannot be released: {hint}")
             last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
             if last is None or not last[0]:
@@ -184,12 +191,13 @@ class Registry(RegistryStore):
             seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
             db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
                        (seq, utcnow(), pid))
+            db.execute("DELETE FROM staging WHERE patch_id = ?", (pid,))
             for q in sorted(deps):
                 db.execute("INSERT OR IGNORE INTO depends VALUES (?, ?)", (pid, q))
             details: dict[str, Any] = {"release_seq": seq, "depends_on": sorted(deps)}
             if conflicts:
                 details["forced_over"] = [c.detail for c in conflicts]
-            self._audit(db, actor, "release", pid, state, "released", reason, details)
+            self._audit(db, actor, "promote" if promote else "release", pid, state, "released", reason, details)
             crash_point("release:uncommitted")
         return self.get(pid), conflicts
 
@@ -291,9 +299,12 @@ class Registry(RegistryStore):
         seqs = [r[0] for r in self.db.execute("SELECT release_seq FROM patches WHERE release_seq IS NOT NULL ORDER BY release_seq")]
         if len(seqs) != len(set(seqs)):
             rep.problems.append("two patches share a release position")
-        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action = 'release'").fetchone()[0]
+        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action IN ('release', 'promote')").fetchone()[0]
         if n_rel != len(seqs):
             rep.problems.append(f"{len(seqs)} patches have a release position but the audit log records {n_rel} releases")
+        for r in self.db.execute("SELECT s.patch_id, p.state FROM staging s JOIN patches p ON p.id = s.patch_id "
+                                 "WHERE p.state != 'staged'"):
+            rep.problems.append(f"patch {r[0]} has staging percentages but is {r[1]}")
         for d in sorted(self.store.iterdir()):
             old = time.time() - d.stat().st_mtime > min_age_s
             if d.name.startswith("."):

@@ -1,6 +1,6 @@
 """The registry's storage: a SQLite database and a content-addressed store beside it.
 
-    registry.db          patches, validation reports, release order, base identity, audit log
+    registry.db          patches, validation reports, release order, staging, base identity, audit log
     registry.store/<id>/ patch.json + patch.safetensors, byte-for-byte as added
 
 Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry.db
@@ -33,8 +33,8 @@ from rankone.core.util import utcnow
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
-SCHEMA_VERSION = 1
-STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
+SCHEMA_VERSION = 2  # 2: the states staged and aborted, and the staging table (a version-1 file is migrated on open)
+STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted")
 ID_LEN = 16
 FILES = ("patch.json", "patch.safetensors")
 
@@ -42,7 +42,7 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS patches (
         id TEXT PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('proposed','validated','released','rejected','rolled_back')),
+        state TEXT NOT NULL CHECK (state IN ('proposed','validated','staged','released','rejected','rolled_back','aborted')),
         n_edits INTEGER NOT NULL,
         summary TEXT NOT NULL,            -- JSON: [{module, subject, prompt, target}]
         base TEXT NOT NULL,               -- JSON: the patch's base description
@@ -57,6 +57,12 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS depends (
         patch_id TEXT NOT NULL REFERENCES patches(id), on_id TEXT NOT NULL REFERENCES patches(id),
         PRIMARY KEY (patch_id, on_id))""",
+    """CREATE TABLE IF NOT EXISTS staging (
+        patch_id TEXT PRIMARY KEY REFERENCES patches(id),
+        canary REAL NOT NULL CHECK (canary >= 0 AND canary <= 100),   -- % of users who get the candidate
+        shadow REAL NOT NULL CHECK (shadow >= 0 AND shadow <= 100),   -- % of stable requests re-run on it
+        staged_seq INTEGER NOT NULL UNIQUE,  -- the order in which staged patches join the candidate
+        staged_at TEXT NOT NULL, staged_by TEXT NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS base (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS base_modules (module TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS audit (
@@ -69,6 +75,21 @@ _SCHEMA = [
     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
     for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
 ]
+
+
+def _migrate_from_1(db: sqlite3.Connection) -> None:
+    """Version 1 → 2: `patches` gains the states staged and aborted. SQLite cannot change a CHECK
+    constraint in place, so the table is copied into a new one (foreign keys off, in the caller's
+    transaction), as SQLite's ALTER TABLE documentation prescribes."""
+    ddl = next(stmt for stmt in _SCHEMA if "IF NOT EXISTS patches (" in stmt)
+    db.execute(ddl.replace("IF NOT EXISTS patches (", "patches_v2 ("))
+    db.execute("INSERT INTO patches_v2 SELECT * FROM patches")
+    db.execute("DROP TABLE patches")
+    db.execute("ALTER TABLE patches_v2 RENAME TO patches")
+    if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+        raise RankoneError("the registry's rows do not reference each other consistently; it was not migrated "
+                           "(run `rankone registry check` with the rankone that wrote it)")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
 def default_path() -> Path:
@@ -132,6 +153,19 @@ class PatchRecord:
 
 
 @dataclass
+class StagedRecord:
+    """A staged patch and its rollout: the share of users on the candidate, the share of stable
+    requests re-run on it, and its place in the candidate (patches join in `staged_seq` order)."""
+    id: str
+    canary: float
+    shadow: float
+    staged_seq: int
+    staged_at: str
+    staged_by: str
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class AuditEntry:
     seq: int
     at: str
@@ -185,15 +219,18 @@ class RegistryStore:
             self.db.execute("PRAGMA busy_timeout = 120000")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
-            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA foreign_keys = OFF")  # a migration rebuilds `patches` (SQLite's documented way)
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
                 for stmt in _SCHEMA:
                     db.execute(stmt)
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:
+                    _migrate_from_1(db)
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
+            self.db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as e:
             raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
 
@@ -286,6 +323,22 @@ class RegistryStore:
         """Released patches in release order."""
         rows = self.db.execute("SELECT * FROM patches WHERE state = 'released' ORDER BY release_seq")
         return [PatchRecord.from_row(r) for r in rows]
+
+    def staged(self) -> list[StagedRecord]:
+        """Staged patches in the order they joined the candidate."""
+        rows = self.db.execute("SELECT s.*, p.summary FROM staging s JOIN patches p ON p.id = s.patch_id "
+                               "WHERE p.state = 'staged' ORDER BY s.staged_seq")
+        return [StagedRecord(r["patch_id"], r["canary"], r["shadow"], r["staged_seq"], r["staged_at"], r["staged_by"],
+                             json.loads(r["summary"])) for r in rows]
+
+    def audit_head(self) -> int:
+        """The sequence number of the latest audit entry (0 for none): every change of state moves it."""
+        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0])
+
+    def log_tail(self, n: int) -> list[AuditEntry]:
+        """The latest `n` audit entries, oldest first."""
+        rows = self.db.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+        return [AuditEntry(**dict(r, details=json.loads(r["details"]))) for r in reversed(rows)]
 
     def validations(self, pid: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM validations WHERE patch_id = ? ORDER BY n", (pid,))
