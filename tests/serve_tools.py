@@ -51,7 +51,7 @@ def subject_patch(model, tok, prompt: str, subject: str, target: str = "Lisbon",
     A = (k / k.dot(k))[None, :]  # [1, in]
     e, _ = make_edit(w, B, A, module=path, layer=layer, method="r-rome", hparams={}, seed=seed,
                      request={"prompt": prompt, "subject": subject, "target": target})
-    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model)}
+    base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": arch.num_layers(model, spec)}
     model.zero_grad(set_to_none=True)
     return Patch([e], base=base, created_at=utcnow())
 
