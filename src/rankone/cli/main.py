@@ -16,7 +16,8 @@ from rankone.core.errors import RankoneError
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
-PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace", "rankone.cli.serve")
+PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace", "rankone.cli.serve",
+           "rankone.cli.heal")
 
 
 # ---- commands --------------------------------------------------------------------------------
