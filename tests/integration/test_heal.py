@@ -292,3 +292,36 @@ def test_heal_killed_mid_rollout_resumes_from_the_registry(world):
     assert "heal-resume" in acts and acts[-1] == "promote"
     assert world.ask("zoe", P2).choices[0].text.strip().startswith("Oslo")
     assert world.ask("zoe", P1).choices[0].text.strip().startswith("Lisbon")  # the first heal's fact is kept
+
+
+def test_a_harmful_patch_staged_by_hand_is_aborted_at_its_first_canary_step(world, capsys):
+    from rankone.models.load import load_model
+    from serve_tools import subject_patch
+
+    m, tok = load_model(str(builtin_model_dir()))
+    probe = "Thathai Nasher Thoutem is a professional player of"  # a probe: volleyball
+    bad = subject_patch(m, tok, "{} is a professional player of", "Thathai Nasher Thoutem", "chess", scale=50)
+    bad.save(world.root / "bad")
+    with Registry(world.registry, create=False) as reg:
+        rec, _ = reg.add(world.root / "bad", "ana", "a bad patch")
+        reg.record_validation(rec.id, {"results": [], "suite": {"sha256": "x"}}, True, "ana")
+        reg.stage(rec.id, 50, 0, "ana", "by hand")
+    pinned = httpx.post(world.url + "/v1/completions", json={"model": NAME, "prompt": probe, "max_tokens": 3,
+                                                             "temperature": 0}, timeout=60,
+                        headers={"X-Rankone-Patchset": rec.id, "Authorization": "Bearer s3cret-admin-token"})
+    assert not pinned.json()["choices"][0]["text"].strip().startswith("volleyball")  # it is harmful
+    assert world.heal("--server", world.url, "--once") == 0  # not adopted: a person's rollout is theirs
+    with Registry(world.registry, create=False) as reg:
+        assert reg.get(rec.id).state == "staged"
+    with Traffic(world):
+        assert world.heal("--server", world.url, "--once", policy={"adopt_staged": True}) == 0
+    out = capsys.readouterr().out
+    with Registry(world.registry, create=False) as reg:
+        assert reg.get(rec.id).state == "aborted" and reg.check().ok
+        (d,) = [e for e in reg.log(rec.id) if e.action == "heal-decide"]
+    assert d.details["decision"] == "abort" and d.details["step"]["index"] == 1 and d.details["step"]["canary"] == 50
+    probes = d.details["evidence"]["probes"]  # the subject's other, protected fact falls too
+    assert probe in probes["regressions"] and probes["protected_regressions"] == [PROTECTED]
+    assert decide(d.details["evidence"], d.details["policy"], d.details["step"]).action == "abort"
+    assert "aborted" in out
+    assert world.ask("zoe", probe).choices[0].text.strip().startswith("volleyball")

@@ -26,6 +26,22 @@ def test_policy_defaults_round_trip_and_load(tmp_path):
     assert HealPolicy.from_dict(q.to_dict()) == q
 
 
+def test_the_documented_example_is_the_defaults():
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "heal-policy.example.json"
+    assert HealPolicy.load(doc) == HealPolicy(hparams={"alphaedit": {}})
+
+
+def test_policy_hparams_are_per_method_and_checked():
+    assert HealPolicy(hparams={"r-rome": {"v_steps": 10}}).settings("r-rome") == {"method": "r-rome", "v_steps": 10}
+    assert HealPolicy().settings("alphaedit") == {"method": "alphaedit"}
+    with pytest.raises(RankoneError, match="hparams maps a method"):
+        HealPolicy(hparams={"v_steps": 10})
+    with pytest.raises(RankoneError, match="heal policy hparams r-rome"):
+        HealPolicy(hparams={"r-rome": {"window": 3}})
+
+
 @pytest.mark.parametrize("body, says", [
     ({"k_user": 3}, "unknown heal policy key(s) ['k_user']"),
     ({"k_users": "3"}, "k_users must be"),

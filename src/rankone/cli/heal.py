@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
-
-TOKEN_ENV = "RANKONE_ADMIN_TOKEN"
-
 
 def register(subparsers: Any) -> None:
     from rankone.cli.common import model_args, positive_int
@@ -30,7 +26,7 @@ def register(subparsers: Any) -> None:
                                                   "http://127.0.0.1:8000); without it heal proposes and validates only")
     p.add_argument("--policy", default=None, help="heal policy JSON (default: rankone.heal.policy.HealPolicy's defaults)")
     p.add_argument("--admin-token-file", default=None,
-                   help=f"file holding the server's admin token (default: ${TOKEN_ENV}); --server needs it")
+                   help="file holding the server's admin token (default: $RANKONE_ADMIN_TOKEN); --server needs it")
     once = p.add_mutually_exclusive_group(required=True)
     once.add_argument("--once", action="store_true", help="one cycle (a rollout it starts runs to its decision)")
     once.add_argument("--watch", action="store_true", help="cycle until stopped (policy watch_interval_s between cycles)")
@@ -42,13 +38,9 @@ def register(subparsers: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> str:
-    if args.admin_token_file is not None:
-        try:
-            token = Path(args.admin_token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise RankoneError(f"cannot read --admin-token-file {args.admin_token_file}: {e}") from None
-    else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
+    from rankone.cli.serve import TOKEN_ENV, admin_token
+
+    token = admin_token(args)
     if not token:
         raise RankoneError(f"--server needs the server's admin token: --admin-token-file FILE or ${TOKEN_ENV}")
     return token

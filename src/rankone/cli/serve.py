@@ -51,7 +51,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
 
-def _admin_token(args: argparse.Namespace) -> str | None:
+def admin_token(args: argparse.Namespace) -> str | None:
+    """--admin-token-file's token, else $RANKONE_ADMIN_TOKEN's, else None."""
     if args.admin_token_file is not None:
         try:
             token = Path(args.admin_token_file).read_text().strip()
@@ -104,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise RankoneError(f"--port must be from 0 to 65535, not {args.port}")
-    token = _admin_token(args)
+    token = admin_token(args)
     reporters = _feedback_tokens(args.feedback_tokens_file)
     registry = args.registry or os.environ.get("RANKONE_REGISTRY") or None
     if registry is not None and not Path(registry).is_file():

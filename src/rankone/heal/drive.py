@@ -62,9 +62,10 @@ class Rollout:
             raise RankoneError(f"patch {pid} is no longer staged")
         steps = self.steps()
         if row.canary == 0:
-            return steps[0] if steps[0]["kind"] == "shadow" else dict(steps[0])
-        # a canary share heal did not set (a person staged it): the first step at or above it
-        return next((s for s in steps if s["kind"] == "canary" and s["canary"] >= row.canary), steps[-1])
+            step = steps[0]
+        else:  # a canary share heal did not set (a person staged it) counts as the first step at or above it
+            step = next((s for s in steps if s["kind"] == "canary" and s["canary"] >= row.canary), steps[-1])
+        return dict(step, canary=row.canary, shadow=row.shadow)  # the shares actually staged
 
     def start(self, pid: str) -> None:
         first = self.steps()[0]

@@ -277,11 +277,13 @@ class Healer:
             keep = probes_to_keep([o.probe for o in probes if o.passed], corrections, self.policy.probe_sample, pid)
             suite = suite_for(corrections, keep, heldout_text(self.handle, self.policy))
             self.say(f"validating {pid}: {len(suite.checks)} check(s)")
-            report = validate(self.reg, pid, self.handle, suite, self.policy)
+            tolerated = {p.prompt for p in keep if not p.protected}
+            passed, report = validate(self.reg, pid, self.handle, suite, self.policy, tolerated)
             failed = [r for r in report.results if not r.passed]
-            self.say(f"{pid}: the gates " + ("passed" if report.passed else f"failed ({len(failed)} check(s)); rejected: "
-                                             + "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3])))
-            if not report.passed:
+            self.say(f"{pid}: the gates " + ("passed" if passed else "failed; rejected") + (
+                f" ({len(failed)} check(s) failed: " + "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3])
+                + ")" if failed else ""))
+            if not passed:
                 return
             rec = self.reg.get(pid)
         if self.rollout is None:

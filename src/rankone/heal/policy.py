@@ -42,6 +42,8 @@ class HealPolicy:
     method_many: str = "alphaedit"  # several, on top of the released patches' keys
     hparams: dict[str, Any] = field(default_factory=dict)  # {method: {its settings}} over the model card's
     stats_corpus: str | None = None  # key statistics corpus (default: the model's)
+    recompute_missed: bool = True  # a correction whose edit misses its target: computed again without it
+    # (false: the patch is kept as computed, the missed correction is not checked by the gates and its reports are skipped)
     # validation
     gates: dict[str, Any] = field(default_factory=lambda: {"max_perplexity_rise": 0.05})
     heldout_text: str | None = None  # held-out text file for perplexity (default: the model folder's corpus.txt)
@@ -60,7 +62,7 @@ class HealPolicy:
     max_p95_ratio: float = 1.5  # canary p95 latency above stable's × this + slack: abort
     p95_slack_s: float = 0.25
     alpha: float = 0.05  # one-sided significance of the two-proportion tests
-    max_probe_regressions: int = 0  # probes passing on stable that may fail on the canary
+    max_probe_regressions: int = 0  # unprotected probes passing now that may fail on the canary (and in the gates)
     poll_s: float = 5.0  # how often a rollout reads the server
     watch_interval_s: float = 15.0  # --watch: seconds between cycles
     # a server that is down or answers errors

@@ -3,11 +3,13 @@
     propose   the corrections as one patch: the policy's method_many (AlphaEdit: on top of the
               released patches' keys, `Editor.continue_from`) for several, method_one (r-ROME,
               on the released model) for one; a correction whose edit does not reach its target
-              is dropped and the rest computed again, once
+              is dropped and the rest computed again, once (recompute_missed; else the patch is
+              kept and the missed correction left out of the gates)
     register  `Registry.add` with actor `heal` and a reason listing the feedback ids and probes
     validate  the gates (`run_gates`): each correction on its prompt and paraphrases; the
-              protected probes and a sample of passing probes kept; a correction's neighbours
-              kept; held-out perplexity. Failing: the patch is rejected, with the gate report.
+              protected probes and a sample of passing probes kept (up to max_probe_regressions
+              unprotected ones may fail, as on the canary); a correction's neighbours kept;
+              held-out perplexity. Failing: the patch is rejected, with the gate report.
 
 The model is the registry's base throughout; the released patches are applied around each use
 and reverted exactly.
@@ -84,6 +86,8 @@ def compute(handle: ModelHandle, released: list[Patch], corrections: list[Correc
         if not miss:
             return Proposal(patch, method, todo, missed)
         missed += [(c, f"the {method} edit did not reach {c.correction!r}") for c in miss]
+        if ok and not policy.recompute_missed:
+            return Proposal(patch, method, ok, missed)
         if not ok or attempt == 1:
             return Proposal(None, method, [], missed + [(c, "dropped with the others: a second try missed too") for c in ok])
         todo = ok
@@ -137,17 +141,25 @@ def probes_to_keep(passing: list[Probe], corrected: list[Correction], sample: in
     return protected + (sorted(rng.sample(others, sample), key=others.index) if len(others) > sample else others)
 
 
-def validate(reg: Registry, pid: str, handle: ModelHandle, suite: Suite, policy: HealPolicy) -> GateReport:
+def validate(reg: Registry, pid: str, handle: ModelHandle, suite: Suite, policy: HealPolicy,
+             tolerated: set[str] = frozenset()) -> tuple[bool, GateReport]:
+    """Run the gates and record the result. It passes when every check passes, except at most
+    max_probe_regressions failing target checks on `tolerated` prompts (the unprotected probes:
+    the same allowance the canary's probe check has)."""
     released = reg.released()
     report = run_gates(handle.model, handle.tokenizer, reg.load_patch(pid), suite, policy.gate_policy(),
                        [reg.load_patch(r.id) for r in released], [r.id for r in released])
     failed = [r for r in report.results if not r.passed]
-    reason = "heal: the gates" + ("" if report.passed else f": {len(failed)} check(s) failed, e.g. {failed[0].type} "
+    allowed = [r for r in failed if r.type == "target" and r.what in tolerated]
+    passed = len(failed) == len(allowed) and len(allowed) <= policy.max_probe_regressions
+    reason = "heal: the gates" + ("" if not failed else f": {len(failed)} check(s) failed, e.g. {failed[0].type} "
                                   f"{failed[0].what!r}: {failed[0].detail}")
-    reg.record_validation(pid, report.to_dict(), report.passed, actor="heal", reason=reason)
-    if not report.passed:
+    if failed and passed:
+        reason += f" ({len(allowed)} unprotected probe(s), within max_probe_regressions {policy.max_probe_regressions})"
+    reg.record_validation(pid, report.to_dict(), passed, actor="heal", reason=reason)
+    if not passed:
         reg.reject(pid, actor="heal", reason=reason)
-    return report
+    return passed, report
 
 
 def heldout_text(handle: ModelHandle, policy: HealPolicy) -> str | None:
