@@ -306,6 +306,9 @@ def test_a_harmful_patch_staged_by_hand_is_aborted_at_its_first_canary_step(worl
         rec, _ = reg.add(world.root / "bad", "ana", "a bad patch")
         reg.record_validation(rec.id, {"results": [], "suite": {"sha256": "x"}}, True, "ana")
         reg.stage(rec.id, 50, 0, "ana", "by hand")
+    t0 = time.monotonic()
+    while rec.id not in json.dumps(httpx.get(world.url + "/api/status").json()["arms"]) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)  # until the server serves it (it follows the registry)
     pinned = httpx.post(world.url + "/v1/completions", json={"model": NAME, "prompt": probe, "max_tokens": 3,
                                                              "temperature": 0}, timeout=60,
                         headers={"X-Rankone-Patchset": rec.id, "Authorization": "Bearer s3cret-admin-token"})
