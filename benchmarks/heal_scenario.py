@@ -465,7 +465,7 @@ def _audit(out: Path) -> dict[str, Any]:
         res["story"] = {"prompt": fact, "reports": [(f["id"], f["at"], f["reporter"], f["correction"], f["status"])
                                                     for f in fb if f["prompt"] == fact],
                         "audit": [(e.seq, e.at, e.actor, e.action, (e.reason or "")[:140]) for e in log
-                                  if e.patch_id == rel.id or fact in json.dumps(e.details)]}
+                                  if e.seq <= promote.seq and (e.patch_id == rel.id or fact in json.dumps(e.details))]}
     if bad:
         b = bad[0]
         dec = [e for e in log if e.patch_id == b.id and e.action == "heal-decide"]
@@ -522,11 +522,16 @@ def report(args: argparse.Namespace, out: Path, r: dict[str, Any], world: dict[s
         lines += ["", "The bad candidate's decisions:", ""] + [f"- {k} step {i}: **{d}**: {why}"
                                                               for k, i, d, why in r["bad_decisions"]]
     if story:
-        lines += ["", f"One fact's story, {story['prompt']!r}:", ""]
-        lines += [f"- report #{i} at {at} by {who}: {corr!r} ({st})" for i, at, who, corr, st in story["reports"]]
+        reps = story["reports"]
+        lines += ["", f"One fact's story, {story['prompt']!r}, from its first report to its release:", ""]
+        lines += [f"- report #{i} at {at} by {who}: {corr!r} (now {st})" for i, at, who, corr, st in reps[:6]]
+        if len(reps) > 6:
+            lines.append(f"- {len(reps) - 6} more reports, the last at {reps[-1][1]} "
+                         f"({', '.join(sorted({x[4] for x in reps[6:]}))})")
         lines += [f"- audit #{s} {at} {actor} `{a}`: {why}" for s, at, actor, a, why in story["audit"]]
-    if r["skipped"]:
-        lines += ["", "Skipped reports (first 10): " + "; ".join(f"{p!r}: {n}" for p, n in r["skipped"])]
+    skipped = dict(r["skipped"])  # one line per prompt
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{p!r}: {n}" for p, n in skipped.items())]
     if args.note:
         lines += ["", args.note]
     return "\n".join(lines)
@@ -549,7 +554,9 @@ def main() -> None:
     ap.add_argument("--max-probe-regressions", type=int, default=2)
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--rate", type=float, default=6.0, help="requests per second at most, all users together")
+    ap.add_argument("--rate", type=float, default=1.5,
+                    help="requests per second, all users together: below what the server answers, so that shadow runs "
+                         "(which use only idle time) happen")
     ap.add_argument("--report-prob", type=float, default=0.2)
     ap.add_argument("--report-minutes", type=float, default=4.0)
     ap.add_argument("--quiet-s", type=float, default=60.0)
