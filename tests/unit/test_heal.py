@@ -272,3 +272,97 @@ def test_window_splits_canary_and_stable_by_patch_set_and_leaves_out_pins():
     w.add({"head": 40, "first": 30, "events": [{"seq": 30, "kind": "request", "arm": "stable", "patches": ["r1"],
                                                 "status": 200, "latency_s": 0.3}]})
     assert w.evidence(4.0, None)["window"]["missed_events"] == 10  # the server's log turned over in between
+
+
+# ---- the server client: retries against a real (tiny) HTTP server --------------------------------
+
+
+class _Flaky:
+    """A real HTTP server on 127.0.0.1 answering a scripted list of statuses, then 200."""
+
+    def __init__(self, statuses):
+        import http.server
+        import threading
+
+        script, seen = list(statuses), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                seen.append(self.path)
+                code = script.pop(0) if script else 200
+                body = json.dumps({"model": "m"} if code == 200 else {"error": {"message": f"status {code}"}}).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.seen = seen
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_client_retries_errors_with_back_off_and_gives_up_in_one_line():
+    from rankone.heal.client import ServerClient, ServerDown
+
+    waits = []
+    srv = _Flaky([503, 502, 429])
+    try:
+        c = ServerClient(srv.url, "tok", retry_initial_s=0.01, retry_max_s=0.02, retry_total_s=5, sleep=waits.append)
+        assert c.status() == {"model": "m"} and c.retries == 3 and len(srv.seen) == 4
+        assert waits == [0.01, 0.02, 0.02]  # doubling, capped at retry_max_s
+        srv2 = _Flaky([404])
+        try:
+            with pytest.raises(RankoneError, match="refused GET /api/status: 404 status 404"):
+                ServerClient(srv2.url, "tok", sleep=waits.append).status()  # a 4xx is not retried
+        finally:
+            srv2.close()
+        srv3 = _Flaky([500] * 1000)
+        try:
+            with pytest.raises(ServerDown, match="did not answer GET /api/status for .* \\(last: 500 status 500\\)"):
+                ServerClient(srv3.url, "tok", retry_initial_s=0.05, retry_max_s=0.05, retry_total_s=0.3).status()
+        finally:
+            srv3.close()
+    finally:
+        srv.close()
+    with pytest.raises(RankoneError, match="must be an http"):
+        ServerClient("127.0.0.1:8000", "tok")
+
+
+# ---- the command: bad input is one line and exit 2, before any model loads ------------------------
+
+
+def test_heal_command_bad_input(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    from rankone.lifecycle.registry import Registry
+
+    reg = tmp_path / "r.db"
+    Registry(reg).close()
+    good = _probes(tmp_path, {"prompt": "a b", "expected": "c"})
+    bad_probe = tmp_path / "bad.jsonl"
+    bad_probe.write_text('{"prompt": "x"}\n')
+    bad_policy = tmp_path / "p.json"
+    bad_policy.write_text('{"k_users": "three"}')
+    monkeypatch.delenv("RANKONE_ADMIN_TOKEN", raising=False)
+    cases = [
+        (["--registry", reg, "--probes", bad_probe, "--once"], "bad.jsonl:1: a probe needs a non-empty string 'expected'"),
+        (["--registry", reg, "--probes", good, "--once", "--policy", bad_policy], "heal policy key k_users must be"),
+        (["--registry", tmp_path / "none.db", "--probes", good, "--once"], "no registry at"),
+        (["--registry", reg, "--probes", good, "--once", "--max-cycles", "2"], "--max-cycles goes with --watch"),
+        (["--registry", reg, "--probes", good, "--once", "--server", "http://127.0.0.1:9"], "needs the server's admin token"),
+    ]
+    for argv, says in cases:
+        code, out, err = run_cli(capsys, "heal", *argv)
+        assert code == 2 and says in err and err.count("\n") == 1, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "heal", "--registry", reg, "--probes", good)
+    assert e.value.code == 2 and "one of the arguments --once --watch is required" in capsys.readouterr().err
