@@ -142,8 +142,11 @@ def test_k_distinct_users_are_needed():
     two = [_report(1, "u1", P1, "Rome"), _report(2, "u2", P1, "rome "), _report(3, "u2", P1, "Rome")]  # u2 twice: one user
     v = triage(two, None, [], pol)
     assert [(x.action, x.rule, len(x.correction.users)) for x in v] == [("wait", "below_k", 2)]
-    v = triage(two + [_report(4, "u3", P1, "ROME", subject="Ann Lee")], None, [], pol)
+    v = triage(two + [_report(4, "u3", P1, "ROME", subject="Ann Lee", at="2026-01-01T00:00:09.000Z"),
+                      _report(5, "u4", P1, "Rome", at="2026-01-01T00:00:20.000Z")], None, [], pol)
     assert [(x.action, x.rule) for x in v] == [("accept", "k_users")]
+    assert v[0].correction.ready_at == "2026-01-01T00:00:09.000Z"  # the third distinct user's report
+    v = triage(two + [_report(4, "u3", P1, "ROME", subject="Ann Lee")], None, [], pol)
     c = v[0].correction
     assert (c.users, c.feedback_ids, c.subject, c.subject_from) == (["u1", "u2", "u3"], [1, 2, 3, 4], "Ann Lee", "report")
 
@@ -366,3 +369,8 @@ def test_heal_command_bad_input(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_cli(capsys, "heal", "--registry", reg, "--probes", good)
     assert e.value.code == 2 and "one of the arguments --once --watch is required" in capsys.readouterr().err
+
+
+def test_a_shadow_step_that_needs_no_comparisons_advances():
+    d = decide(_evidence(shadow=(0, 0)), HealPolicy(shadow_min_comparisons=0), SHADOW)
+    assert d.action == "advance" and d.checks == []

@@ -108,6 +108,7 @@ class Healer:
         self.reg.check_model(handle)  # heal edits the registry's base model, nothing else
         self.fb = FeedbackLog(self.path)
         self.rollout = Rollout(self.reg, client, policy, handle, probes.probes, say, clock, sleep) if client else None
+        self._probed: tuple[float, list[str], list[ProbeOutcome]] | None = None  # (when, release, outcomes)
 
     def close(self) -> None:
         self.fb.close()
@@ -122,11 +123,7 @@ class Healer:
         if not self.dry_run:
             self._reconcile()
         released = [self.reg.load_patch(r.id) for r in self.reg.released()]
-        with self.deployed.arm("stable", released) as answer:
-            plan.probes = run_probes(self.probes.probes, answer, self.fb.last_probe_results())
-        if not self.dry_run:
-            self.fb.record_probes(f"heal-{int(self.clock())}", results_of(plan.probes, "stable",
-                                                                          [r.id for r in self.reg.released()]))
+        plan.probes = self._probe(released)
         active = self._active()
         if active is not None:
             self._continue(active, plan, plan.probes)
@@ -153,21 +150,35 @@ class Healer:
             self._continue(pid, plan, plan.probes)
         return plan
 
+    def _probe(self, released: list[Any]) -> list[ProbeOutcome]:
+        """The probes on stable: run at most every probe_interval_s, and again once the release changed."""
+        ids = [r.id for r in self.reg.released()]
+        last = self._probed
+        if last is not None and last[1] == ids and self.clock() - last[0] < self.policy.probe_interval_s:
+            return last[2]
+        with self.deployed.arm("stable", released) as answer:
+            outcomes = run_probes(self.probes.probes, answer, self.fb.last_probe_results())
+        if not self.dry_run:
+            self.fb.record_probes(f"heal-{int(self.clock())}", results_of(outcomes, "stable", ids))
+        self._probed = (self.clock(), ids, outcomes)
+        return outcomes
+
     def _method(self, n: int) -> str:
         return self.policy.method_many if n > 1 else self.policy.method_one
 
     def _ready(self, accepted: list[Verdict]) -> tuple[bool, str]:
-        """Propose once reports have stopped coming for quiet_s, or the oldest has waited max_wait_s."""
+        """Propose once no correction has become acceptable for quiet_s (more reports on one already
+        acceptable change nothing), or the first became acceptable max_wait_s ago."""
         fed = [v.correction for v in accepted if v.correction.source == "feedback"]
         if not accepted or len(fed) < len(accepted) or not fed:
             return bool(accepted), ""
         now = self.clock()
-        last = min(_age_s(c.last_at, now) for c in fed)
-        first = max(_age_s(c.first_at, now) for c in fed)
+        last = min(_age_s(c.ready_at, now) for c in fed)
+        first = max(_age_s(c.ready_at, now) for c in fed)
         if last >= self.policy.quiet_s or first >= self.policy.max_wait_s:
             return True, ""
-        return False, (f"waiting for reports to settle: the last came {last:.0f} s ago (quiet_s {self.policy.quiet_s:g}), "
-                       f"the oldest {first:.0f} s ago (max_wait_s {self.policy.max_wait_s:g})")
+        return False, (f"waiting for reports to settle: the latest correction became actionable {last:.0f} s ago "
+                       f"(quiet_s {self.policy.quiet_s:g}), the first {first:.0f} s ago (max_wait_s {self.policy.max_wait_s:g})")
 
     def _check(self, accepted: list[Verdict], released: list[Any]) -> None:
         """Re-check on the deployed model, then find missing subjects and refuse protected subjects."""

@@ -27,8 +27,8 @@ class HealPolicy:
     k_users: int = 3  # distinct users who must give the same correction (unless a trusted source gives it)
     trusted_only: bool = False  # act on trusted sources only (probes, token-authenticated reporters)
     trusted_reporters: list[str] | None = None  # reporter names that count as trusted (None: every token reporter)
-    quiet_s: float = 30.0  # propose once no new report has come for this long ...
-    max_wait_s: float = 600.0  # ... or once the oldest actionable correction has waited this long
+    quiet_s: float = 30.0  # propose once no correction has become actionable for this long ...
+    max_wait_s: float = 600.0  # ... or once the first actionable one has waited this long
     max_corrections: int = 64  # corrections in one patch
     # subject finding (causal tracing's corruption over the prompt's word spans)
     subject_max_words: int = 5
@@ -64,6 +64,7 @@ class HealPolicy:
     alpha: float = 0.05  # one-sided significance of the two-proportion tests
     max_probe_regressions: int = 0  # unprotected probes passing now that may fail on the canary (and in the gates)
     poll_s: float = 5.0  # how often a rollout reads the server
+    probe_interval_s: float = 60.0  # the probes run on stable at most this often (and after every release)
     watch_interval_s: float = 15.0  # --watch: seconds between cycles
     # a server that is down or answers errors
     retry_initial_s: float = 0.5
@@ -80,7 +81,7 @@ class HealPolicy:
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RankoneError(f"heal policy {name} must be a whole number of at least {low}, not {v!r}")
         for name in ("quiet_s", "max_wait_s", "subject_noise_factor", "step_timeout_s", "max_error_rate_increase",
-                     "p95_slack_s", "poll_s", "watch_interval_s", "retry_initial_s", "retry_max_s", "retry_total_s"):
+                     "p95_slack_s", "poll_s", "probe_interval_s", "watch_interval_s", "retry_initial_s", "retry_max_s", "retry_total_s"):
             _number(name, getattr(self, name), 0, math.inf)
         for name in ("subject_min_drop", "subject_ambiguity", "subject_min_p", "max_unrelated_disagreement", "alpha"):
             _number(name, getattr(self, name), 0, 1)

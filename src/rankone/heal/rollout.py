@@ -147,7 +147,7 @@ def decide(evidence: dict[str, Any], policy: HealPolicy | dict[str, Any], step: 
         ok = rate <= pol["max_unrelated_disagreement"]
         check("shadow", "pass" if ok else "fail", f"unrelated-prompt disagreement {d_sh}/{n_sh} = {rate:.3f} "
               f"(limit {pol['max_unrelated_disagreement']})", value=rate, limit=pol["max_unrelated_disagreement"])
-    elif step["kind"] == "shadow":
+    elif step["kind"] == "shadow" and pol["shadow_min_comparisons"] > 0:
         check("shadow", "wait", f"{n_sh} of {pol['shadow_min_comparisons']} unrelated-prompt comparisons")
     if step["kind"] == "canary":
         probes = evidence.get("probes") or {}

@@ -40,6 +40,7 @@ class Correction:
     neighbours: list[str] = field(default_factory=list)
     first_at: str = ""
     last_at: str = ""
+    ready_at: str = ""  # when it became acceptable: the K-th distinct user's report, or the first trusted one
     subject_from: str = ""  # probe | report | found
 
     @property
@@ -50,7 +51,7 @@ class Correction:
         return {"prompt": self.prompt, "correction": self.correction, "subject": self.subject,
                 "subject_from": self.subject_from, "feedback_ids": self.feedback_ids, "users": self.users,
                 "trusted": self.trusted, "paraphrases": self.paraphrases, "neighbours": self.neighbours,
-                "first_at": self.first_at, "last_at": self.last_at}
+                "first_at": self.first_at, "last_at": self.last_at, "ready_at": self.ready_at}
 
 
 @dataclass
@@ -160,8 +161,18 @@ def _correction(rs: list[Report], policy: HealPolicy) -> Correction:
     trusted = sorted({f"reporter:{n}" for r in rs if (n := _trusted_name(r, policy))})
     subjects = Counter(r.subject for r in rs if r.subject and r.subject in r.prompt)
     subject = subjects.most_common(1)[0][0] if subjects else None
+    seen: set[str] = set()
+    ready_at = ""
+    for r in sorted(rs, key=lambda r: r.at):  # the report that made it acceptable
+        if _trusted_name(r, policy):
+            ready_at = r.at
+            break
+        seen |= set() if r.trusted else {r.reporter}
+        if len(seen) >= policy.k_users and not policy.trusted_only:
+            ready_at = r.at
+            break
     return Correction(rs[0].prompt, rs[0].correction or "", subject, [r.id for r in rs], users, trusted,
-                      first_at=min(r.at for r in rs), last_at=max(r.at for r in rs),
+                      first_at=min(r.at for r in rs), last_at=max(r.at for r in rs), ready_at=ready_at,
                       subject_from="report" if subject else "")
 
 
