@@ -25,7 +25,7 @@ def test_stage_promote_abort_and_their_audit_entries(reg, model, tmp_path):
     assert [(x.id, x.canary, x.shadow) for x in reg.staged()] == [(a, 25.0, 10.0), (b, 0.0, 50.0)]
     with pytest.raises(RankoneError, match="already staged"):
         reg.stage(a, canary=25, shadow=10)
-    with pytest.raises(RankoneError, match="it is staged; promote it"):
+    with pytest.raises(RankoneError, match="is staged; only a validated patch is released; promote it"):
         reg.release(a)  # a staged patch is released only through promote
     rec, conflicts = reg.promote(a, "ana", "canary looked fine")
     assert rec.state == "released" and rec.release_seq == 1 and not conflicts

@@ -120,8 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     policy = GatePolicy.load(args.policy)
     with _open(args) as reg:
         rec = reg.get(args.id)
-        if rec.state not in ("proposed", "validated"):
-            raise RankoneError(f"patch {rec.id} is {rec.state}; only proposed or validated patches are validated")
+        reg.require("validate", rec.id, rec.state)  # refused before the model loads
         patch = reg.load_patch(rec.id)
         released = [(r.id, reg.load_patch(r.id)) for r in reg.released()]
         handle = load(args)
@@ -143,11 +142,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     policy = GatePolicy.load(args.policy)
     with _open(args) as reg:
         rec = reg.get(args.id)
-        if promote and rec.state != "staged":
-            raise RankoneError(f"patch {rec.id} is {rec.state}; only a staged patch is promoted (`rankone registry stage` first)")
-        if not promote and rec.state != "validated":
-            hint = "validate it first with `rankone registry validate`" if rec.state == "proposed" else f"it is {rec.state}"
-            raise RankoneError(f"patch {rec.id} cannot be released: {hint}")
+        reg.require("promote" if promote else "release", rec.id, rec.state)  # refused before the model loads
         model = None
         if args.model:
             from rankone.cli.common import load

@@ -36,6 +36,18 @@ from rankone.artifacts.patch_files import content_id_of, read_files
 SCHEMA_VERSION = 2  # 2: the states staged and aborted, and the staging table (a version-1 file is migrated on open)
 STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted")
 ID_LEN = 16
+
+# Which state an action may start from, and what to do instead: the one table every transition
+# (and the CLI, before it loads a model) consults through `RegistryStore.require`.
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "validate": (("proposed", "validated"), "only proposed or validated patches are validated"),
+    "release": (("validated",), "only a validated patch is released"),
+    "stage": (("validated", "staged"), "only a validated patch can be staged"),
+    "promote": (("staged",), "only a staged patch is promoted (`rankone registry stage` first)"),
+    "abort": (("staged",), "only a staged patch can be aborted"),
+    "rollback": (("released",), "only released patches can be rolled back"),
+    "reject": (("proposed", "validated"), "only proposed or validated patches can be rejected"),
+}
 FILES = ("patch.json", "patch.safetensors")
 
 _SCHEMA = [
@@ -374,6 +386,19 @@ class RegistryStore:
 
     def _state(self, db: Any, pid: str) -> str:
         return db.execute("SELECT state FROM patches WHERE id = ?", (pid,)).fetchone()[0]
+
+    def require(self, action: str, pid: str, state: str | None = None) -> str:
+        """The patch's state when `action` may start from it, else one line saying what to do."""
+        state = state if state is not None else self._state(self.db, pid)
+        allowed, rule = TRANSITIONS[action]
+        if state not in allowed:
+            hint = ""
+            if state == "proposed" and action in ("release", "stage"):
+                hint = "; validate it first with `rankone registry validate`"
+            elif state == "staged" and action == "release":
+                hint = "; promote it with `rankone registry promote`"
+            raise RankoneError(f"patch {pid} is {state}; {rule}{hint}")
+        return state
 
 
 def _safe_id(d: Path) -> str | None:
