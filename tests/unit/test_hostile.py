@@ -163,7 +163,7 @@ ROWS = [
     ("apply the same patch twice", ["apply", *MD, "--patch", "{w}/p", "--patch", "{w}/p", "--out", "{w}/o"], 2, "is patch 1 again"),
     ("apply onto a folder that carries it", ["apply", "--model", "{w}/applied", "--patch", "{w}/p", "--out", "{w}/o"], 2,
      "already carries patch"),
-    ("apply another model's patch", ["apply", *MD, "--patch", "{w}/alien", "--out", "{w}/o"], 2, "this patch is for another model"),
+    ("apply another model's patch", ["apply", *MD, "--patch", "{w}/alien", "--out", "{w}/o"], 2, "this patch was made for a gpt2"),
     ("apply corrupt safetensors", ["apply", *MD, "--patch", "{w}/garbage", "--out", "{w}/o"], 2, "is corrupt"),
     ("apply newer schema", ["apply", *MD, "--patch", "{w}/schema99", "--out", "{w}/o"], 2, "schema version 99"),
     ("apply missing patch", ["apply", *MD, "--patch", "{w}/nope", "--out", "{w}/o"], 2, "is not a patch"),
@@ -347,7 +347,7 @@ def resign(d: Path) -> None:
     (lambda m, t: t.__setitem__("edits.0.fix.val", t["edits.0.fix.val"] + 1), None),  # revert's business, not apply's
     (lambda m, t: m["edits"][0].__setitem__("sha256_after", "0" * 64), "does not give the weights it records"),
     (lambda m, t: m["edits"][0].__setitem__("sha256_before", "1" * 64), "does not fit this model"),
-    (lambda m, t: m["edits"][0].__setitem__("module", "transformer.h.1.mlp.c_proj"), "does not fit this model"),
+    (lambda m, t: m["edits"][0].__setitem__("module", "transformer.h.1.mlp.c_proj"), "which is not layer 0.s edited projection"),
     (lambda m, t: m["edits"][0].__setitem__("weight_shape", [512, 128]), "do not fit weight_shape"),
     (lambda m, t: m["edits"][0].__setitem__("layer", "zero"), "malformed layer"),
     (lambda m, t: m["edits"][0].__setitem__("request", "Paris"), "malformed request"),

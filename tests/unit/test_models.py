@@ -47,7 +47,9 @@ def test_card_round_trips_and_resolves_paths_beside_the_model(tmp_path):
     assert json.loads(p.read_text()) == {"schema_version": 1, "layer": 2, "hparams": {"v_steps": 7},
                                          "stats_corpus": "text/corpus.txt", "cases": "/abs/facts.jsonl", "notes": "mine"}
     assert again.resolve(again.stats_corpus) == tmp_path.resolve() / "text" / "corpus.txt"
-    assert again.resolve(again.cases) == Path("/abs/facts.jsonl")
+    with pytest.raises(RankoneError, match="is not a path inside"):  # a card names files beside it, no others
+        again.resolve(again.cases, "cases")
+    assert ModelCard(cases="/abs/facts.jsonl").resolve("/abs/facts.jsonl") == Path("/abs/facts.jsonl")  # made in memory
     assert again.recommended() == {"v_steps": 7, "layer": 2}
     assert ModelCard.from_dict({}) == ModelCard()  # every key is optional
     # a folder's card is FOLDER/rankone.json, a .gguf file's NAME.rankone.json beside it

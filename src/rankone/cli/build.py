@@ -50,11 +50,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         chain = reg.released()
         if args.format == "peft" and not chain:
             raise RankoneError("nothing is released: an adapter needs at least one released patch")
-        check_out_dir(args.out, args.force)
+        check_out_dir(args.out, args.force, [("--model", args.model), ("the registry", reg.path), ("its store", reg.store)])
         patches = [reg.load_patch(r.id) for r in chain]
         handle = load(args)
         reg.check_model(handle)
-        applied = apply_patch(handle.model, patches)
+        with handle.scope():
+            applied = apply_patch(handle.model, patches)
         manifest = {
             "format": "rankone.lifecycle.registry-build", "built_at": utcnow(), "built_by": _actor(args),
             "registry": str(reg.path.resolve()), "output_format": args.format, "base_model": str(args.model),
@@ -85,14 +86,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.cli.common import load
-    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.merged import refuse_config_change, save_merged
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
 
     patches, sources = _patches_for(args)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model)] + [("--patch", s) for s in sources])
     handle = load(args)
-    applied = apply_patch(handle.model, patches)  # refuses patches made for another base, all or nothing
+    if not args.allow_config_change:
+        refuse_config_change(handle, patches)
+    with handle.scope():
+        applied = apply_patch(handle.model, patches)  # refuses patches made for another base, all or nothing
     if args.format == "merged":
         save_merged(handle, patches, sources, applied.originals, args.out, args.force)
     else:

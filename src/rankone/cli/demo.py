@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 
 from rankone.edit.editor import Editor
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_file
 from rankone.models.generation import first_word, greedy
 from rankone.models.load import load_model
 from rankone.artifacts.patch import apply_patch
@@ -26,7 +26,7 @@ def run_demo(model_dir: str | None = None, device: str = "cpu", quiet: bool = Fa
     d = Path(model_dir) if model_dir else _builtin()
     if not (d / "world.json").is_file():
         raise RankoneError(f"{d} is not a testbed model (no world.json); build one with `rankone testbed build`")
-    world = json.loads((d / "world.json").read_text())
+    world = json_file(d / "world.json", "rebuild the testbed")
     handle = load_model(d, device)
     model, tok = handle
     rng = random.Random(seed)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from typing import Any
 
 from rankone.core.errors import RankoneError
+from rankone.core.text import shown
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -35,11 +37,13 @@ def _need_reason(args: argparse.Namespace, what: str) -> str:
 
 
 def _facts(summary: list[dict[str, Any]], limit: int = 60) -> str:
-    s = "; ".join(f"{x['prompt'].replace('{}', x['subject'])} -> {x['target']}" for x in summary)
+    s = shown("; ".join(f"{x['prompt'].replace('{}', x['subject'])} -> {x['target']}" for x in summary))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Aligned columns; every cell is escaped for the terminal (free text is one cell, one line)."""
+    rows = [tuple(shown(c) for c in r) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
 
@@ -53,7 +57,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     reason = _need_reason(args, "registry add")
     Patch.load(args.patch)  # a bad folder is refused before a registry is created
     with _open(args, create=True) as reg:
-        rec, created = reg.add(args.patch, _actor(args), reason)
+        try:
+            rec, created = reg.add(args.patch, _actor(args), reason)
+        except BaseException:
+            reg.discard_if_new()  # e.g. a full disk: no empty registry left behind
+            raise
     if created:
         print(f"added {rec.id} (proposed): {rec.n_edits} edit(s): {_facts(rec.summary, 200)}")
     else:
@@ -95,17 +103,19 @@ def cmd_show(args: argparse.Namespace) -> int:
             return 0
         print(f"patch {rec.id}  state {rec.state}" + (f"  release #{rec.release_seq}" if rec.release_seq else ""))
         print(f"  store   {reg.patch_dir(rec.id)}")
-        print(f"  added   {rec.added_at} by {rec.added_by}: {rec.reason or ''}")
-        print(f"  base    {rec.base.get('model_type', '?')}, {rec.base.get('n_layers', '?')} layers ({rec.base.get('name_or_path', '')})")
+        print(f"  added   {shown(rec.added_at)} by {shown(rec.added_by)}: {shown(rec.reason)}")
+        print(f"  base    {shown(rec.base.get('model_type', '?'))}, {shown(rec.base.get('n_layers', '?'))} layers "
+              f"({shown(rec.base.get('name_or_path', ''))})")
         for i, e in enumerate(patch.edits):
             r = e.request
-            print(f"  edit {i}  {e.module} ({e.method}) {r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  "
+            print(f"  edit {i}  {shown(e.module)} ({shown(e.method)}) {r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  "
                   f"|Δ|_F={e.delta_fro:.4g}  base {e.sha256_before[:12]}…")
         if deps:
             print(f"  released patches built on it: {', '.join(deps)}")
         if vals:
             v = vals[-1]
-            print(f"  latest validation ({len(vals)} in all): {v['at']} by {v['actor']}: {'pass' if v['passed'] else 'FAIL'}")
+            print(f"  latest validation ({len(vals)} in all): {shown(v['at'])} by {shown(v['actor'])}: "
+                  f"{'pass' if v['passed'] else 'FAIL'}")
             print("    " + GateReport.from_dict(v["report"]).table().replace("\n", "\n    "))
         print("  history:")
         print("    " + _table(LOG_HEAD, [_log_row(e) for e in log]).replace("\n", "\n    "))
@@ -126,8 +136,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         released = [(r.id, reg.load_patch(r.id)) for r in reg.released()]
         handle = load(args)
         reg.check_model(handle)
-        report = run_gates(handle.model, handle.tokenizer, patch, suite, policy, [p for _, p in released],
-                           [q for q, _ in released])
+        with handle.scope():
+            report = run_gates(handle.model, handle.tokenizer, patch, suite, policy, [p for _, p in released],
+                               [q for q, _ in released])
         print(f"validating {rec.id} ({_facts(rec.summary, 200)}) against {args.model}"
               + (f" with {len(released)} released patch(es)" if released else ""))
         print(report.table())
@@ -153,8 +164,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         vals = reg.validations(rec.id)
         seen = vals[-1]["report"].get("reference") if vals else None
         now_released = [r.id for r in reg.released()]
-        rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine,
-                                     model=model)
+        with model.scope() if model is not None else nullcontext():
+            rec, conflicts = reg.release(rec.id, _actor(args), args.reason, args.force, policy.conflict_key_cosine,
+                                         model=model)
     if seen is not None and seen != now_released:
         print(f"note: validated with {len(seen)} released patch(es), released onto {len(now_released)}; "
               "validate again to check it against the current release")

@@ -42,16 +42,16 @@ def known_facts(handle: Any) -> FactSet | None:
 
 
 def register(sub: Any) -> None:
-    from rankone.cli.common import model_args
+    from rankone.cli.common import model_args, text_arg
 
     p = sub.add_parser("trace", help="causal tracing: where the model keeps a fact (heatmaps, average indirect effect)",
                        description="Corrupt the subject's embeddings with noise and restore clean hidden states, MLP "
                        "and attention outputs one (token, layer) at a time (Meng et al. 2022). One prompt gives "
                        "heatmaps; --cases gives the average indirect effect per layer that `edit --layer auto` uses.")
     model_args(p)
-    p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject, or write it literally)")
-    p.add_argument("--subject", help="the entity in the prompt whose tokens are corrupted, e.g. 'Danielle Darrieux'")
-    p.add_argument("--target", help="the true answer (default: the model's own prediction)")
+    p.add_argument("--prompt", type=text_arg("--prompt"), help="e.g. '{} was born in' ({} marks the subject, or write it literally)")
+    p.add_argument("--subject", type=text_arg("--subject"), help="the entity in the prompt whose tokens are corrupted, e.g. 'Danielle Darrieux'")
+    p.add_argument("--target", type=text_arg("--target"), help="the true answer (default: the model's own prediction)")
     p.add_argument("--cases", help="facts for the average indirect effect: .jsonl/.json of {prompt, subject, answer}, "
                    "CounterFact records, or a testbed folder")
     p.add_argument("--max-cases", type=int, default=MAX_CASES, help=f"trace at most this many facts (default {MAX_CASES}; 0 = all)")

@@ -134,14 +134,16 @@ def evaluate_before_after(
     settings = settings or EvalSettings()
     model, tok = handle
     if patches:
-        apply_patch(model, list(patches)).revert()  # a patch for another model fails here, before any measuring
+        with handle.scope():  # the handle's architecture spec says which modules an edit may write
+            apply_patch(model, list(patches)).revert()  # a patch for another model fails here, before any measuring
     chosen, info = select_cases(model, tok, cases, known_only)
     chosen = chosen[:n] if n else chosen
     before, extra_b = measure(model, tok, chosen, settings, "before", progress)
     hp: EditHParams | None = None
     same_fact: list[bool] = []
     if patches:
-        applied = apply_patch(model, list(patches))
+        with handle.scope():
+            applied = apply_patch(model, list(patches))
         try:
             after, extra_a = measure(model, tok, chosen, settings, "after", progress)
         finally:

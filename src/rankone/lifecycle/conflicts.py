@@ -25,7 +25,6 @@ files alone (no model, no statistics):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,6 +32,8 @@ from typing import Any, Iterable
 import torch
 
 from rankone.artifacts.patch import Edit, Patch
+from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import json_file
 
 
 @dataclass
@@ -95,9 +96,9 @@ def relation_map(model_dir: str | Path | None) -> dict[str, str]:
     if model_dir is None or not (Path(model_dir) / "world.json").is_file():
         return {}
     try:
-        world = json.loads((Path(model_dir) / "world.json").read_text(encoding="utf-8"))
+        world = json_file(Path(model_dir) / "world.json")
         return {_norm(ph): str(r["id"]) for r in world.get("relations", []) for ph in r.get("phrasings", [])}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (RankoneError, KeyError, TypeError, AttributeError):
         return {}
 
 

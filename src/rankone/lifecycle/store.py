@@ -9,7 +9,10 @@ Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry
 Crash safety: the store is written first (a temporary folder renamed into place), the database
 row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orphaned store folder
 (tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
-busy timeout let several processes add, validate and release at once without losing anything.
+busy timeout let several processes add, validate and release at once without losing anything; a
+registry held by another process for more than a moment says so on stderr, waits up to
+LOCK_WAIT_S, then gives up with one line. A registry that `add` creates and then cannot fill (a full
+disk) is removed again: a failed command leaves no empty database or store behind.
 
 The state machine on top of it (add, validate, release, roll back, reject) is `registry.Registry`.
 """
@@ -28,12 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rankone.core.atomic import honour_umask_tree
 from rankone.core.errors import RankoneError
 from rankone.core.util import utcnow
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
 SCHEMA_VERSION = 1
+LOCK_WAIT_S = 120.0  # how long a command waits for another process's write lock (said on stderr after QUICK_WAIT_MS)
+QUICK_WAIT_MS = 2000
 STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
 ID_LEN = 16
 FILES = ("patch.json", "patch.safetensors")
@@ -177,13 +183,16 @@ class RegistryStore:
         if not self.path.exists() and not create:
             raise RankoneError(f"no registry at {self.path}; `rankone registry add PATCH --reason ...` creates one "
                                "(choose the file with --registry or RANKONE_REGISTRY)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.store.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # made by this object: removed again if it stays empty (discard_if_new)
+        self._store_created = not self.store.exists()
+        self.db: sqlite3.Connection | None = None
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.store.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=QUICK_WAIT_MS / 1000, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 120000")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute(f"PRAGMA busy_timeout = {QUICK_WAIT_MS}")
+            self._waiting(lambda: self.db.execute("PRAGMA journal_mode = WAL"))
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.execute("PRAGMA foreign_keys = ON")
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
@@ -194,8 +203,56 @@ class RegistryStore:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as e:
-            raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+        except BaseException as e:
+            self._remove_if_created()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+            raise
+
+    def _waiting(self, step: Callable[[], Any]) -> Any:
+        """Run a statement that needs the database lock. Another process holding it for longer than
+        QUICK_WAIT_MS is said on stderr (no silent wait), then waited for up to LOCK_WAIT_S."""
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+        from rankone.core.progress import status
+
+        status(f"registry {self.path} is locked by another process; waiting up to {LOCK_WAIT_S:.0f} s for it")
+        self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT_S * 1000)}")
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            raise RankoneError(f"registry {self.path} is locked by another process (waited {LOCK_WAIT_S:.0f} s); "
+                               "try again when it has finished") from None
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {QUICK_WAIT_MS}")
+
+    def _remove_if_created(self) -> None:
+        """Take away what this object created: the database (and its journal files), the store."""
+        if self.db is not None:
+            self.db.close()
+        if self.created:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        if self._store_created and self.store.is_dir() and not any(
+                not p.name.startswith(".") for p in self.store.iterdir()):
+            shutil.rmtree(self.store, ignore_errors=True)
+
+    def discard_if_new(self) -> None:
+        """After a failed first command: remove the registry if this object created it and nothing
+        was recorded in it (the caller's error is then all that remains)."""
+        if not self.created:
+            return
+        try:
+            empty = self.db.execute("SELECT (SELECT COUNT(*) FROM patches) + (SELECT COUNT(*) FROM audit)").fetchone()[0] == 0
+        except sqlite3.Error:
+            empty = True
+        if empty:
+            self._remove_if_created()
 
     def close(self) -> None:
         self.db.close()
@@ -209,12 +266,19 @@ class RegistryStore:
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._waiting(lambda: self.db.execute("BEGIN IMMEDIATE"))
         try:
             yield self.db
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as e:
+            if self.db.in_transaction:  # a failed COMMIT (a full disk) may have ended it already
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); nothing was recorded: free some "
+                                   "space and retry") from None
             raise
 
     # -- store --
@@ -243,6 +307,7 @@ class RegistryStore:
                     os.fsync(fo.fileno())
             if _safe_id(tmp) != pid:
                 raise RankoneError(f"patch {src} changed while it was being added; add it again")
+            honour_umask_tree(tmp)  # mkdtemp makes it 0700; the store is as shareable as the umask says
             if target.exists():  # a damaged copy (never made by us: the rename is atomic)
                 shutil.rmtree(target)
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object
 
 METHODS = ("r-rome", "p-rome", "rome", "r-rome-bare", "r-rome-2key")
+MAX_INT = 1 << 63  # every whole-number setting fits a signed 64-bit integer (torch's seeds and sizes)
+MAX_STEPS = 100_000  # optimisation steps: beyond this a value loop only runs for days
 S = TypeVar("S", bound="JsonSettings")
 
 
@@ -165,7 +168,24 @@ def settings(cls: type[S]) -> type[S]:
 
 def check_value_settings(hp: Any) -> None:
     """The checks every method's settings share: field types, the value optimisation, prefixes, statistics."""
-    check_types(type(hp), {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}, "hyper-parameter")
+    values = {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}
+    check_types(type(hp), values, "hyper-parameter")
+    for name, v in values.items():  # before any work: NaN, ±inf and 64-bit overflows fail here, not in the loop
+        for x in v if isinstance(v, list) else [v]:
+            for y in x if isinstance(x, list) else [x]:
+                if isinstance(y, float) and not math.isfinite(y):
+                    raise RankoneError(f"{name} must be a finite number, not {y}")
+                if isinstance(y, int) and not isinstance(y, bool) and not -MAX_INT <= y < MAX_INT:
+                    raise RankoneError(f"{name} {y} is out of range (a whole number below 2^63)")
+    if not 0 <= hp.seed:
+        raise RankoneError(f"seed must be 0 or more, got {hp.seed}")
+    for name in ("v_steps", "v_steps_max"):
+        if int(getattr(hp, name, 1)) > MAX_STEPS:
+            raise RankoneError(f"{name} {getattr(hp, name)} is more than {MAX_STEPS:,} optimisation steps "
+                               "(ROME uses 20); give a smaller number")
+    for name in ("kl_factor", "after_kl_factor", "v_weight_decay", "early_stop_loss"):
+        if getattr(hp, name, 0) < 0:
+            raise RankoneError(f"{name} must be 0 or more (a weight of a loss term), got {getattr(hp, name)}")
     for name in ("v_steps", "stats_tokens"):
         if int(getattr(hp, name)) < 1:
             raise RankoneError(f"{name} must be at least 1, got {getattr(hp, name)}")

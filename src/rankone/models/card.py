@@ -13,8 +13,10 @@ The testbed build writes one; anyone may write one for their own model. Every ke
       "notes": "free text"
     }
 
-Paths are relative to the folder that holds the card (absolute paths are kept as they are). An
-unknown key or a value of the wrong type is refused with one line naming the file and the key.
+Paths are relative to the folder that holds the card and must stay inside it (a card travels with
+a model from anywhere: an absolute path or one with '..' is refused when it is used, so that a card
+cannot make rankone read any file on the machine). An unknown key or a value of the wrong type is
+refused with one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from rankone.core.atomic import write_json
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import inside, loads, read_text
 
 CARD_FILE = "rankone.json"
 SCHEMA_VERSION = 1
@@ -83,11 +86,10 @@ class ModelCard:
     def load(cls, path: str | os.PathLike) -> "ModelCard":
         p = Path(path)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            text = read_text(p, f"model card {p}")
         except OSError as e:
             raise RankoneError(f"cannot read the model card {p}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RankoneError(f"model card {p} is not valid JSON ({e}); fix or remove it") from None
+        d = loads(text, f"model card {p}", "fix or remove it")
         return cls.from_dict(d, str(p), p.parent.resolve())
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -105,12 +107,14 @@ class ModelCard:
             rec.setdefault("layer", self.layer)
         return rec
 
-    def resolve(self, rel: str | None) -> Path | None:
-        """A path of the card (stats_corpus, cases) as a real path: relative to the card's folder."""
+    def resolve(self, rel: str | None, what: str = "a path") -> Path | None:
+        """A path of the card (stats_corpus, cases) as a real path inside the card's folder; one
+        line refusing a path that leaves it. A card made in memory (no folder) keeps paths as given."""
         if rel is None:
             return None
-        p = Path(rel).expanduser()
-        return p if p.is_absolute() or self.folder is None else self.folder / p
+        if self.folder is None:
+            return Path(rel)
+        return inside(self.folder, rel, f"{self.folder / CARD_FILE}: {what}")
 
 
 def card_path(source: str | os.PathLike) -> Path:
