@@ -11,6 +11,7 @@ model), so a merged folder can be reverted bit-exactly even when several patches
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from pathlib import Path
@@ -39,7 +40,12 @@ def save_model_dir(handle: ModelHandle, out: str | os.PathLike, overwrite: bool 
     """Write the handle's model as an ordinary Hugging Face folder (also for a model loaded from a
     .gguf file), with its model card and the files the card names, and the rankone record."""
     with atomic_dir(out, overwrite) as tmp:
-        handle.model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            handle.model.save_pretrained(tmp, safe_serialization=True)
+        except Exception as e:  # safetensors reports a full disk as its own error type, not OSError
+            if "I/O error" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"cannot write the weights ({' '.join(str(e).split())[:200]})", str(out)) from None
         handle.tokenizer.save_pretrained(tmp)
         _copy_card(handle, tmp)
         if record is not None:

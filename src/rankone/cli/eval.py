@@ -21,6 +21,7 @@ from rankone.cli.common import HPARAMS_HELP, hparams_from, layer_arg, load, mode
 from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import read_text
 from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.hparams import ALL_METHODS, METHODS
 
@@ -103,7 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
     if not args.patch and not args.edit_each:
         raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
-    check_out_file(args.out)  # not a folder, and writable: refused now, not after the measuring
+    check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)]  # not a folder, not an input, and
+                   + [("--patch", p) for p in args.patch or []])  # writable: refused now, not after the measuring
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -114,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     handle = load(args)
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,
-                            ppl_text=Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None)
+                            ppl_text=read_text(args.ppl_text) if args.ppl_text else None)
     rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, _known(args), args.n,
                                 progress=not args.quiet)
     if not args.quiet:
@@ -167,7 +169,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
     if args.out:
-        check_out_file(args.out)
+        check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)])
     hp = EditHParams.from_dict(_given(args, "r-rome"))  # the default method's sweep is what --layer auto reads
     cases = load_cases(args.cases)
     handle = load(args)
@@ -192,6 +194,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import apart_from_inputs
     from rankone.eval.cases import heldout_text_of, load_cases
     from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
@@ -219,6 +222,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
+    apart_from_inputs(out, [("--model", args.model), ("--cases", args.cases)])
     cases = load_cases(args.cases, seed=args.seed or 0)
     handle = load(args)
     # the edited cases and the pool the never-edited probes are drawn from (`probe_pool`), read in file order
@@ -227,7 +231,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         _print_selection(info)
     if len(cases) < args.n:
         raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
-    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
+    ppl = read_text(args.ppl_text) if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
     runs = [SequentialRun(handle, None, cases, settings_for(m).for_model(handle, **g), out / m, cfg, None, ppl, meta,

@@ -33,7 +33,7 @@ def _actor(args: argparse.Namespace) -> str:
 def _need_reason(args: argparse.Namespace, what: str) -> str:
     if not args.reason or not args.reason.strip():
         raise RankoneError(f"{what} needs --reason: the audit log records why")
-    return args.reason.strip()
+    return args.reason  # stored as given (escaped where shown)
 
 
 def _facts(summary: list[dict[str, Any]], limit: int = 60) -> str:
@@ -102,7 +102,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                               "dependents": deps, "store": str(reg.patch_dir(rec.id)), "manifest": patch.manifest()}, indent=2))
             return 0
         print(f"patch {rec.id}  state {rec.state}" + (f"  release #{rec.release_seq}" if rec.release_seq else ""))
-        print(f"  store   {reg.patch_dir(rec.id)}")
+        print(f"  store   {shown(reg.patch_dir(rec.id))}")
         print(f"  added   {shown(rec.added_at)} by {shown(rec.added_by)}: {shown(rec.reason)}")
         print(f"  base    {shown(rec.base.get('model_type', '?'))}, {shown(rec.base.get('n_layers', '?'))} layers "
               f"({shown(rec.base.get('name_or_path', ''))})")

@@ -100,7 +100,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
         EditRequest.create(args.prompt, args.subject, args.target or "x")  # bad prompt/subject: fail before loading
     noise_subjects = load_facts(args.noise_from).subjects if args.noise_from else (cases.subjects if cases else [])
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model), ("--cases", args.cases), ("--noise-from", args.noise_from)])
     handle = load(args)
     with handle.scope():
         if not noise_subjects:

@@ -152,7 +152,7 @@ def _writable_ancestor(p: Path) -> None:
 Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
 
 
-def _apart_from_inputs(p: Path, inputs: Inputs, file: bool = False) -> None:
+def apart_from_inputs(p: Path, inputs: Inputs, file: bool = False) -> None:
     """Refuse an output that is, holds or sits inside one of the command's inputs (e.g. --model):
     replacing it would delete what is being read. Also the folder the user is in, which cannot be
     replaced by a rename. `inputs` are (what, path) pairs; paths that do not exist are skipped."""
@@ -179,7 +179,7 @@ def check_out_dir(path: str | os.PathLike, overwrite: bool = False, inputs: Inpu
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RankoneError(f"output {p} exists and is a file; choose another --out")
-    _apart_from_inputs(p, inputs)
+    apart_from_inputs(p, inputs)
     if p.exists() and any(p.iterdir()) and not overwrite:
         raise RankoneError(f"output folder {p} already exists and is not empty; choose another --out or pass --force")
     _writable_ancestor(p)
@@ -192,7 +192,7 @@ def check_out_file(path: str | os.PathLike, inputs: Inputs = ()) -> Path:
     p = Path(path)
     if p.is_dir():
         raise RankoneError(f"output {p} is a folder; give a file path")
-    _apart_from_inputs(p, inputs, file=True)
+    apart_from_inputs(p, inputs, file=True)
     _writable_ancestor(p)
     return p
 

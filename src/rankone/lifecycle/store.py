@@ -212,11 +212,15 @@ class RegistryStore:
     def _waiting(self, step: Callable[[], Any]) -> Any:
         """Run a statement that needs the database lock. Another process holding it for longer than
         QUICK_WAIT_MS is said on stderr (no silent wait), then waited for up to LOCK_WAIT_S."""
+        locked = RankoneError(f"registry {self.path} is locked by another process (waited "
+                              f"{max(LOCK_WAIT_S, QUICK_WAIT_MS / 1000):.0f} s); try again when it has finished")
         try:
             return step()
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
                 raise
+            if LOCK_WAIT_S * 1000 <= QUICK_WAIT_MS:
+                raise locked from None
         from rankone.core.progress import status
 
         status(f"registry {self.path} is locked by another process; waiting up to {LOCK_WAIT_S:.0f} s for it")
@@ -226,8 +230,7 @@ class RegistryStore:
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
                 raise
-            raise RankoneError(f"registry {self.path} is locked by another process (waited {LOCK_WAIT_S:.0f} s); "
-                               "try again when it has finished") from None
+            raise locked from None
         finally:
             self.db.execute(f"PRAGMA busy_timeout = {QUICK_WAIT_MS}")
 

@@ -14,8 +14,8 @@ The testbed build writes one; anyone may write one for their own model. Every ke
     }
 
 Paths are relative to the folder that holds the card and must stay inside it (a card travels with
-a model from anywhere: an absolute path or one with '..' is refused when it is used, so that a card
-cannot make rankone read any file on the machine). An unknown key or a value of the wrong type is
+a model from anywhere: an absolute path or one with '..' is refused when the card is read, so that
+a card cannot make rankone read, and record the digest of, any file on the machine). An unknown key or a value of the wrong type is
 refused with one line naming the file and the key.
 """
 
@@ -79,6 +79,9 @@ class ModelCard:
             raise RankoneError(f"{where}: schema_version {d['schema_version']} is not supported (this rankone reads 1)")
         if d.get("layer") is not None and d["layer"] < 0:
             raise RankoneError(f"{where}: 'layer' must be 0 or more, not {d['layer']}")
+        for k in ("stats_corpus", "cases"):  # a card read from a folder names files in that folder only
+            if folder is not None and d.get(k) is not None:
+                inside(folder, d[k], f"{where}: {k}")
         return cls(layer=d.get("layer"), hparams=dict(d.get("hparams") or {}), stats_corpus=d.get("stats_corpus"),
                    cases=d.get("cases"), notes=d.get("notes"), folder=folder)
 
