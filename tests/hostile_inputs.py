@@ -140,7 +140,7 @@ def build_round_two(d: Path, model: torch.nn.Module, tiny: Path, llama: torch.nn
 S = ["--prompt", "{{}} was born in", "--subject", "Stoukthen Fokai Thathai", "--target", "Lisbon"]
 MD = ["--model", "{M}"]
 E = ["edit", *MD, *S, "--out", "{w}/o"]  # a good edit: each row spoils one thing
-QUICK = '{{"v_steps": 1, "stats_tokens": 5000}}'
+QUICK = '{{"v_steps": 1, "v_steps_max": 1, "stats_tokens": 5000}}'
 try:
     _cuda = torch.cuda.is_available()
 except Exception:  # noqa: BLE001

@@ -205,6 +205,8 @@ class RegistryStore:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
         except BaseException as e:
             self._remove_if_created()
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); free some space and retry") from None
             if isinstance(e, sqlite3.DatabaseError):
                 raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
             raise
