@@ -124,8 +124,16 @@ def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:
         rec = loads(f.read_bytes(), str(f))
     except RankoneError as e:
         raise RankoneError(f"{e}; {f} is corrupt: restore the folder or start from the base model") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
-        raise RankoneError(f"{f} is not a rankone record; restore the folder or start from the base model")
+    patches, base = (rec.get("patches", []), rec.get("base_sha256", {})) if isinstance(rec, dict) else (None, None)
+    well_formed = (
+        isinstance(patches, list) and isinstance(base, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in base.items())
+        and all(isinstance(q, dict) and isinstance(q.get("edits", []), list)
+                and all(isinstance(e, dict) for e in q.get("edits", [])) for q in patches)
+    )
+    if not well_formed:
+        raise RankoneError(f"{f} is not a rankone record (patches must list objects with a list of edits, base_sha256 "
+                           "must map modules to hashes); restore the folder or start from the base model")
     return rec
 
 

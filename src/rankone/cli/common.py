@@ -81,6 +81,10 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     if corpus and not os.path.exists(corpus):
         raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "
                            "or a .jsonl file with a 'text' field")
+    if corpus:
+        from rankone.methods.corpus import corpus_files
+
+        corpus_files(corpus)  # a FIFO or a device: refused now, before the model loads
     return given
 
 

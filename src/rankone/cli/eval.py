@@ -22,6 +22,7 @@ from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import read_text
+from rankone.core.text import shown
 from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.hparams import ALL_METHODS, METHODS
 
@@ -53,7 +54,7 @@ def _check_file(path: str | None, what: str) -> None:
 
 def _print_selection(info: dict[str, Any]) -> None:
     if info["n_unalignable"]:
-        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {info['unalignable'][0]})")
+        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {shown(info['unalignable'][0])})")
     if "n_known" in info:
         how = {"greedy": "whose true answer the model gives (first token, greedy)",
                "over-new": "the model knows (P(true) > P(new) on the prompt)"}[info["known_rule"]]
@@ -144,13 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
     """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
     facts = [f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}" for p in patches for r in p.facts()]
-    print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
+    print(f"the patch edits {len(facts)} fact(s): {shown('; '.join(facts[:5]))}" + (" …" if len(facts) > 5 else ""))
     hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
     if hit:
-        print(f"edited cases among the {len(cases)}: {', '.join(hit[:20])}" + (" …" if len(hit) > 20 else ""))
+        print(f"edited cases among the {len(cases)}: {shown(', '.join(hit[:20]))}" + (" …" if len(hit) > 20 else ""))
         return
     near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
-    why = (f"; case(s) {', '.join(near[:3])} ask the same question with another target" if near else "")
+    why = (f"; case(s) {shown(', '.join(near[:3]))} ask the same question with another target" if near else "")
     print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
           f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
 

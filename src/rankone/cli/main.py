@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import warnings
 from typing import Any, Callable
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show "Δ" (PYTHONIOENCODING=ascii) gets "\u0394"
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation notes for developers
     parser = build_parser()
@@ -312,9 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     except RankoneError as e:
         print(f"rankone: error: {shown(' '.join(str(e).split()))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `rankone registry log | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except OSError as e:  # the file system said no (permissions, a full disk): one line, nothing half-written
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"rankone: error: {shown(e.strerror or e)}{shown(where)}; check the paths and free space", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:  # a registry database damaged behind rankone's back
+        print(f"rankone: error: the registry database failed ({shown(e)}); see `rankone registry check`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rankone: interrupted", file=sys.stderr)

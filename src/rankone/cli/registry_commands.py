@@ -125,6 +125,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from rankone.cli.common import load
     from rankone.lifecycle.gates import GatePolicy, load_suite, run_gates
+    from rankone.models.generation import check_fits
 
     suite = load_suite(args.suite)
     policy = GatePolicy.load(args.policy)
@@ -136,6 +137,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         released = [(r.id, reg.load_patch(r.id)) for r in reg.released()]
         handle = load(args)
         reg.check_model(handle)
+        for c in suite.checks:  # a prompt longer than the context would be judged on an empty answer
+            if c.prompt:
+                check_fits(handle.model, handle.tokenizer, c.prompt, policy.answer_tokens, f"{c.where}: the prompt")
         with handle.scope():
             report = run_gates(handle.model, handle.tokenizer, patch, suite, policy, [p for _, p in released],
                                [q for q, _ in released])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rankone.core.errors import RankoneError
+from rankone.core.text import shown
 from rankone.trace import KINDS, MAX_CASES
 
 if TYPE_CHECKING:  # imported where they are used: the parser must not pay for torch
@@ -132,7 +133,7 @@ def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, n
         for kind in settings.kinds:
             plot_trace(tr, kind, d / f"trace_{kind}.png", name)
     if not args.quiet:
-        print(f"{tr.prompt} -> {tr.answer_token.strip()}: p clean {tr.p_clean:.3f}, corrupted {tr.p_corrupted:.3f} "
+        print(f"{shown(tr.prompt)} -> {shown(tr.answer_token.strip())}: p clean {tr.p_clean:.3f}, corrupted {tr.p_corrupted:.3f} "
               f"(noise {nu:.4g}, {settings.n_samples} samples)")
         i = tr.positions.index(tr.subject_range[1])
         for kind in settings.kinds:

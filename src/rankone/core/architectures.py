@@ -228,7 +228,10 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 def num_layers(model: nn.Module, spec: ArchSpec | None = None) -> int:
     spec = spec or spec_for(model)
     layers = get_module(model, spec.layers)
-    return len(layers)  # type: ignore[arg-type]
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise RankoneError(f"{spec.layers!r} is a {type(layers).__name__}, not the list of decoder blocks; "
+                           f"check the architecture table entry or {OVERRIDE_HINT}")
+    return len(layers)
 
 
 def check_layer(model: nn.Module, layer: int, spec: ArchSpec | None = None) -> int:

@@ -20,6 +20,7 @@ The state machine on top of it (add, validate, release, roll back, reject) is `r
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -75,6 +76,19 @@ _SCHEMA = [
     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
     for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
 ]
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_columns() -> dict[str, list[str]]:
+    """Each table of _SCHEMA and its columns, as SQLite itself reads the schema."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        for stmt in _SCHEMA:
+            mem.execute(stmt)
+        tables = [r[0] for r in mem.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        return {t: [r[1] for r in mem.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        mem.close()
 
 
 def default_path() -> Path:
@@ -198,6 +212,11 @@ class RegistryStore:
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
                 for stmt in _SCHEMA:
                     db.execute(stmt)
+                for table, columns in _expected_columns().items():  # a foreign database with tables of these names
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    if missing := [c for c in columns if c not in have]:
+                        raise RankoneError(f"{self.path} is not a rankone registry: its table {table} lacks column(s) "
+                                           f"{missing}; give another --registry")
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

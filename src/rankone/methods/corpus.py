@@ -40,7 +40,9 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if not p.exists():
         raise RankoneError(f"statistics corpus {p} does not exist; give a .txt file, a folder of .txt files or a .jsonl file")
-    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+    if not (p.is_dir() or p.is_file()):  # a FIFO would block the read forever, a device never ends
+        raise RankoneError(f"statistics corpus {p} is not a regular file or a folder; give a .txt or .jsonl file")
+    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file()) if p.is_dir() else [p]
     if not files:
         raise RankoneError(f"statistics corpus folder {p} holds no .txt or .jsonl files")
     return files

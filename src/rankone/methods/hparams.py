@@ -17,6 +17,8 @@ from rankone.core.jsonfiles import json_object
 METHODS = ("r-rome", "p-rome", "rome", "r-rome-bare", "r-rome-2key")
 MAX_INT = 1 << 63  # every whole-number setting fits a signed 64-bit integer (torch's seeds and sizes)
 MAX_STEPS = 100_000  # optimisation steps: beyond this a value loop only runs for days
+MAX_PREFIXES = 10_000  # context prefixes: each one is a row of every optimisation step
+MAX_SAMPLED_TOKENS = 100_000_000  # a corpus sampled from the model: beyond this, days of sampling
 S = TypeVar("S", bound="JsonSettings")
 
 
@@ -194,6 +196,8 @@ def check_value_settings(hp: Any) -> None:
             raise RankoneError(f"{name} must be positive, got {getattr(hp, name)}")
     if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in hp.prefix_spec):
         raise RankoneError(f"prefix_spec holds [new tokens ≥ 1, count ≥ 0] pairs, not {hp.prefix_spec}")
+    if sum(x[1] for x in hp.prefix_spec) > MAX_PREFIXES or len(hp.prefixes or []) > MAX_PREFIXES:
+        raise RankoneError(f"more than {MAX_PREFIXES} context prefixes (ROME samples 20); give fewer")
     if "{}" not in hp.kl_prompt:
         raise RankoneError(f"kl_prompt {hp.kl_prompt!r} needs a '{{}}' for the subject")
     if hp.prefixes is not None:
@@ -234,8 +238,9 @@ class EditHParams(JsonSettings):
         if self.method not in METHODS:
             raise RankoneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check_value_settings(self)
-        if int(self.sampled_corpus_tokens) < 1:
-            raise RankoneError(f"sampled_corpus_tokens must be at least 1, got {self.sampled_corpus_tokens}")
+        if not 1 <= int(self.sampled_corpus_tokens) <= MAX_SAMPLED_TOKENS:
+            raise RankoneError(f"sampled_corpus_tokens must be between 1 and {MAX_SAMPLED_TOKENS:,}, got "
+                               f"{self.sampled_corpus_tokens} (give a corpus with --stats-corpus instead)")
         if not 0 < float(self.early_stop_prob) <= 1:
             raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
         if not 0 < float(self.reach_prob) <= 1:

@@ -161,6 +161,7 @@ def layer_stats(
     n_tokens: int = 1_000_000, cache_dir: str | os.PathLike | None = None, progress: bool = True,
 ) -> dict[int, LayerStats]:
     """Statistics for each layer: from memory, else from a verified disk cache, else computed."""
+    corpus_files(corpus)  # a corpus that is not a file or a folder is refused before its fingerprint is taken
     corpus_fp = path_sha256(corpus)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
     found: dict[int, LayerStats] = {}

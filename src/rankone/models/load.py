@@ -84,8 +84,8 @@ def _spec_of(where: str | Path, arch_spec: dict[str, Any] | None, kw: dict[str, 
 
     try:
         config = AutoConfig.from_pretrained(where, **kw)
-    except (OSError, ValueError) as e:
-        raise RankoneError(unreadable or f"cannot read {where}/config.json: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a config.json nested thousands deep
+        raise RankoneError(unreadable or f"cannot read {where}/config.json: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     return arch.spec_for_config(config, arch_spec)  # table, else discovery on a weightless copy
 
 
