@@ -10,7 +10,9 @@ input is legal but suspicious: they exit 0 with a warning and may write there.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,18 @@ def build_round_two(d: Path, model: torch.nn.Module, tiny: Path, llama: torch.nn
     _model_copy(tiny, d / "deep-record")
     (d / "deep-record" / "rankone").mkdir()
     (d / "deep-record" / "rankone" / "applied.json").write_text(DEEP)
+    _model_copy(tiny, d / "bad-record")
+    (d / "bad-record" / "rankone").mkdir()
+    (d / "bad-record" / "rankone" / "applied.json").write_text('{"patches": [{"id": "x", "edits": 5}]}')
+    _model_copy(tiny, d / "config-deep")
+    (d / "config-deep" / "config.json").write_text(DEEP)
+    sqlite3.connect(d / "foreign.db").executescript("CREATE TABLE patches (x); CREATE TABLE audit (y);")
+    long_prompt = "Stoukthen Fokai Thathai " + "and then " * 300 + "was born in"
+    (d / "suite-long.jsonl").write_text(json.dumps({"type": "keep", "prompt": long_prompt}) + "\n")
+    (d / "cases-long.jsonl").write_text(json.dumps({"prompt": "{} " + "and then " * 300 + "was born in",
+                                                    "subject": "Thathai", "answer": "Oslo"}) + "\n")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "corpus.fifo")  # reading it would block forever
     llama.save_pretrained(d / "llama")
     tok_bos.save_pretrained(d / "llama")
     # registries: one whose patch is validated (for release), one inside a folder (for build), one locked
@@ -146,6 +160,7 @@ try:
 except Exception:  # noqa: BLE001
     _cuda = False
 NEEDS_CPU_TORCH = pytest.mark.skipif(_cuda, reason="this torch has CUDA: --device cuda is legal here")
+NEEDS_FIFO = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 
 ROUND_TWO = [
     # ---- text that is not text: bytes that are not UTF-8, wherever text comes in
@@ -301,6 +316,28 @@ ROUND_TWO = [
      "is locked by another process"),
     ("generate --max-new-tokens 100000", ["generate", *MD, "--prompt", "Hi", "--max-new-tokens", "100000"], 0,
      "generation stops after at most"),
+    # ---- found by trying again as a hostile user (none of them in the list)
+    ("edit --arch-spec whose blocks are the embedding",
+     [*E, "--arch-spec", '{{"layers": "transformer.wte", "mlp": "transformer.wte.{{}}.mlp", "proj": "transformer.wte.{{}}.mlp.c_proj", '
+                         '"attn": "transformer.wte.{{}}.attn", "embed": "transformer.wte"}}'], 2, "not the list of decoder blocks"),
+    ("apply onto a folder whose rankone record is malformed", ["apply", "--model", "{w}/bad-record", "--patch", "{w}/p", "--out",
+                                                               "{w}/o"], 2, "applied.json is not a rankone record"),
+    ("generate config.json nested 100,000 deep", ["generate", "--model", "{w}/config-deep", "--prompt", "Hi"], 2,
+     "cannot read {w}/config-deep/config.json"),
+    ("registry list on another program's SQLite file", ["registry", "list", "--registry", "{w}/foreign.db"], 2,
+     "is not a rankone registry: its table"),
+    pytest.param([*E, "--stats-corpus", "{w}/corpus.fifo", "--quiet"], 2, "is not a regular file or a folder",
+                 id="edit --stats-corpus a FIFO (would block forever)", marks=NEEDS_FIFO),
+    ("registry validate a suite prompt longer than the context", ["registry", "validate", "{w}/p", *MD, "--suite",
+                                                                  "{w}/suite-long.jsonl", "--registry", "{w}/reg.db"], 2,
+     "suite-long.jsonl:1: the prompt is"),
+    ("trace a case prompt longer than the context", ["trace", *MD, "--cases", "{w}/cases-long.jsonl", "--quiet", "--out",
+                                                     "{w}/t"], 2, "the model answers none of the 1 facts"),
+    ("edit a billion context prefixes", [*E, "--hparams", '{{"prefix_spec": [[5, 1000000000]]}}'], 2, "context prefixes"),
+    ("edit a trillion sampled corpus tokens", [*E, "--hparams", '{{"sampled_corpus_tokens": 1000000000000}}'], 2,
+     "sampled_corpus_tokens must be between 1 and"),
+    ("revert a Llama patch on GPT-2", ["revert", "--model", "{w}/applied", "--patch", "{w}/lp", "--out", "{w}/o"], 2,
+     "this patch was made for a llama"),
     # ---- legal but suspicious: a warning, and the work goes on (written outside the hashed folders)
     ("edit a 4-token statistics corpus (warns)", ["edit", *MD, *S, "--stats-corpus", "{w}/tiny-corpus.txt", "--hparams",
                                                   QUICK, "--quiet", "--out", "{x}/tiny"], 0, "tokens for 512-dimensional keys"),

@@ -23,7 +23,7 @@ from rankone.cli.main import main
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.models.load import load_model
-from rankone.lifecycle import store
+from rankone.lifecycle import dbfile
 from rankone.testbed import builtin_model_dir
 from hostile_inputs import ROUND_TWO, build_round_two
 from tiny import make_model
@@ -112,8 +112,8 @@ def snapshot(*roots: Path) -> dict[str, str]:
     for root in roots:
         for p in sorted(root.rglob("*")):
             key = f"{root.name}/{p.relative_to(root)}"
-            if p.is_dir():
-                out[key] = "dir"
+            if p.is_dir() or not p.is_file():  # a FIFO is never read (it would block)
+                out[key] = "dir" if p.is_dir() else "special"
                 continue
             st = p.stat()
             memo = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -249,8 +249,8 @@ def test_bad_input_is_one_line_and_writes_nothing(w, model_dir, argv, code, mess
     monkeypatch.chdir(w)  # default outputs would land in the hashed folder
     monkeypatch.setenv("XDG_DATA_HOME", str(w / "xdg"))  # and the default registry too
     monkeypatch.delenv("RANKONE_REGISTRY", raising=False)
-    monkeypatch.setattr(store, "LOCK_WAIT_S", 0)  # a locked registry is refused at once, not after 2 minutes
-    monkeypatch.setattr(store, "QUICK_WAIT_MS", 100)
+    monkeypatch.setattr(dbfile, "LOCK_WAIT_S", 0)  # a locked registry is refused at once, not after 2 minutes
+    monkeypatch.setattr(dbfile, "QUICK_WAIT_MS", 100)
     x = w.parent / "hostile-scratch"
     fill = {"{M}": str(M), "{w}": str(w), "{x}": str(x)}
     args = [a.format(M=M, w=w, x=x) for a in argv]

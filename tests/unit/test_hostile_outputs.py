@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from rankone.cli.main import EscapingFormatter, main
 from rankone.core.text import shown
-from rankone.lifecycle import store
+from rankone.lifecycle import dbfile
 from rankone.lifecycle.registry import Registry
 from rankone.testbed import builtin_model_dir
 
@@ -247,8 +247,8 @@ def test_a_locked_registry_says_so_then_gives_up(tmp_path, patch_dir, monkeypatc
     Registry(reg).close()
     lock = sqlite3.connect(reg, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
-    monkeypatch.setattr(store, "QUICK_WAIT_MS", 100)
-    monkeypatch.setattr(store, "LOCK_WAIT_S", 0.5)
+    monkeypatch.setattr(dbfile, "QUICK_WAIT_MS", 100)
+    monkeypatch.setattr(dbfile, "LOCK_WAIT_S", 0.5)
     try:
         code, _, err = run(capsys, "registry", "add", patch_dir, "--reason", "r", "--registry", reg)
     finally:

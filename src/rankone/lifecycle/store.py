@@ -11,7 +11,7 @@ row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orpha
 (tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
 busy timeout let several processes add, validate and release at once without losing anything; a
 registry held by another process for more than a moment says so on stderr, waits up to
-LOCK_WAIT_S, then gives up with one line. A registry that `add` creates and then cannot fill (a full
+dbfile.LOCK_WAIT_S, then gives up with one line. A registry that `add` creates and then cannot fill (a full
 disk) is removed again: a failed command leaves no empty database or store behind.
 
 The state machine on top of it (add, validate, release, roll back, reject) is `registry.Registry`.
@@ -20,7 +20,6 @@ The state machine on top of it (add, validate, release, roll back, reject) is `r
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -35,12 +34,11 @@ from typing import Any, Callable, Iterator
 from rankone.core.atomic import honour_umask_tree
 from rankone.core.errors import RankoneError
 from rankone.core.util import utcnow
+from rankone.lifecycle.dbfile import check_columns, connect, remove_created, waiting_for_lock
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
 SCHEMA_VERSION = 1
-LOCK_WAIT_S = 120.0  # how long a command waits for another process's write lock (said on stderr after QUICK_WAIT_MS)
-QUICK_WAIT_MS = 2000
 STATES = ("proposed", "validated", "released", "rejected", "rolled_back")
 ID_LEN = 16
 FILES = ("patch.json", "patch.safetensors")
@@ -76,19 +74,6 @@ _SCHEMA = [
     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
     for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
 ]
-
-
-@functools.lru_cache(maxsize=1)
-def _expected_columns() -> dict[str, list[str]]:
-    """Each table of _SCHEMA and its columns, as SQLite itself reads the schema."""
-    mem = sqlite3.connect(":memory:")
-    try:
-        for stmt in _SCHEMA:
-            mem.execute(stmt)
-        tables = [r[0] for r in mem.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        return {t: [r[1] for r in mem.execute(f"PRAGMA table_info({t})")] for t in tables}
-    finally:
-        mem.close()
 
 
 def default_path() -> Path:
@@ -203,20 +188,15 @@ class RegistryStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.store.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(self.path), timeout=QUICK_WAIT_MS / 1000, isolation_level=None)
+            self.db = connect(self.path)
             self.db.row_factory = sqlite3.Row
-            self.db.execute(f"PRAGMA busy_timeout = {QUICK_WAIT_MS}")
+            self._waiting(lambda: check_columns(self.db, self.path, _SCHEMA))  # another program's file stays as it is
             self._waiting(lambda: self.db.execute("PRAGMA journal_mode = WAL"))
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.execute("PRAGMA foreign_keys = ON")
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
                 for stmt in _SCHEMA:
                     db.execute(stmt)
-                for table, columns in _expected_columns().items():  # a foreign database with tables of these names
-                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-                    if missing := [c for c in columns if c not in have]:
-                        raise RankoneError(f"{self.path} is not a rankone registry: its table {table} lacks column(s) "
-                                           f"{missing}; give another --registry")
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -231,40 +211,13 @@ class RegistryStore:
             raise
 
     def _waiting(self, step: Callable[[], Any]) -> Any:
-        """Run a statement that needs the database lock. Another process holding it for longer than
-        QUICK_WAIT_MS is said on stderr (no silent wait), then waited for up to LOCK_WAIT_S."""
-        locked = RankoneError(f"registry {self.path} is locked by another process (waited "
-                              f"{max(LOCK_WAIT_S, QUICK_WAIT_MS / 1000):.0f} s); try again when it has finished")
-        try:
-            return step()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            if LOCK_WAIT_S * 1000 <= QUICK_WAIT_MS:
-                raise locked from None
-        from rankone.core.progress import status
-
-        status(f"registry {self.path} is locked by another process; waiting up to {LOCK_WAIT_S:.0f} s for it")
-        self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT_S * 1000)}")
-        try:
-            return step()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            raise locked from None
-        finally:
-            self.db.execute(f"PRAGMA busy_timeout = {QUICK_WAIT_MS}")
+        return waiting_for_lock(self.db, self.path, step)
 
     def _remove_if_created(self) -> None:
         """Take away what this object created: the database (and its journal files), the store."""
         if self.db is not None:
             self.db.close()
-        if self.created:
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        if self._store_created and self.store.is_dir() and not any(
-                not p.name.startswith(".") for p in self.store.iterdir()):
-            shutil.rmtree(self.store, ignore_errors=True)
+        remove_created(self.path if self.created else None, self.store if self._store_created else None)
 
     def discard_if_new(self) -> None:
         """After a failed first command: remove the registry if this object created it and nothing
