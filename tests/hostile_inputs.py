@@ -338,6 +338,9 @@ ROUND_TWO = [
      "sampled_corpus_tokens must be between 1 and"),
     ("revert a Llama patch on GPT-2", ["revert", "--model", "{w}/applied", "--patch", "{w}/lp", "--out", "{w}/o"], 2,
      "this patch was made for a llama"),
+    ("testbed build --out .", ["testbed", "build", "--out", "."], 2, "is the current folder"),
+    ("testbed build --time-budget inf", ["testbed", "build", "--out", "{w}/tb", "--time-budget", "inf"], 2,
+     "--time-budget must be a positive number of seconds, not inf"),
     # ---- legal but suspicious: a warning, and the work goes on (written outside the hashed folders)
     ("edit a 4-token statistics corpus (warns)", ["edit", *MD, *S, "--stats-corpus", "{w}/tiny-corpus.txt", "--hparams",
                                                   QUICK, "--quiet", "--out", "{x}/tiny"], 0, "tokens for 512-dimensional keys"),
