@@ -84,6 +84,7 @@ def test_show_and_errors_escape_what_a_patch_or_argument_carries(tmp_path, capsy
     rec = logging.LogRecord("x", logging.WARNING, "", 0, "the edit %r says %s", ("a", "b\x1b[2J\nfake line"), None)
     assert EscapingFormatter("rankone: %(message)s").format(rec) == "rankone: the edit 'a' says b\\x1b[2J\\nfake line"
     assert shown("a\tb\u2028c\x9b") == "a\\tb\\u2028c\\x9b" and shown("Zürich → 東京") == "Zürich → 東京"
+    assert shown("line\n\tnext\x1b[2J", lines=True) == "line\n\tnext\\x1b[2J"  # generated text keeps its lines
 
 
 # ---- outputs that overlap their inputs --------------------------------------------------------

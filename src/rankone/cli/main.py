@@ -170,13 +170,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"at most {room} new token(s), not {args.max_new_tokens}", file=sys.stderr)
     before = greedy(model, tok, args.prompt, args.max_new_tokens)
     if not patches:
-        print(shown(args.prompt + before))
+        print(shown(args.prompt + before, lines=True))
         return 0
     with handle.scope():
         applied = apply_patch(model, patches)
     after = greedy(model, tok, args.prompt, args.max_new_tokens)
     applied.revert()
-    print(f"before: {shown(args.prompt + before)}\nafter:  {shown(args.prompt + after)}")
+    print(f"before: {shown(args.prompt + before, lines=True)}\nafter:  {shown(args.prompt + after, lines=True)}")
     return 0
 
 

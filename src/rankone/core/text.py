@@ -32,11 +32,12 @@ def _escape(m: re.Match[str]) -> str:
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
 
 
-def shown(value: Any) -> str:
-    """`value` as text that a terminal prints as it reads, on one line (None: '')."""
+def shown(value: Any, lines: bool = False) -> str:
+    """`value` as text that a terminal prints as it reads, on one line (None: ''). With `lines`,
+    newlines and tabs stay as they are (a model's generated text), the rest is still escaped."""
     if value is None:
         return ""
-    return _UNSAFE.sub(_escape, str(value))
+    return _UNSAFE.sub(lambda m: m.group() if lines and m.group() in "\n\t" else _escape(m), str(value))
 
 
 def is_clean_unicode(text: str) -> bool:
