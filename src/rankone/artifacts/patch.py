@@ -359,7 +359,6 @@ def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> App
 
 def revert_patch(model: torch.nn.Module, patch: Patch) -> None:
     """Undo a patch that is the last thing applied to these modules, bit-exactly, from the patch alone."""
-    refuse_misfits(model, patch)
     originals = {e.module: _w(model, e.module).detach().clone() for e in patch.edits}
     try:
         for e in reversed(patch.edits):

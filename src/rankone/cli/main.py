@@ -114,12 +114,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.artifacts.merged import restore_base, save_model_dir
-    from rankone.artifacts.patch import Patch, refuse_duplicates, revert_patch
+    from rankone.artifacts.patch import Patch, refuse_duplicates, refuse_misfits, revert_patch
 
     patches = [Patch.load(p) for p in (args.patch or [])]
     refuse_duplicates(patches)
     check_out_dir(args.out, args.force, inputs_of(args))
     handle = load(args)
+    with handle.scope():
+        for p in patches:  # a patch for another model names the model it was made for
+            refuse_misfits(handle.model, p)
     if patches:
         for p in reversed(patches):
             revert_patch(handle.model, p)
