@@ -54,7 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.cli.common import load
-    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.merged import refuse_config_change, save_merged
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
 
@@ -65,9 +65,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.patch:
         raise RankoneError(f"export --format {args.format} needs --patch (a patch folder or registry id)")
     patches, sources = _patches_for(args)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model)] + [("--patch", s) for s in sources])
     handle = load(args)
-    applied = apply_patch(handle.model, patches)  # refuses patches made for another base, all or nothing
+    if not args.allow_config_change:
+        refuse_config_change(handle, patches)
+    applied = apply_patch(handle.model, patches, handle.spec)  # refuses patches made for another base, all or nothing
     if args.format == "merged":
         save_merged(handle, patches, sources, applied.originals, args.out, args.force)
     else:

@@ -21,6 +21,8 @@ from rankone.cli.common import hparams_from, hparams_help, layer_arg, load, meth
 from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import read_text
+from rankone.core.text import shown
 from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
@@ -52,7 +54,7 @@ def _check_file(path: str | None, what: str) -> None:
 
 def _print_selection(info: dict[str, Any]) -> None:
     if info["n_unalignable"]:
-        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {info['unalignable'][0]})")
+        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {shown(info['unalignable'][0])})")
     if "n_known" in info:
         how = {"greedy": "whose true answer the model gives (first token, greedy)",
                "over-new": "the model knows (P(true) > P(new) on the prompt)"}[info["known_rule"]]
@@ -102,7 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
     if not args.patch and not args.edit_each:
         raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
-    check_out_file(args.out)  # not a folder, and writable: refused now, not after the measuring
+    check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)]  # not a folder, not an input, and
+                   + [("--patch", p) for p in args.patch or []])  # writable: refused now, not after the measuring
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -113,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     handle = load(args)
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,
-                            ppl_text=Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None)
+                            ppl_text=read_text(args.ppl_text) if args.ppl_text else None)
     rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, _known(args), args.n,
                                 progress=not args.quiet)
     if not args.quiet:
@@ -141,13 +144,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
     """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
     facts = [f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}" for p in patches for r in p.facts()]
-    print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
+    print(f"the patch edits {len(facts)} fact(s): {shown('; '.join(facts[:5]))}" + (" …" if len(facts) > 5 else ""))
     hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
     if hit:
-        print(f"edited cases among the {len(cases)}: {', '.join(hit[:20])}" + (" …" if len(hit) > 20 else ""))
+        print(f"edited cases among the {len(cases)}: {shown(', '.join(hit[:20]))}" + (" …" if len(hit) > 20 else ""))
         return
     near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
-    why = (f"; case(s) {', '.join(near[:3])} ask the same question with another target" if near else "")
+    why = (f"; case(s) {shown(', '.join(near[:3]))} ask the same question with another target" if near else "")
     print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
           f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
 
@@ -163,7 +166,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
     if args.out:
-        check_out_file(args.out)
+        check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)])
     hp = _given(args, DEFAULT_METHOD)  # the default method's sweep is what --layer auto reads
     cases = load_cases(args.cases)
     handle = load(args)
@@ -186,6 +189,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import apart_from_inputs
     from rankone.eval.cases import heldout_text_of, load_cases
     from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
@@ -214,6 +218,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
+    apart_from_inputs(out, [("--model", args.model), ("--cases", args.cases)])
     cases = load_cases(args.cases, seed=args.seed or 0)
     handle = load(args)
     # the edited cases and the pool the never-edited probes are drawn from (`probe_pool`), read in file order
@@ -222,7 +227,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         _print_selection(info)
     if len(cases) < args.n:
         raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
-    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
+    ppl = read_text(args.ppl_text) if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
     runs = [SequentialRun(handle, cases, g, out / m, cfg, None, ppl, meta,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,6 +46,9 @@ class EditRequest:
                     f"the prompt {prompt!r} contains neither '{{}}' nor the subject {subject!r}; "
                     "write the subject into the prompt or mark its place with {}"
                 )
+            if prompt.count(subject) > 1:
+                raise RankoneError(f"the subject {subject!r} appears {prompt.count(subject)} times in the prompt {prompt!r}; "
+                                   "mark the one to edit with {}")
             i = prompt.index(subject)
             prompt = prompt[:i] + "{}" + prompt[i + len(subject):]
         if prompt.rstrip() != prompt:
@@ -53,10 +57,21 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
-        missing = [k for k in ("prompt", "subject", "target") if k not in d]
+        """A request from JSON: exactly the fields prompt, subject and target, each a string (a typo
+        in a field name or a number for a target is refused, never ignored or converted)."""
+        fields = ("prompt", "subject", "target")
+        if not isinstance(d, dict):
+            raise RankoneError(f"an edit request is an object with {', '.join(fields)}, not {type(d).__name__}")
+        missing = [k for k in fields if k not in d]
         if missing:
             raise RankoneError(f"edit request {d!r} lacks the field(s) {missing}; each needs prompt, subject, target")
-        return cls.create(str(d["prompt"]), str(d["subject"]), str(d["target"]))
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise RankoneError(f"edit request has unknown field(s) {unknown}; a request has exactly {', '.join(fields)}")
+        for k in fields:
+            if not isinstance(d[k], str):
+                raise RankoneError(f"the {k} of an edit request must be a string, not {json.dumps(d[k])}")
+        return cls.create(d["prompt"], d["subject"], d["target"])
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)
@@ -148,11 +163,15 @@ def encode_request(
         return Encoded(ids, token_span(tok, prompt_text, s0, s1, offsets)[1], [])
     full, t0 = join_target(prompt_text, request.target if target is None else target)
     ids, offsets = encode(tok, full)
-    subject_last = token_span(tok, full, s0, s1, offsets)[1]
+    subject = token_span(tok, full, s0, s1, offsets)
     first, last = token_span(tok, full, t0, len(full), offsets, what="target")
-    if first <= subject_last:
+    if first <= subject[1]:
         raise RankoneError(f"the target overlaps the subject in {full!r}")
-    return Encoded(ids, subject_last, list(range(first, last + 1)))
+    for what, (a, b) in (("subject", subject), ("target", (first, last))):
+        if set(ids[a:b + 1]) <= set(getattr(tok, "all_special_ids", []) or []):
+            raise RankoneError(f"the {what} {tok.decode(ids[a:b + 1])!r} is only special tokens (markers such as "
+                               "end-of-text, not words); give text")
+    return Encoded(ids, subject[1], list(range(first, last + 1)))
 
 
 def pad_batch(

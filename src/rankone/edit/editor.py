@@ -196,7 +196,7 @@ class Editor:
         kept. Returns the handle that reverts them."""
         self.templates  # noqa: B018 (taken now, from the base model)
         self.context.stats(self.layers, self.settings.stats_tokens)
-        applied = apply_patch(self.model, list(patches))
+        applied = apply_patch(self.model, list(patches), self.handle.spec)
         for p in patches:
             self.context.kept.add_patch(p)
         return applied

@@ -136,14 +136,14 @@ def evaluate_before_after(
     settings = settings or EvalSettings()
     model, tok = handle
     if patches:
-        apply_patch(model, list(patches)).revert()  # a patch for another model fails here, before any measuring
+        apply_patch(model, list(patches), handle.spec).revert()  # a patch for another model fails here, before measuring
     chosen, info = select_cases(model, tok, cases, known_only)
     chosen = chosen[:n] if n else chosen
     before, extra_b = measure(model, tok, chosen, settings, "before", progress)
     hp: MethodSettings | None = None
     same_fact: list[bool] = []
     if patches:
-        applied = apply_patch(model, list(patches))
+        applied = apply_patch(model, list(patches), handle.spec)
         try:
             after, extra_a = measure(model, tok, chosen, settings, "after", progress)
         finally:

@@ -31,11 +31,11 @@ def build_release(reg: Registry, load: Callable[[], ModelHandle], out: str | os.
     chain = reg.released()
     if fmt == "peft" and not chain:
         raise RankoneError("nothing is released: an adapter needs at least one released patch")
-    check_out_dir(out, force)
+    check_out_dir(out, force, [("--model", base_model), ("the registry", reg.path), ("its store", reg.store)])
     patches = [reg.load_patch(r.id) for r in chain]
     handle = load()
     reg.check_model(handle)
-    applied = apply_patch(handle.model, patches)
+    applied = apply_patch(handle.model, patches, handle.spec)
     manifest: dict[str, Any] = {
         "format": "rankone.lifecycle.registry-build", "built_at": utcnow(), "built_by": actor,
         "registry": str(reg.path.resolve()), "output_format": fmt, "base_model": base_model,

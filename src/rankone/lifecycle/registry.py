@@ -125,8 +125,8 @@ class Registry(Staging):
         patch = self.load_patch(pid)
         chain = [r.id for r in self.released()]
         fps = self.check_model(model, [e.module for e in patch.edits])
-        m = model.model if isinstance(model, ModelHandle) else model
-        apply_patch(m, [self.load_patch(q) for q in chain] + [patch]).revert()
+        h = model if isinstance(model, ModelHandle) else ModelHandle.of(model, None)
+        apply_patch(h.model, [self.load_patch(q) for q in chain] + [patch], h.spec).revert()
         return fps, chain
 
     def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,

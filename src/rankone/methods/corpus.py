@@ -8,19 +8,22 @@ C = E[k kᵀ] then averages over the text the model itself expects, and nothing 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from rankone.core.atomic import write_bytes, write_json
+from rankone.core.atomic import write_cache
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import file_sha256, model_sha256
+from rankone.core.jsonfiles import loads
 from rankone.core.tokens import encode, sample_tokens
 from rankone.methods.cache import cache_root, digest
 
@@ -37,7 +40,9 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if not p.exists():
         raise RankoneError(f"statistics corpus {p} does not exist; give a .txt file, a folder of .txt files or a .jsonl file")
-    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+    if not (p.is_dir() or p.is_file()):  # a FIFO would block the read forever, a device never ends
+        raise RankoneError(f"statistics corpus {p} is not a regular file or a folder; give a .txt or .jsonl file")
+    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file()) if p.is_dir() else [p]
     if not files:
         raise RankoneError(f"statistics corpus folder {p} holds no .txt or .jsonl files")
     return files
@@ -47,15 +52,14 @@ def iter_texts(path: str | os.PathLike, chunk_chars: int = 1 << 16) -> Iterator[
     """Documents of the corpus; long plain-text files come in newline-aligned chunks."""
     for f in corpus_files(path):
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
+            with open(f, "rb") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise RankoneError(f"{f}:{n} is not a JSON object with a 'text' field") from None
-                    yield str(text)
+                    d = loads(line, f"{f}:{n}", "each line of a .jsonl corpus is an object with a 'text' field")
+                    if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+                        raise RankoneError(f"{f}:{n} is not a JSON object with a 'text' field")
+                    yield d["text"]
         else:
             with open(f, encoding="utf-8", errors="replace") as fh:
                 rest = ""
@@ -143,9 +147,20 @@ def sampled_corpus(
         return found
     f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
     texts = _sample_documents(model, tok, n_tokens, seed, length, batch, progress)
-    write_bytes(f, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode())
-    write_json(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)})
-    return f
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    if write_cache(f, data, "sampled statistics corpus"):
+        write_cache(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)}, "sampled corpus's checksum")
+        return f
+    return _process_file(data, ".jsonl")  # the cache is full or read-only: this run still needs the file
+
+
+def _process_file(data: bytes, suffix: str) -> Path:
+    """`data` in a temporary file that lives as long as this process."""
+    fd, name = tempfile.mkstemp(prefix="rankone-", suffix=suffix)
+    atexit.register(lambda: os.path.exists(name) and os.unlink(name))
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return Path(name)
 
 
 def _sample_documents(

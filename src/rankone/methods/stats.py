@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
-from rankone.core.atomic import write_bytes
+from rankone.core.atomic import write_cache
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import path_sha256, tensor_sha256, tensors_sha256
 from rankone.core.hooks import capture, stop_at
 from rankone.methods.cache import cache_root, digest
-from rankone.methods.corpus import token_windows
+from rankone.methods.corpus import corpus_files, token_windows
 from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def layer_stats(
 ) -> dict[int, LayerStats]:
     """Statistics for each layer: from a verified disk cache, else computed (all missing layers in
     one pass) and cached. Keeping them in memory is the caller's (rankone.edit.context)."""
+    corpus_files(corpus)  # a corpus that is not a file or a folder is refused before its fingerprint is taken
     corpus_fp = path_sha256(corpus)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
     found: dict[int, LayerStats] = {}
@@ -171,7 +172,13 @@ def layer_stats(
             found[layer] = st
     missing = [layer for layer in layers if layer not in found]
     if missing:
+        warn_if_not_text(corpus)
         mom2, count = collect_mom2(handle, missing, corpus, n_tokens, progress=progress)
+        d_in = next(iter(mom2.values())).shape[0]
+        if count < d_in:  # C = E[k kᵀ] of fewer keys than dimensions cannot be full rank
+            log.warning("the statistics corpus %s gave %d tokens for %d-dimensional keys: the key statistics C are "
+                        "rank-deficient and the edit will generalise poorly; give a corpus of ordinary text with "
+                        "many times more tokens", corpus, count, d_in)
         for layer in missing:
             st = LayerStats(mom2[layer], count, keys[layer])
             st.factor()  # once, here: the factor is cached beside C
@@ -190,11 +197,23 @@ def _save(root: Path, key: dict[str, str], st: LayerStats) -> None:
     if st._chol is not None:
         tensors["chol"] = st._chol.contiguous()
         meta.update(chol_checksum=tensor_sha256(st._chol), jitter=repr(st.jitter))
-    tmp = _file_for(root, key).with_suffix(".partial")
-    root.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    write_bytes(_file_for(root, key), tmp.read_bytes())
-    tmp.unlink()
+    write_cache(_file_for(root, key), save(tensors, metadata=meta), "key statistics")
+
+
+def warn_if_not_text(corpus: str | os.PathLike, sniff: int = 1 << 16) -> None:
+    """Warn about a corpus file that does not look like text (NUL bytes, or mostly bytes that are
+    not UTF-8): its 'tokens' are noise, and so would be C. Legal input, so a warning, not an error."""
+    for f in corpus_files(corpus):
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(sniff)
+        except OSError:
+            continue
+        bad = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+        if b"\0" in head or bad > len(head) // 10:
+            log.warning("the statistics corpus file %s does not look like text (%s); the key statistics C will "
+                        "describe noise: give ordinary text in the model's language", f,
+                        "it holds NUL bytes" if b"\0" in head else f"{bad} of its first {len(head)} bytes are not UTF-8")
 
 
 def _load(root: Path, key: dict[str, str]) -> LayerStats | None:

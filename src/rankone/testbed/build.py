@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rankone.core.atomic import atomic_dir
+from rankone.core.atomic import apart_from_inputs, atomic_dir
 from rankone.core.errors import RankoneError
 from rankone.testbed.check import evaluate_world
 from rankone.testbed.train import (ARCHS, TrainConfig, build_model, build_tokenizer,
@@ -47,6 +47,7 @@ def edit_hparams_for(world: World) -> dict[str, Any]:
 
 
 def _check_out_dir(out: Path) -> None:
+    apart_from_inputs(out, [])  # never the folder the user is in (it cannot be replaced by a rename)
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
@@ -62,7 +63,7 @@ def build_testbed(world: str | World, arch: str = "gpt2", out_dir: str | os.Path
         raise RankoneError(f"unknown arch {arch!r}; use one of {', '.join(ARCHS)}")
     if not out_dir:
         raise RankoneError("an output directory is required (--out DIR)")
-    if time_budget_s is not None and not time_budget_s > 0:
+    if time_budget_s is not None and not 0 < time_budget_s < 1e9:  # inf or 1e300 s: no sensible budget
         raise RankoneError(f"--time-budget must be a positive number of seconds, "
                            f"not {time_budget_s}")
     out = Path(out_dir).resolve()

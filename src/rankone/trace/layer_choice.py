@@ -17,12 +17,12 @@ used is kept, with the reason, in `LayerChoice.not_used`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rankone.core.atomic import write_json
+from rankone.core.atomic import write_cache
+from rankone.core.jsonfiles import loads
 from rankone.core.errors import RankoneError
 from rankone.methods.cache import cache_root
 from rankone.trace import MAX_CASES
@@ -89,8 +89,8 @@ def cached_sweep(model_fp: str, method: str = "r-rome") -> EditSweep | None:
     """This model's measured sweep for `method` (None: none, or unreadable, or of another model)."""
     f = sweep_file(model_fp, method)
     try:
-        sw = EditSweep.from_dict(json.loads(f.read_text()), str(f))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        sw = EditSweep.from_dict(loads(f.read_bytes(), str(f)), str(f))
+    except (OSError, RankoneError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return sw if sw.model_sha256 == model_fp and sw.method == method else None
 
@@ -102,8 +102,7 @@ def save_sweep(sweep: EditSweep) -> EditSweep:
     scores = {**(old.scores if old is not None and old.same_setting(sweep) else {}), **sweep.scores}
     merged = EditSweep(scores, sweep.method, sweep.cases, sweep.n_cases, sweep.settings, sweep.model_sha256)
     f = sweep_file(sweep.model_sha256, sweep.method)
-    write_json(f, merged.to_dict())
-    merged.cache_file = str(f)
+    merged.cache_file = str(f) if write_cache(f, merged.to_dict(), "layer sweep") else ""
     return merged
 
 
