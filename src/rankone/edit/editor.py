@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -43,9 +44,13 @@ log = logging.getLogger(__name__)
 GuardFn = Callable[[Computed, Sequence[EditRequest]], "str | None"]
 
 
+@dataclass
 class Rejected:
-    def __init__(self, requests: Sequence[EditRequest], reason: str, computed: Computed) -> None:
-        self.requests, self.reason, self.computed = list(requests), reason, computed
+    """A step the guard refused: its requests, why, and what had been computed (nothing was written)."""
+
+    requests: list[EditRequest]
+    reason: str
+    computed: Computed
 
 
 class Editor:
@@ -159,7 +164,7 @@ class Editor:
                 if why:
                     log.warning("refused %s: %s", f"edit {step[0].subject!r}" if len(step) == 1
                                 else f"a batch of {len(step)} edit(s)", why)
-                    self.rejected.append(Rejected(step, why, c))
+                    self.rejected.append(Rejected(list(step), why, c))
                     continue
                 self.write(c, step, patch, author, reason)
                 self._record_outcomes(step, patch.edits[-1])
