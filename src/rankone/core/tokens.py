@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from rankone.core.errors import RankoneError
+from rankone.core.progress import Progress
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
@@ -187,13 +188,14 @@ def kv_cache_of(output: Any) -> Any:
 @torch.no_grad()
 def sample_tokens(
     model: torch.nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Generator,
-    top_k: int | None = None,
+    top_k: int | None = None, on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """ids [n, pos] (rows of equal length, no padding) followed by n_new sampled tokens, on the CPU.
 
-    Decodes with the model's KV cache (one position per step after the first). Each token is
-    drawn on the CPU with `generator`, from the top_k most likely tokens or (top_k None) from the
-    whole distribution, so one seed gives the same text on any device for the same logits.
+    Decodes with the model's KV cache (one position per step after the first), all rows at once.
+    Each token is drawn on the CPU with `generator`, from the top_k most likely tokens or (top_k
+    None) from the whole distribution, so one seed gives the same text on any device for the same
+    logits. `on_step(n)` is called after each step with the n tokens it drew (for a progress bar).
     """
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), use_cache=True)
@@ -207,6 +209,8 @@ def sample_tokens(
         else:
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # [n, 1]
         new.append(nxt)
+        if on_step is not None:
+            on_step(len(nxt))
         if step < n_new - 1:
             out = model(input_ids=nxt.to(device), use_cache=True, **kv_cache_kwargs(model, kv_cache_of(out)))
     return torch.cat([ids.cpu(), *new], dim=1)
@@ -214,28 +218,38 @@ def sample_tokens(
 
 def sample_prefixes(
     model: torch.nn.Module, tok: Any, spec: Sequence[Sequence[int]] = ((5, 10), (10, 10)),
-    seed: int = 0, starts: Sequence[str] = PREFIX_STARTS, top_k: int = 5,
+    seed: int = 0, starts: Sequence[str] = PREFIX_STARTS, top_k: int = 5, progress: bool = True,
 ) -> list[str]:
     """Context templates "<model text>. {}" sampled from the model itself (ROME's recipe).
 
     spec: (length, count) pairs, where length counts every token of the text, the starter word
     and any BOS included, as ROME's `generate_fast(max_out_len=length)` does: (5, 10) gives ten
-    texts of five tokens. Sampling uses its own seeded CPU generator (see `sample_tokens`).
+    texts of five tokens, two for each of five starter words. Every text whose starter encodes to
+    the same number of tokens is sampled in one batch, to the longest length asked for, and cut to
+    its own (the model is causal: the tokens after a text's end never change it). Sampling uses
+    its own seeded CPU generator (see `sample_tokens`).
     """
-    gen = torch.Generator().manual_seed(seed)
-    out: list[str] = []
+    rows: list[tuple[list[int], int]] = []  # (starter ids, length) of each text, in the order returned
     for length, count in spec:
         per_start = max(1, count // len(starts))
-        made = 0
-        for start in starts:
-            n = min(per_start, count - made)
+        for i, start in enumerate(starts):
+            n = min(per_start, count - i * per_start)
             if n <= 0:
                 break
             lead = encode(tok, start)[0]
-            ids = sample_tokens(model, torch.tensor([lead] * n), max(1, length - len(lead)), gen, top_k)
-            for row in ids.tolist():
-                text = tok.decode(row, skip_special_tokens=True)
-                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-                out.append(text + ". {}")
-            made += n
-    return out
+            rows += [(lead, max(len(lead) + 1, length))] * n
+    groups: dict[int, list[int]] = {}  # starter length -> rows
+    for i, (lead, _) in enumerate(rows):
+        groups.setdefault(len(lead), []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    texts = [""] * len(rows)
+    steps = sum(max(rows[i][1] for i in idx) - n for n, idx in groups.items())
+    with Progress(steps, f"sampling {len(rows)} context templates", "steps", enabled=progress, delay=1.0) as bar:
+        for n_lead, idx in groups.items():
+            longest = max(rows[i][1] for i in idx)
+            ids = sample_tokens(model, torch.tensor([rows[i][0] for i in idx]), longest - n_lead, gen, top_k,
+                                on_step=lambda _: bar.update())  # [len(idx), longest]
+            for i, row in zip(idx, ids.tolist()):
+                text = tok.decode(row[: rows[i][1]], skip_special_tokens=True)
+                texts[i] = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". {}"
+    return texts
