@@ -196,7 +196,7 @@ def main() -> int:
     ap.add_argument("--report", nargs="+", default=list(MODELS), help="models the section reports (all: the verdict needs each)")
     ap.add_argument("--cases", default=str(CASES))
     ap.add_argument("--n", type=int, default=100, help="known cases per model")
-    ap.add_argument("--sizes", nargs="+", type=int, default=[2_000, 5_000, 10_000, 20_000, 50_000])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[2_000, 5_000, 10_000, 20_000])
     ap.add_argument("--text-tokens", type=int, default=100_000)
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=1)
