@@ -9,7 +9,8 @@ the README's edit: the target, facts of other subjects the edit must keep, held-
 smollm2/ (SmolLM2-135M-Instruct): the README's Eiffel Tower edit and two more as requests; the
 Eiffel Tower case and the first CounterFact cases the model knows (P(true) > P(new)); a
 validation suite for the Eiffel Tower edit. Keep checks are facts the unedited model answers
-with a wide margin (its answer's probability ≥ KEEP_MIN_P), so that an edit elsewhere leaves them.
+with a wide margin (its answer's probability ≥ KEEP_MIN_P) that the default gate policy passes
+after the README's edit (checked when the files are written, so the README's validation passes).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _keeps(model, tok, prompts: list[str], n: int, patch=None) -> list[dict]:
+def _keeps(model, tok, prompts: list[str], n: int, patches: list = ()) -> list[dict]:
     """Keep checks: prompts whose greedy answer the model gives with probability ≥ KEEP_MIN_P and
-    (given the edit's patch) that the default gate policy passes after it."""
+    that the default gate policy passes after each of the edit's patches."""
     from rankone.lifecycle.gates import GatePolicy, Suite, parse_check, run_gates
     from rankone.models.generation import first_word, greedy, target_logprob
 
@@ -47,7 +48,8 @@ def _keeps(model, tok, prompts: list[str], n: int, patch=None) -> list[dict]:
         if not answer or math.exp(target_logprob(model, tok, p, answer)) < KEEP_MIN_P:
             continue
         check = {"type": "keep", "prompt": p}
-        if patch is None or run_gates(model, tok, patch, Suite([parse_check(check, "keep", HERE)]), GatePolicy(), []).passed:
+        suite = Suite([parse_check(check, "keep", HERE)])
+        if all(run_gates(model, tok, patch, suite, GatePolicy(), []).passed for patch in patches):
             out.append(check)
         if len(out) == n:
             break
@@ -79,17 +81,21 @@ def builtin() -> None:
     patch = Editor(handle, progress=False).edit([EditRequest.create(first.template, first.subject, "Lisbon")])
     asks = [world.relation(f.relation).phrasings[0].replace("{}", f.subject) for f in others[::7]]
     _jsonl(out / "checks.jsonl", [{"type": "target", "prompt": first.prompt, "target": "Lisbon"},
-                                  *_keeps(handle.model, handle.tokenizer, asks, 3, patch),
+                                  *_keeps(handle.model, handle.tokenizer, asks, 3, [patch]),
                                   {"type": "perplexity", "text_file": "heldout.txt"}])
 
 
-def smollm2() -> None:
+def smollm2(sizes: list[int], cache: str | None) -> None:
+    from rankone.core.tokens import EditRequest
+    from rankone.edit.editor import Editor
     from rankone.eval.cases import load_cases
     from rankone.eval.protocol import select_cases
+    from rankone.methods.hparams import EditHParams
     from rankone.models.load import load_model
     from rankone.models.zoo import real_model_gguf
 
-    model, tok = load_model(real_model_gguf("smollm2-135m"))
+    handle = load_model(real_model_gguf("smollm2-135m"))
+    model, tok = handle
     out = HERE / "smollm2"
     out.mkdir(exist_ok=True)
     records = {str(r["case_id"]): r for r in json.loads(COUNTERFACT.read_text())}
@@ -98,23 +104,33 @@ def smollm2() -> None:
     (out / "cases.json").write_text(json.dumps([EIFFEL, *cf], indent=1, ensure_ascii=False) + "\n")
     reqs = [{"prompt": r["prompt"], "subject": r["subject"], "target": r["target_new"]} for r in [EIFFEL, *cf[:2]]]
     _jsonl(out / "edits.jsonl", reqs)
-    keep_prompts = ["The Louvre is located in the city of", "The Colosseum is located in the city of",
-                    "The capital of Japan is", "The capital of Germany is", "Water is made of hydrogen and",
-                    "The Statue of Liberty is located in the city of"]
     (out / "heldout.txt").write_text(
         "The river runs past the old mill and under the stone bridge before it reaches the sea. In spring the "
         "meadows beside it fill with flowers, and in autumn the leaves of the tall trees turn yellow and red. "
         "Farmers bring their vegetables to the market in the square every Saturday morning, and children play "
         "by the fountain while their parents talk with neighbours about the weather and the harvest.\n")
+    # the README's edit, made as `rankone edit` makes it (C from text sampled from the model), at
+    # each corpus size given: the keep checks must hold whichever the default is
+    req = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome")
+    patches = [Editor(handle, EditHParams(sampled_corpus_tokens=n), cache_dir=cache, progress=False).edit([req])
+               for n in sizes]
+    keep_prompts = ["The Louvre is located in the city of", "The Colosseum is located in the city of",
+                    "The capital of Japan is", "The capital of Germany is", "The Statue of Liberty is located in the city of",
+                    "The Brandenburg Gate is located in the city of", "Big Ben is located in the city of"]
     _jsonl(out / "checks.jsonl", [{"type": "target", "prompt": EIFFEL["prompt"], "target": "Rome"},
-                                  *_keeps(model, tok, keep_prompts, 4), {"type": "perplexity", "text_file": "heldout.txt"}])
+                                  *_keeps(model, tok, keep_prompts, 3, patches),
+                                  {"type": "perplexity", "text_file": "heldout.txt"}])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["builtin", "smollm2"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[5_000, 10_000, 20_000],
+                    help="sampled-corpus sizes whose Eiffel Tower edits SmolLM2's keep checks must all pass")
+    ap.add_argument("--cache", default=None, help="where SmolLM2's sampled corpora and templates are (or go); "
+                                                  "default: rankone's cache")
     args = ap.parse_args()
-    for name, make in (("builtin", builtin), ("smollm2", smollm2)):
+    for name, make in (("builtin", builtin), ("smollm2", lambda: smollm2(args.sizes, args.cache))):
         if args.only in (None, name):
             make()
             print(f"wrote {HERE / name}")

@@ -147,7 +147,10 @@ def cached_sampled_corpus(
     cache_dir: str | os.PathLike | None = None, batch: int = SAMPLE_BATCH,
 ) -> Path | None:
     """The corpus `sampled_corpus` would return, if it is on disk already and intact; else None."""
-    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir)
+    return _intact(*_sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir))
+
+
+def _intact(f: Path, key: dict[str, Any]) -> Path | None:
     try:
         meta = json.loads(f.with_suffix(".json").read_text())
         if meta.get("key") == key and meta.get("sha256") == file_sha256(f):
@@ -175,10 +178,9 @@ def sampled_corpus(
     """
     if n_tokens < 1 or length < 1 or batch < 1:
         raise RankoneError(f"a sampled corpus needs a positive token budget, length and batch, got {n_tokens}, {length} and {batch}")
-    found = cached_sampled_corpus(model, tok, n_tokens, seed, length, cache_dir, batch)
-    if found is not None:
+    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir)  # the model hashed once
+    if (found := _intact(f, key)) is not None:
         return found
-    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     plan = sampling_plan(tok, n_tokens, length, batch, limit)
     partial = f.with_suffix(".partial")
