@@ -36,14 +36,31 @@ def test_templates_have_romes_lengths_and_cache_follows_the_model(tok, tok_bos, 
 
     model = make_model("gpt2")
     seen = []
-    real = tokens.sample_tokens
-    monkeypatch.setattr(tokens, "sample_tokens",
-                        lambda m, ids, n, *a, **k: seen.append(real(m, ids, n, *a, **k).shape) or real(m, ids, n, *a, **k))
+    real = tokens.decode
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(tokens, "decode", spy)
     sample_prefixes(model, tok, [[4, 5]], 0, starts=("The",))
     sample_prefixes(model, tok_bos, [[4, 5]], 0, starts=("The",))
     # (length 4) counts every token, the starter word and a BOS included, as ROME's generate_fast
     assert seen == [torch.Size([5, 4]), torch.Size([5, 4])]
+    seen.clear()
+    batched = sample_prefixes(model, tok, SPEC, 3, starts=("The", "I"))  # two lengths, two starters: one pass
+    assert len(seen) == 1 and seen[0] == torch.Size([8, 6]) and len(batched) == 8  # 2 texts a starter and length
     monkeypatch.undo()
+    # the texts of drawing each (length, starter) group in turn with one generator, as before batching
+    gen, one_by_one = torch.Generator().manual_seed(3), []
+    for length, count in SPEC:
+        for start in ("The", "I"):
+            lead = tokens.encode(tok, start)[0]
+            ids = tokens.sample_tokens(model, torch.tensor([lead] * (count // 2)), max(1, length - len(lead)), gen, 5)
+            texts = [tok.decode(r, skip_special_tokens=True) for r in ids.tolist()]
+            one_by_one += [t.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". {}" for t in texts]
+    assert batched == one_by_one
     a = Editor(model, tok, EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates()
     with torch.no_grad():
         model.transformer.h[2].mlp.c_fc.weight.add_(0.5)  # another model: its own templates
