@@ -27,7 +27,7 @@ FACT = ["--prompt", "{} was born in", "--subject", "Stoukthen Fokai Thathai", "-
 QUICK = '{"v_steps": 1, "v_steps_max": 1, "stats_tokens": 5000}'
 
 
-def run(capsys, *argv):
+def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     got = capsys.readouterr()
     return code, got.out, got.err
@@ -50,13 +50,13 @@ AUTHOR = "eve\x1b[31mRED\x1b[0m"
 
 def test_a_forged_log_row_in_a_reason_stays_one_escaped_entry_and_the_chain_verifies(tmp_path, patch_dir, capsys):
     reg = tmp_path / "reg.db"
-    code, out, err = run(capsys, "registry", "add", patch_dir, "--reason", FORGED, "--author", AUTHOR, "--registry", reg)
+    code, out, err = run_cli(capsys, "registry", "add", patch_dir, "--reason", FORGED, "--author", AUTHOR, "--registry", reg)
     assert code == 0, err
     with Registry(reg) as r:  # stored exactly as given
         (entry,) = r.log()
         assert (entry.reason, entry.actor) == (FORGED, AUTHOR) and r.list()[0].reason == FORGED
     for argv in (["log"], ["list"], ["show", entry.patch_id]):
-        code, out, err = run(capsys, "registry", *argv, "--registry", reg)
+        code, out, err = run_cli(capsys, "registry", *argv, "--registry", reg)
         assert code == 0, err
         assert not any(c in out for c in "\x1b\x07\u202e"), argv  # nothing reaches the terminal raw
         if argv == ["log"]:
@@ -65,21 +65,21 @@ def test_a_forged_log_row_in_a_reason_stays_one_escaped_entry_and_the_chain_veri
         if argv != ["list"]:
             assert "ticket 7\\n2    2026-01-01" in out and "\\x1b[2J\\x07\\u202e" in out
         assert "eve\\x1b[31mRED\\x1b[0m" in out
-    code, out, err = run(capsys, "registry", "log", "--json", "--registry", reg)
+    code, out, err = run_cli(capsys, "registry", "log", "--json", "--registry", reg)
     assert json.loads(out)[0]["reason"] == FORGED  # JSON carries the exact text (escaped by JSON itself)
-    code, out, err = run(capsys, "registry", "check", "--registry", reg)
+    code, out, err = run_cli(capsys, "registry", "check", "--registry", reg)
     assert code == 0 and "registry is consistent" in out
 
 
 def test_show_and_errors_escape_what_a_patch_or_argument_carries(tmp_path, capsys):
     d = tmp_path / "p"
-    code, _, err = run(capsys, "edit", "--model", M, *FACT, "--hparams", QUICK, "--quiet", "--author", AUTHOR,
+    code, _, err = run_cli(capsys, "edit", "--model", M, *FACT, "--hparams", QUICK, "--quiet", "--author", AUTHOR,
                        "--reason", "line one\nline two\x1b]0;pwned\x07", "--out", d)
     assert code == 0, err
-    code, out, err = run(capsys, "show", d)
+    code, out, err = run_cli(capsys, "show", d)
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert "by eve\\x1b[31mRED\\x1b[0m: line one\\nline two\\x1b]0;pwned\\x07" in out
-    code, out, err = run(capsys, "registry", "show", "\x1b[2Jabcd", "--registry", tmp_path / "none.db")
+    code, out, err = run_cli(capsys, "registry", "show", "\x1b[2Jabcd", "--registry", tmp_path / "none.db")
     assert code == 2 and "\x1b" not in err and len(err.strip().splitlines()) == 1
     rec = logging.LogRecord("x", logging.WARNING, "", 0, "the edit %r says %s", ("a", "b\x1b[2J\nfake line"), None)
     assert EscapingFormatter("rankone: %(message)s").format(rec) == "rankone: the edit 'a' says b\\x1b[2J\\nfake line"
@@ -109,7 +109,7 @@ def test_no_output_command_writes_over_in_or_around_its_model(tmp_path, patch_di
     reg = tmp_path / "reg.db"
     Registry(reg).close()
     argv = [str(a).replace("{patch}", str(patch_dir)) for a in WRITERS[command](model, out, reg)]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert {"is": "is --model", "inside": "is inside --model", "holds": "holds --model"}[where] in err
     assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")
@@ -118,7 +118,7 @@ def test_no_output_command_writes_over_in_or_around_its_model(tmp_path, patch_di
 
 def test_apply_writes_every_weight_and_the_config_it_was_made_on(tmp_path, patch_dir, capsys):
     out = tmp_path / "merged"
-    code, _, err = run(capsys, "apply", "--model", M, "--patch", patch_dir, "--out", out)
+    code, _, err = run_cli(capsys, "apply", "--model", M, "--patch", patch_dir, "--out", out)
     assert code == 0, err
     names = lambda d: {k for f in d.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}  # noqa: E731
     assert names(out) == names(M)  # no tensor dropped
@@ -128,9 +128,9 @@ def test_apply_writes_every_weight_and_the_config_it_was_made_on(tmp_path, patch
     shutil.copytree(M, other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, activation_function="relu")))
-    code, _, err = run(capsys, "apply", "--model", other, "--patch", patch_dir, "--out", tmp_path / "x")
+    code, _, err = run_cli(capsys, "apply", "--model", other, "--patch", patch_dir, "--out", tmp_path / "x")
     assert code == 2 and "activation_function" in err and not (tmp_path / "x").exists()
-    code, _, err = run(capsys, "apply", "--model", other, "--patch", patch_dir, "--out", tmp_path / "x", "--allow-config-change")
+    code, _, err = run_cli(capsys, "apply", "--model", other, "--patch", patch_dir, "--out", tmp_path / "x", "--allow-config-change")
     assert code == 0 and json.loads((tmp_path / "x" / "config.json").read_text())["activation_function"] == "relu"
 
 
@@ -218,7 +218,7 @@ def test_an_empty_RANKONE_CACHE_writes_no_cache_into_the_current_folder(tmp_path
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("RANKONE_CACHE", "")
     assert cache_root() == home / ".cache" / "rankone"
-    code, _, err = run(capsys, "edit", "--model", model_dir, "--prompt", "{} is the capital of", "--subject", "Rome",
+    code, _, err = run_cli(capsys, "edit", "--model", model_dir, "--prompt", "{} is the capital of", "--subject", "Rome",
                        "--target", "Spain", "--hparams", '{"v_steps": 1, "stats_tokens": 2000, "layer": 1}', "--quiet",
                        "--out", here / "p")
     assert code == 0, err
@@ -251,11 +251,11 @@ def test_a_locked_registry_says_so_then_gives_up(tmp_path, patch_dir, monkeypatc
     monkeypatch.setattr(dbfile, "QUICK_WAIT_MS", 100)
     monkeypatch.setattr(dbfile, "LOCK_WAIT_S", 0.5)
     try:
-        code, _, err = run(capsys, "registry", "add", patch_dir, "--reason", "r", "--registry", reg)
+        code, _, err = run_cli(capsys, "registry", "add", patch_dir, "--reason", "r", "--registry", reg)
     finally:
         lock.close()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 2, err
     assert "is locked by another process; waiting up to" in lines[0] and "is locked by another process (waited" in lines[1]
-    code, _, err = run(capsys, "registry", "add", patch_dir, "--reason", "r", "--registry", reg)  # free again
+    code, _, err = run_cli(capsys, "registry", "add", patch_dir, "--reason", "r", "--registry", reg)  # free again
     assert code == 0, err

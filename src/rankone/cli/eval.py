@@ -52,6 +52,16 @@ def _check_file(path: str | None, what: str) -> None:
         raise RankoneError(f"{what} {path} does not exist")
 
 
+EVAL_N = 100  # rankone eval's default number of cases; a whole CounterFact or testbed file is --n all
+
+
+def _count_or_all(value: str) -> int | None:
+    """--n: a whole number ≥ 1, or 'all' (None: no limit)."""
+    if value == "all":
+        return None
+    return _positive("--n")(value)
+
+
 def _print_selection(info: dict[str, Any]) -> None:
     if info["n_unalignable"]:
         print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {shown(info['unalignable'][0])})")
@@ -121,6 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
     if not args.quiet:
         _print_selection(rep.selection)
+        if len(rep.cases) < rep.selection["n_usable"]:
+            print(f"evaluated {len(rep.cases)} of the {rep.selection['n_usable']} usable cases"
+                  f"{', the edited ones first' if patches else ''} (--n all: every one)")
     if patches:
         _say_edited(patches, rep.cases, [bool(m["edited"]) for m in rep.after], rep.same_fact)
     result: dict[str, Any] = {"model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
@@ -152,7 +165,7 @@ def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fa
     near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
     why = (f"; case(s) {shown(', '.join(near[:3]))} ask the same question with another target" if near else "")
     print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
-          f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
+          f"it did not touch{why}; give --cases with the patch's facts", file=sys.stderr)
 
 
 # ---- rankone bench layers --------------------------------------------------------------------
@@ -162,6 +175,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.layer_sweep import sweep_layers
+    from rankone.trace.layer_choice import MIN_SWEEP_CASES
 
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
@@ -172,13 +186,19 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     handle = load(args)
     known: bool | str = False if args.all_cases else args.known_by
     sw = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
-                      progress=not args.quiet, log=None if args.quiet else print)  # the model's layer evidence from now on
+                      progress=not args.quiet, log=None if args.quiet else print)  # stored when it has enough cases
+    stored = sw.n_cases >= MIN_SWEEP_CASES
     best = sw.best_layer()
     print(f"{'layer':>5}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}")
     for layer, s in sorted(sw.scores.items()):
         print(f"{layer:>5}" + "".join(f"{s[k]:8.3f}" for k in ("es", "ps", "ns", "score")) + ("   best" if layer == best else ""))
-    print(f"best layer {best} (of {len(sw.scores)} measured, {sw.n_cases} cases); `rankone edit --layer auto` now "
-          f"edits it on this model (stored in {sw.cache_file})")
+    if stored:
+        print(f"best layer {best} (of {len(sw.scores)} measured, {sw.n_cases} cases); `rankone edit --layer auto` now "
+              f"edits it on this model (stored in {sw.cache_file})")
+    else:
+        print(f"rankone: warning: {sw.n_cases} case(s) are fewer than the {MIN_SWEEP_CASES} a sweep needs to decide "
+              f"`--layer auto`, so this one is not stored and --layer auto chooses as before; run with --n "
+              f"{MIN_SWEEP_CASES} or more to store it", file=sys.stderr)
     if args.out:
         write_json(args.out, dict(sw.to_dict(), best_layer=best))
         print(f"wrote {args.out}")
@@ -267,7 +287,9 @@ def register(sub: Any) -> None:
     p.add_argument("--edit-each", action="store_true", help="instead of a patch: edit every case alone, measure, revert")
     p.add_argument("--method", choices=list(METHODS), default=None, help="with --edit-each: " + methods_help())
     _hparam_args(p)
-    p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
+    p.add_argument("--n", type=_count_or_all, default=EVAL_N,
+                   help=f"evaluate the first N usable cases, the facts the patch edits first (default {EVAL_N}: minutes "
+                        "on a small model); 'all' for every case")
     p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")
     p.add_argument("--known-by", choices=KNOWN_RULES, default="greedy",
                    help="with --known-only: greedy (the true answer is the greedy first token; default) or over-new "
@@ -338,7 +360,9 @@ def register(sub: Any) -> None:
     model_args(p)
     p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (read in file order)")
     p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compare, e.g. 1 2 3 4 5")
-    p.add_argument("--n", type=_positive("--n"), default=30, help="cases edited at each layer (default 30)")
+    p.add_argument("--n", type=_positive("--n"), default=30,
+                   help="cases edited at each layer (default 30); a sweep of fewer than 20 is shown but not stored, "
+                        "so --layer auto does not follow it")
     _hparam_args(p)
     p.add_argument("--known-by", choices=KNOWN_RULES, default="over-new",
                    help="which cases the model knows: over-new (P(true) > P(new), default) or greedy")

@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: its threads wait for work asleep, not spinning. Spinning threads
+    # on cores that other processes share slow small operations by 10-40x (the built-in model's
+    # value loop; BENCHMARKS.md, "rankone demo"); an OMP_WAIT_POLICY of the user's own wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show "Δ" (PYTHONIOENCODING=ascii) gets "\u0394"
         if hasattr(stream, "reconfigure"):

@@ -111,10 +111,17 @@ class Editor:
         what = f"{reqs[0].subject} -> {reqs[0].target}" if len(reqs) == 1 else f"{len(reqs)} facts"
         t0 = time.perf_counter()
         # a pass is counted where every pass of every method runs: the (critical) edited projection
+        passes = 0
+
+        def count() -> None:
+            nonlocal passes
+            passes += 1
+            bar.update()
+
         with Progress(planned, f"{self.method.name} ({what})", "passes", enabled=self.progress, delay=2.0) as bar, \
-                after_forward(self.handle.proj(s.layer), bar.update):
+                after_forward(self.handle.proj(s.layer), count):
             c = self.method.compute(self.context, reqs, s)
-            bar.total = bar.n  # the loop may stop early: the last line counts the passes it ran
+            bar.end(passes)  # the loop may stop early (or read a few more passes): the line says what ran
         c.diagnostics["stats"] = self.context.stats_record(self.stats())
         if not self.method.one_at_a_time:
             c.diagnostics["batch_seconds"] = time.perf_counter() - t0

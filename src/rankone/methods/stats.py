@@ -115,8 +115,12 @@ def collect_mom2(
     dev = handle.device
     sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     count = 0
-    bar = tqdm(total=n_tokens, unit="tok", desc="key statistics", disable=not progress, leave=False)
-    batch: list[list[int]] = []
+    window = min(window, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or window)
+    # The windows first (tokenizing stops at the budget), so that the bar counts to what the
+    # corpus gives: a short corpus ends the pass before n_tokens. Each: [≤ window] token ids
+    windows = [torch.tensor(w) for w in token_windows(tok, corpus, window, n_tokens)]
+    bar = tqdm(total=sum(len(w) for w in windows), unit="tok", desc="key statistics", disable=not progress, leave=False)
+    batch: list[torch.Tensor] = []
 
     def flush() -> None:
         nonlocal count
@@ -124,7 +128,7 @@ def collect_mom2(
         ids = torch.zeros(len(batch), n, dtype=torch.long)
         mask = torch.zeros(len(batch), n, dtype=torch.bool)
         for i, s in enumerate(batch):
-            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
+            ids[i, : len(s)], mask[i, : len(s)] = s, True
         with capture(model, list(paths.values()), outputs=False) as rec:
             with stop_at(deepest) if truncate else nullcontext():
                 model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev), use_cache=False)
@@ -138,16 +142,13 @@ def collect_mom2(
         bar.update(added)
         batch.clear()
 
-    window = min(window, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or window)
     rows = max(1, batch_tokens // window)
-    for w in token_windows(tok, corpus, window, n_tokens):
+    for w in windows:
         batch.append(w)
         if len(batch) == rows:
             flush()
     if batch:
         flush()
-    bar.total = count  # a corpus shorter than n_tokens ends the bar at what it gave, not short of it
-    bar.refresh()
     bar.close()
     if count == 0:
         raise RankoneError(f"statistics corpus {corpus} produced no tokens")

@@ -12,6 +12,7 @@ import torch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object, read_text
+from rankone.core.progress import status
 from rankone.models.card import find_card
 from rankone.models.checks import check_device, check_weights_used, size_mismatch
 from rankone.models.handle import ModelHandle
@@ -124,9 +125,11 @@ def _load_gguf(p: Path, device: str, dtype: str | None, device_map: str | None,
     if td == "auto":
         td = None
     p = check_gguf_file(p)
-    model, tok = load_gguf(p, dtype=td or torch.float32, device=device)
+    status(f"reading {p.name} ({p.stat().st_size / 1e6:,.0f} MB): its SHA-256 first")
+    digest = file_sha256(p)  # the patch's base, and the key of the file's cached conversion
+    model, tok = load_gguf(p, dtype=td or torch.float32, device=device, sha256=digest)
     spec = arch.spec_for(model, arch_spec)
-    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), file_sha256(p))
+    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), digest)
 
 
 def _load_hub(hub_id: str, device: str, dtype: str | None, device_map: str | None,
