@@ -1,4 +1,4 @@
-"""`rankone demo`: its time, where the time goes, and what the built-in models' value loop needs (issue 28).
+"""`rankone demo`: its time, where the time goes, and what the built-in models' value loop needs.
 
     python benchmarks/demo.py [--facts 40] [--report-only]
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish, table  # noqa: E402
 
 RUNS = ROOT / "runs" / "demo"
-FORMER_CARD = {"v_steps": 100, "early_stop_prob": 0.99}  # the built-in cards before issue 28
+FORMER_CARD = {"v_steps": 100, "early_stop_prob": 0.99}  # the built-in cards before this change
 TARGETS_S = {"first": 60, "second": 15}
 VALUE_LOOP = """
 import json, sys, time, torch
@@ -160,7 +160,7 @@ def main() -> int:
             "the mean p(target) below ROME's early stop of 0.99, so the former card's 100 steps always all ran. "
             "Each step costs milliseconds, unless OpenMP's spinning threads compete with other jobs for the cores.\n\n"
             + report())
-    publish("demo", "rankone demo: time and value steps (issue 28)", body, write=not args.no_write)
+    publish("demo", "rankone demo: time and value steps", body, write=not args.no_write)
     return 0
 
 

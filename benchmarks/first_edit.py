@@ -1,4 +1,4 @@
-"""A real model's first edit, as a new user meets it (issue 28): the README's commands, timed.
+"""A real model's first edit, as a new user meets it: the README's commands, timed.
 
     python benchmarks/first_edit.py [--models smollm2-135m gemma3-270m] [--report-only]
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish, table  # noqa: E402
 
 RUNS = ROOT / "runs" / "first_edit"
-TARGETS_S = {"smollm2-135m": 180, "gemma3-270m": 360}  # issue 28's acceptance: the first edit's wall time
+TARGETS_S = {"smollm2-135m": 180, "gemma3-270m": 360}  # the targets for the first edit's wall time
 EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
 COMMANDS = [  # (name, argv after `rankone`) with $G for the model file: the README's, in its order
     ("generate", ["generate", "--model", "$G", "--prompt", "The Eiffel Tower is located in the city of"]),
@@ -182,7 +182,7 @@ def main() -> int:
             "each a fresh process of this checkout, in a fresh cache that holds only the model's .gguf file; then "
             "the same edit once more, with everything it computes once per model now cached. Wall-clock seconds on "
             "a machine shared with other jobs: the load average is given with each figure.\n\n" + report(args.models))
-    publish("first_edit", "First edit of a real model (issue 28)", body, write=not args.no_write)
+    publish("first_edit", "First edit of a real model", body, write=not args.no_write)
     return 0
 
 

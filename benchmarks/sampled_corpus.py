@@ -1,4 +1,4 @@
-"""How many sampled tokens the key statistics need (issue 28): the default `sampled_corpus_tokens`.
+"""How many sampled tokens the key statistics need: the default `sampled_corpus_tokens`.
 
 For each real model, the first --n CounterFact cases it knows (P(true) > P(new), as
 benchmarks/real_counterfact.py selects them) are edited alone with r-ROME at the default layer,
