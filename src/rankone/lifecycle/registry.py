@@ -94,9 +94,7 @@ class Registry(Staging):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state not in ("proposed", "validated"):
-                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches are validated")
+            state = self.require("validate", pid, self._state(db, pid))
             db.execute("INSERT INTO validations (patch_id, at, actor, passed, report) VALUES (?,?,?,?,?)",
                        (pid, utcnow(), actor, int(passed), json.dumps(report)))
             new = "validated" if passed else state
@@ -127,8 +125,8 @@ class Registry(Staging):
         patch = self.load_patch(pid)
         chain = [r.id for r in self.released()]
         fps = self.check_model(model, [e.module for e in patch.edits])
-        m = model.model if isinstance(model, ModelHandle) else model
-        apply_patch(m, [self.load_patch(q) for q in chain] + [patch]).revert()
+        h = model if isinstance(model, ModelHandle) else ModelHandle.of(model, None)
+        apply_patch(h.model, [self.load_patch(q) for q in chain] + [patch], h.spec).revert()
         return fps, chain
 
     def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
@@ -160,13 +158,7 @@ class Registry(Staging):
         patch = self.load_patch(pid)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if promote and state != "staged":
-                raise RankoneError(f"patch {pid} is {state}; only a staged patch is promoted (`rankone registry stage` first)")
-            if not promote and state != "validated":
-                hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
-                hint += "; promote it with `rankone registry promote`" if state == "staged" else ""
-                raise RankoneError(f"patch {pid} cannot be released: {hint}")
+            state = self.require("promote" if promote else "release", pid, self._state(db, pid))
             last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
             if last is None or not last[0]:
                 raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
@@ -231,9 +223,7 @@ class Registry(Staging):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state != "released":
-                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back")
+            state = self.require("rollback", pid, self._state(db, pid))
             order, todo = [], [pid]
             while todo:  # released patches that depend on it, transitively
                 q = todo.pop()
@@ -256,9 +246,7 @@ class Registry(Staging):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state not in ("proposed", "validated"):
-                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches can be rejected")
+            state = self.require("reject", pid, self._state(db, pid))
             db.execute("UPDATE patches SET state = 'rejected' WHERE id = ?", (pid,))
             self._audit(db, actor, "reject", pid, state, "rejected", reason)
         return self.get(pid)

@@ -9,7 +9,10 @@ Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry
 Crash safety: the store is written first (a temporary folder renamed into place), the database
 row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orphaned store folder
 (tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
-busy timeout let several processes add, validate and release at once without losing anything.
+busy timeout let several processes add, validate and release at once without losing anything; a
+registry held by another process for more than a moment says so on stderr, waits up to
+dbfile.LOCK_WAIT_S, then gives up with one line. A registry that `add` creates and then cannot fill (a full
+disk) is removed again: a failed command leaves no empty database or store behind.
 
 The state machine on top of it (add, validate, release, roll back, reject) is `registry.Registry`.
 """
@@ -28,14 +31,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rankone.core.atomic import honour_umask_tree
 from rankone.core.errors import RankoneError
 from rankone.core.util import utcnow
+from rankone.lifecycle.dbfile import check_columns, connect, remove_created, waiting_for_lock
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
 SCHEMA_VERSION = 2  # 2: the states staged and aborted, and the staging table (a version-1 file is migrated on open)
 STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted")
 ID_LEN = 16
+
+# Which state an action may start from, and what to do instead: the one table every transition
+# (and the CLI, before it loads a model) consults through `RegistryStore.require`.
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "validate": (("proposed", "validated"), "only proposed or validated patches are validated"),
+    "release": (("validated",), "only a validated patch is released"),
+    "stage": (("validated", "staged"), "only a validated patch can be staged"),
+    "promote": (("staged",), "only a staged patch is promoted (`rankone registry stage` first)"),
+    "abort": (("staged",), "only a staged patch can be aborted"),
+    "rollback": (("released",), "only released patches can be rolled back"),
+    "reject": (("proposed", "validated"), "only proposed or validated patches can be rejected"),
+}
 FILES = ("patch.json", "patch.safetensors")
 
 _SCHEMA = [
@@ -211,13 +228,16 @@ class RegistryStore:
         if not self.path.exists() and not create:
             raise RankoneError(f"no registry at {self.path}; `rankone registry add PATCH --reason ...` creates one "
                                "(choose the file with --registry or RANKONE_REGISTRY)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.store.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # made by this object: removed again if it stays empty (discard_if_new)
+        self._store_created = not self.store.exists()
+        self.db: sqlite3.Connection | None = None
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.store.mkdir(parents=True, exist_ok=True)
+            self.db = connect(self.path)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 120000")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self._waiting(lambda: check_columns(self.db, self.path, _SCHEMA))  # another program's file stays as it is
+            self._waiting(lambda: self.db.execute("PRAGMA journal_mode = WAL"))
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.execute("PRAGMA foreign_keys = OFF")  # a migration rebuilds `patches` (SQLite's documented way)
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
@@ -231,8 +251,34 @@ class RegistryStore:
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
             self.db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as e:
-            raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+        except BaseException as e:
+            self._remove_if_created()
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); free some space and retry") from None
+            if isinstance(e, sqlite3.DatabaseError):
+                raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+            raise
+
+    def _waiting(self, step: Callable[[], Any]) -> Any:
+        return waiting_for_lock(self.db, self.path, step)
+
+    def _remove_if_created(self) -> None:
+        """Take away what this object created: the database (and its journal files), the store."""
+        if self.db is not None:
+            self.db.close()
+        remove_created(self.path if self.created else None, self.store if self._store_created else None)
+
+    def discard_if_new(self) -> None:
+        """After a failed first command: remove the registry if this object created it and nothing
+        was recorded in it (the caller's error is then all that remains)."""
+        if not self.created:
+            return
+        try:
+            empty = self.db.execute("SELECT (SELECT COUNT(*) FROM patches) + (SELECT COUNT(*) FROM audit)").fetchone()[0] == 0
+        except sqlite3.Error:
+            empty = True
+        if empty:
+            self._remove_if_created()
 
     def close(self) -> None:
         self.db.close()
@@ -246,12 +292,19 @@ class RegistryStore:
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._waiting(lambda: self.db.execute("BEGIN IMMEDIATE"))
         try:
             yield self.db
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as e:
+            if self.db.in_transaction:  # a failed COMMIT (a full disk) may have ended it already
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); nothing was recorded: free some "
+                                   "space and retry") from None
             raise
 
     # -- store --
@@ -280,6 +333,7 @@ class RegistryStore:
                     os.fsync(fo.fileno())
             if _safe_id(tmp) != pid:
                 raise RankoneError(f"patch {src} changed while it was being added; add it again")
+            honour_umask_tree(tmp)  # mkdtemp makes it 0700; the store is as shareable as the umask says
             if target.exists():  # a damaged copy (never made by us: the rename is atomic)
                 shutil.rmtree(target)
             try:
@@ -374,6 +428,19 @@ class RegistryStore:
 
     def _state(self, db: Any, pid: str) -> str:
         return db.execute("SELECT state FROM patches WHERE id = ?", (pid,)).fetchone()[0]
+
+    def require(self, action: str, pid: str, state: str | None = None) -> str:
+        """The patch's state when `action` may start from it, else one line saying what to do."""
+        state = state if state is not None else self._state(self.db, pid)
+        allowed, rule = TRANSITIONS[action]
+        if state not in allowed:
+            hint = ""
+            if state == "proposed" and action in ("release", "stage"):
+                hint = "; validate it first with `rankone registry validate`"
+            elif state == "staged" and action == "release":
+                hint = "; promote it with `rankone registry promote`"
+            raise RankoneError(f"patch {pid} is {state}; {rule}{hint}")
+        return state
 
 
 def _safe_id(d: Path) -> str | None:

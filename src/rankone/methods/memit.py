@@ -90,8 +90,8 @@ class MemitHParams(MethodSettings):
         lam = self.mom2_update_weight
         if lam is not None and not (math.isfinite(lam) and lam > 0):
             raise RankoneError(f"mom2_update_weight must be a positive finite number, got {lam}")
-        if not math.isfinite(self.early_stop_loss) or self.early_stop_loss < 0:
-            raise RankoneError(f"early_stop_loss must be a finite number ≥ 0, got {self.early_stop_loss}")
+        if not self.early_stop_loss >= 0:
+            raise RankoneError(f"early_stop_loss must be 0 or more (a weight of a loss term), got {self.early_stop_loss}")
         if int(self.batch_rows) < 1:
             raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
 
