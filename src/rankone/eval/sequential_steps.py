@@ -7,6 +7,10 @@ Every record of a step carries the step's first index (`batch`, for a batch) and
 (`delta_fro`: ‖ΣBA‖_F over the step's layers / √n, the number the guard judges; for one
 rank-one edit its ‖Δ‖_F); a rank-one edit also records its denominators and key cosine. An
 update that would overflow the weights is refused unwritten and recorded as a failed edit.
+
+With `compact_every`, `compact_step` replaces the run's patch by its compaction from the base
+weights (`rankone.edit.compaction`, against the run's own C), and the edits that follow are made
+on the compacted model, AlphaEdit preserving the compacted patch's keys.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from rankone.artifacts.patch import Patch, compose
+from rankone.artifacts.patch import Patch, apply_patch, compose, revert_patch
 from rankone.core.errors import OverflowRefused
 from rankone.edit.editor import Editor
+from rankone.edit.compaction import compact
 from rankone.edit.guard import Guard, norm_spike
 from rankone.eval.cases import Case
 from rankone.eval.metrics import score
+from rankone.methods.base import PreservedKeys
 
 
 class SequentialRun(Protocol):
@@ -95,3 +101,35 @@ def edit_step(run: SequentialRun, i0: int, i1: int) -> list[dict[str, Any]]:
     for rec in recs:
         rec.update(w_dist=w, seconds=secs)
     return recs
+
+
+def served_rank(patch: Patch) -> int:
+    """The largest rank a module carries in the patch: Σ k of its edits (what a server adds per token)."""
+    ranks: dict[str, int] = {}
+    for e in patch.edits:
+        ranks[e.module] = ranks.get(e.module, 0) + e.rank
+    return max(ranks.values(), default=0)
+
+
+def compact_step(run: SequentialRun, n_done: int) -> dict[str, Any]:
+    """The run's patch replaced by its compaction from the base weights: reverted (exactly),
+    compacted against the run's C, applied (fingerprint-checked); its keys are what AlphaEdit
+    preserves from now on. One record."""
+    t0 = time.perf_counter()
+    rank_before = served_rank(run.patch)
+    revert_patch(run.model, run.patch)
+    try:
+        done = compact(run.editor.handle, [run.patch], run.cfg.compaction(), context=run.editor.context,
+                       replaces=[], reason=f"compaction after {n_done} edits", progress=False)
+    except BaseException:
+        apply_patch(run.model, run.patch)  # the run goes on from where it was
+        raise
+    apply_patch(run.model, done.patch)
+    run.patch = done.patch
+    run.editor.context.kept = PreservedKeys.of_patches([done.patch])
+    mods = done.modules.values()
+    return {"type": "compact", "n": n_done, "method": run.cfg.compact_method, "targets": run.cfg.compact_targets,
+            "rank_before": rank_before, "rank_after": served_rank(done.patch),
+            "keys": sum(d["n_kept"] for d in mods), "superseded": sum(len(d["superseded"]) for d in mods),
+            "constraint_error": done.max_constraint_error, "w_dist": run.w_dist(),
+            "seconds": time.perf_counter() - t0}

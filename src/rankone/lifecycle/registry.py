@@ -5,7 +5,9 @@ and crash safety are `rankone.lifecycle.store`; this module is the patch lifecyc
 
 States: proposed → validated → released → rolled_back, and proposed|validated → rejected; a
 validated patch may be staged first (validated → staged → released by `promote`, or → aborted;
-`rankone.lifecycle.staging`), which `rankone serve` rolls out to a share of users.
+`rankone.lifecycle.staging`), which `rankone serve` rolls out to a share of users. A compaction
+replaces the whole release by one patch (released → compacted; rolling the compaction back
+releases them again: `rankone.lifecycle.compactions`).
 Every transition appends to `audit` (time, actor, action, states, reason) in the same
 transaction as the change; triggers make `audit` and `validations` append-only, and each audit
 entry carries the hash of the one before it, so `check` notices entries removed behind SQLite's
@@ -37,7 +39,7 @@ from rankone.lifecycle.store import (
     is_patch_dir,
 )
 from rankone.core.util import user_name, utcnow
-from rankone.lifecycle.staging import Staging
+from rankone.lifecycle.compactions import Compactions
 from rankone.models.handle import ModelHandle
 
 
@@ -53,7 +55,7 @@ def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.Ar
     return out
 
 
-class Registry(Staging):
+class Registry(Compactions):
     """One registry file and its store. Every public method is one transaction."""
 
     # -- transitions --
@@ -233,7 +235,8 @@ class Registry(Staging):
         with self._tx() as db:
             state = self._state(db, pid)
             if state != "released":
-                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back")
+                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back"
+                                   + self._compacted_hint(db, pid))
             order, todo = [], [pid]
             while todo:  # released patches that depend on it, transitively
                 q = todo.pop()
@@ -249,6 +252,7 @@ class Registry(Staging):
                 db.execute("UPDATE patches SET state = 'rolled_back' WHERE id = ?", (q,))
                 self._audit(db, actor, "rollback", q, "released", "rolled_back", reason,
                             {} if q == pid else {"cascade_from": pid})
+                self._restore_compacted(db, q, actor, reason)
             crash_point("rollback:uncommitted")
         return list(reversed(order))
 
@@ -299,7 +303,7 @@ class Registry(Staging):
         seqs = [r[0] for r in self.db.execute("SELECT release_seq FROM patches WHERE release_seq IS NOT NULL ORDER BY release_seq")]
         if len(seqs) != len(set(seqs)):
             rep.problems.append("two patches share a release position")
-        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action IN ('release', 'promote')").fetchone()[0]
+        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action IN ('release', 'promote', 'compact')").fetchone()[0]
         if n_rel != len(seqs):
             rep.problems.append(f"{len(seqs)} patches have a release position but the audit log records {n_rel} releases")
         for r in self.db.execute("SELECT s.patch_id, p.state FROM staging s JOIN patches p ON p.id = s.patch_id "

@@ -33,8 +33,10 @@ from rankone.core.util import utcnow
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
 
-SCHEMA_VERSION = 2  # 2: the states staged and aborted, and the staging table (a version-1 file is migrated on open)
-STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted")
+# 2: the states staged and aborted, and the staging table; 3: the state compacted and the compactions
+# table (an older file is migrated on open)
+SCHEMA_VERSION = 3
+STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted", "compacted")
 ID_LEN = 16
 FILES = ("patch.json", "patch.safetensors")
 
@@ -42,7 +44,7 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS patches (
         id TEXT PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('proposed','validated','staged','released','rejected','rolled_back','aborted')),
+        state TEXT NOT NULL CHECK (state IN ('proposed','validated','staged','released','rejected','rolled_back','aborted','compacted')),
         n_edits INTEGER NOT NULL,
         summary TEXT NOT NULL,            -- JSON: [{module, subject, prompt, target}]
         base TEXT NOT NULL,               -- JSON: the patch's base description
@@ -63,6 +65,9 @@ _SCHEMA = [
         shadow REAL NOT NULL CHECK (shadow >= 0 AND shadow <= 100),   -- % of stable requests re-run on it
         staged_seq INTEGER NOT NULL UNIQUE,  -- the order in which staged patches join the candidate
         staged_at TEXT NOT NULL, staged_by TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS compactions (
+        patch_id TEXT PRIMARY KEY REFERENCES patches(id),   -- a released patch replaced by a compaction
+        into_id TEXT NOT NULL REFERENCES patches(id))      -- the compacted patch released in its place""",
     "CREATE TABLE IF NOT EXISTS base (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS base_modules (module TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS audit (
@@ -77,10 +82,10 @@ _SCHEMA = [
 ]
 
 
-def _migrate_from_1(db: sqlite3.Connection) -> None:
-    """Version 1 → 2: `patches` gains the states staged and aborted. SQLite cannot change a CHECK
-    constraint in place, so the table is copied into a new one (foreign keys off, in the caller's
-    transaction), as SQLite's ALTER TABLE documentation prescribes."""
+def _migrate(db: sqlite3.Connection) -> None:
+    """Version 1 or 2 → 3: `patches` gains the states staged and aborted (2) and compacted (3).
+    SQLite cannot change a CHECK constraint in place, so the table is copied into a new one
+    (foreign keys off, in the caller's transaction), as SQLite's ALTER TABLE documentation prescribes."""
     ddl = next(stmt for stmt in _SCHEMA if "IF NOT EXISTS patches (" in stmt)
     db.execute(ddl.replace("IF NOT EXISTS patches (", "patches_v2 ("))
     db.execute("INSERT INTO patches_v2 SELECT * FROM patches")
@@ -226,8 +231,8 @@ class RegistryStore:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) == 1:
-                    _migrate_from_1(db)
+                elif int(row[0]) in (1, 2):
+                    _migrate(db)
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
             self.db.execute("PRAGMA foreign_keys = ON")
