@@ -4,6 +4,7 @@ corpus sampled from the model itself, each keyed by the model's fingerprint and 
 import json
 import logging
 
+import pytest
 import torch
 
 from rankone.core.tokens import EditRequest, sample_prefixes
@@ -69,6 +70,31 @@ def test_sampled_corpus_is_deterministic_per_seed_and_cached(tok, tmp_path, monk
     f.write_text(text.replace("a", "b", 1) if "a" in text else text + "\n")
     monkeypatch.undo()
     assert sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path, False).read_text() == text
+
+
+def test_an_interrupted_sampled_corpus_resumes_to_the_same_text(tok, tmp_path, monkeypatch):
+    model = make_model("gpt2")
+    want = sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "whole", False).read_text()
+    real, calls = corpus_mod.sample_tokens, []
+
+    def stop_at_third(*a, **k):  # the third batch is interrupted: two are checkpointed
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(corpus_mod, "sample_tokens", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "cut", False)
+    partial = next((tmp_path / "cut" / "corpus").glob("*.partial.jsonl"))
+    assert len(partial.read_text().splitlines()) == 8  # two batches of four documents
+    with open(partial, "a") as fh:  # a batch half-written when it stopped is cut off
+        fh.write('{"text": "half')
+    calls.clear()
+    monkeypatch.setattr(corpus_mod, "sample_tokens", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    f = sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "cut", False)
+    assert f.read_text() == want and len(calls) == 1  # only the third batch was sampled again
+    assert not list((tmp_path / "cut" / "corpus").glob("*.partial*"))
 
 
 def test_editor_without_a_corpus_samples_one_says_so_and_records_it(tok, tmp_path, caplog):

@@ -8,6 +8,8 @@ C = E[k kᵀ] then averages over the text the model itself expects, and nothing 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import math
@@ -134,7 +136,10 @@ def sampled_corpus(
     """A JSONL corpus of about `n_tokens` sampled tokens, in documents of `length` new tokens.
 
     Kept in <cache>/corpus/ under (model fingerprint, tokenizer, seed, budget, length); a second
-    call for the same model finds it (the file's SHA-256 is checked) and samples nothing.
+    call for the same model finds it (the file's SHA-256 is checked) and samples nothing. Sampling
+    a large budget is long on a CPU, so it is resumable: each batch of documents is appended to a
+    partial file whose checkpoint (its length, digest and the generator's state) is written after
+    it, and an interrupted call's successor goes on from the last checkpoint to the same text.
     """
     if n_tokens < 1 or length < 1:
         raise RankoneError(f"a sampled corpus needs a positive token budget and length, got {n_tokens} and {length}")
@@ -142,29 +147,78 @@ def sampled_corpus(
     if found is not None:
         return found
     f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
-    texts = _sample_documents(model, tok, n_tokens, seed, length, batch, progress)
-    write_bytes(f, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode())
+    part = _Partial(f, {**key, "batch": batch})
+    _sample_documents(model, tok, n_tokens, seed, length, batch, progress, part)
+    write_bytes(f, part.file.read_bytes())
     write_json(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)})
+    part.remove()
     return f
+
+
+class _Partial:
+    """A sampled corpus being written: the documents so far (JSONL) and its checkpoint."""
+
+    def __init__(self, final: Path, key: dict[str, Any]) -> None:
+        self.file = final.with_name(final.stem + ".partial.jsonl")
+        self.meta = final.with_name(final.stem + ".partial.json")
+        self.key = key
+
+    def resume(self, gen: torch.Generator) -> int:
+        """The number of batches already sampled (0 to start afresh); restores the generator to
+        its state after them and cuts the file to what the checkpoint covers."""
+        try:
+            meta = json.loads(self.meta.read_text())
+            with open(self.file, "rb") as fh:
+                done = fh.read(int(meta["bytes"]))
+            if meta.get("key") != self.key or len(done) != meta["bytes"] or hashlib.sha256(done).hexdigest() != meta["sha256"]:
+                raise ValueError("it does not match these settings or its checkpoint")
+            gen.set_state(torch.tensor(list(base64.b64decode(meta["generator"])), dtype=torch.uint8))
+        except FileNotFoundError:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self.file.write_bytes(b"")
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            log.warning("starting the sampled corpus %s over: its partial file is unusable (%s)", self.file, e)
+            self.file.write_bytes(b"")
+            return 0
+        with open(self.file, "r+b") as fh:
+            fh.truncate(len(done))
+        log.info("resuming the sampled corpus %s after %d batch(es)", self.file, meta["batches"])
+        return int(meta["batches"])
+
+    def append(self, texts: list[str], batches: int, gen: torch.Generator) -> None:
+        with open(self.file, "ab") as fh:
+            fh.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        done = self.file.read_bytes()
+        write_json(self.meta, {"key": self.key, "batches": batches, "bytes": len(done),
+                               "sha256": hashlib.sha256(done).hexdigest(),
+                               "generator": base64.b64encode(bytes(gen.get_state().tolist())).decode()})
+
+    def remove(self) -> None:
+        self.meta.unlink(missing_ok=True)
+        self.file.unlink(missing_ok=True)
 
 
 def _sample_documents(
     model: torch.nn.Module, tok: Any, n_tokens: int, seed: int, length: int, batch: int, progress: bool,
-) -> list[str]:
+    part: _Partial,
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     n_docs = math.ceil(n_tokens / length)
-    texts: list[str] = []
-    bar = tqdm(total=n_docs * length, unit="tok", desc="sampling a statistics corpus", disable=not progress, leave=False)
-    for b in range(math.ceil(n_docs / batch)):
+    start = part.resume(gen)
+    bar = tqdm(total=n_docs * length, unit="tok", desc="sampling a statistics corpus", disable=not progress, leave=False,
+               initial=min(n_docs, start * batch) * length)
+    for b in range(start, math.ceil(n_docs / batch)):
         lead = encode(tok, SAMPLE_STARTS[b % len(SAMPLE_STARTS)])[0]
         n_new = min(length, limit - len(lead)) if limit else length
         rows = min(batch, n_docs - b * batch)
         ids = sample_tokens(model, torch.tensor([lead] * rows), n_new, gen)  # [rows, lead + n_new]
-        texts += [tok.decode(r, skip_special_tokens=True) for r in ids.tolist()]
+        part.append([tok.decode(r, skip_special_tokens=True) for r in ids.tolist()], b + 1, gen)
         bar.update(rows * n_new)
     bar.close()
-    return texts
 
 
 def _tokenizer_id(tok: Any) -> dict[str, Any]:
