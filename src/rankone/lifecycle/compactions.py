@@ -55,13 +55,7 @@ class Compactions(Staging):
             if problems or deps:
                 raise RankoneError(f"patch {pid} is not made on the registry's base model, so it cannot replace the "
                                    f"release: {problems[0] if problems else 'it depends on released patches'}")
-            for m, sha in sorted((base_modules or {}).items()):
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
-            for m, sha in sorted(learnt.items()):
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
-            seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
-            db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
-                       (seq, utcnow(), pid))
+            seq = self._mark_released(db, pid, base_modules, learnt)
             self._audit(db, actor, "compact", pid, state, "released", reason,
                         {"release_seq": seq, "replaces": now, **(details or {})})
             for q in now:
@@ -69,6 +63,18 @@ class Compactions(Staging):
                 db.execute("INSERT OR REPLACE INTO compactions VALUES (?, ?)", (q, pid))
                 self._audit(db, actor, "compacted", q, "released", "compacted", reason, {"into": pid})
         return self.get(pid)
+
+    def _mark_released(self, db: Any, pid: str, base_modules: dict[str, str] | None, learnt: dict[str, str]) -> int:
+        """Inside a release's transaction: the base fingerprints it brings recorded, and the patch put
+        at the next release position; returns that position."""
+        for m, sha in sorted((base_modules or {}).items()):  # checked against the known ones before
+            db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
+        for m, sha in sorted(learnt.items()):
+            db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
+        seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
+        db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
+                   (seq, utcnow(), pid))
+        return int(seq)
 
     def compacted_into(self, ref: str) -> str | None:
         """The compaction a compacted patch was replaced by (None for any other patch)."""

@@ -186,13 +186,7 @@ class Registry(Compactions):
                 info = dict(base_info or {}, model_type=patch.base.get("model_type"), n_layers=patch.base.get("n_layers"))
                 for k, v in sorted(info.items()):
                     db.execute("INSERT INTO base VALUES (?, ?)", (k, json.dumps(v)))
-            for m, sha in sorted((base_modules or {}).items()):  # checked against the known ones above
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
-            for m, sha in sorted(learnt.items()):
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
-            seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
-            db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
-                       (seq, utcnow(), pid))
+            seq = self._mark_released(db, pid, base_modules, learnt)
             db.execute("DELETE FROM staging WHERE patch_id = ?", (pid,))
             for q in sorted(deps):
                 db.execute("INSERT OR IGNORE INTO depends VALUES (?, ?)", (pid, q))
