@@ -4,8 +4,9 @@ Each row is one `rankone bench sequential` run on the same known CounterFact cas
 settings of the section "Sequential editing, alphaedit vs memit vs r-rome — SmolLM2-135M, 1,000
 CounterFact edits" (layer 3, guard off, 100,000 statistics tokens of tinyshakespeare unless the
 row says otherwise, the same samples and held-out text); that section's AlphaEdit column is the
-baseline row, read from BENCHMARKS.md, not run again. Rows are LABEL=OPTIONS, the options added
-to the common ones, e.g.
+baseline row, read from BENCHMARKS.md, not run again (only when --n is its 1,000). Rows are
+LABEL=OPTIONS, the options added to the common ones (`--stats-corpus sampled:N`: N tokens sampled
+from the model itself, seed 0, drawn once, resumable and cached), e.g.
 
     --row 'AlphaEdit, compacted every 200 (EMMET)=--method alphaedit --batch-size 100 --compact-every 200'
     --row 'one joint solve of all 1,000 (AlphaEdit)=--method alphaedit --batch-size 1000 --every 1000'
@@ -115,6 +116,16 @@ def verdicts(label: str, r: dict) -> str:
     return f"- {label} (after {r['n']} edits): " + "; ".join(parts)
 
 
+def sampled(model: str, spec: str) -> str:
+    """`sampled:N` as a row's --stats-corpus: N tokens sampled from the model itself (seed 0, what
+    `rankone edit` samples without a corpus), drawn once, resumable and cached; its file."""
+    from rankone.methods.corpus import sampled_corpus
+    from rankone.models.load import load_model
+
+    h = load_model(os.path.expanduser(model))
+    return str(sampled_corpus(h.model, h.tokenizer, int(spec.split(":", 1)[1]), seed=0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -143,7 +154,7 @@ def main() -> None:
     rows = [r.partition("=") for r in args.row]
     procs = []
     for label, _, opts in ([] if args.report_only else rows):
-        extra = shlex.split(opts)
+        extra = [sampled(args.model, a) if a.startswith("sampled:") else a for a in shlex.split(opts)]
         cmd = [sys.executable, "-m", "rankone.cli.main", "bench", "sequential", "--model", args.model, "--cases",
                args.cases, "--n", str(args.n), "--every", str(args.every), "--out", str(out / slug(label)),
                "--ppl-text", str(held), "--quiet", *shlex.split(args.common)]
@@ -160,7 +171,7 @@ def main() -> None:
             raise SystemExit(f"{label} failed (exit {p.returncode}); see {out / (slug(label) + '.log')}")
 
     results = []
-    base = baseline_row(args.n)
+    base = baseline_row(args.n) if args.n == 1000 else None
     if base:
         results.append(("AlphaEdit in batches of 100, sequential (the baseline, its section)", base))
     for label, _, opts in rows:
