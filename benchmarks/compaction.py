@@ -126,6 +126,58 @@ def sampled(model: str, spec: str) -> str:
     return str(sampled_corpus(h.model, h.tokenizer, int(spec.split(":", 1)[1]), seed=0))
 
 
+def posthoc(source: Path, method: str, targets: str, hparams: dict, held: Path) -> dict:
+    """A finished run's patch compacted once at its end (from the base weights, against the run's
+    own C) and evaluated exactly as the run evaluates: the run rebuilt from its run.json, cases
+    (matched by id), probes and edit records. Kept in posthoc-METHOD-TARGETS.json beside the run."""
+    import json
+
+    from rankone.artifacts.patch import Patch, apply_patch
+    from rankone.core import architectures as arch
+    from rankone.edit.compaction import CompactSettings, compact
+    from rankone.eval.cases import load_cases
+    from rankone.eval.sequential import SequentialConfig, SequentialRun
+    from rankone.models.load import load_model
+
+    out = source / f"posthoc-{method}-{targets}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    settings, recs = read_run(source)
+    edits = [r for r in recs if r["type"] == "edit"]
+    n = edits[-1]["i"] + 1
+    patch = Patch.load(source / "checkpoint" / "patch")
+    by_id = {c.case_id: c for c in load_cases(settings["meta"]["cases"])}
+    h = load_model(settings["meta"]["model"])
+    probes = [tuple(p) for p in json.loads((source / "probes.json").read_text())]
+    run = SequentialRun(h, [by_id[r["case_id"]] for r in edits], settings["hparams"], source / "unused",
+                        SequentialConfig.from_dict(settings["config"]), probes, held.read_text(), settings["meta"],
+                        patch.edits[0].diagnostics["stats"]["corpus"], progress=False)
+    run.lines = edits + [r for r in recs if r["type"] == "eval" and r["n"] == 0]
+    run.w0 = {p: arch.weight_oi(arch.get_module(h.model, p)).detach().double().clone() for p in run.paths}
+    done = compact(h, [patch], CompactSettings(method, targets, hparams), context=run.editor.context, replaces=[],
+                   progress=False)
+    applied = apply_patch(h.model, done.patch)
+    try:
+        rec = run.evaluate(n)
+    finally:
+        applied.revert()
+    rec.update(served_rank=max(e.rank for e in done.patch.edits), compact_seconds=done.seconds,
+               constraint_error=done.max_constraint_error, source=str(source.relative_to(ROOT)))
+    out.write_text(json.dumps(rec))
+    return rec
+
+
+def posthoc_row(base: dict, rec: dict) -> dict:
+    """A post-hoc compaction as a row: its evaluation, the source run's start and time."""
+    return dict(base, efficacy=rec.get("retention_es"), paraphrase=rec.get("retention_ps"),
+                ns=[base["ns"][0], rec.get("ns")], gs=rec.get("gs"), gps=rec.get("gps"),
+                never_edited=[base["never_edited"][0], rec.get("probe_top1")],
+                ppl=[base["ppl"][0], rec.get("perplexity")], w_dist=rec.get("w_dist"),
+                hours=base["hours"] + (rec["seconds"] + rec["compact_seconds"]) / 3600,
+                served=f"{rec['served_rank']} (1 delta)", compactions=1, compact_seconds=rec["compact_seconds"],
+                compact_error=rec["constraint_error"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -141,6 +193,9 @@ def main() -> None:
                     help="options every row shares (the baseline's)")
     ap.add_argument("--stats-corpus", default=str(SHAKESPEARE), help="the rows' default statistics corpus")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--posthoc", action="append", default=[],
+                    help="LABEL=ROW LABEL;METHOD;TARGETS[;HPARAMS JSON]: that row's finished run compacted once at its "
+                         "end and evaluated the same way (repeat)")
     ap.add_argument("--parallel", action="store_true", help="run the rows at once (default: one after the other)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--note", default="", help="sentences of interpretation appended to the section")
@@ -179,6 +234,16 @@ def main() -> None:
         runs = [d for d in folder.iterdir() if (d / "run.jsonl").is_file()] if folder.is_dir() else []
         if runs:
             results.append((label, run_row(runs[0])))
+    for spec in args.posthoc:
+        label, _, rest = spec.partition("=")
+        src, method, targets, *hp = rest.split(";")
+        folder = out / slug(src)
+        runs = [d for d in folder.iterdir() if (d / "run.jsonl").is_file()] if folder.is_dir() else []
+        if runs:
+            import json
+
+            rec = posthoc(runs[0], method, targets, json.loads(hp[0]) if hp else {}, held)
+            results.append((label, posthoc_row(run_row(runs[0]), rec)))
     head = ["row", "edits", "efficacy", "paraphrase", "NS (unedited → end)", "GS prompt / paraphrase",
             "never-edited top-1", "perplexity (unedited → end)", "‖W − W₀‖_F", "served per module: rank (deltas)",
             "wall time"]
@@ -189,15 +254,21 @@ def main() -> None:
     comp = [f"- {label}: {r['compactions']} compaction(s), {r['compact_seconds']:.0f} s in all, largest constraint "
             f"error {fmt(r['compact_error'], 6) if r['compact_error'] is not None else '–'}"
             for label, r in results if r.get("compactions")]
-    opts = "\n".join(f"- {label}: `{opts}`" for label, _, opts in rows)
+    cfg = next((read_run(d)[0]["config"] for label, _, _ in rows if (folder := out / slug(label)).is_dir()
+                for d in folder.iterdir() if (d / "run.json").is_file()), {})
+    opts = "\n".join([f"- {label}: `{opts}`" for label, _, opts in rows]
+                     + [f"- {s.partition('=')[0]}: the run of “{s.partition('=')[2].split(';')[0]}” compacted once at its "
+                        f"end with {s.partition('=')[2].split(';')[1]} ({s.partition('=')[2].split(';')[2]} targets) and "
+                        "evaluated the same way" for s in args.posthoc])
     body = f"""Model `{shown(args.model)}`, cases `{shown(args.cases)}`, the first {args.n} the model knows (P(true) > P(new)).
 Every row: `rankone bench sequential` with `{args.common} --stats-corpus {shown(args.stats_corpus)} --ppl-text
 {shown(held)} --every {args.every}` unless its options say otherwise:
 
 {opts}
 
-Efficacy and paraphrase: ES and PS over every edit made so far; NS over 200 fixed cases' neighbours; GS: generation-based
-success on 100 fixed edited cases; never-edited: top-1 of up to 100 later known cases nobody edited; perplexity on the last
+Efficacy and paraphrase: ES and PS over every edit made so far (up to {cfg.get('retention_sample')}); NS over
+{cfg.get('ns_sample')} fixed cases' neighbours; GS: generation-based success on {cfg.get('gs_sample', 0)} fixed edited cases;
+never-edited: top-1 of up to {cfg.get('probe_sample')} later known cases nobody edited; perplexity on the last
 {args.heldout_chars:,} characters of tinyshakespeare. "Served per module": the rank a server adds per token at each
 edited module (Σ k of its deltas) and how many deltas carry it; a compaction leaves one delta per module.
 
