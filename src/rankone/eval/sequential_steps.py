@@ -28,7 +28,7 @@ from rankone.edit.compaction import compact
 from rankone.edit.guard import Guard, norm_spike
 from rankone.eval.cases import Case
 from rankone.eval.metrics import score
-from rankone.methods.base import PreservedKeys
+from rankone.methods.base import PreservedKeys, question
 
 
 class SequentialRun(Protocol):
@@ -71,6 +71,15 @@ def edit_step(run: SequentialRun, i0: int, i1: int) -> list[dict[str, Any]]:
     if len(cases) > 1 or not run.editor.method.one_at_a_time:
         for r in recs:
             r["batch"] = i0
+    # a batch asks each question once: where a later case of the batch asks the same, it supersedes
+    # the earlier one (as it would one batch later), which is recorded as not written
+    last = {question(c.request): k for k, c in enumerate(cases)}
+    kept = [k for k, c in enumerate(cases) if last[question(c.request)] == k]
+    for k, c in enumerate(cases):
+        if k not in kept:
+            recs[k].update(accepted=False, reason=f"superseded by edit {i0 + last[question(c.request)]} of the same "
+                           "batch (it asks the same question)", delta_fro=None, flags=["superseded"])
+    recs_kept, cases = [recs[k] for k in kept], [cases[k] for k in kept]
     n_rej, why, p = len(run.editor.rejected), "not written", None
     try:
         p = run.editor.edit([c.request for c in cases], keep=True, guard=run.guard)
@@ -85,19 +94,19 @@ def edit_step(run: SequentialRun, i0: int, i1: int) -> list[dict[str, Any]]:
         spike = norm_spike(per_fact, prev, run.cfg.spike_factor, run.cfg.warmup)
         d = p.edits[-1].diagnostics
         probs = d["targets"]["target_prob"] if "targets" in d else [d.get("value", {}).get("target_prob")]
-        for rec, c, prob in zip(recs, cases, probs):
+        for rec, c, prob in zip(recs_kept, cases, probs):
             rec.update(accepted=True, **score_now(run, c), value_prob=prob, delta_fro=per_fact,
                        flags=[f"‖Δ‖ spike: {spike}"] if spike else [])
     else:
         why = refused.reason if refused is not None else why
         per_fact = computed.delta_fro / math.sqrt(len(cases)) if computed is not None else None
         d = computed.updates[-1].diagnostics if computed is not None else {}
-        for rec in recs:
+        for rec in recs_kept:
             rec.update(accepted=False, reason=why, delta_fro=per_fact,
                        flags=["refused by the guard" if refused is not None else "not written"])
     for rec in recs:
         rec.update({k: d.get(k) for k in RANK_ONE_FIELDS} if run.editor.method.one_at_a_time else {"denominator": None})
-    w, secs = run.w_dist(), (time.perf_counter() - t0) / len(cases)
+    w, secs = run.w_dist(), (time.perf_counter() - t0) / len(recs)
     for rec in recs:
         rec.update(w_dist=w, seconds=secs)
     return recs

@@ -189,13 +189,18 @@ def resolve_settings(handle: "ModelHandle", given: MethodSettings | Mapping[str,
     return m.settings.from_dict(merged).resolve(handle)
 
 
+def question(r: EditRequest) -> tuple[str, str]:
+    """What a request asks (its prompt and subject, case and spacing aside): a batch asks each once."""
+    return " ".join(r.prompt.lower().split()), r.subject.strip().lower()
+
+
 def check_batch(requests: Sequence[EditRequest]) -> None:
     """A batch is at least one request, and asks each question (prompt and subject) once."""
     if not requests:
         raise RankoneError("no requests to edit: give at least one prompt/subject/target")
     seen: dict[tuple[str, str], str] = {}
     for r in requests:
-        q = (" ".join(r.prompt.lower().split()), r.subject.strip().lower())
+        q = question(r)
         if q in seen:
             raise RankoneError(f"the batch asks {r.text()[0]!r} twice (targets {seen[q]!r} and {r.target!r}); "
                                "give each fact once per batch")
