@@ -156,7 +156,7 @@ def posthoc(source: Path, method: str, targets: str, hparams: dict, held: Path) 
     run.w0 = {p: arch.weight_oi(arch.get_module(h.model, p)).detach().double().clone() for p in run.paths}
     done = compact(h, [patch], CompactSettings(method, targets, hparams), context=run.editor.context, replaces=[],
                    progress=False)
-    applied = apply_patch(h.model, done.patch)
+    applied = apply_patch(h.model, done.patch, h.spec)
     try:
         rec = run.evaluate(n)
     finally:

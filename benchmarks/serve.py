@@ -1,4 +1,4 @@
-"""Serving: throughput, latency and time to first token of `rankone serve` (issue 25).
+"""Serving: throughput, latency and time to first token of `rankone serve`.
 
     python benchmarks/serve.py [--model smollm2-135m] [--clients 1 4 16] [--requests 4] [--max-tokens 32]
                                [--threads N] [--no-write] [--note TEXT] [--report-only]
@@ -19,7 +19,7 @@ plus (a') transformers' own `generate` (greedy, KV cache), one request at a time
 and the choice the engine makes for rows of different arms: one batch with per-row deltas
 against one batch per arm, timed on decode steps of 16 rows (8 stable, 8 candidate).
 
-Targets (issue 25): (b) ≥ 0.9 × (a) at 1 client; (c) ≥ 0.95 × (b); (b) at 16 clients ≥ 3 × (b)
+Targets: (b) ≥ 0.9 × (a) at 1 client; (c) ≥ 0.95 × (b); (b) at 16 clients ≥ 3 × (b)
 at 1 client; (d) adds no latency to the answer it returns. The server runs in its own process
 (as users run it); the clients are this process's threads. For each client count the four run
 one after another (the load of a shared machine moves): the 10 patches are staged at canary
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite the section as the last run wrote it, with --note appended")
     args = ap.parse_args()
-    title = f"Serving: rankone serve on {args.model} (issue 25)"
+    title = f"Serving: rankone serve on {args.model}"
     if args.report_only:
         publish("serve", title, measured_body("serve") + (f"\n\nNote: {args.note}" if args.note else ""), write=not args.no_write)
         return

@@ -38,11 +38,12 @@ RUNS: dict[str, tuple[str, str]] = {  # name -> (world spec, arch)
 }
 
 
-def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
+def edit_flips(model_dir: Path, n: int, seed: int = 0, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
     """r-ROME edits of n random facts to another object of the same relation, one at a time
     on the unedited model: how many make the new object the greedy answer (edited prompt,
     held-out phrasing), how many neighbouring facts (same relation, other subjects) keep theirs,
-    and how many of the edited subject's other facts keep theirs."""
+    how many of the edited subject's other facts keep theirs, and the value steps each edit ran.
+    `hparams`: settings over the model card's (none: the card's, as `rankone edit`)."""
     from rankone.edit.editor import Editor
     from rankone.models.load import load_model
     from rankone.artifacts.patch import apply_patch
@@ -55,8 +56,9 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     model, tok = handle
     rng = random.Random(seed)
     facts = rng.sample(world.facts, n)
-    ed = Editor(handle, progress=False)  # the model card's recommendations, as `rankone edit`
+    ed = Editor(handle, dict(hparams or {}), progress=False)  # over the model card's, as `rankone edit`
     flips = para = para_n = kept = kept_n = own = own_n = 0
+    steps: list[int] = []
     t0 = time.monotonic()
     for f in facts:
         rel = world.relation(f.relation)
@@ -65,6 +67,7 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
         others = [g for g in world.facts if g.relation == f.relation and g.subject != f.subject]
         nb = rng.sample(others, min(5, len(others)))
         patch = ed.edit([EditRequest.create(prompt, f.subject, target)])
+        steps.append(patch.edits[0].diagnostics["value"]["steps"])
         h = apply_patch(model, patch)
         try:
             held = [(p, target) for p in world.prompts(f, "heldout")]
@@ -84,7 +87,7 @@ def edit_flips(model_dir: Path, n: int, seed: int = 0) -> dict[str, Any]:
     return {"n": n, "flipped": flips, "paraphrase": round(para / max(para_n, 1), 3),
             "neighbours_kept": round(kept / max(kept_n, 1), 3),
             "own_facts_kept": round(own / own_n, 3) if own_n else None,  # CounterFact: often none
-            "seconds": round(time.monotonic() - t0, 1)}
+            "value_steps": round(sum(steps) / len(steps), 1), "seconds": round(time.monotonic() - t0, 1)}
 
 
 def run_one(name: str, seed: int, edits: list[int], budget: float | None, reuse: bool) -> dict[str, Any]:

@@ -70,6 +70,27 @@ def test_smollm2_gguf_loads_directly_with_the_folders_logits(smollm2):
 
 
 @pytest.mark.slow
+def test_a_gguf_file_is_parsed_once_then_read_from_its_cached_conversion(smollm2, tmp_path, monkeypatch, capsys):
+    from rankone.models import gguf
+    from rankone.models.load import load_model
+
+    _, folder_model, _ = smollm2
+    src = _obtain(zoo.real_model_gguf, "smollm2-135m")
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path))
+    first = load_model(src)
+    kept = gguf.converted_dir(zoo.MODELS["smollm2-135m"].sha256, tmp_path / "models")
+    assert read_gguf_source(kept)["sha256"] == first.source_sha256 == zoo.MODELS["smollm2-135m"].sha256
+    monkeypatch.setattr(gguf, "_parse", lambda *a, **k: pytest.fail("parsed the file a second time"))
+    again = load_model(src, dtype="bfloat16")
+    assert "as converted earlier" in capsys.readouterr().err  # and says so
+    assert (again.source, again.source_sha256, again.card) == (first.source, first.source_sha256, first.card)
+    assert again.model.config.name_or_path == str(src) and next(again.model.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(load_model(src).model(ids).logits, folder_model(ids).logits)
+
+
+@pytest.mark.slow
 def test_gemma3_folder_gives_finite_logits():
     d = _obtain(zoo.real_model_dir, "gemma3-270m")
     model, tok = _load_folder(d)

@@ -37,13 +37,31 @@ def test_templates_have_romes_lengths_and_cache_follows_the_model(tok, tok_bos, 
 
     model = make_model("gpt2")
     seen = []
-    real = tokens.sample_tokens
-    monkeypatch.setattr(tokens, "sample_tokens", lambda m, ids, n, *a: seen.append(real(m, ids, n, *a).shape) or real(m, ids, n, *a))
+    real = tokens.decode
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(tokens, "decode", spy)
     sample_prefixes(model, tok, [[4, 5]], 0, starts=("The",))
     sample_prefixes(model, tok_bos, [[4, 5]], 0, starts=("The",))
     # (length 4) counts every token, the starter word and a BOS included, as ROME's generate_fast
     assert seen == [torch.Size([5, 4]), torch.Size([5, 4])]
+    seen.clear()
+    batched = sample_prefixes(model, tok, SPEC, 3, starts=("The", "I"))  # two lengths, two starters: one pass
+    assert len(seen) == 1 and seen[0] == torch.Size([8, 6]) and len(batched) == 8  # 2 texts a starter and length
     monkeypatch.undo()
+    # the texts of drawing each (length, starter) group in turn with one generator, as before batching
+    gen, one_by_one = torch.Generator().manual_seed(3), []
+    for length, count in SPEC:
+        for start in ("The", "I"):
+            lead = tokens.encode(tok, start)[0]
+            ids = tokens.sample_tokens(model, torch.tensor([lead] * (count // 2)), max(1, length - len(lead)), gen, 5)
+            texts = [tok.decode(r, skip_special_tokens=True) for r in ids.tolist()]
+            one_by_one += [t.replace("{", " ").replace("}", " ").replace("\n", " ").strip() + ". {}" for t in texts]
+    assert batched == one_by_one
     a = Editor(handle_of(model, tok), EditHParams(prefix_spec=SPEC), corpus, cache_dir=tmp_path, progress=False).templates
     with torch.no_grad():
         model.transformer.h[2].mlp.c_fc.weight.add_(0.5)  # another model: its own templates
@@ -72,29 +90,41 @@ def test_sampled_corpus_is_deterministic_per_seed_and_cached(tok, tmp_path, monk
     assert sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path, False).read_text() == text
 
 
-def test_an_interrupted_sampled_corpus_resumes_to_the_same_text(tok, tmp_path, monkeypatch):
+def test_an_interrupted_sampled_corpus_resumes_where_it_stopped(tok, tmp_path, monkeypatch, capsys):
     model = make_model("gpt2")
-    want = sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "whole", False).read_text()
-    real, calls = corpus_mod.sample_tokens, []
+    whole = sampled_corpus(model, tok, 300, 5, 25, 4, tmp_path / "a", progress=False).read_text()
+    real, calls, stop = corpus_mod.sample_tokens, [], [3]
 
-    def stop_at_third(*a, **k):  # the third batch is interrupted: two are checkpointed
+    def stop_at_third_batch(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt  # Ctrl-C while the third batch is sampled
         return real(*a, **k)
 
-    monkeypatch.setattr(corpus_mod, "sample_tokens", stop_at_third)
+    monkeypatch.setattr(corpus_mod, "sample_tokens", stop_at_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "cut", False)
-    partial = next((tmp_path / "cut" / "corpus").glob("*.partial.jsonl"))
-    assert len(partial.read_text().splitlines()) == 8  # two batches of four documents
-    with open(partial, "a") as fh:  # a batch half-written when it stopped is cut off
-        fh.write('{"text": "half')
+        sampled_corpus(model, tok, 300, 5, 25, 4, tmp_path / "b")
+    out = capsys.readouterr().err
+    assert "stopped after" in out and "done" not in out  # an interrupted run is not "done"
+    assert "0/300 tokens" in out  # the total is what will be produced: 12 documents of 25 tokens
+    partial = list((tmp_path / "b" / "corpus").glob("*.partial"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 3  # its key, two batches
+    with open(partial[0], "a") as fh:
+        fh.write('{"batch": 2, "texts": ["cut sh')  # a line cut short by the interruption
     calls.clear()
-    monkeypatch.setattr(corpus_mod, "sample_tokens", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    f = sampled_corpus(model, tok, 300, 1, 25, 4, tmp_path / "cut", False)
-    assert f.read_text() == want and len(calls) == 1  # only the third batch was sampled again
-    assert not list((tmp_path / "cut" / "corpus").glob("*.partial*"))
+    stop[0] = None
+    again = sampled_corpus(model, tok, 300, 5, 25, 4, tmp_path / "b")
+    n_batches = len(corpus_mod.sampling_plan(tok, 300, 25, 4, model.config.n_positions))
+    assert len(calls) == n_batches - 2 and again.read_text() == whole  # only the batches left; the same corpus
+    assert not partial[0].exists() and "done in" in capsys.readouterr().err
+
+
+def test_sampling_plan_batches_by_starter_length_and_counts_what_it_makes(tok, tok_bos):
+    plan = corpus_mod.sampling_plan(tok, 1000, 30, 8, limit=None)
+    assert sum(len(b.starts) for b in plan) == 34 and sum(b.tokens for b in plan) == 34 * 30  # ceil(1000 / 30) docs
+    assert all(len({len(tok(s)["input_ids"]) for s in b.starts}) == 1 and len(b.starts) <= 8 for b in plan)
+    capped = corpus_mod.sampling_plan(tok_bos, 100, 30, 8, limit=20)  # a context window of 20 caps the documents
+    assert all(len(tok_bos(b.starts[0])["input_ids"]) + b.n_new == 20 for b in capped)
 
 
 def test_editor_without_a_corpus_samples_one_says_so_and_records_it(tok, tmp_path, caplog):

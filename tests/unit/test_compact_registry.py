@@ -122,6 +122,9 @@ def test_compaction_replaces_the_release_and_rolls_back_to_the_same_bits(testbed
     # a compacted patch is not rolled back alone, and pinning it would write its edits twice
     with pytest.raises(RankoneError, match=f"compacted into {res.patch_id}"):
         reg.rollback(chain_ids[0], "bob", "no")
+    with pytest.raises(RankoneError, match=f"only proposed or validated patches can be rejected; it was compacted into "
+                                           f"{res.patch_id}"):  # every action's rule comes from the one table
+        reg.reject(chain_ids[1], "bob", "no")
     arms = Arms("fp", tuple((i, reg.load_patch(i)) for i in [res.patch_id]), (), torch.float32, "cpu",
                 known={r.id: r.state for r in reg.list()})
     with pytest.raises(ApiError, match="was compacted into the release") as ei:
@@ -192,3 +195,27 @@ def test_cli_compact_list_log_rollback(testbed, tmp_path, capsys):
     assert "compact" in out and "replaces 2" in out
     code, out, _ = run_cli(capsys, "registry", "rollback", pid[:8], "--registry", r, "--reason", "undo")
     assert code == 0 and f"rolled back {pid}" in out and "released again (the compaction rolled back)" in out
+
+
+def test_a_version_2_registry_is_migrated_to_hold_compactions(tmp_path):
+    import sqlite3
+
+    from rankone.lifecycle.records import _SCHEMA, SCHEMA_VERSION
+
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)  # a registry as rankone wrote it before compaction existed
+    for stmt in _SCHEMA:
+        if "compactions" not in stmt:
+            db.execute(stmt.replace(",'compacted'", ""))
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO patches (id, state, n_edits, summary, base, added_at, added_by) "
+               "VALUES ('ab12cd34', 'released', 1, '[]', '{}', 'then', 'ana')")
+    db.commit()
+    db.close()
+    with Registry(path) as reg:
+        assert reg.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+        assert reg.get("ab12cd34").state == "released"
+        with reg._tx() as tx:  # the new state and table are there
+            tx.execute("UPDATE patches SET state = 'compacted' WHERE id = 'ab12cd34'")
+            tx.execute("INSERT INTO compactions VALUES ('ab12cd34', 'ab12cd34')")
+        assert reg.compacted_into("ab12cd34") == "ab12cd34"

@@ -9,18 +9,22 @@ from rankone.cli.main import main
 from rankone.core.tokens import EditRequest
 from rankone.eval.cases import Case, save_cases
 from rankone.eval.metrics import hmean
-from rankone.trace.layer_choice import EditSweep, cached_sweep, save_sweep
+from rankone.core.errors import RankoneError
+from rankone.trace.layer_choice import MIN_SWEEP_CASES, EditSweep, cached_sweep, save_sweep
 from conftest import run_cli  # noqa: E402
 
 FAST = json.dumps(dict(v_steps=4, prefix_spec=[[3, 5]], stats_tokens=20_000))
-SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Blaise Pascal", "Michel Rocard"]
+FIRST = ["Danielle", "Toko", "Blaise", "Michel", "Anna"]
+LAST = ["Darrieux", "Yasuda", "Pascal", "Rocard"]
+SUBJECTS = [f"{a} {b}" for a in FIRST for b in LAST]  # MIN_SWEEP_CASES of them
 CITIES = ["Rome", "Paris", "London", "Vienna"]
 
 
 @pytest.fixture(scope="module")
 def cases_file(tmp_path_factory):
-    cases = [Case.of(f"c{i}", EditRequest.create("{} was born in", s, CITIES[i]), CITIES[(i + 1) % 4],
-                     [f"The birthplace of {s} is"], [f"{SUBJECTS[(i + 1) % 4]} was born in"], [CITIES[(i + 2) % 4]],
+    n = len(SUBJECTS)
+    cases = [Case.of(f"c{i}", EditRequest.create("{} was born in", s, CITIES[i % 4]), CITIES[(i + 1) % 4],
+                     [f"The birthplace of {s} is"], [f"{SUBJECTS[(i + 1) % n]} was born in"], [CITIES[(i + 2) % 4]],
                      [f"{s} was born in"]) for i, s in enumerate(SUBJECTS)]
     p = tmp_path_factory.mktemp("c") / "cases.jsonl"
     save_cases(p, cases)
@@ -35,14 +39,14 @@ def folder_digest(d):
 def test_bench_layers_measures_stores_and_layer_auto_edits_the_best(capsys, model_dir, cases_file, tmp_path, monkeypatch):
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
     before = folder_digest(model_dir)
-    sweep = ["bench", "layers", "--model", model_dir, "--cases", cases_file, "--n", "3", "--all-cases",
+    sweep = ["bench", "layers", "--model", model_dir, "--cases", cases_file, "--n", str(MIN_SWEEP_CASES), "--all-cases",
              "--hparams", FAST, "--quiet"]
     code, out, err = run_cli(capsys, *sweep, "--layers", "0", "1", "--out", tmp_path / "s.json")
     assert code == 0, err
     d = json.loads((tmp_path / "s.json").read_text())
-    assert set(d["scores"]) == {"0", "1"} and d["n_cases"] == 3 and d["method"] == "r-rome"
+    assert set(d["scores"]) == {"0", "1"} and d["n_cases"] == MIN_SWEEP_CASES and d["method"] == "r-rome"
     for s in d["scores"].values():
-        assert s["n"] == 3 and all(0 <= s[k] <= 1 for k in ("es", "ps", "ns"))
+        assert s["n"] == MIN_SWEEP_CASES and all(0 <= s[k] <= 1 for k in ("es", "ps", "ns"))
         assert s["score"] == pytest.approx(hmean([s["es"], s["ps"], s["ns"]]))
     assert d["best_layer"] == EditSweep.from_dict(d).best_layer() and f"best layer {d['best_layer']}" in out
     assert folder_digest(model_dir) == before  # every edit was reverted; nothing written to the model
@@ -63,6 +67,20 @@ def test_bench_layers_measures_stores_and_layer_auto_edits_the_best(capsys, mode
     assert e["diagnostics"]["layer_choice"]["scores"] == stored["scores"]
 
 
+def test_a_sweep_on_too_few_cases_warns_and_is_not_what_layer_auto_edits(capsys, model_dir, cases_file, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, "bench", "layers", "--model", model_dir, "--cases", cases_file, "--n", "2",
+                         "--all-cases", "--hparams", FAST, "--quiet", "--layers", "0", "1")
+    assert code == 0 and "best" in out and f"fewer than the {MIN_SWEEP_CASES}" in err and "not stored" in err
+    assert not (tmp_path / "cache" / "layers").exists()  # --layer auto never reads it
+    with pytest.raises(RankoneError, match=f"at least {MIN_SWEEP_CASES}"):
+        save_sweep(EditSweep({0: {"score": 1.0, "es": 1.0}, 1: {"score": 0.0, "es": 0.0}}, "r-rome", "x", 2, {}, "a" * 64))
+    with pytest.raises(SystemExit):
+        main(["bench", "layers", "--help"])
+    assert f"fewer than {MIN_SWEEP_CASES} is shown but not stored" in " ".join(capsys.readouterr().out.split())
+
+
 def test_best_layer_breaks_ties_by_es_plus_ps_then_the_earlier_layer():
     def sw(scores):
         return EditSweep({l: dict(es=e, ps=p, ns=n, score=hmean([e, p, n]), n=5) for l, (e, p, n) in scores.items()},
@@ -75,9 +93,9 @@ def test_best_layer_breaks_ties_by_es_plus_ps_then_the_earlier_layer():
 
 def test_a_sweep_with_other_settings_replaces_the_stored_one_and_other_models_are_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path))
-    one = dict(es=1.0, ps=1.0, ns=1.0, score=1.0, n=5)
-    save_sweep(EditSweep({1: one, 2: one}, "r-rome", "a", 5, {}, "a" * 64))
-    save_sweep(EditSweep({3: one}, "r-rome", "a", 5, {"v_steps": 4}, "a" * 64))  # other hyper-parameters
+    one = dict(es=1.0, ps=1.0, ns=1.0, score=1.0, n=MIN_SWEEP_CASES)
+    save_sweep(EditSweep({1: one, 2: one}, "r-rome", "a", MIN_SWEEP_CASES, {}, "a" * 64))
+    save_sweep(EditSweep({3: one}, "r-rome", "a", MIN_SWEEP_CASES, {"v_steps": 4}, "a" * 64))  # other hyper-parameters
     assert set(cached_sweep("a" * 64).scores) == {3}
     assert cached_sweep("b" * 64) is None and cached_sweep("a" * 64, "rome") is None
 
@@ -86,7 +104,7 @@ def test_a_sweep_with_other_settings_replaces_the_stored_one_and_other_models_ar
     (["--layers", "1"], "at least two"),
     (["--layers", "0", "9"], "out of range"),
     (["--layers", "0", "1", "--layer", "1"], "leave out --layer"),
-    (["--layers", "0", "1", "--n", "50"], "only 4 usable case"),
+    (["--layers", "0", "1", "--n", "50"], f"only {len(SUBJECTS)} usable case"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, model_dir, cases_file, tmp_path, monkeypatch, extra, message):
     monkeypatch.setenv("RANKONE_CACHE", str(tmp_path / "cache"))

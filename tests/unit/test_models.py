@@ -35,16 +35,20 @@ REQ = EditRequest.create("{} was born in", "Danielle Darrieux", "Rome")
 
 
 def test_card_round_trips_and_resolves_paths_beside_the_model(tmp_path):
-    card = ModelCard(layer=2, hparams={"v_steps": 7}, stats_corpus="text/corpus.txt", cases="/abs/facts.jsonl",
+    card = ModelCard(layer=2, hparams={"v_steps": 7}, stats_corpus="text/corpus.txt", cases="facts.jsonl",
                      notes="mine")
     p = card.save(tmp_path / "rankone.json")
     assert [x.name for x in tmp_path.iterdir()] == ["rankone.json"]  # written atomically: no temp file left
     again = ModelCard.load(p)
     assert again == card and again.folder == tmp_path.resolve()
     assert json.loads(p.read_text()) == {"schema_version": 1, "layer": 2, "hparams": {"v_steps": 7},
-                                         "stats_corpus": "text/corpus.txt", "cases": "/abs/facts.jsonl", "notes": "mine"}
+                                         "stats_corpus": "text/corpus.txt", "cases": "facts.jsonl", "notes": "mine"}
     assert again.resolve(again.stats_corpus) == tmp_path.resolve() / "text" / "corpus.txt"
-    assert again.resolve(again.cases) == Path("/abs/facts.jsonl")
+    assert ModelCard(cases="/abs/facts.jsonl").resolve("/abs/facts.jsonl") == Path("/abs/facts.jsonl")  # made in memory
+    for outside in ("/abs/facts.jsonl", "../facts.jsonl", "~/facts.jsonl"):  # a card names files beside it, no others
+        (tmp_path / "rankone.json").write_text(json.dumps({"cases": outside}))
+        with pytest.raises(RankoneError, match="is not a path inside"):
+            ModelCard.load(tmp_path / "rankone.json")
     assert again.recommended() == {"v_steps": 7, "layer": 2}
     assert ModelCard.from_dict({}) == ModelCard()  # every key is optional
     # a folder's card is FOLDER/rankone.json, a .gguf file's NAME.rankone.json beside it

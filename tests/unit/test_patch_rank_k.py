@@ -30,7 +30,8 @@ def rank_k_patch(model, module, k=3, seed=0, scale=0.02, subject="Danielle Darri
     g = torch.Generator().manual_seed(seed)
     B = torch.randn(w.shape[0], k, generator=g) * scale
     A = torch.randn(k, w.shape[1], generator=g)
-    e, _ = make_edit(w, B, A, module=module, layer=1, method="memit", hparams={}, seed=seed,
+    layer = next(i for i in range(arch.num_layers(model, arch.spec_for(model))) if arch.spec_for(model).proj.format(i) == module)
+    e, _ = make_edit(w, B, A, module=module, layer=layer, method="memit", hparams={}, seed=seed,
                      request={"prompt": "{} was born in", "subject": subject, "target": "Rome"})
     base = {"model_type": model.config.model_type, "name_or_path": "", "n_layers": handle_of(model, None).n_layers}
     return Patch([e], base=base, created_at=utcnow())

@@ -50,6 +50,25 @@ def test_rate_limit_delay_quiet_and_resumed_counts():
     assert list(track(range(3), "t", enabled=False)) == [0, 1, 2]
 
 
+def test_work_that_stops_early_shows_its_real_count_and_an_interrupted_one_is_not_done():
+    s = io.StringIO()
+    with Progress(100, "value", "steps", stream=s, min_interval=0) as bar:
+        bar.update(2)  # e.g. counted by a hook that misses most steps
+        bar.end(37)  # the loop stopped early after 37
+    assert s.getvalue().splitlines()[-1].startswith("rankone: value: 37/100 steps, done in")
+    s = io.StringIO()
+    with Progress(20, "value", "steps", stream=s, min_interval=0) as bar:
+        bar.end(50)  # ran past a first guess at the total
+    assert s.getvalue().splitlines()[-1].startswith("rankone: value: 50/50 steps, done in")
+    s = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        with Progress(10, "sampling", "tokens", stream=s, min_interval=0) as bar:
+            bar.update(4)
+            raise KeyboardInterrupt
+    last = s.getvalue().splitlines()[-1]
+    assert last.startswith("rankone: sampling: 4/10 tokens, stopped after") and "done" not in s.getvalue()
+
+
 class _Seen(Exception):
     pass
 

@@ -11,7 +11,7 @@ import pytest
 from rankone.cli.main import main
 from rankone.core.errors import RankoneError
 from rankone.lifecycle.registry import Registry
-from rankone.lifecycle.store import _SCHEMA, SCHEMA_VERSION
+from rankone.lifecycle.records import _SCHEMA, SCHEMA_VERSION
 from test_registry import FAIL, M2, PASS, model, ready, reg, saved, synth_patch  # noqa: F401  (fixtures; tests/unit is on sys.path)
 
 
@@ -25,7 +25,7 @@ def test_stage_promote_abort_and_their_audit_entries(reg, model, tmp_path):
     assert [(x.id, x.canary, x.shadow) for x in reg.staged()] == [(a, 25.0, 10.0), (b, 0.0, 50.0)]
     with pytest.raises(RankoneError, match="already staged"):
         reg.stage(a, canary=25, shadow=10)
-    with pytest.raises(RankoneError, match="it is staged; promote it"):
+    with pytest.raises(RankoneError, match="is staged; only a validated patch is released; promote it"):
         reg.release(a)  # a staged patch is released only through promote
     rec, conflicts = reg.promote(a, "ana", "canary looked fine")
     assert rec.state == "released" and rec.release_seq == 1 and not conflicts
@@ -82,7 +82,7 @@ def test_a_version_1_registry_is_migrated_in_place(tmp_path, model):
         assert reg.check().ok and [e.action for e in reg.log(pid)] == ["add", "validate", "stage"]
 
 
-def run(capsys, *argv):
+def run_cli(capsys, *argv):
     try:
         code = main(list(argv))
     except SystemExit as e:  # argparse's own refusals
@@ -96,13 +96,13 @@ def test_cli_stage_promote_abort(tmp_path, model, capsys):
     with Registry(r) as reg:
         a = ready(reg, saved(synth_patch(model, seed=1), tmp_path / "a"))
         b = ready(reg, saved(synth_patch(model, M2, seed=2, subject="Paris"), tmp_path / "b"))
-    code, out, _ = run(capsys, "registry", "stage", a[:8], "--canary", "5", "--registry", r, "--reason", "try it")
+    code, out, _ = run_cli(capsys, "registry", "stage", a[:8], "--canary", "5", "--registry", r, "--reason", "try it")
     assert code == 0 and f"staged {a}: canary 5 %, shadow 0 %" in out
-    code, out, _ = run(capsys, "registry", "list", "--state", "staged", "--registry", r, "--json")
+    code, out, _ = run_cli(capsys, "registry", "list", "--state", "staged", "--registry", r, "--json")
     assert [x["id"] for x in json.loads(out)] == [a]
-    assert run(capsys, "registry", "promote", a, "--registry", r)[0] == 0
-    assert run(capsys, "registry", "stage", b, "--shadow", "100", "--registry", r)[0] == 0
-    code, out, _ = run(capsys, "registry", "abort", b, "--registry", r, "--reason", "disagrees")
+    assert run_cli(capsys, "registry", "promote", a, "--registry", r)[0] == 0
+    assert run_cli(capsys, "registry", "stage", b, "--shadow", "100", "--registry", r)[0] == 0
+    code, out, _ = run_cli(capsys, "registry", "abort", b, "--registry", r, "--reason", "disagrees")
     assert code == 0 and f"aborted {b}" in out
     with Registry(r) as reg:
         assert [x.id for x in reg.released()] == [a] and reg.get(b).state == "aborted"
@@ -121,7 +121,7 @@ def test_cli_bad_staging_input_changes_nothing(argv, msg, tmp_path, model, capsy
     with Registry(r) as reg:
         a = ready(reg, saved(synth_patch(model, seed=1), tmp_path / "a"))
         n = len(reg.log())
-    code, _, err = run(capsys, "registry", *[a if x == "ID" else x for x in argv], "--registry", r)
+    code, _, err = run_cli(capsys, "registry", *[a if x == "ID" else x for x in argv], "--registry", r)
     assert code == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with Registry(r) as reg:
         assert len(reg.log()) == n and reg.get(a).state == "validated"

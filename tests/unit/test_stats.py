@@ -28,6 +28,29 @@ def test_leading_bos_in_every_window(tok_bos, corpus):
     assert all(w[0] == bos for w in wins)
 
 
+def test_statistics_bar_counts_to_what_the_corpus_gives(tok, tmp_path, monkeypatch):
+    from rankone.methods import stats as stats_mod
+
+    bars = []
+
+    class Bar:  # tqdm's interface, recording the total it was promised and what it was given
+        def __init__(self, total=None, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(stats_mod, "tqdm", Bar)
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be, that is the question.\n" * 40)
+    _, count = collect_mom2(handle_of(make_model("gpt2"), tok), [1], short, n_tokens=1_000_000, window=64)
+    assert count < 1_000_000 and bars[0].total == bars[0].n == count  # not a bar to 1,000,000 that stops short
+
+
 def test_mom2_equals_direct_computation(tok, corpus):
     model = make_model("gpt2")
     mom2, count = collect_mom2(handle_of(model, tok), [0, 2], corpus, n_tokens=300, window=50, batch_tokens=150, progress=False)

@@ -11,7 +11,8 @@ model), so a merged folder can be reverted bit-exactly even when several patches
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,16 @@ from safetensors.torch import load_file, save
 from rankone.core import architectures as arch
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import inside, loads
 from rankone.core.fingerprint import tensor_sha256
 from rankone.artifacts.patch import Patch, library_versions
 from rankone.core.util import utcnow
 from rankone.models.card import CARD_FILE
-from rankone.models.handle import ModelHandle
+from rankone.core.text import shown
+from rankone.models.handle import ModelHandle, config_changes
 
 RECORD = "rankone"
+log = logging.getLogger(__name__)
 
 
 def save_model_dir(handle: ModelHandle, out: str | os.PathLike, overwrite: bool = False,
@@ -36,7 +40,12 @@ def save_model_dir(handle: ModelHandle, out: str | os.PathLike, overwrite: bool 
     """Write the handle's model as an ordinary Hugging Face folder (also for a model loaded from a
     .gguf file), with its model card and the files the card names, and the rankone record."""
     with atomic_dir(out, overwrite) as tmp:
-        handle.model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            handle.model.save_pretrained(tmp, safe_serialization=True)
+        except Exception as e:  # safetensors reports a full disk as its own error type, not OSError
+            if "I/O error" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"cannot write the weights ({' '.join(str(e).split())[:200]})", str(out)) from None
         handle.tokenizer.save_pretrained(tmp)
         _copy_card(handle, tmp)
         if record is not None:
@@ -48,21 +57,24 @@ def save_model_dir(handle: ModelHandle, out: str | os.PathLike, overwrite: bool 
 
 
 def _copy_card(handle: ModelHandle, out: Path) -> None:
-    """The card travels with its model: files it names inside the model's folder are copied, paths
-    elsewhere become absolute; so does the default corpus.txt of a model folder."""
+    """The card travels with its model: the files (or folder of files) it names are copied beside
+    it, and so is the default corpus.txt of a model folder. A path that leaves the card's folder
+    (refused when used) is left out of the copy, with a warning."""
     card = handle.card
     if card is not None:
         moved = dataclasses.replace(card, folder=None)
         for attr in ("stats_corpus", "cases"):
             rel = getattr(card, attr)
-            src = card.resolve(rel)
-            if src is None:
+            try:
+                src, dst = card.resolve(rel, attr), inside(out, rel, attr) if rel is not None else None
+            except RankoneError as e:
+                log.warning("%s; the written model card leaves it out", e)
+                setattr(moved, attr, None)
                 continue
-            inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts
-            if inside and src.is_file():
-                write_bytes(out / rel, src.read_bytes())
-            else:
-                setattr(moved, attr, str(src.resolve()))
+            if src is None or dst is None:
+                continue
+            for f in sorted(q for q in src.rglob("*") if q.is_file()) if src.is_dir() else [src] if src.is_file() else []:
+                write_bytes(dst / f.relative_to(src) if src.is_dir() else dst, f.read_bytes())
         moved.save(out / CARD_FILE)
     corpus = handle.folder / "corpus.txt" if handle.folder is not None else None
     if corpus is not None and corpus.is_file() and not (out / "corpus.txt").exists():
@@ -93,16 +105,35 @@ def save_merged(handle: ModelHandle, patches: list[Patch], patch_paths: list[str
     return save_model_dir(handle, out, overwrite, record, originals)
 
 
+def refuse_config_change(handle: ModelHandle, patches: list[Patch]) -> None:
+    """Refuse patches made on a model whose config differs from this one's (same weights, another
+    activation or norm epsilon: the merged folder would compute something nobody tested)."""
+    for n, p in enumerate(patches, 1):
+        changes = config_changes(p.base.get("config"), handle.model.config)
+        if changes:
+            raise RankoneError(f"patch {n} was made on a model whose config differs from this one's ({shown(changes[0])}"
+                               + (f" and {len(changes) - 1} more" if len(changes) > 1 else "") + "); apply it to the model "
+                               "it was made for, or pass --allow-config-change if the change is intended")
+
+
 def _read_record(d: str | os.PathLike | None) -> dict[str, Any] | None:
     if d is None or not (Path(d) / RECORD / "applied.json").is_file():
         return None
     f = Path(d) / RECORD / "applied.json"
     try:
-        rec = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RankoneError(f"{f} is corrupt ({e}); restore the folder or start from the base model") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
-        raise RankoneError(f"{f} is not a rankone record; restore the folder or start from the base model")
+        rec = loads(f.read_bytes(), str(f))
+    except RankoneError as e:
+        raise RankoneError(f"{e}; {f} is corrupt: restore the folder or start from the base model") from None
+    patches, base = (rec.get("patches", []), rec.get("base_sha256", {})) if isinstance(rec, dict) else (None, None)
+    well_formed = (
+        isinstance(patches, list) and isinstance(base, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in base.items())
+        and all(isinstance(q, dict) and isinstance(q.get("edits", []), list)
+                and all(isinstance(e, dict) for e in q.get("edits", [])) for q in patches)
+    )
+    if not well_formed:
+        raise RankoneError(f"{f} is not a rankone record (patches must list objects with a list of edits, base_sha256 "
+                           "must map modules to hashes); restore the folder or start from the base model")
     return rec
 
 

@@ -27,6 +27,7 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import OverflowRefused, RankoneError
+from rankone.core.text import shown
 from rankone.core.util import utcnow
 from rankone.core.fingerprint import tensor_sha256
 from rankone.methods.base import lowrank_fro
@@ -151,6 +152,8 @@ class Patch:
     library_versions: dict[str, str] = field(default_factory=dict)
     # the content id of the files this patch was read from ("" when made in memory)
     loaded_id: str = field(default="", repr=False, compare=False)
+    # the schema of the files it was read from: 1 has no digests, so only apply's fingerprints vouch for it
+    schema_version: int = field(default=SCHEMA_VERSION, repr=False, compare=False)
 
     # -- files (see patch_files) --
 
@@ -193,7 +196,7 @@ class Patch:
         """Read and verify a patch folder (digests, shapes, types); any mismatch is one RankoneError line."""
         man, edits, cid = read_patch_files(path, {f.name for f in dataclasses.fields(Edit)})
         return cls([Edit(**kw) for kw in edits], man.get("base", {}), str(man.get("created_at", "")),
-                   man.get("library_versions", {}), loaded_id=cid)
+                   man.get("library_versions", {}), loaded_id=cid, schema_version=man["schema_version"])
 
     # -- composition --
 
@@ -261,6 +264,36 @@ def apply_edit(model: torch.nn.Module, e: Edit, check: bool = True) -> None:
         w.copy_(new)
 
 
+def describe_base(base: dict[str, Any]) -> str:
+    """'a gpt2 with 4 layers (path/to/model)': the model a patch says it was made for."""
+    what = f"a {shown(base.get('model_type') or 'model of unknown type')}"
+    if isinstance(base.get("n_layers"), int):
+        what += f" with {base['n_layers']} layers"
+    return what + (f" ({shown(base['name_or_path'])})" if base.get("name_or_path") else "")
+
+
+def refuse_misfits(model: torch.nn.Module, patch: Patch, spec: arch.ArchSpec | None = None) -> None:
+    """Refuse a patch whose edits do not fit this model, naming the model it was made for: each
+    edit must write the edited projection of its layer (as this model's architecture spec says:
+    `spec`, a ModelHandle's, else the table's or discovery's, never the manifest's; so never the
+    LM head, an embedding or a norm, whatever the manifest claims) with the shape it records."""
+    spec = spec or arch.spec_for(model)
+    n = arch.num_layers(model, spec)
+    for i, e in enumerate(patch.edits):
+        if not 0 <= e.layer < n:
+            problem = f"edit {i} is for layer {e.layer}; this model has layers 0..{n - 1}"
+        elif e.module != spec.proj.format(e.layer):
+            problem = (f"edit {i} writes {shown(e.module)!r}, which is not layer {e.layer}'s edited projection "
+                       f"{spec.proj.format(e.layer)!r}")
+        else:
+            w = _w(model, e.module)
+            if list(w.shape) == list(e.weight_shape):
+                continue
+            problem = f"edit {i} expects {e.module} to be {e.weight_shape}, this model's is {list(w.shape)}"
+        raise RankoneError(f"this patch was made for {describe_base(patch.base)}, not for this "
+                           f"{shown(getattr(model.config, 'model_type', 'model'))}: {problem}; apply it to the model it was made for")
+
+
 def _edit_key(e: Edit) -> tuple[str, str, str]:
     return e.module, e.sha256_before, e.sha256_after
 
@@ -285,8 +318,11 @@ def refuse_duplicates(patches: list[Patch]) -> None:
             seen.setdefault(k, (n, i))
 
 
-def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> Applied:
-    """Apply patches in order, all or nothing: a failed check leaves the model untouched.
+def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch], spec: arch.ArchSpec | None = None,
+                fitted: bool = False) -> Applied:
+    """Apply patches in order, all or nothing: a failed check leaves the model untouched. `spec`:
+    where the model's edited projections are (a ModelHandle's; default: the table's or discovery's);
+    `fitted`: `refuse_misfits` was already run against the whole model (`model` holds only modules).
 
     A patch's first edit on a module must find either the module's current weights (the patch
     was made on top of what is applied) or its weights before this call (patches made
@@ -296,6 +332,8 @@ def apply_patch(model: torch.nn.Module, patches: Patch | Iterable[Patch]) -> App
     """
     ps = [patches] if isinstance(patches, Patch) else list(patches)
     refuse_duplicates(ps)
+    for p in ps if not fitted else []:
+        refuse_misfits(model, p, spec)
     originals: dict[str, torch.Tensor] = {}
     base_fp: dict[str, str] = {}
     applied = Applied(model, originals)

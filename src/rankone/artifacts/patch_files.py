@@ -33,6 +33,7 @@ from safetensors.torch import load, save
 
 from rankone.core.atomic import atomic_dir, write_bytes, write_json
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import loads
 from rankone.core.fingerprint import tensor_sha256, tensors_sha256
 
 FORMAT = "rankone.artifacts.patch"
@@ -85,10 +86,7 @@ def read_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
     p = Path(path)
     if not (p / MANIFEST).is_file() or not (p / PAYLOAD).is_file():
         raise RankoneError(f"{p} is not a patch: it needs {MANIFEST} and {PAYLOAD} (made by `rankone edit --out`)")
-    try:
-        man = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RankoneError(f"{p / MANIFEST} is corrupt ({type(e).__name__}: {e}); re-create the patch with `rankone edit`") from None
+    man = loads((p / MANIFEST).read_bytes(), str(p / MANIFEST), "it is corrupt: re-create the patch with `rankone edit`")
     try:
         data = (p / PAYLOAD).read_bytes()
         tensors = load(data)

@@ -38,42 +38,11 @@ def _patches_for(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from rankone.core.atomic import atomic_dir, check_out_dir, write_json
     from rankone.cli.common import load
-    from rankone.artifacts.merged import save_merged
-    from rankone.artifacts.patch import apply_patch
-    from rankone.artifacts.peft_export import save_peft_adapter
-    from rankone.core.util import utcnow
-    from rankone.lifecycle.store import crash_point
+    from rankone.lifecycle.build import build_release
 
     with _open(args) as reg:
-        chain = reg.released()
-        if args.format == "peft" and not chain:
-            raise RankoneError("nothing is released: an adapter needs at least one released patch")
-        check_out_dir(args.out, args.force)
-        patches = [reg.load_patch(r.id) for r in chain]
-        handle = load(args)
-        reg.check_model(handle)
-        applied = apply_patch(handle.model, patches)
-        manifest = {
-            "format": "rankone.lifecycle.registry-build", "built_at": utcnow(), "built_by": _actor(args),
-            "registry": str(reg.path.resolve()), "output_format": args.format, "base_model": str(args.model),
-            "base": {k: v for k, v in reg.base().items() if k != "modules"},
-            "patches": [{"id": r.id, "release_seq": r.release_seq, "released_at": r.released_at, "n_edits": r.n_edits,
-                         "facts": [f"{s['prompt'].replace('{}', s['subject'])} -> {s['target']}" for s in r.summary],
-                         "reason": r.reason} for r in chain],
-        }
-        paths = [str(reg.patch_dir(r.id)) for r in chain]
-        with atomic_dir(args.out, args.force) as tmp:
-            if args.format == "merged":
-                save_merged(handle, patches, paths, applied.originals, tmp, overwrite=True)
-                write_json(tmp / "rankone" / "build.json", manifest)
-            else:
-                applied.revert()
-                save_peft_adapter(handle.model, patches, tmp, overwrite=True, sources=paths)
-                write_json(tmp / "rankone_build.json", manifest)
-            crash_point("build:staged")
-        reg.record_build(str(Path(args.out).resolve()), _actor(args), [r.id for r in chain], args.format)
+        chain = build_release(reg, lambda: load(args), args.out, args.format, _actor(args), str(args.model), args.force)
     print(f"wrote {args.out} ({args.format}): base {args.model} + {len(chain)} released patch(es) in release order"
           + "".join(f"\n  #{r.release_seq} {r.id}  {_facts(r.summary, 200)}" for r in chain))
     return 0
@@ -85,7 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.cli.common import load
-    from rankone.artifacts.merged import save_merged
+    from rankone.artifacts.merged import refuse_config_change, save_merged
     from rankone.artifacts.patch import apply_patch
     from rankone.artifacts.peft_export import save_peft_adapter
 
@@ -96,9 +65,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.patch:
         raise RankoneError(f"export --format {args.format} needs --patch (a patch folder or registry id)")
     patches, sources = _patches_for(args)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model)] + [("--patch", s) for s in sources])
     handle = load(args)
-    applied = apply_patch(handle.model, patches)  # refuses patches made for another base, all or nothing
+    if not args.allow_config_change:
+        refuse_config_change(handle, patches)
+    applied = apply_patch(handle.model, patches, handle.spec)  # refuses patches made for another base, all or nothing
     if args.format == "merged":
         save_merged(handle, patches, sources, applied.originals, args.out, args.force)
     else:

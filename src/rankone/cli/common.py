@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 from rankone.core.errors import RankoneError
@@ -52,11 +50,19 @@ def load_requests(path: str) -> list[Any]:
     from rankone.core.jsonfiles import json_lines
 
     reqs = []
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (prompt, subject) -> (where, target)
     for where, d in json_lines(path, "one object per line with prompt, subject, target"):
         try:
-            reqs.append(EditRequest.from_dict(d))
+            r = EditRequest.from_dict(d)
         except RankoneError as e:
             raise RankoneError(f"{where}: {e}") from None
+        fact = (" ".join(r.prompt.split()), " ".join(r.subject.split()))
+        if fact in seen:  # one fact twice is no more edit, and two targets for one fact contradict each other
+            line, target = seen[fact]
+            again = "repeats" if target == r.target else f"gives another target ({r.target!r}, not {target!r}) for the fact of"
+            raise RankoneError(f"{where} {again} {line}; give each fact once")
+        seen[fact] = (where, r.target)
+        reqs.append(r)
     if not reqs:
         raise RankoneError(f"requests file {path} holds no requests")
     return reqs
@@ -65,15 +71,14 @@ def load_requests(path: str) -> list[Any]:
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     """The user's settings (--hparams, then flags), checked now against their method's settings
     class (names, types, ranges), before any model loads; merged with the model card's later."""
+    from rankone.core.jsonfiles import json_object, read_text
+
     given: dict[str, Any] = {}
     if args.hparams:
-        text = Path(args.hparams).read_text() if os.path.isfile(args.hparams) else args.hparams
-        try:
-            given = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"hyper-parameters are not valid JSON: {e}") from None
-        if not isinstance(given, dict):
-            raise RankoneError("hyper-parameters must be a JSON object")
+        if os.path.isfile(args.hparams):
+            given = json_object(read_text(args.hparams), f"hyper-parameters file {args.hparams}")
+        else:
+            given = json_object(args.hparams, "--hparams", "give a JSON object or the path of a JSON file")
     for name in ("method", "seed", "stats_tokens"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
@@ -84,6 +89,10 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     if corpus and not os.path.exists(corpus):
         raise RankoneError(f"statistics corpus {corpus} does not exist; give a .txt file, a folder of .txt files "
                            "or a .jsonl file with a 'text' field")
+    if corpus:
+        from rankone.methods.corpus import corpus_files
+
+        corpus_files(corpus)  # a FIFO or a device: refused now, before the model loads
     return given
 
 
@@ -108,6 +117,18 @@ def positive_int(name: str) -> Any:
 def non_negative_float(name: str) -> Any:
     """A finite number ≥ 0."""
     return _number_arg(name, float, "a number", lambda x: math.isfinite(x) and x >= 0, "a finite number ≥ 0")
+
+
+def text_arg(name: str) -> Any:
+    """An argparse type for free text (a prompt, a reason): refuses bytes that are not UTF-8."""
+    from rankone.core.text import check_text
+
+    def parse(v: str) -> str:
+        try:
+            return check_text(v, name)
+        except RankoneError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def layer_arg(value: str) -> int | str:

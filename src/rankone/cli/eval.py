@@ -21,7 +21,9 @@ from rankone.cli.common import hparams_from, hparams_help, layer_arg, load, meth
 from rankone.cli.common import non_negative_float as _non_negative
 from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
-from rankone.edit.compaction import COMPACT_METHODS, TARGET_MODES
+from rankone.core.jsonfiles import read_text
+from rankone.core.text import shown
+from rankone.edit.compaction import DEFAULT_COMPACT, TARGET_MODES, compact_methods
 from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
@@ -61,9 +63,19 @@ def _check_file(path: str | None, what: str) -> None:
         raise RankoneError(f"{what} {path} does not exist")
 
 
+EVAL_N = 100  # rankone eval's default number of cases; a whole CounterFact or testbed file is --n all
+
+
+def _count_or_all(value: str) -> int | None:
+    """--n: a whole number ≥ 1, or 'all' (None: no limit)."""
+    if value == "all":
+        return None
+    return _positive("--n")(value)
+
+
 def _print_selection(info: dict[str, Any]) -> None:
     if info["n_unalignable"]:
-        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {info['unalignable'][0]})")
+        print(f"skipped {info['n_unalignable']} case(s) the tokenizer cannot align (e.g. {shown(info['unalignable'][0])})")
     if "n_known" in info:
         how = {"greedy": "whose true answer the model gives (first token, greedy)",
                "over-new": "the model knows (P(true) > P(new) on the prompt)"}[info["known_rule"]]
@@ -113,7 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RankoneError("give either --patch (evaluate a patch) or --edit-each (edit every case alone), not both")
     if not args.patch and not args.edit_each:
         raise RankoneError("nothing to compare: give --patch P (repeatable) or --edit-each")
-    check_out_file(args.out)  # not a folder, and writable: refused now, not after the measuring
+    check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)]  # not a folder, not an input, and
+                   + [("--patch", p) for p in args.patch or []])  # writable: refused now, not after the measuring
     _check_file(args.ppl_text, "--ppl-text file")
     if args.glue:
         for t in GLUE_TASKS:
@@ -124,11 +137,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     handle = load(args)
     settings = EvalSettings(norm=args.norm, gen_tokens=args.gen_tokens, glue_dir=args.glue, glue_shots=args.glue_shots,
                             glue_n=args.glue_n,
-                            ppl_text=Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else None)
+                            ppl_text=read_text(args.ppl_text) if args.ppl_text else None)
     rep = evaluate_before_after(handle, cases, patches, hp, args.stats_corpus, settings, _known(args), args.n,
                                 progress=not args.quiet)
     if not args.quiet:
         _print_selection(rep.selection)
+        if len(rep.cases) < rep.selection["n_usable"]:
+            print(f"evaluated {len(rep.cases)} of the {rep.selection['n_usable']} usable cases"
+                  f"{', the edited ones first' if patches else ''} (--n all: every one)")
     if patches:
         _say_edited(patches, rep.cases, [bool(m["edited"]) for m in rep.after], rep.same_fact)
     result: dict[str, Any] = {"model": args.model, "cases": args.cases, "patches": args.patch or [], "norm": args.norm,
@@ -152,15 +168,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _say_edited(patches: list[Any], cases: list[Any], exact: list[bool], same_fact: list[bool]) -> None:
     """Which cases the patch edited; a warning when none is among them (ES/PS then measure untouched facts)."""
     facts = [f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}" for p in patches for r in p.facts()]
-    print(f"the patch edits {len(facts)} fact(s): {'; '.join(facts[:5])}" + (" …" if len(facts) > 5 else ""))
+    print(f"the patch edits {len(facts)} fact(s): {shown('; '.join(facts[:5]))}" + (" …" if len(facts) > 5 else ""))
     hit = [str(c.case_id) for c, x in zip(cases, exact) if x]
     if hit:
-        print(f"edited cases among the {len(cases)}: {', '.join(hit[:20])}" + (" …" if len(hit) > 20 else ""))
+        print(f"edited cases among the {len(cases)}: {shown(', '.join(hit[:20]))}" + (" …" if len(hit) > 20 else ""))
         return
     near = [f"{c.case_id} (target {c.target_new!r})" for c, x in zip(cases, same_fact) if x]
-    why = (f"; case(s) {', '.join(near[:3])} ask the same question with another target" if near else "")
+    why = (f"; case(s) {shown(', '.join(near[:3]))} ask the same question with another target" if near else "")
     print(f"rankone: warning: none of the {len(cases)} case(s) is a fact the patch edited, so ES and PS measure facts "
-          f"it did not touch{why}; give --cases with the patch's facts (or drop --n)", file=sys.stderr)
+          f"it did not touch{why}; give --cases with the patch's facts", file=sys.stderr)
 
 
 # ---- rankone bench layers --------------------------------------------------------------------
@@ -170,23 +186,30 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_file, write_json
     from rankone.eval.cases import load_cases
     from rankone.eval.layer_sweep import sweep_layers
+    from rankone.trace.layer_choice import MIN_SWEEP_CASES
 
     if args.layer is not None:
         raise RankoneError("bench layers compares the layers given by --layers; leave out --layer")
     if args.out:
-        check_out_file(args.out)
+        check_out_file(args.out, [("--model", args.model), ("--cases", args.cases)])
     hp = _given(args, DEFAULT_METHOD)  # the default method's sweep is what --layer auto reads
     cases = load_cases(args.cases)
     handle = load(args)
     known: bool | str = False if args.all_cases else args.known_by
     sw = sweep_layers(handle, cases, args.layers, hp, args.n, known, args.stats_corpus, source=str(args.cases),
-                      progress=not args.quiet, log=None if args.quiet else print)  # the model's layer evidence from now on
+                      progress=not args.quiet, log=None if args.quiet else print)  # stored when it has enough cases
+    stored = sw.n_cases >= MIN_SWEEP_CASES
     best = sw.best_layer()
     print(f"{'layer':>5}{'ES':>8}{'PS':>8}{'NS':>8}{'S':>8}")
     for layer, s in sorted(sw.scores.items()):
         print(f"{layer:>5}" + "".join(f"{s[k]:8.3f}" for k in ("es", "ps", "ns", "score")) + ("   best" if layer == best else ""))
-    print(f"best layer {best} (of {len(sw.scores)} measured, {sw.n_cases} cases); `rankone edit --layer auto` now "
-          f"edits it on this model (stored in {sw.cache_file})")
+    if stored:
+        print(f"best layer {best} (of {len(sw.scores)} measured, {sw.n_cases} cases); `rankone edit --layer auto` now "
+              f"edits it on this model (stored in {sw.cache_file})")
+    else:
+        print(f"rankone: warning: {sw.n_cases} case(s) are fewer than the {MIN_SWEEP_CASES} a sweep needs to decide "
+              f"`--layer auto`, so this one is not stored and --layer auto chooses as before; run with --n "
+              f"{MIN_SWEEP_CASES} or more to store it", file=sys.stderr)
     if args.out:
         write_json(args.out, dict(sw.to_dict(), best_layer=best))
         print(f"wrote {args.out}")
@@ -197,6 +220,7 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sequential(args: argparse.Namespace) -> int:
+    from rankone.core.atomic import apart_from_inputs
     from rankone.eval.cases import heldout_text_of, load_cases
     from rankone.eval.glue import GLUE_TASKS, load_glue
     from rankone.eval.plots import report
@@ -226,6 +250,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RankoneError(f"--out {out} exists and is a file; choose a folder")
+    apart_from_inputs(out, [("--model", args.model), ("--cases", args.cases)])
     cases = load_cases(args.cases, seed=args.seed or 0)
     handle = load(args)
     # the edited cases and the pool the never-edited probes are drawn from (`probe_pool`), read in file order
@@ -234,7 +259,7 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
         _print_selection(info)
     if len(cases) < args.n:
         raise RankoneError(f"only {len(cases)} usable case(s) for --n {args.n}; ask for fewer edits or give more cases")
-    ppl = Path(args.ppl_text).read_text(encoding="utf-8") if args.ppl_text else heldout_text_of(handle.cases_file())
+    ppl = read_text(args.ppl_text) if args.ppl_text else heldout_text_of(handle.cases_file())
     meta = {"model": str(Path(args.model).resolve()), "cases": str(args.cases), "known_only": _known(args),
             "selection": {k: v for k, v in info.items() if k != "unalignable"}}
     runs = [SequentialRun(handle, cases, g, out / m, cfg, None, ppl, meta,
@@ -274,7 +299,9 @@ def register(sub: Any) -> None:
     p.add_argument("--edit-each", action="store_true", help="instead of a patch: edit every case alone, measure, revert")
     p.add_argument("--method", choices=list(METHODS), default=None, help="with --edit-each: " + methods_help())
     _hparam_args(p)
-    p.add_argument("--n", type=_positive("--n"), default=None, help="evaluate the first N (usable) cases")
+    p.add_argument("--n", type=_count_or_all, default=EVAL_N,
+                   help=f"evaluate the first N usable cases, the facts the patch edits first (default {EVAL_N}: minutes "
+                        "on a small model); 'all' for every case")
     p.add_argument("--known-only", action="store_true", help="keep cases whose true answer the model gives")
     p.add_argument("--known-by", choices=KNOWN_RULES, default="greedy",
                    help="with --known-only: greedy (the true answer is the greedy first token; default) or over-new "
@@ -336,7 +363,7 @@ def register(sub: Any) -> None:
                    help="every this many edits, replace the run's patch by its compaction from the base weights "
                         "(one solve over every key so far, as `rankone registry compact`; a multiple of --batch-size; "
                         "default 0: never)")
-    p.add_argument("--compact-method", choices=COMPACT_METHODS, default="emmet",
+    p.add_argument("--compact-method", choices=compact_methods(), default=DEFAULT_COMPACT,
                    help="with --compact-every: the compaction's solve (default emmet)")
     p.add_argument("--compact-targets", choices=TARGET_MODES, default="written",
                    help="with --compact-every: what each key keeps, as written by its edit (default) or as released")
@@ -354,7 +381,9 @@ def register(sub: Any) -> None:
     model_args(p)
     p.add_argument("--cases", required=True, help="CounterFact file or testbed folder (read in file order)")
     p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compare, e.g. 1 2 3 4 5")
-    p.add_argument("--n", type=_positive("--n"), default=30, help="cases edited at each layer (default 30)")
+    p.add_argument("--n", type=_positive("--n"), default=30,
+                   help="cases edited at each layer (default 30); a sweep of fewer than 20 is shown but not stored, "
+                        "so --layer auto does not follow it")
     _hparam_args(p)
     p.add_argument("--known-by", choices=KNOWN_RULES, default="over-new",
                    help="which cases the model knows: over-new (P(true) > P(new), default) or greedy")

@@ -33,7 +33,7 @@ def cmd_export_vllm(args: argparse.Namespace, patches_for: Callable[[argparse.Na
     from rankone.artifacts.patch import apply_patch
 
     for _, patches, _ in arms:  # each arm must apply to this base (all or nothing, model left as it was)
-        apply_patch(handle.model, patches).revert()
+        apply_patch(handle.model, patches, handle.spec).revert()
     manifest = save_vllm_adapters(handle.model, arms, args.out, args.force, str(args.model))
     for arm, info in manifest["arms"].items():
         print(f"{arm}: " + (f"adapter {info['adapter']} (rank {info['rank']}, {len(info['patches'])} patch(es))"

@@ -7,12 +7,15 @@ import importlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import warnings
 from typing import Any, Callable
 
-from rankone.cli.common import hparams_from, hparams_help, layer_arg, load, load_requests, methods_help, model_args, positive_int
+from rankone.cli.common import (hparams_from, hparams_help, layer_arg, load, load_requests, methods_help, model_args,
+                                 positive_int, text_arg)
 from rankone.core.errors import RankoneError
+from rankone.core.text import shown
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
@@ -41,7 +44,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.registry is not None and m.one_at_a_time:
         raise RankoneError(f"--registry (edit on top of the released patches) is for the batch methods, not {m.name}; "
                            "give e.g. --method alphaedit")
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model), ("--requests", args.requests),
+                                         ("--stats-corpus", args.stats_corpus)])
     reg = _open_registry(args.registry) if args.registry is not None else None
     handle = load(args)
     choice = None
@@ -75,7 +79,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"{settings.method}: {len(reqs)} request(s) as one batch: "
               + ", ".join(f"{e.module} rank {e.rank} |Δ|={e.delta_fro:.4g}" for e in patch.edits))
     for (r, o), e in zip(outs, patch.edits if one else [None] * len(outs)):
-        print(("" if e is None else f"edited {e.module}: ") + f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}"
+        print(("" if e is None else f"edited {e.module}: ") + shown(f"{r['prompt'].replace('{}', r['subject'])} -> {r['target']}")
               + ("" if e is None else f"  |Δ|={e.delta_fro:.4g}") + f"  p(target)={o['p_target']:.3f}  "
               f"the model now says {o['answer']!r}" + ("" if o["reached"] else "  (target NOT reached)"))
     print(f"wrote {args.out} ({len(patch.edits)} edit(s)" + (f", {len(missed)} not reaching the target" if missed else "") + ")")
@@ -90,15 +94,17 @@ def _open_registry(path: str) -> Any:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
-    from rankone.artifacts.merged import refuse_reapplied, save_merged
+    from rankone.artifacts.merged import refuse_config_change, refuse_reapplied, save_merged
     from rankone.artifacts.patch import Patch, apply_patch, refuse_duplicates
 
     patches = [Patch.load(p) for p in args.patch]
     refuse_duplicates(patches)
     refuse_reapplied(args.model, patches)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, inputs_of(args))
     handle = load(args)
-    applied = apply_patch(handle.model, patches)
+    if not args.allow_config_change:
+        refuse_config_change(handle, patches)
+    applied = apply_patch(handle.model, patches, handle.spec)
     save_merged(handle, patches, args.patch, applied.originals, args.out, args.force)
     print(f"wrote {args.out}: {sum(len(p.edits) for p in patches)} edit(s) from {len(patches)} patch(es) applied")
     return 0
@@ -107,12 +113,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from rankone.core.atomic import check_out_dir
     from rankone.artifacts.merged import restore_base, save_model_dir
-    from rankone.artifacts.patch import Patch, refuse_duplicates, revert_patch
+    from rankone.artifacts.patch import Patch, refuse_duplicates, refuse_misfits, revert_patch
 
     patches = [Patch.load(p) for p in (args.patch or [])]
     refuse_duplicates(patches)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, inputs_of(args))
     handle = load(args)
+    for p in patches:  # a patch for another model names the model it was made for
+        refuse_misfits(handle.model, p, handle.spec)
     if patches:
         for p in reversed(patches):
             revert_patch(handle.model, p)
@@ -130,36 +138,45 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(p.manifest(), indent=2))
         return 0
-    print(f"patch {args.patch}: {len(p.edits)} edit(s) for {p.base.get('model_type', '?')} "
-          f"({p.base.get('name_or_path', '')}), made {p.created_at}; content id {p.content_id()[:16]}")
+    print(f"patch {shown(args.patch)}: {len(p.edits)} edit(s) for {shown(p.base.get('model_type', '?'))} "
+          f"({shown(p.base.get('name_or_path', ''))}), made {shown(p.created_at)}; content id {p.content_id()[:16]}")
+    if p.schema_version < 2:
+        print("  UNVERIFIED: a schema-1 patch carries no digests, so nothing shown here is checked; apply still "
+              "checks each edit's result against its recorded fingerprint")
     for i, e in enumerate(p.edits):
         r = e.request
-        print(f"  [{i}] {e.module} ({e.method}, rank {e.rank}, layer {e.layer}, {e.weight_dtype}) "
+        print(f"  [{i}] {shown(e.module)} ({shown(e.method)}, rank {e.rank}, layer {e.layer}, {shown(e.weight_dtype)}) "
               f"{r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}"
               + (f" and {len(e.facts) - 1} more fact(s) in one batch" if len(e.facts) > 1 else "") + f"  |Δ|_F={e.delta_fro:.4g}  "
               f"base {e.sha256_before[:12]}… -> {e.sha256_after[:12]}…"
-              + (f"  by {e.author}" if e.author else "") + (f": {e.reason}" if e.reason else ""))
+              + (f"  by {shown(e.author)}" if e.author else "") + (f": {shown(e.reason)}" if e.reason else ""))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rankone.models.generation import check_fits, greedy
+    from rankone.core.tokens import encode
+    from rankone.models.generation import check_fits, context_limit, greedy
     from rankone.artifacts.patch import Patch, apply_patch, refuse_duplicates
 
     if not args.prompt.strip():
         raise RankoneError("the prompt is empty; give some text, e.g. --prompt 'The capital of France is'")
     patches = [Patch.load(p) for p in (args.patch or [])]
     refuse_duplicates(patches)
-    model, tok = load(args)
+    handle = load(args)
+    model, tok = handle
     check_fits(model, tok, args.prompt)
+    room = context_limit(model) - len(encode(tok, args.prompt)[0])
+    if args.max_new_tokens > room:
+        print(f"rankone: note: the model reads at most {context_limit(model)} positions, so generation stops after "
+              f"at most {room} new token(s), not {args.max_new_tokens}", file=sys.stderr)
     before = greedy(model, tok, args.prompt, args.max_new_tokens)
     if not patches:
-        print(args.prompt + before)
+        print(shown(args.prompt + before, lines=True))
         return 0
-    applied = apply_patch(model, patches)
+    applied = apply_patch(model, patches, handle.spec)
     after = greedy(model, tok, args.prompt, args.max_new_tokens)
     applied.revert()
-    print(f"before: {args.prompt}{before}\nafter:  {args.prompt}{after}")
+    print(f"before: {shown(args.prompt + before, lines=True)}\nafter:  {shown(args.prompt + after, lines=True)}")
     return 0
 
 
@@ -167,6 +184,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rankone.cli.demo import run_demo
 
     return run_demo(model_dir=args.model, device=args.device, quiet=args.quiet)
+
+
+def inputs_of(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """What a writing command reads, for check_out_dir: --out may be none of them, nor hold or sit in one."""
+    return [("--model", args.model)] + [("--patch", p) for p in getattr(args, "patch", None) or []]
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log lines with control characters escaped (see rankone.core.text.shown)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record))
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -195,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("edit", cmd_edit, "compute an edit and save it as a patch: rank-one edits in sequence (the ROME family), "
                               "or all requests as one batch (memit, alphaedit, emmet)")
     model_args(p)
-    p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
-    p.add_argument("--subject", help="the entity whose fact changes, as it appears in the prompt, e.g. 'Danielle Darrieux'")
-    p.add_argument("--target", help="the new object the model should say after the prompt, e.g. 'Rome'")
+    p.add_argument("--prompt", type=text_arg("--prompt"), help="e.g. '{} was born in' ({} marks the subject; or write the subject literally)")
+    p.add_argument("--subject", type=text_arg("--subject"), help="the entity whose fact changes, as it appears in the prompt, e.g. 'Danielle Darrieux'")
+    p.add_argument("--target", type=text_arg("--target"), help="the new object the model should say after the prompt, e.g. 'Rome'")
     p.add_argument("--requests", help="JSONL file of {prompt, subject, target}: edits applied in sequence, "
                                       "or one batch with a batch method (memit, alphaedit, emmet)")
     p.add_argument("--method", choices=list(METHODS), default=None, help=f"(default {DEFAULT_METHOD}) " + methods_help())
@@ -214,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a batch method: edit on top of this registry's released patches (--model is "
                         "its base; the statistics come from the base, as in an unbroken run); alphaedit preserves "
                         "their keys, so the batch leaves their facts as they are")
-    p.add_argument("--author", help="who makes the edit, recorded in the patch (default: the OS user)")
-    p.add_argument("--reason", help="why, recorded in the patch (e.g. a ticket number)")
+    p.add_argument("--author", type=text_arg("--author"), help="who makes the edit, recorded in the patch (default: the OS user)")
+    p.add_argument("--reason", type=text_arg("--reason"), help="why, recorded in the patch (e.g. a ticket number)")
     p.add_argument("--require-success", action="store_true",
                    help="exit 1 and write nothing when an edit does not make the model answer the target")
     p.add_argument("--out", required=True, help="patch folder to write")
@@ -227,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", action="append", required=True, help="patch folder; repeat to apply several in order")
     p.add_argument("--out", required=True, help="model folder to write (with a rankone/ record for revert)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="apply even where the model's config.json differs from the one the patches were made on")
 
     p = add("revert", cmd_revert, "restore the exact base weights of a patched model folder")
     model_args(p)
@@ -241,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, "greedy generation, before and after patches")
     model_args(p)
     p.add_argument("--patch", action="append", help="patch folder to compare with; repeat to apply several in order")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, type=text_arg("--prompt"), help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=12,
                    help="tokens to generate (default 12)")
 
@@ -262,12 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: its threads wait for work asleep, not spinning. Spinning threads
+    # on cores that other processes share slow small operations by 10-40x (the built-in model's
+    # value loop; BENCHMARKS.md, "rankone demo"); an OMP_WAIT_POLICY of the user's own wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show "Δ" (PYTHONIOENCODING=ascii) gets "\u0394"
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecation notes for developers
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rankone: %(message)s")
+    handler = logging.StreamHandler()  # warnings quote untrusted text (requests, cases): one line each
+    handler.setFormatter(EscapingFormatter("rankone: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         from transformers.utils import logging as hf_logging
 
@@ -275,11 +315,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
     except RankoneError as e:
-        print(f"rankone: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"rankone: error: {shown(' '.join(str(e).split()))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `rankone registry log | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except OSError as e:  # the file system said no (permissions, a full disk): one line, nothing half-written
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"rankone: error: {e.strerror or e}{where}; check the paths and free space", file=sys.stderr)
+        print(f"rankone: error: {shown(e.strerror or e)}{shown(where)}; check the paths and free space", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:  # a registry database damaged behind rankone's back
+        print(f"rankone: error: the registry database failed ({shown(e)}); see `rankone registry check`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rankone: interrupted", file=sys.stderr)

@@ -33,16 +33,18 @@ ID_HELP = "patch id (or a unique prefix, or the patch folder)"
 
 
 def register(subparsers: Any) -> None:
-    from rankone.cli.common import model_args
+    from rankone.cli.common import model_args, text_arg
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", default=None,
+    common.add_argument("--registry", default=argparse.SUPPRESS,  # None comes from `registry` itself (below)
                         help="registry database (default: $RANKONE_REGISTRY, else ~/.local/share/rankone/registry.db)")
-    common.add_argument("--author", default=None, help="who does this (default: the OS user)")
+    common.add_argument("--author", default=None, type=text_arg("--author"), help="who does this (default: the OS user)")
 
     top = subparsers.add_parser("registry", help="record, validate, release, roll back and build patches",
                                 description="The patch lifecycle: proposed → validated (→ staged) → released (→ rolled_back, "
                                             "or → compacted into one patch), with an audit log.")
+    # `registry --registry X list` as well as `registry list --registry X` (the sub-command's wins)
+    top.add_argument("--registry", help="registry database (default: $RANKONE_REGISTRY, else ~/.local/share/rankone/registry.db)")
     sub = top.add_subparsers(dest="registry_command", required=True)
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
@@ -52,7 +54,7 @@ def register(subparsers: Any) -> None:
 
     p = add("add", cmd_add, "register a patch folder (state: proposed)")
     p.add_argument("patch", help="patch folder (verified, then copied into the registry's store)")
-    p.add_argument("--reason", help="why this patch exists (required)")
+    p.add_argument("--reason", type=text_arg("--reason"), help="why this patch exists (required)")
 
     p = add("list", cmd_list, "list patches")
     p.add_argument("--state", default=None, help="only patches in this state: proposed, validated, staged, released, rejected, "
@@ -68,26 +70,26 @@ def register(subparsers: Any) -> None:
     model_args(p)
     p.add_argument("--suite", required=True, help="JSONL checks: target, keep, perplexity (see rankone.lifecycle.gates)")
     p.add_argument("--policy", default=None, help="JSON thresholds (default: rankone.lifecycle.gates.GatePolicy; docs/policy.example.json)")
-    p.add_argument("--reason", default=None, help="a note for the audit log")
+    p.add_argument("--reason", type=text_arg("--reason"), default=None, help="a note for the audit log")
 
     def release_args(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("id", help=ID_HELP)
         model_args(p, required=False)
         p.add_argument("--policy", default=None, help="JSON thresholds; its conflict_key_cosine decides key overlaps (default 0.9)")
         p.add_argument("--force", action="store_true", help=f"{verb} despite conflicts (recorded in the audit log)")
-        p.add_argument("--reason", default=None, help="a note for the audit log")
+        p.add_argument("--reason", type=text_arg("--reason"), default=None, help="a note for the audit log")
 
     release_args(add("release", cmd_release, "append a validated patch to the release order (refuses conflicts unless --force)"),
                  "release")
 
     p = add("rollback", cmd_rollback, "take a released patch out of the release")
     p.add_argument("id", help=ID_HELP)
-    p.add_argument("--reason", help="why (required)")
+    p.add_argument("--reason", type=text_arg("--reason"), help="why (required)")
     p.add_argument("--cascade", action="store_true", help="also roll back released patches made on top of it")
 
     p = add("reject", cmd_reject, "reject a proposed or validated patch")
     p.add_argument("id", help=ID_HELP)
-    p.add_argument("--reason", help="why (required)")
+    p.add_argument("--reason", type=text_arg("--reason"), help="why (required)")
 
     p = add("log", cmd_log, "the audit log (append-only)")
     p.add_argument("id", nargs="?", default=None, help="only this patch's entries (default: all)")
@@ -133,3 +135,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="folder to write (whole or not at all)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--registry", default=None, help="registry for --patch ids")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="export even where the model's config.json differs from the one the patches were made on")

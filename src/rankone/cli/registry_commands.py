@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from rankone.core.errors import RankoneError
+from rankone.core.text import shown
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -31,15 +32,17 @@ def _actor(args: argparse.Namespace) -> str:
 def _need_reason(args: argparse.Namespace, what: str) -> str:
     if not args.reason or not args.reason.strip():
         raise RankoneError(f"{what} needs --reason: the audit log records why")
-    return args.reason.strip()
+    return args.reason  # stored as given (escaped where shown)
 
 
 def _facts(summary: list[dict[str, Any]], limit: int = 60) -> str:
-    s = "; ".join(f"{x['prompt'].replace('{}', x['subject'])} -> {x['target']}" for x in summary)
+    s = shown("; ".join(f"{x['prompt'].replace('{}', x['subject'])} -> {x['target']}" for x in summary))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Aligned columns; every cell is escaped for the terminal (free text is one cell, one line)."""
+    rows = [tuple(shown(c) for c in r) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
 
@@ -53,7 +56,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     reason = _need_reason(args, "registry add")
     Patch.load(args.patch)  # a bad folder is refused before a registry is created
     with _open(args, create=True) as reg:
-        rec, created = reg.add(args.patch, _actor(args), reason)
+        try:
+            rec, created = reg.add(args.patch, _actor(args), reason)
+        except BaseException:
+            reg.discard_if_new()  # e.g. a full disk: no empty registry left behind
+            raise
     if created:
         print(f"added {rec.id} (proposed): {rec.n_edits} edit(s): {_facts(rec.summary, 200)}")
     else:
@@ -62,7 +69,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rankone.lifecycle.store import STATES
+    from rankone.lifecycle.records import STATES
 
     if args.state and args.state not in STATES:
         raise RankoneError(f"unknown state {args.state!r}; one of {', '.join(STATES)}")
@@ -94,18 +101,20 @@ def cmd_show(args: argparse.Namespace) -> int:
                               "dependents": deps, "store": str(reg.patch_dir(rec.id)), "manifest": patch.manifest()}, indent=2))
             return 0
         print(f"patch {rec.id}  state {rec.state}" + (f"  release #{rec.release_seq}" if rec.release_seq else ""))
-        print(f"  store   {reg.patch_dir(rec.id)}")
-        print(f"  added   {rec.added_at} by {rec.added_by}: {rec.reason or ''}")
-        print(f"  base    {rec.base.get('model_type', '?')}, {rec.base.get('n_layers', '?')} layers ({rec.base.get('name_or_path', '')})")
+        print(f"  store   {shown(reg.patch_dir(rec.id))}")
+        print(f"  added   {shown(rec.added_at)} by {shown(rec.added_by)}: {shown(rec.reason)}")
+        print(f"  base    {shown(rec.base.get('model_type', '?'))}, {shown(rec.base.get('n_layers', '?'))} layers "
+              f"({shown(rec.base.get('name_or_path', ''))})")
         for i, e in enumerate(patch.edits):
             r = e.request
-            print(f"  edit {i}  {e.module} ({e.method}) {r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  "
+            print(f"  edit {i}  {shown(e.module)} ({shown(e.method)}) {r['prompt'].replace('{}', r['subject'])!r} -> {r['target']!r}  "
                   f"|Δ|_F={e.delta_fro:.4g}  base {e.sha256_before[:12]}…")
         if deps:
             print(f"  released patches built on it: {', '.join(deps)}")
         if vals:
             v = vals[-1]
-            print(f"  latest validation ({len(vals)} in all): {v['at']} by {v['actor']}: {'pass' if v['passed'] else 'FAIL'}")
+            print(f"  latest validation ({len(vals)} in all): {shown(v['at'])} by {shown(v['actor'])}: "
+                  f"{'pass' if v['passed'] else 'FAIL'}")
             print("    " + GateReport.from_dict(v["report"]).table().replace("\n", "\n    "))
         print("  history:")
         print("    " + _table(LOG_HEAD, [_log_row(e) for e in log]).replace("\n", "\n    "))
@@ -115,19 +124,22 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from rankone.cli.common import load
     from rankone.lifecycle.gates import GatePolicy, load_suite, run_gates
+    from rankone.models.generation import check_fits
 
     suite = load_suite(args.suite)
     policy = GatePolicy.load(args.policy)
     with _open(args) as reg:
         rec = reg.get(args.id)
-        if rec.state not in ("proposed", "validated"):
-            raise RankoneError(f"patch {rec.id} is {rec.state}; only proposed or validated patches are validated")
+        reg.require("validate", rec.id, rec.state)  # refused before the model loads
         patch = reg.load_patch(rec.id)
         released = [(r.id, reg.load_patch(r.id)) for r in reg.released()]
         handle = load(args)
         reg.check_model(handle)
+        for c in suite.checks:  # a prompt longer than the context would be judged on an empty answer
+            if c.prompt:
+                check_fits(handle.model, handle.tokenizer, c.prompt, policy.answer_tokens, f"{c.where}: the prompt")
         report = run_gates(handle.model, handle.tokenizer, patch, suite, policy, [p for _, p in released],
-                           [q for q, _ in released])
+                           [q for q, _ in released], spec=handle.spec)
         print(f"validating {rec.id} ({_facts(rec.summary, 200)}) against {args.model}"
               + (f" with {len(released)} released patch(es)" if released else ""))
         print(report.table())
@@ -143,11 +155,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     policy = GatePolicy.load(args.policy)
     with _open(args) as reg:
         rec = reg.get(args.id)
-        if promote and rec.state != "staged":
-            raise RankoneError(f"patch {rec.id} is {rec.state}; only a staged patch is promoted (`rankone registry stage` first)")
-        if not promote and rec.state != "validated":
-            hint = "validate it first with `rankone registry validate`" if rec.state == "proposed" else f"it is {rec.state}"
-            raise RankoneError(f"patch {rec.id} cannot be released: {hint}")
+        reg.require("promote" if promote else "release", rec.id, rec.state)  # refused before the model loads
         model = None
         if args.model:
             from rankone.cli.common import load

@@ -23,7 +23,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     settings = CompactSettings(method=args.method, targets=args.targets, hparams=given)
     suite, policy = load_suite(args.suite), GatePolicy.load(args.policy)
     with _open(args) as reg:
-        n = len(reg.released())
+        n = len(reg.check_compactable())  # refused before the model loads
         handle = load(args)
         res = compact_release(reg, handle, reason=reason, suite=suite, policy=policy, settings=settings,
                               stats_corpus=args.stats_corpus, actor=_actor(args), progress=not args.quiet)
@@ -45,8 +45,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def register_compact(add: Any) -> None:
     """`registry compact`'s arguments, on the `add(name, fn, help)` of `rankone.cli.registry`."""
-    from rankone.cli.common import model_args
-    from rankone.edit.compaction import COMPACT_METHODS, TARGET_MODES
+    from rankone.cli.common import model_args, positive_int, text_arg
+    from rankone.edit.compaction import DEFAULT_COMPACT, TARGET_MODES, compact_methods
 
     p = add("compact", cmd_compact, "re-solve every released patch from the base as one patch per module, gate it "
                                     "and release it in their place (rollback restores them)")
@@ -54,7 +54,7 @@ def register_compact(add: Any) -> None:
     p.add_argument("--suite", required=True, help="JSONL checks (keep, perplexity, targets); every replaced fact is "
                                                   "checked as well: it may not be lost where the release says it")
     p.add_argument("--policy", default=None, help="JSON thresholds (default: rankone.lifecycle.gates.GatePolicy)")
-    p.add_argument("--method", choices=COMPACT_METHODS, default="emmet",
+    p.add_argument("--method", choices=compact_methods(), default=DEFAULT_COMPACT,
                    help="the solve: emmet (every key's target met exactly, least C-norm; default), memit "
                         "(λC-regularised least squares) or alphaedit (confined to C's null space)")
     p.add_argument("--targets", choices=TARGET_MODES, default="written",
@@ -64,7 +64,7 @@ def register_compact(add: Any) -> None:
                                                    "'{\"emmet_lambda\": 0}' or '{\"l2\": 1}'")
     p.add_argument("--stats-corpus", default=None, help="corpus for the key statistics (default: the model's own, "
                                                         "else text sampled from it)")
-    p.add_argument("--stats-tokens", type=int, default=None,
+    p.add_argument("--stats-tokens", type=positive_int("--stats-tokens"), default=None,
                    help="tokens of the statistics (default: the budget the released edits recorded)")
-    p.add_argument("--reason", default=None, help="why (required)")
+    p.add_argument("--reason", type=text_arg("--reason"), default=None, help="why (required)")
     p.add_argument("--quiet", action="store_true", help="no progress display")

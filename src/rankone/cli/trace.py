@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rankone.core.errors import RankoneError
+from rankone.core.text import shown
 from rankone.trace import KINDS, MAX_CASES
 
 if TYPE_CHECKING:  # imported where they are used: the parser must not pay for torch
@@ -19,16 +20,16 @@ if TYPE_CHECKING:  # imported where they are used: the parser must not pay for t
 
 
 def register(sub: Any) -> None:
-    from rankone.cli.common import model_args
+    from rankone.cli.common import model_args, text_arg
 
     p = sub.add_parser("trace", help="causal tracing: where the model keeps a fact (heatmaps, average indirect effect)",
                        description="Corrupt the subject's embeddings with noise and restore clean hidden states, MLP "
                        "and attention outputs one (token, layer) at a time (Meng et al. 2022). One prompt gives "
                        "heatmaps; --cases gives the average indirect effect per layer that `edit --layer auto` uses.")
     model_args(p)
-    p.add_argument("--prompt", help="e.g. '{} was born in' ({} marks the subject, or write it literally)")
-    p.add_argument("--subject", help="the entity in the prompt whose tokens are corrupted, e.g. 'Danielle Darrieux'")
-    p.add_argument("--target", help="the true answer (default: the model's own prediction)")
+    p.add_argument("--prompt", type=text_arg("--prompt"), help="e.g. '{} was born in' ({} marks the subject, or write it literally)")
+    p.add_argument("--subject", type=text_arg("--subject"), help="the entity in the prompt whose tokens are corrupted, e.g. 'Danielle Darrieux'")
+    p.add_argument("--target", type=text_arg("--target"), help="the true answer (default: the model's own prediction)")
     p.add_argument("--cases", help="facts for the average indirect effect: .jsonl/.json of {prompt, subject, answer}, "
                    "CounterFact records, or a testbed folder")
     p.add_argument("--max-cases", type=int, default=MAX_CASES, help=f"trace at most this many facts (default {MAX_CASES}; 0 = all)")
@@ -78,7 +79,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
         EditRequest.create(args.prompt, args.subject, args.target or "x")  # bad prompt/subject: fail before loading
     noise_subjects = fact_set(args.noise_from).subjects if args.noise_from else (cases.subjects if cases else [])
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, [("--model", args.model), ("--cases", args.cases), ("--noise-from", args.noise_from)])
     handle = load(args)
     if not noise_subjects:
         known = known_fact_set(handle)
@@ -108,7 +109,7 @@ def _trace_one(handle: Any, args: argparse.Namespace, settings: TraceSettings, n
         for kind in settings.kinds:
             plot_trace(tr, kind, d / f"trace_{kind}.png", name)
     if not args.quiet:
-        print(f"{tr.prompt} -> {tr.answer_token.strip()}: p clean {tr.p_clean:.3f}, corrupted {tr.p_corrupted:.3f} "
+        print(f"{shown(tr.prompt)} -> {shown(tr.answer_token.strip())}: p clean {tr.p_clean:.3f}, corrupted {tr.p_corrupted:.3f} "
               f"(noise {nu:.4g}, {settings.n_samples} samples)")
         i = tr.positions.index(tr.subject_range[1])
         for kind in settings.kinds:

@@ -56,6 +56,15 @@ class ArchSpec:
             )
         if d.get("source", "table") not in SOURCES:
             raise RankoneError(f"architecture source {d['source']!r} is not one of {', '.join(SOURCES)}")
+        if not all(isinstance(d[k], str) and d[k] for k in names):
+            raise RankoneError("architecture override: every module path must be a non-empty string")
+        block = f"{d['layers']}.{{}}."
+        for k in ("mlp", "proj", "attn"):  # per-layer modules: inside block {} (never lm_head or the embedding)
+            if not d[k].startswith(block) or d[k].count("{}") != 1:
+                raise RankoneError(f"architecture override: {k} {d[k]!r} must be a path inside each block, "
+                                   f"starting {block!r} ('{{}}' stands for the layer number)")
+        if "{}" in d["layers"] or "{}" in d["embed"]:
+            raise RankoneError("architecture override: layers and embed are single modules, without '{}'")
         return cls(**d)
 
 
@@ -186,7 +195,10 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 def num_layers(model: nn.Module, spec: ArchSpec) -> int:
     layers = get_module(model, spec.layers)
-    return len(layers)  # type: ignore[arg-type]
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise RankoneError(f"{spec.layers!r} is a {type(layers).__name__}, not the list of decoder blocks; "
+                           f"check the architecture table entry or {OVERRIDE_HINT}")
+    return len(layers)
 
 
 def check_layer(model: nn.Module, layer: int, spec: ArchSpec) -> int:

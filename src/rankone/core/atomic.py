@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -17,10 +18,11 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from rankone.core.errors import RankoneError
 
+log = logging.getLogger(__name__)
 STALE_WITHOUT_PID_S = 3600  # temporary names without a process id (older rankone): removed after an hour
 
 
@@ -39,6 +41,17 @@ def umask() -> int:
 
 def _honour_umask(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
+
+
+def honour_umask_tree(root: str | os.PathLike) -> None:
+    """Every folder and file under `root` (written by libraries that create files 0600, such as
+    safetensors, or folders 0700, such as tempfile) gets the permissions the umask gives."""
+    mask = umask()
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            if not os.path.islink(os.path.join(d, f)):
+                os.chmod(os.path.join(d, f), 0o666 & ~mask)
 
 
 def _alive(pid: int) -> bool:
@@ -106,6 +119,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def write_cache(path: str | os.PathLike, data: bytes | Any, what: str) -> bool:
+    """Keep a computed value (bytes, or a JSON-able object) in a cache file if the file system
+    lets us: a cache that cannot be written (a full disk, a read-only cache folder) costs the next
+    run the work again, so it is one warning and the work goes on. True when it was written."""
+    try:
+        if isinstance(data, bytes):
+            write_bytes(path, data)
+        else:
+            write_json(path, data)
+        return True
+    except OSError as e:
+        log.warning("could not keep the %s in the cache (%s: %s); going on without it (set RANKONE_CACHE to a "
+                    "writable folder to keep it)", what, e.filename or path, e.strerror or e)
+        return False
+
+
 def _writable_ancestor(p: Path) -> None:
     """Refuse now, not after minutes of work, an output whose nearest existing folder cannot be written."""
     q = p.resolve().parent
@@ -120,22 +149,50 @@ def _writable_ancestor(p: Path) -> None:
         raise RankoneError(f"cannot write {p}: the folder {q} is read-only; choose another --out")
 
 
-def check_out_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse (before any work) to clobber a folder the user did not ask us to replace, or to write where we cannot."""
+Inputs = Iterable[tuple[str, "str | os.PathLike | None"]]
+
+
+def apart_from_inputs(p: Path, inputs: Inputs, file: bool = False) -> None:
+    """Refuse an output that is, holds or sits inside one of the command's inputs (e.g. --model):
+    replacing it would delete what is being read. Also the folder the user is in, which cannot be
+    replaced by a rename. `inputs` are (what, path) pairs; paths that do not exist are skipped."""
+    out = p.resolve()
+    cwd = Path.cwd().resolve()
+    if not file and (out == cwd or out in cwd.parents):
+        raise RankoneError(f"--out {p} is the current folder or holds it; write to a new folder instead")
+    for what, given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        q = Path(given).resolve()
+        if out == q:
+            raise RankoneError(f"--out {p} is {what} {given} itself: writing it would replace what is being read; "
+                               "write to another folder")
+        if out in q.parents:
+            raise RankoneError(f"--out {p} holds {what} {given}: replacing it would delete it; write to another folder")
+        if q in out.parents:
+            raise RankoneError(f"--out {p} is inside {what} {given}: write outside it")
+
+
+def check_out_dir(path: str | os.PathLike, overwrite: bool = False, inputs: Inputs = ()) -> Path:
+    """Refuse (before any work) to clobber a folder the user did not ask us to replace, to write
+    where we cannot, or to write over, inside or around an input (`inputs`: (what, path) pairs)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RankoneError(f"output {p} exists and is a file; choose another --out")
+    apart_from_inputs(p, inputs)
     if p.exists() and any(p.iterdir()) and not overwrite:
         raise RankoneError(f"output folder {p} already exists and is not empty; choose another --out or pass --force")
     _writable_ancestor(p)
     return p
 
 
-def check_out_file(path: str | os.PathLike) -> Path:
-    """The same for one output file (e.g. eval's JSON): not a folder, and its folder writable."""
+def check_out_file(path: str | os.PathLike, inputs: Inputs = ()) -> Path:
+    """The same for one output file (e.g. eval's JSON): not a folder, not an input nor inside one,
+    and its folder writable."""
     p = Path(path)
     if p.is_dir():
         raise RankoneError(f"output {p} is a folder; give a file path")
+    apart_from_inputs(p, inputs, file=True)
     _writable_ancestor(p)
     return p
 
@@ -152,11 +209,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        _honour_umask(tmp, is_dir=True)
+        honour_umask_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=_prefix(target.name), suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
+            try:
+                os.replace(target, old / "x")
+            except BaseException:
+                shutil.rmtree(old, ignore_errors=True)
+                raise
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / "x", target)  # the old folder back where it was
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             try:

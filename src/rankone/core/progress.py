@@ -36,6 +36,9 @@ class Progress:
 
     `unit` is plural ("cases"); `initial` counts steps done before (a resumed run): the estimate
     uses the rate of this session only. `note(text)` adds a short status (e.g. the latest scores).
+    Work that may stop before its total (a loop with an early stop) calls `end(n)` with the steps
+    it ran: the last line shows n, not the total. Left by an exception (Ctrl-C, an error), the last
+    line says where the work stopped, never "done".
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "steps", enabled: bool = True,
@@ -62,8 +65,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(stopped=exc_type is not None)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled:
@@ -74,6 +77,17 @@ class Progress:
             self._bar.update(step)
         elif self.total is None or self.n < self.total:  # the last step is close()'s line
             self._line(force=not self._estimated)  # the first estimate as soon as there is one
+
+    def end(self, n: int) -> None:
+        """The work is over after n steps in all (a loop that stopped early, or ran past a total
+        that was a first guess): the count becomes n, and the total n where it was less."""
+        if self.total is not None and n > self.total:
+            self.total = n
+            if self._bar is not None:
+                self._bar.total = n
+        if self._bar is not None:
+            self._bar.update(n - self.n)
+        self.n = n
 
     def note(self, text: str) -> None:
         if not self.enabled:
@@ -91,7 +105,7 @@ class Progress:
             return None
         return self.elapsed() / (self.n - self.initial) * (self.total - self.n)
 
-    def _line(self, force: bool = False, final: bool = False) -> None:
+    def _line(self, force: bool = False, final: bool = False, stopped: bool = False) -> None:
         now = time.perf_counter()
         if self.elapsed() < self.delay or (not force and not final and now - self._last < self.min_interval):
             return
@@ -99,21 +113,24 @@ class Progress:
         count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
         tail = f"{clock(self.elapsed())} elapsed"
         if final:
-            tail = f"done in {clock(self.elapsed())}"
+            tail = f"{'stopped after' if stopped else 'done in'} {clock(self.elapsed())}"
         elif (left := self.left()) is not None:
             tail += f", about {clock(left)} left"
         self._estimated = self._estimated or self.n > self.initial
         note = f" ({self._note})" if self._note else ""
         print(f"rankone: {self.desc}: {count} {self.unit}{note}, {tail}", file=self.stream, flush=True)
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """The final line: "done in …", or with stopped (the work was interrupted) "stopped after …"."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            if stopped:  # the bar vanishes (leave=False): say where the work stopped
+                self._line(final=True, stopped=True)
         elif self._shown or self.elapsed() >= self.delay:
-            self._line(final=True)
+            self._line(final=True, stopped=stopped)
         self.enabled = False
 
 

@@ -21,8 +21,9 @@ later one, as it is in the chain. Then one solve from W₀ in float64 on C's cac
     memit      ΔW = T (λI + KᵀC⁻¹K)⁻¹ KᵀC⁻¹        MEMIT's λC-regularised least squares
     alphaedit  ΔW = T (Û X)ᵀ, X = (ÛᵀKKᵀÛ + αI)⁻¹ÛᵀK   confined to C's null space Û
 
-(the methods' own functions, `emmet_update`, `memit_update`, `alphaedit_update`, with their
-settings resolved as an edit resolves them). The result is one edit per module of rank N (the
+(each the solver of its entry in the method table, `rankone.methods.base.METHODS`, with its
+settings resolved as an edit resolves them, on inputs that keep no earlier keys: from the base,
+nothing else is kept). The result is one edit per module of rank N (the
 keys kept), which carries K and the facts behind them, so it can be compacted again, and records
 the statistics it was solved with. `compact` makes that patch; `rankone.lifecycle.compact`
 releases it in place of a registry's chain.
@@ -45,13 +46,20 @@ from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.core.util import user_name, utcnow
 from rankone.edit.context import EditContext
-from rankone.methods.base import resolve_settings
+from rankone.methods.base import METHODS, Method, method, resolve_settings
 from rankone.methods.settings import MethodSettings, strict_from_dict
 from rankone.methods.stats import LayerStats
 from rankone.models.handle import ModelHandle
 
-COMPACT_METHODS = ("emmet", "memit", "alphaedit")
+DEFAULT_COMPACT = "emmet"
 TARGET_MODES = ("written", "released")
+
+
+def compact_methods() -> tuple[str, ...]:
+    """The methods a chain can be compacted with: those of the method table with a solver (a
+    batch solve from given keys and targets), the default first."""
+    names = [n for n in METHODS if method(n).solver is not None]
+    return tuple(sorted(names, key=lambda n: n != DEFAULT_COMPACT))
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,14 @@ class CompactSettings:
     {"emmet_lambda": 0}, {"mom2_update_weight": 5000}, {"l2": 1, "nullspace_energy": 0.02},
     {"stats_tokens": 100000}); what they leave open is the model card's, then the paper's."""
 
-    method: str = "emmet"
+    method: str = DEFAULT_COMPACT
     targets: str = "written"
     hparams: dict[str, Any] = field(default_factory=dict)
     duplicate_sin2: float = 1e-6  # an earlier key this close (sin² of the C⁻¹-angle) to a later one is superseded
 
     def __post_init__(self) -> None:
-        if self.method not in COMPACT_METHODS:
-            raise RankoneError(f"compaction solves with one of {', '.join(COMPACT_METHODS)}, not {self.method!r}")
+        if self.method not in compact_methods():
+            raise RankoneError(f"compaction solves with one of {', '.join(compact_methods())}, not {self.method!r}")
         if self.targets not in TARGET_MODES:
             raise RankoneError(f"compaction targets are {' or '.join(TARGET_MODES)}, not {self.targets!r}")
         if not isinstance(self.hparams, dict) or "method" in self.hparams:
@@ -149,27 +157,33 @@ def superseded(K: torch.Tensor, st: LayerStats, sin2: float) -> list[int]:
     return [int(i) for i in torch.nonzero(later.any(dim=1)).flatten()]
 
 
-def solve(K: torch.Tensor, T: torch.Tensor, st: LayerStats, s: MethodSettings, ctx: EditContext
+class _FromBase:
+    """An edit context as a compaction's solve sees it: its statistics and what it derived from
+    them, but no kept keys (the solve starts from the base weights, where no edit is kept)."""
+
+    def __init__(self, ctx: EditContext) -> None:
+        self.ctx, self.handle, self.cache_dir = ctx, ctx.handle, ctx.cache_dir
+
+    def templates(self, s: MethodSettings) -> list[str]:
+        return self.ctx.templates(s)
+
+    def stats(self, layers: Sequence[int], n_tokens: int) -> dict[int, LayerStats]:
+        return self.ctx.stats(layers, n_tokens)
+
+    def preserved(self, layer: int, in_features: int) -> torch.Tensor:
+        return torch.zeros(in_features, 0, dtype=torch.float64)
+
+    def memo(self, key: tuple, make: Any) -> Any:
+        return self.ctx.memo(key, make)
+
+
+def solve(m: Method, s: MethodSettings, ctx: EditContext, layer: int, K: torch.Tensor, T: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(B [out, N], A [N, in], diagnostics): the method's update meeting ΔW K ≈ T from the base weights."""
-    if s.method == "emmet":
-        from rankone.methods.emmet import emmet_update
-
-        B, A, extra = emmet_update(K, T, st, float(s.emmet_lambda))  # type: ignore[attr-defined]
-        return B, A, {"emmet_lambda": float(s.emmet_lambda), **extra}  # type: ignore[attr-defined]
-    if s.method == "memit":
-        from rankone.methods.memit import memit_update
-
-        lam = float(s.mom2_update_weight)  # type: ignore[attr-defined]
-        B, A = memit_update(K, T, st, lam)
-        return B, A, {"lambda": lam}
-    from rankone.methods.alphaedit import alphaedit_update, cached_null_basis, null_energy
-
-    hp: Any = s
-    U = cached_null_basis(st, hp.nullspace_threshold, ctx.cache_dir, hp.nullspace_energy)
-    B, A = alphaedit_update(K, T, U, None, hp.l2)
-    return B, A, {"null_dim": int(U.shape[1]), "null_energy": null_energy(st.mom2, U), "l2": hp.l2,
-                  "threshold": hp.nullspace_threshold, "nullspace_energy": hp.nullspace_energy}
+    if m.solver is None:
+        raise RankoneError(f"{m.name} has no solve from given keys and targets; compaction solves with one of "
+                           f"{', '.join(compact_methods())}")
+    return m.solver(_FromBase(ctx), s, layer, K, T)
 
 
 def constraint_error(B: torch.Tensor, A: torch.Tensor, K: torch.Tensor, T: torch.Tensor) -> tuple[float, float]:
@@ -208,6 +222,7 @@ def compact(handle: ModelHandle, patches: Sequence[Patch], settings: CompactSett
     if not chain:
         raise RankoneError("nothing to compact: the chain holds no edits")
     s = resolve_settings(handle, {**_recorded_budget(chain), **settings.hparams, "method": settings.method})
+    m_solve = method(s.method)
     ctx = context or EditContext(handle, stats_corpus, s.sampled_corpus_tokens, s.seed, progress=progress)
     layers = sorted({e.layer for p in chain for e in p.edits})
     for e in (e for p in chain for e in p.edits):
@@ -230,15 +245,15 @@ def compact(handle: ModelHandle, patches: Sequence[Patch], settings: CompactSett
         drop = set(superseded(K_all, st, settings.duplicate_sin2))
         keep = [i for i in range(K_all.shape[1]) if i not in drop]
         K, T = K_all[:, keep].contiguous(), T_all[:, keep].contiguous()
-        B, A, extra = solve(K, T, st, s, ctx)
+        B, A, extra = solve(m_solve, s, ctx, m.layer, K, T)
         err, worst = constraint_error(B, A, K, T)
         err32, worst32 = constraint_error(B.float(), A.float(), K, T)
         facts = [m.columns[i].fact for i in keep]
-        diag = {"method": settings.method, "targets": settings.targets, "replaces": ids, "n_edits": len(m.B),
+        diag = {**extra, "method": settings.method, "targets": settings.targets, "replaces": ids, "n_edits": len(m.B),
                 "n_keys": int(K_all.shape[1]), "n_kept": len(keep), "keys_recovered": m.recovered,
                 "superseded": [_fact_text(m.columns[i].fact) for i in sorted(drop)],
                 "constraint_error": err, "max_key_error": worst, "constraint_error_stored": err32,
-                "max_key_error_stored": worst32, "target_norm": float(T.norm()), **extra}
+                "max_key_error_stored": worst32, "target_norm": float(T.norm())}
         e, _ = make_edit(w.clone(), B, A, module=name, layer=m.layer, request=facts[0], requests=facts, keys=K,
                          method=f"compact/{settings.method}", hparams=s.to_dict(), seed=s.seed,
                          diagnostics={"compaction": diag, "stats": {**ctx.stats_record(st), "layer": m.layer}},

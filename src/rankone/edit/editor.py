@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -43,9 +44,13 @@ log = logging.getLogger(__name__)
 GuardFn = Callable[[Computed, Sequence[EditRequest]], "str | None"]
 
 
+@dataclass
 class Rejected:
-    def __init__(self, requests: Sequence[EditRequest], reason: str, computed: Computed) -> None:
-        self.requests, self.reason, self.computed = list(requests), reason, computed
+    """A step the guard refused: its requests, why, and what had been computed (nothing was written)."""
+
+    requests: list[EditRequest]
+    reason: str
+    computed: Computed
 
 
 class Editor:
@@ -106,10 +111,17 @@ class Editor:
         what = f"{reqs[0].subject} -> {reqs[0].target}" if len(reqs) == 1 else f"{len(reqs)} facts"
         t0 = time.perf_counter()
         # a pass is counted where every pass of every method runs: the (critical) edited projection
+        passes = 0
+
+        def count() -> None:
+            nonlocal passes
+            passes += 1
+            bar.update()
+
         with Progress(planned, f"{self.method.name} ({what})", "passes", enabled=self.progress, delay=2.0) as bar, \
-                after_forward(self.handle.proj(s.layer), bar.update):
+                after_forward(self.handle.proj(s.layer), count):
             c = self.method.compute(self.context, reqs, s)
-            bar.total = bar.n  # the loop may stop early: the last line counts the passes it ran
+            bar.end(passes)  # the loop may stop early (or read a few more passes): the line says what ran
         c.diagnostics["stats"] = self.context.stats_record(self.stats())
         if not self.method.one_at_a_time:
             c.diagnostics["batch_seconds"] = time.perf_counter() - t0
@@ -159,7 +171,7 @@ class Editor:
                 if why:
                     log.warning("refused %s: %s", f"edit {step[0].subject!r}" if len(step) == 1
                                 else f"a batch of {len(step)} edit(s)", why)
-                    self.rejected.append(Rejected(step, why, c))
+                    self.rejected.append(Rejected(list(step), why, c))
                     continue
                 self.write(c, step, patch, author, reason)
                 self._record_outcomes(step, patch.edits[-1])
@@ -196,7 +208,7 @@ class Editor:
         kept. Returns the handle that reverts them."""
         self.templates  # noqa: B018 (taken now, from the base model)
         self.context.stats(self.layers, self.settings.stats_tokens)
-        applied = apply_patch(self.model, list(patches))
+        applied = apply_patch(self.model, list(patches), self.handle.spec)
         for p in patches:
             self.context.kept.add_patch(p)
         return applied

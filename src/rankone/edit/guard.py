@@ -9,8 +9,8 @@ compares each update with the ones accepted so far:
                                      or denominator < median(accepted denominators) / denom_factor
 
 (a small denominator is what blows ‖Δ‖ up; a large one only makes the update small, which is
-harmless). Use as `Editor.edit(requests, guard=Guard())`; any callable (update, request) →
-reason-or-None works there.
+harmless). Use as `Editor.edit(requests, guard=Guard())`; any callable (computed step, its
+requests) → reason-or-None works there.
 
 A batch (MEMIT, AlphaEdit) is judged as a whole, by the same rules on its ‖Δ‖ per fact:
 ‖ΣBA‖_F over its layers (√Σ_l ‖B_l A_l‖²_F) / √n for n facts (what each fact costs if their updates

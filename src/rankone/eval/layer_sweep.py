@@ -23,7 +23,7 @@ from rankone.eval.protocol import select_cases
 from rankone.methods.base import resolve_settings
 from rankone.methods.settings import MethodSettings
 from rankone.models.handle import ModelHandle
-from rankone.trace.layer_choice import EditSweep, LayerChoice, choose_layer, save_sweep
+from rankone.trace.layer_choice import MIN_SWEEP_CASES, EditSweep, LayerChoice, choose_layer, save_sweep
 from rankone.trace.tracing import model_fingerprint
 
 Log = Callable[[str], None]
@@ -62,7 +62,8 @@ def sweep_layers(
     settings = {"stats": str(stats_corpus) if stats_corpus else "the model's default corpus",
                 **{k: v for k, v in hp.to_dict().items() if k not in ("layer", "method")}}
     sweep = EditSweep(scores, hp.method, how, len(chosen), settings, model_fingerprint(model))
-    return save_sweep(sweep) if store else sweep
+    # a sweep of too few cases is shown, never stored: `--layer auto` must not follow it
+    return save_sweep(sweep) if store and sweep.n_cases >= MIN_SWEEP_CASES else sweep
 
 
 def choose_edit_layer(handle: ModelHandle, requests: Sequence[EditRequest], cases: str | None = None,

@@ -1,7 +1,7 @@
 """The before/after evaluation protocol behind `rankone eval`.
 
     1. cases the tokenizer cannot align are dropped (and, with known_only, those whose true answer
-       the unedited model does not give), then the first n are kept;
+       the unedited model does not give), then the first n are kept, the facts a patch edits first;
     2. the unedited model is measured: ES/EM, PS/PM, NS/NM, S per case, fluency of the generation
        prompts, and optionally held-out perplexity and few-shot GLUE;
     3. either the patches are applied (fit-checked before any measuring), the model measured again
@@ -136,14 +136,18 @@ def evaluate_before_after(
     settings = settings or EvalSettings()
     model, tok = handle
     if patches:
-        apply_patch(model, list(patches)).revert()  # a patch for another model fails here, before any measuring
+        apply_patch(model, list(patches), handle.spec).revert()  # a patch for another model fails here, before measuring
     chosen, info = select_cases(model, tok, cases, known_only)
+    info["n_usable"] = len(chosen)
+    if patches and n:  # the cases a patch edits (the same fact, any target) first: --n never leaves them out
+        same = edited_by(chosen, [f for p in patches for f in p.facts()])[1]
+        chosen = [c for c, s in zip(chosen, same) if s] + [c for c, s in zip(chosen, same) if not s]
     chosen = chosen[:n] if n else chosen
     before, extra_b = measure(model, tok, chosen, settings, "before", progress)
     hp: MethodSettings | None = None
     same_fact: list[bool] = []
     if patches:
-        applied = apply_patch(model, list(patches))
+        applied = apply_patch(model, list(patches), handle.spec)
         try:
             after, extra_a = measure(model, tok, chosen, settings, "after", progress)
         finally:

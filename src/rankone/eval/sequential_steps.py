@@ -131,9 +131,9 @@ def compact_step(run: SequentialRun, n_done: int) -> dict[str, Any]:
         done = compact(run.editor.handle, [run.patch], run.cfg.compaction(), context=run.editor.context,
                        replaces=[], reason=f"compaction after {n_done} edits", progress=False)
     except BaseException:
-        apply_patch(run.model, run.patch)  # the run goes on from where it was
+        apply_patch(run.model, run.patch, run.editor.handle.spec)  # the run goes on from where it was
         raise
-    apply_patch(run.model, done.patch)
+    apply_patch(run.model, done.patch, run.editor.handle.spec)
     run.patch = done.patch
     run.editor.context.kept = PreservedKeys.of_patches([done.patch])
     mods = done.modules.values()

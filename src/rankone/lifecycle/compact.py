@@ -69,14 +69,8 @@ def compact_release(registry: Registry, handle: ModelHandle, *, reason: str, sui
     base; a release made meanwhile refuses the transition (the compacted patch stays validated)."""
     if not reason or not reason.strip():
         raise RankoneError("a compaction needs a reason: the audit log records why")
-    released = registry.released()
-    if not released:
-        raise RankoneError("nothing is released, so there is nothing to compact")
-    if registry.staged():
-        raise RankoneError("patches are staged on top of the release; promote or abort them before compacting "
-                           "(they were made on the weights a compaction replaces)")
+    ids = registry.check_compactable()
     fps = registry.check_model(handle)
-    ids = [r.id for r in released]
     chain = [registry.load_patch(i) for i in ids]
     actor = actor or user_name()
     done = compact(handle, chain, settings, stats_corpus=stats_corpus, replaces=ids, author=actor, reason=reason,
@@ -84,7 +78,7 @@ def compact_release(registry: Registry, handle: ModelHandle, *, reason: str, sui
     checks = fact_checks(chain) + (list(suite.checks) if suite is not None else [])
     gate_suite = Suite(checks, suite.path if suite else "", suite.sha256 if suite else "")
     report = run_gates(handle.model, handle.tokenizer, done.patch, gate_suite, policy or GatePolicy(), chain, ids,
-                       replaces=True)
+                       spec=handle.spec, replaces=True)
     with tempfile.TemporaryDirectory(prefix="rankone-compact-") as tmp:
         rec, _ = registry.add(done.patch.save(Path(tmp) / "patch"), actor, reason)
     rec = registry.record_validation(rec.id, report.to_dict(), report.passed, actor, reason)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from rankone.core.errors import RankoneError
 from rankone.core.util import user_name, utcnow
 from rankone.lifecycle.staging import Staging
-from rankone.lifecycle.store import PatchRecord
+from rankone.lifecycle.records import PatchRecord
 
 
 class Compactions(Staging):
@@ -33,22 +33,12 @@ class Compactions(Staging):
         patch = self.load_patch(pid)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state != "validated":
-                raise RankoneError(f"patch {pid} is {state}; only a validated compaction can replace the release")
-            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
-            if last is None or not last[0]:
-                raise RankoneError(f"patch {pid} failed its latest validation; it does not replace the release")
-            now = [r[0] for r in db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq")]
-            if not now:
-                raise RankoneError("nothing is released, so there is nothing to compact")
+            state = self.require("compact", pid, self._state(db, pid))
+            self.require_passed(db, pid, "it does not replace the release")
+            now = self._compactable(db)
             if now != list(replaces):
                 raise RankoneError(f"the release changed since the compaction was computed ({len(now)} released patch(es) "
                                    f"now, {len(replaces)} compacted); compact again")
-            staged = [r[0] for r in db.execute("SELECT patch_id FROM staging")]
-            if staged:
-                raise RankoneError(f"patch(es) {', '.join(staged)} are staged on top of the release; promote or abort "
-                                   "them before compacting (they were made on the weights it replaces)")
             self._check_base(db, pid, patch, base_modules)  # type: ignore[attr-defined]
             base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
             learnt, deps, problems = fit_release(base_fp, [], patch)
@@ -59,6 +49,7 @@ class Compactions(Staging):
             self._audit(db, actor, "compact", pid, state, "released", reason,
                         {"release_seq": seq, "replaces": now, **(details or {})})
             for q in now:
+                self.require("compacted", q, self._state(db, q))
                 db.execute("UPDATE patches SET state = 'compacted' WHERE id = ?", (q,))
                 db.execute("INSERT OR REPLACE INTO compactions VALUES (?, ?)", (q, pid))
                 self._audit(db, actor, "compacted", q, "released", "compacted", reason, {"into": pid})
@@ -96,11 +87,23 @@ class Compactions(Staging):
         rows = db.execute("SELECT c.patch_id FROM compactions c JOIN patches p ON p.id = c.patch_id "
                           "WHERE c.into_id = ? AND p.state = 'compacted' ORDER BY p.release_seq", (pid,)).fetchall()
         for (q,) in rows:
+            self.require("restore", q, "compacted")
             db.execute("UPDATE patches SET state = 'released' WHERE id = ?", (q,))
             self._audit(db, actor, "restore", q, "compacted", "released", reason, {"compaction_rolled_back": pid})
         return [r[0] for r in rows]
 
-    def _compacted_hint(self, db: Any, pid: str) -> str:
-        row = db.execute("SELECT into_id FROM compactions WHERE patch_id = ?", (pid,)).fetchone()
-        return f" (it was compacted into {row[0]}: roll that back to restore it)" if row else ""
+    def check_compactable(self) -> list[str]:
+        """The released ids, in release order, when the release can be compacted now (something is
+        released, nothing staged); else one line saying why not. The CLI asks before it loads a model."""
+        return self._compactable(self.db)
 
+    def _compactable(self, db: Any) -> list[str]:
+        now = [r[0] for r in db.execute("SELECT id FROM patches WHERE state = 'released' ORDER BY release_seq")]
+        if not now:
+            raise RankoneError("nothing is released, so there is nothing to compact")
+        staged = [r[0] for r in db.execute("SELECT patch_id FROM staging s JOIN patches p ON p.id = s.patch_id "
+                                           "WHERE p.state = 'staged'")]
+        if staged:
+            raise RankoneError(f"patch(es) {', '.join(staged)} are staged on top of the release; promote or abort "
+                               "them before compacting (they were made on the weights a compaction replaces)")
+        return now

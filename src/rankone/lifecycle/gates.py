@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.core.jsonfiles import json_lines
+from rankone.core.jsonfiles import inside, json_lines, json_object, read_text
+from rankone.core.text import shown
 from rankone.models.generation import first_word, greedy, perplexity, says, target_logprob
 from rankone.artifacts.patch import Patch, apply_patch
 from rankone.methods.base import lowrank_fro
@@ -93,13 +93,7 @@ class GatePolicy:
         p = Path(path)
         if not p.is_file():
             raise RankoneError(f"policy file {p} does not exist")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RankoneError(f"policy file {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(d, dict):
-            raise RankoneError(f"policy file {p} must hold a JSON object")
-        return cls.from_dict(d, str(p))
+        return cls.from_dict(json_object(read_text(p, f"policy file {p}"), f"policy file {p}"), str(p))
 
 
 # ---- suite ----------------------------------------------------------------------------------
@@ -161,11 +155,10 @@ def parse_check(d: dict[str, Any], where: str, folder: Path) -> Check:
         if len(text_field("text").split()) < 2:
             raise RankoneError(f"{where}: the perplexity text is too short (two words at least)")
         return Check(kind, text=text_field("text"), name=str(d.get("name") or "inline text"), where=where)
-    f = Path(text_field("text_file"))
-    f = f if f.is_absolute() else folder / f
+    f = inside(folder, text_field("text_file"), f"{where}: text_file")
     if not f.is_file():
         raise RankoneError(f"{where}: text_file {f} does not exist")
-    text = f.read_text(encoding="utf-8", errors="replace")
+    text = read_text(f, f"{where}: text_file {f}")
     if len(text.split()) < 2:
         raise RankoneError(f"{where}: text_file {f} is too short for a perplexity")
     return Check(kind, text=text, name=str(d.get("name") or f.name), where=where)
@@ -209,7 +202,7 @@ class GateReport:
 
 def format_table(report: GateReport, width: int = 34) -> str:
     def cut(s: str, n: int) -> str:
-        s = " ".join(str(s).split())
+        s = shown(" ".join(str(s).split()))  # suites and answers are untrusted text: escaped for the terminal
         return s if len(s) <= n else s[: n - 1] + "…"
 
     def num(x: float | None) -> str:
@@ -265,10 +258,12 @@ def delta_norms(patch: Patch) -> dict[str, float]:
 
 
 def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, policy: GatePolicy,
-              reference: Iterable[Patch] = (), reference_ids: Iterable[str] = (), replaces: bool = False) -> GateReport:
-    """Measure the reference and the candidate; the model is left exactly as it was. `replaces`:
-    the patch takes the reference's place (a compaction), so the candidate is the base with the
-    patch alone and ‖ΔW‖ is judged against the base weights."""
+              reference: Iterable[Patch] = (), reference_ids: Iterable[str] = (), spec: Any = None,
+              replaces: bool = False) -> GateReport:
+    """Measure the reference and the candidate; the model is left exactly as it was. `spec`: where
+    the model's edited projections are (a ModelHandle's; default: the table's or discovery's).
+    `replaces`: the patch takes the reference's place (a compaction), so the candidate is the base
+    with the patch alone and ‖ΔW‖ is judged against the base weights."""
     ref = list(reference)
 
     def norms() -> dict[str, float]:
@@ -276,7 +271,7 @@ def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, poli
                 for m in {e.module for e in patch.edits}}
 
     w_norm = norms() if replaces else {}
-    handle = apply_patch(model, ref) if ref else None
+    handle = apply_patch(model, ref, spec) if ref else None
     try:
         before = _measure(model, tok, suite.checks, policy)
         w_norm = w_norm or norms()
@@ -284,7 +279,7 @@ def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, poli
         if handle is not None:
             handle.revert()
     answers = {i: b["answer"] for i, b in enumerate(before) if "answer" in b}
-    handle = apply_patch(model, [patch] if replaces else ref + [patch])  # one call: patches made on the base stack exactly
+    handle = apply_patch(model, [patch] if replaces else ref + [patch], spec)  # one call: patches made on the base stack exactly
     try:
         after = _measure(model, tok, suite.checks, policy, answers)
     finally:

@@ -29,15 +29,8 @@ from rankone.artifacts.patch import Patch, apply_patch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
-from rankone.lifecycle.store import (
-    CheckReport,
-    PatchRecord,
-    _entry_hash,
-    _safe_id,
-    content_id,
-    crash_point,
-    is_patch_dir,
-)
+from rankone.lifecycle.records import CheckReport, PatchRecord, _entry_hash
+from rankone.lifecycle.store import _safe_id, content_id, crash_point, is_patch_dir
 from rankone.core.util import user_name, utcnow
 from rankone.lifecycle.compactions import Compactions
 from rankone.models.handle import ModelHandle
@@ -96,9 +89,7 @@ class Registry(Compactions):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state not in ("proposed", "validated"):
-                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches are validated")
+            state = self.require("validate", pid, self._state(db, pid))
             db.execute("INSERT INTO validations (patch_id, at, actor, passed, report) VALUES (?,?,?,?,?)",
                        (pid, utcnow(), actor, int(passed), json.dumps(report)))
             new = "validated" if passed else state
@@ -129,8 +120,8 @@ class Registry(Compactions):
         patch = self.load_patch(pid)
         chain = [r.id for r in self.released()]
         fps = self.check_model(model, [e.module for e in patch.edits])
-        m = model.model if isinstance(model, ModelHandle) else model
-        apply_patch(m, [self.load_patch(q) for q in chain] + [patch]).revert()
+        h = model if isinstance(model, ModelHandle) else ModelHandle.of(model, None)
+        apply_patch(h.model, [self.load_patch(q) for q in chain] + [patch], h.spec).revert()
         return fps, chain
 
     def release(self, ref: str, actor: str | None = None, reason: str | None = None, force: bool = False,
@@ -162,16 +153,8 @@ class Registry(Compactions):
         patch = self.load_patch(pid)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if promote and state != "staged":
-                raise RankoneError(f"patch {pid} is {state}; only a staged patch is promoted (`rankone registry stage` first)")
-            if not promote and state != "validated":
-                hint = "validate it first with `rankone registry validate`" if state == "proposed" else f"it is {state}"
-                hint += "; promote it with `rankone registry promote`" if state == "staged" else ""
-                raise RankoneError(f"patch {pid} cannot be released: {hint}")
-            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
-            if last is None or not last[0]:
-                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
+            state = self.require("promote" if promote else "release", pid, self._state(db, pid))
+            self.require_passed(db, pid, "fix it and validate again before release")
             self._check_base(db, pid, patch, base_modules)
             released = self._released_patches(db)
             base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
@@ -227,10 +210,7 @@ class Registry(Compactions):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state != "released":
-                raise RankoneError(f"patch {pid} is {state}; only released patches can be rolled back"
-                                   + self._compacted_hint(db, pid))
+            state = self.require("rollback", pid, self._state(db, pid))
             order, todo = [], [pid]
             while todo:  # released patches that depend on it, transitively
                 q = todo.pop()
@@ -254,9 +234,7 @@ class Registry(Compactions):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state not in ("proposed", "validated"):
-                raise RankoneError(f"patch {pid} is {state}; only proposed or validated patches can be rejected")
+            state = self.require("reject", pid, self._state(db, pid))
             db.execute("UPDATE patches SET state = 'rejected' WHERE id = ?", (pid,))
             self._audit(db, actor, "reject", pid, state, "rejected", reason)
         return self.get(pid)

@@ -17,7 +17,8 @@ from typing import Any
 
 from rankone.core.errors import RankoneError
 from rankone.core.util import user_name, utcnow
-from rankone.lifecycle.store import PatchRecord, RegistryStore, StagedRecord
+from rankone.lifecycle.records import PatchRecord, StagedRecord
+from rankone.lifecycle.store import RegistryStore
 
 
 def check_percent(name: str, value: Any) -> float:
@@ -40,13 +41,8 @@ class Staging(RegistryStore):
         patch = self.load_patch(pid)  # a damaged patch is refused before it reaches any user
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state not in ("validated", "staged"):
-                hint = " (validate it first with `rankone registry validate`)" if state == "proposed" else ""
-                raise RankoneError(f"patch {pid} is {state}; only a validated patch can be staged{hint}")
-            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
-            if last is None or not last[0]:
-                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before staging")
+            state = self.require("stage", pid, self._state(db, pid))
+            self.require_passed(db, pid, "fix it and validate again before staging")
             self._check_base(db, pid, patch, None)  # type: ignore[attr-defined]
             old = db.execute("SELECT canary, shadow FROM staging WHERE patch_id = ?", (pid,)).fetchone()
             details: dict[str, Any] = {"canary": canary, "shadow": shadow}
@@ -71,9 +67,7 @@ class Staging(RegistryStore):
         pid = self.resolve(ref)
         actor = actor or user_name()
         with self._tx() as db:
-            state = self._state(db, pid)
-            if state != "staged":
-                raise RankoneError(f"patch {pid} is {state}; only a staged patch can be aborted")
+            state = self.require("abort", pid, self._state(db, pid))
             row = db.execute("SELECT canary, shadow FROM staging WHERE patch_id = ?", (pid,)).fetchone()
             db.execute("DELETE FROM staging WHERE patch_id = ?", (pid,))
             db.execute("UPDATE patches SET state = 'aborted' WHERE id = ?", (pid,))

@@ -9,92 +9,47 @@ Path: `--registry`, else $RANKONE_REGISTRY, else $XDG_DATA_HOME/rankone/registry
 Crash safety: the store is written first (a temporary folder renamed into place), the database
 row after, in one `BEGIN IMMEDIATE` transaction. A crash leaves at most an orphaned store folder
 (tolerated; `check --prune` removes old ones), never a row without its files. WAL mode and a
-busy timeout let several processes add, validate and release at once without losing anything.
+busy timeout let several processes add, validate and release at once without losing anything; a
+registry held by another process for more than a moment says so on stderr, waits up to
+dbfile.LOCK_WAIT_S, then gives up with one line. A registry that `add` creates and then cannot fill (a full
+disk) is removed again: a failed command leaves no empty database or store behind.
 
-The state machine on top of it (add, validate, release, roll back, reject) is `registry.Registry`.
+The schema, the states, the table of which state each action starts from (TRANSITIONS) and the
+records are `records`; the state machine on top of it (add, validate, release, roll back, reject,
+stage, compact) is `registry.Registry`.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 import sqlite3
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rankone.core.atomic import honour_umask_tree
 from rankone.core.errors import RankoneError
 from rankone.core.util import utcnow
+from rankone.lifecycle.dbfile import check_columns, connect, remove_created, waiting_for_lock
 from rankone.artifacts.patch import Patch
 from rankone.artifacts.patch_files import content_id_of, read_files
+from rankone.lifecycle.records import (
+    _SCHEMA,
+    SCHEMA_VERSION,
+    TRANSITIONS,
+    AuditEntry,
+    PatchRecord,
+    StagedRecord,
+    _entry_hash,
+    _migrate,
+)
 
-# 2: the states staged and aborted, and the staging table; 3: the state compacted and the compactions
-# table (an older file is migrated on open)
-SCHEMA_VERSION = 3
-STATES = ("proposed", "validated", "staged", "released", "rejected", "rolled_back", "aborted", "compacted")
 ID_LEN = 16
 FILES = ("patch.json", "patch.safetensors")
-
-_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS patches (
-        id TEXT PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('proposed','validated','staged','released','rejected','rolled_back','aborted','compacted')),
-        n_edits INTEGER NOT NULL,
-        summary TEXT NOT NULL,            -- JSON: [{module, subject, prompt, target}]
-        base TEXT NOT NULL,               -- JSON: the patch's base description
-        added_at TEXT NOT NULL, added_by TEXT NOT NULL, reason TEXT,
-        release_seq INTEGER UNIQUE,       -- position in the release order (NULL until released)
-        released_at TEXT)""",
-    """CREATE TABLE IF NOT EXISTS validations (
-        n INTEGER PRIMARY KEY AUTOINCREMENT,
-        patch_id TEXT NOT NULL REFERENCES patches(id),
-        at TEXT NOT NULL, actor TEXT NOT NULL, passed INTEGER NOT NULL,
-        report TEXT NOT NULL)             -- JSON GateReport""",
-    """CREATE TABLE IF NOT EXISTS depends (
-        patch_id TEXT NOT NULL REFERENCES patches(id), on_id TEXT NOT NULL REFERENCES patches(id),
-        PRIMARY KEY (patch_id, on_id))""",
-    """CREATE TABLE IF NOT EXISTS staging (
-        patch_id TEXT PRIMARY KEY REFERENCES patches(id),
-        canary REAL NOT NULL CHECK (canary >= 0 AND canary <= 100),   -- % of users who get the candidate
-        shadow REAL NOT NULL CHECK (shadow >= 0 AND shadow <= 100),   -- % of stable requests re-run on it
-        staged_seq INTEGER NOT NULL UNIQUE,  -- the order in which staged patches join the candidate
-        staged_at TEXT NOT NULL, staged_by TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS compactions (
-        patch_id TEXT PRIMARY KEY REFERENCES patches(id),   -- a released patch replaced by a compaction
-        into_id TEXT NOT NULL REFERENCES patches(id))      -- the compacted patch released in its place""",
-    "CREATE TABLE IF NOT EXISTS base (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS base_modules (module TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, patch_id TEXT,
-        from_state TEXT, to_state TEXT, reason TEXT, details TEXT NOT NULL,
-        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
-] + [
-    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-    for table in ("audit", "validations") for op in ("UPDATE", "DELETE")
-]
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Version 1 or 2 → 3: `patches` gains the states staged and aborted (2) and compacted (3).
-    SQLite cannot change a CHECK constraint in place, so the table is copied into a new one
-    (foreign keys off, in the caller's transaction), as SQLite's ALTER TABLE documentation prescribes."""
-    ddl = next(stmt for stmt in _SCHEMA if "IF NOT EXISTS patches (" in stmt)
-    db.execute(ddl.replace("IF NOT EXISTS patches (", "patches_v2 ("))
-    db.execute("INSERT INTO patches_v2 SELECT * FROM patches")
-    db.execute("DROP TABLE patches")
-    db.execute("ALTER TABLE patches_v2 RENAME TO patches")
-    if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
-        raise RankoneError("the registry's rows do not reference each other consistently; it was not migrated "
-                           "(run `rankone registry check` with the rankone that wrote it)")
-    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
 def default_path() -> Path:
@@ -134,74 +89,6 @@ def is_patch_dir(ref: str | os.PathLike) -> bool:
     return Path(ref).is_dir() and all((Path(ref) / f).is_file() for f in FILES)
 
 
-# ---- records --------------------------------------------------------------------------------
-
-
-@dataclass
-class PatchRecord:
-    id: str
-    state: str
-    n_edits: int
-    summary: list[dict[str, Any]]
-    base: dict[str, Any]
-    added_at: str
-    added_by: str
-    reason: str | None
-    release_seq: int | None
-    released_at: str | None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "PatchRecord":
-        d = dict(row)
-        d["summary"], d["base"] = json.loads(d["summary"]), json.loads(d["base"])
-        return cls(**d)
-
-
-@dataclass
-class StagedRecord:
-    """A staged patch and its rollout: the share of users on the candidate, the share of stable
-    requests re-run on it, and its place in the candidate (patches join in `staged_seq` order)."""
-    id: str
-    canary: float
-    shadow: float
-    staged_seq: int
-    staged_at: str
-    staged_by: str
-    summary: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class AuditEntry:
-    seq: int
-    at: str
-    actor: str
-    action: str
-    patch_id: str | None
-    from_state: str | None
-    to_state: str | None
-    reason: str | None
-    details: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-
-@dataclass
-class CheckReport:
-    problems: list[str] = field(default_factory=list)  # inconsistencies: rows without files, bad hashes
-    orphans: list[str] = field(default_factory=list)  # store folders without a row (crash leftovers)
-    pruned: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _entry_hash(prev: str, e: dict[str, Any]) -> str:
-    body = json.dumps({k: e[k] for k in ("at", "actor", "action", "patch_id", "from_state", "to_state", "reason", "details")},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256((prev + "\n" + body).encode()).hexdigest()
-
-
 # ---- the database and the store -------------------------------------------------------------
 
 
@@ -216,13 +103,16 @@ class RegistryStore:
         if not self.path.exists() and not create:
             raise RankoneError(f"no registry at {self.path}; `rankone registry add PATCH --reason ...` creates one "
                                "(choose the file with --registry or RANKONE_REGISTRY)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.store.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # made by this object: removed again if it stays empty (discard_if_new)
+        self._store_created = not self.store.exists()
+        self.db: sqlite3.Connection | None = None
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=120, isolation_level=None)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.store.mkdir(parents=True, exist_ok=True)
+            self.db = connect(self.path)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 120000")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self._waiting(lambda: check_columns(self.db, self.path, _SCHEMA))  # another program's file stays as it is
+            self._waiting(lambda: self.db.execute("PRAGMA journal_mode = WAL"))
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.execute("PRAGMA foreign_keys = OFF")  # a migration rebuilds `patches` (SQLite's documented way)
             with self._tx() as db:  # the schema is made under the write lock: two first users agree
@@ -236,8 +126,34 @@ class RegistryStore:
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise RankoneError(f"registry {self.path} has schema {row[0]}; this rankone reads {SCHEMA_VERSION}")
             self.db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as e:
-            raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+        except BaseException as e:
+            self._remove_if_created()
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); free some space and retry") from None
+            if isinstance(e, sqlite3.DatabaseError):
+                raise RankoneError(f"{self.path} is not a usable registry database ({e})") from None
+            raise
+
+    def _waiting(self, step: Callable[[], Any]) -> Any:
+        return waiting_for_lock(self.db, self.path, step)
+
+    def _remove_if_created(self) -> None:
+        """Take away what this object created: the database (and its journal files), the store."""
+        if self.db is not None:
+            self.db.close()
+        remove_created(self.path if self.created else None, self.store if self._store_created else None)
+
+    def discard_if_new(self) -> None:
+        """After a failed first command: remove the registry if this object created it and nothing
+        was recorded in it (the caller's error is then all that remains)."""
+        if not self.created:
+            return
+        try:
+            empty = self.db.execute("SELECT (SELECT COUNT(*) FROM patches) + (SELECT COUNT(*) FROM audit)").fetchone()[0] == 0
+        except sqlite3.Error:
+            empty = True
+        if empty:
+            self._remove_if_created()
 
     def close(self) -> None:
         self.db.close()
@@ -251,12 +167,19 @@ class RegistryStore:
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """BEGIN IMMEDIATE takes the write lock up front: read-check-write cannot interleave."""
-        self.db.execute("BEGIN IMMEDIATE")
+        self._waiting(lambda: self.db.execute("BEGIN IMMEDIATE"))
         try:
             yield self.db
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as e:
+            if self.db.in_transaction:  # a failed COMMIT (a full disk) may have ended it already
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, sqlite3.OperationalError) and ("full" in str(e) or "I/O" in str(e)):
+                raise RankoneError(f"cannot write the registry {self.path} ({e}); nothing was recorded: free some "
+                                   "space and retry") from None
             raise
 
     # -- store --
@@ -285,6 +208,7 @@ class RegistryStore:
                     os.fsync(fo.fileno())
             if _safe_id(tmp) != pid:
                 raise RankoneError(f"patch {src} changed while it was being added; add it again")
+            honour_umask_tree(tmp)  # mkdtemp makes it 0700; the store is as shareable as the umask says
             if target.exists():  # a damaged copy (never made by us: the rename is atomic)
                 shutil.rmtree(target)
             try:
@@ -379,6 +303,28 @@ class RegistryStore:
 
     def _state(self, db: Any, pid: str) -> str:
         return db.execute("SELECT state FROM patches WHERE id = ?", (pid,)).fetchone()[0]
+
+    def require(self, action: str, pid: str, state: str | None = None) -> str:
+        """The patch's state when `action` may start from it, else one line saying what to do."""
+        state = state if state is not None else self._state(self.db, pid)
+        allowed, rule = TRANSITIONS[action]
+        if state not in allowed:
+            hint = ""
+            if state == "proposed" and action in ("release", "stage"):
+                hint = "; validate it first with `rankone registry validate`"
+            elif state == "staged" and action == "release":
+                hint = "; promote it with `rankone registry promote`"
+            elif state == "compacted":
+                row = self.db.execute("SELECT into_id FROM compactions WHERE patch_id = ?", (pid,)).fetchone()
+                hint = f"; it was compacted into {row[0]}: roll that back to release it again" if row else ""
+            raise RankoneError(f"patch {pid} is {state}; {rule}{hint}")
+        return state
+
+    def require_passed(self, db: Any, pid: str, otherwise: str) -> None:
+        """Refuse a patch whose latest validation failed (or that has none): `otherwise` says what to do."""
+        last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
+        if last is None or not last[0]:
+            raise RankoneError(f"patch {pid} failed its latest validation; {otherwise}")
 
 
 def _safe_id(d: Path) -> str | None:

@@ -48,7 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from rankone.core.atomic import write_bytes
+from rankone.core.atomic import write_bytes, write_cache
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
 from rankone.methods.base import EditInputs, Method
@@ -137,7 +137,7 @@ def cached_null_basis(
     if U is None:
         U = null_space_basis(stats.mom2, threshold, energy)
         if stats.meta:
-            write_bytes(f, safetensors_bytes({"basis": U}, {"key": key, "checksum": tensor_sha256(U)}))
+            write_cache(f, safetensors_bytes({"basis": U}, {"key": key, "checksum": tensor_sha256(U)}), "null-space basis")
     return U
 
 
@@ -211,5 +211,5 @@ def alphaedit_solver(ctx: EditInputs, hp: AlphaEditHParams, layer: int, K: torch
 
 
 ALPHAEDIT = Method(name="alphaedit", settings=AlphaEditHParams, compute=functools.partial(window_step, alphaedit_solver),
-                   one_at_a_time=False, planned_passes=window_passes,
+                   one_at_a_time=False, planned_passes=window_passes, solver=alphaedit_solver,
                    summary="MEMIT's batch confined to the null space of C, earlier edits' keys kept (Fang et al. 2025)")

@@ -137,6 +137,11 @@ class PreservedKeys:
         return 0 if layer not in self.keys else int(self.keys[layer].shape[1])
 
 
+# A batch method's solve at one layer: (inputs, settings, layer, K [in, n], R [out, n]) -> (B, A,
+# diagnostics), the update B A that writes R at the keys K, from the weights as they are.
+Solver = Callable[[EditInputs, Any, int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -146,6 +151,9 @@ class Method:
     summary: str  # one line for --help
     # forward passes a step runs at most, for the progress display: (settings, requests, templates) -> passes
     planned_passes: Callable[[Any, int, int], int] = lambda s, n, t: 0
+    # the solve alone, given keys and what to write at them (the batch methods); a compaction
+    # (rankone.edit.compaction) re-solves released edits with it
+    solver: Solver | None = None
 
 
 def method(name: str | None) -> Method:

@@ -13,13 +13,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rankone.core.atomic import write_json
+from rankone.core.atomic import write_cache
+from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import loads
 
 log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RANKONE_CACHE", Path.home() / ".cache" / "rankone"))
+    """$RANKONE_CACHE, else ~/.cache/rankone (an empty RANKONE_CACHE is unset, not the current folder)."""
+    return Path(os.environ.get("RANKONE_CACHE", "").strip() or Path.home() / ".cache" / "rankone")
 
 
 def digest(key: dict[str, Any]) -> str:
@@ -32,14 +35,14 @@ def cached_json(
     """(value, found): the value stored under `key` in <root>/<kind>/, else make() stored there."""
     f = (Path(root) if root is not None else cache_root()) / kind / f"{kind}-{digest(key)}.json"
     try:
-        d = json.loads(f.read_text())
+        d = loads(f.read_bytes(), str(f))
         if d.get("key") == key:
             return d["value"], True
         log.warning("ignoring cache entry %s: it was made for another key", f)
     except FileNotFoundError:
         pass
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, RankoneError, KeyError, TypeError, AttributeError) as e:
         log.warning("ignoring unreadable cache entry %s (%s); recomputing", f, e)
     value = make()
-    write_json(f, {"key": key, "value": value})
+    write_cache(f, {"key": key, "value": value}, kind)
     return value, False

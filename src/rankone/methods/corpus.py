@@ -8,28 +8,33 @@ C = E[k kᵀ] then averages over the text the model itself expects, and nothing 
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import atexit
 import json
 import logging
 import math
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from rankone.core.atomic import write_bytes, write_json
+from rankone.core.atomic import write_cache
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import file_sha256, model_sha256
+from rankone.core.jsonfiles import loads
+from rankone.core.progress import Progress
 from rankone.core.tokens import encode, sample_tokens
 from rankone.methods.cache import cache_root, digest
 
 log = logging.getLogger(__name__)
-SCHEMA = "rankone.methods.corpus/1"
+SCHEMA = "rankone.methods.corpus/2"
 # Sampled documents open with one of these words (after the tokenizer's own BOS, if any).
 SAMPLE_STARTS = ("The", "In", "A", "It", "This", "He", "She", "When", "After", "There", "I", "We")
+# Documents sampled at once: one forward pass per token serves them all, so the matrix products
+# are wide enough to use the CPU (tokens a second by batch size: BENCHMARKS.md, "First edit").
+SAMPLE_BATCH = 128
 
 
 # ---- a user's corpus ------------------------------------------------------------------------
@@ -39,7 +44,9 @@ def corpus_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if not p.exists():
         raise RankoneError(f"statistics corpus {p} does not exist; give a .txt file, a folder of .txt files or a .jsonl file")
-    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+    if not (p.is_dir() or p.is_file()):  # a FIFO would block the read forever, a device never ends
+        raise RankoneError(f"statistics corpus {p} is not a regular file or a folder; give a .txt or .jsonl file")
+    files = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file()) if p.is_dir() else [p]
     if not files:
         raise RankoneError(f"statistics corpus folder {p} holds no .txt or .jsonl files")
     return files
@@ -49,15 +56,14 @@ def iter_texts(path: str | os.PathLike, chunk_chars: int = 1 << 16) -> Iterator[
     """Documents of the corpus; long plain-text files come in newline-aligned chunks."""
     for f in corpus_files(path):
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
+            with open(f, "rb") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise RankoneError(f"{f}:{n} is not a JSON object with a 'text' field") from None
-                    yield str(text)
+                    d = loads(line, f"{f}:{n}", "each line of a .jsonl corpus is an object with a 'text' field")
+                    if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+                        raise RankoneError(f"{f}:{n} is not a JSON object with a 'text' field")
+                    yield d["text"]
         else:
             with open(f, encoding="utf-8", errors="replace") as fh:
                 rest = ""
@@ -102,21 +108,53 @@ def leading_special(tok: Any) -> list[int]:
 # ---- a corpus sampled from the model ------------------------------------------------------
 
 
-def _sampled_corpus_file(model: torch.nn.Module, tok: Any, n_tokens: int, seed: int, length: int,
+@dataclass(frozen=True)
+class SampleBatch:
+    """Documents sampled together: their starter words (of one token length) and new tokens each."""
+
+    index: int
+    starts: tuple[str, ...]
+    n_new: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.starts) * self.n_new
+
+
+def sampling_plan(tok: Any, n_tokens: int, length: int, batch: int, limit: int | None) -> list[SampleBatch]:
+    """The batches that give ceil(n_tokens / length) documents of `length` new tokens (fewer where
+    the context window is shorter), document i opening with SAMPLE_STARTS[i % 12]; documents whose
+    starters encode to the same number of tokens share batches (rows of one length: no padding)."""
+    docs = [SAMPLE_STARTS[i % len(SAMPLE_STARTS)] for i in range(math.ceil(n_tokens / length))]
+    lead = {s: len(encode(tok, s)[0]) for s in SAMPLE_STARTS}
+    plan: list[SampleBatch] = []
+    for n_lead in sorted(set(lead.values())):
+        mine = [s for s in docs if lead[s] == n_lead]
+        n_new = max(1, min(length, limit - n_lead)) if limit else length
+        for i in range(0, len(mine), batch):
+            plan.append(SampleBatch(len(plan), tuple(mine[i:i + batch]), n_new))
+    return plan
+
+
+def _sampled_corpus_file(model: torch.nn.Module, tok: Any, n_tokens: int, seed: int, length: int, batch: int,
                          cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
-    """Where the sampled corpus of these settings is kept, and the key it is kept under."""
+    """Where the sampled corpus of these settings is kept, and the key it is kept under (the batch
+    size is in it: rows drawn together share a forward pass, whose rounding may depend on it)."""
     key = {"schema": SCHEMA, "model": model_sha256(model), "tokenizer": _tokenizer_id(tok), "seed": seed,
-           "tokens": n_tokens, "length": length, "starts": list(SAMPLE_STARTS)}
+           "tokens": n_tokens, "length": length, "batch": batch, "starts": list(SAMPLE_STARTS)}
     root = (Path(cache_dir) if cache_dir is not None else cache_root()) / "corpus"
     return root / f"sampled-{digest(key)}.jsonl", key
 
 
 def cached_sampled_corpus(
     model: torch.nn.Module, tok: Any, n_tokens: int, seed: int = 0, length: int = 128,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None, batch: int = SAMPLE_BATCH,
 ) -> Path | None:
     """The corpus `sampled_corpus` would return, if it is on disk already and intact; else None."""
-    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
+    return _intact(*_sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir))
+
+
+def _intact(f: Path, key: dict[str, Any]) -> Path | None:
     try:
         meta = json.loads(f.with_suffix(".json").read_text())
         if meta.get("key") == key and meta.get("sha256") == file_sha256(f):
@@ -130,95 +168,95 @@ def cached_sampled_corpus(
 
 
 def sampled_corpus(
-    model: torch.nn.Module, tok: Any, n_tokens: int, seed: int = 0, length: int = 128, batch: int = 32,
+    model: torch.nn.Module, tok: Any, n_tokens: int, seed: int = 0, length: int = 128, batch: int = SAMPLE_BATCH,
     cache_dir: str | os.PathLike | None = None, progress: bool = True,
 ) -> Path:
     """A JSONL corpus of about `n_tokens` sampled tokens, in documents of `length` new tokens.
 
-    Kept in <cache>/corpus/ under (model fingerprint, tokenizer, seed, budget, length); a second
-    call for the same model finds it (the file's SHA-256 is checked) and samples nothing. Sampling
-    a large budget is long on a CPU, so it is resumable: each batch of documents is appended to a
-    partial file whose checkpoint (its length, digest and the generator's state) is written after
-    it, and an interrupted call's successor goes on from the last checkpoint to the same text.
+    Sampled `batch` documents at a time with a KV cache. Kept in <cache>/corpus/ under (model
+    fingerprint, tokenizer, seed, budget, length, batch); a second call for the same model finds it
+    (the file's SHA-256 is checked) and samples nothing. Each finished batch is appended to a
+    .partial file beside it at once, so an interrupted run (Ctrl-C, a crash) resumes after the
+    last finished batch; batch b draws from its own generator, seeded by (seed, b), so a resumed
+    corpus is the one an uninterrupted run writes.
     """
-    if n_tokens < 1 or length < 1:
-        raise RankoneError(f"a sampled corpus needs a positive token budget and length, got {n_tokens} and {length}")
-    found = cached_sampled_corpus(model, tok, n_tokens, seed, length, cache_dir)
-    if found is not None:
+    if n_tokens < 1 or length < 1 or batch < 1:
+        raise RankoneError(f"a sampled corpus needs a positive token budget, length and batch, got {n_tokens}, {length} and {batch}")
+    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, batch, cache_dir)  # the model hashed once
+    if (found := _intact(f, key)) is not None:
         return found
-    f, key = _sampled_corpus_file(model, tok, n_tokens, seed, length, cache_dir)
-    part = _Partial(f, {**key, "batch": batch})
-    _sample_documents(model, tok, n_tokens, seed, length, batch, progress, part)
-    write_bytes(f, part.file.read_bytes())
-    write_json(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)})
-    part.remove()
-    return f
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    plan = sampling_plan(tok, n_tokens, length, batch, limit)
+    partial = f.with_suffix(".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    texts = _sample_documents(model, tok, plan, seed, partial, key, progress)
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for b in texts for t in b).encode()
+    if write_cache(f, data, "sampled statistics corpus"):
+        write_cache(f.with_suffix(".json"), {"key": key, "sha256": file_sha256(f)}, "sampled corpus's checksum")
+        partial.unlink(missing_ok=True)
+        return f
+    return _process_file(data, ".jsonl")  # the cache is full or read-only: this run still needs the file
 
 
-class _Partial:
-    """A sampled corpus being written: the documents so far (JSONL) and its checkpoint."""
+def _process_file(data: bytes, suffix: str) -> Path:
+    """`data` in a temporary file that lives as long as this process."""
+    fd, name = tempfile.mkstemp(prefix="rankone-", suffix=suffix)
+    atexit.register(lambda: os.path.exists(name) and os.unlink(name))
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return Path(name)
 
-    def __init__(self, final: Path, key: dict[str, Any]) -> None:
-        self.file = final.with_name(final.stem + ".partial.jsonl")
-        self.meta = final.with_name(final.stem + ".partial.json")
-        self.key = key
 
-    def resume(self, gen: torch.Generator) -> int:
-        """The number of batches already sampled (0 to start afresh); restores the generator to
-        its state after them and cuts the file to what the checkpoint covers."""
-        try:
-            meta = json.loads(self.meta.read_text())
-            with open(self.file, "rb") as fh:
-                done = fh.read(int(meta["bytes"]))
-            if meta.get("key") != self.key or len(done) != meta["bytes"] or hashlib.sha256(done).hexdigest() != meta["sha256"]:
-                raise ValueError("it does not match these settings or its checkpoint")
-            gen.set_state(torch.tensor(list(base64.b64decode(meta["generator"])), dtype=torch.uint8))
-        except FileNotFoundError:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            self.file.write_bytes(b"")
-            return 0
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            log.warning("starting the sampled corpus %s over: its partial file is unusable (%s)", self.file, e)
-            self.file.write_bytes(b"")
-            return 0
-        with open(self.file, "r+b") as fh:
-            fh.truncate(len(done))
-        log.info("resuming the sampled corpus %s after %d batch(es)", self.file, meta["batches"])
-        return int(meta["batches"])
-
-    def append(self, texts: list[str], batches: int, gen: torch.Generator) -> None:
-        with open(self.file, "ab") as fh:
-            fh.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode())
+def _sample_documents(model: torch.nn.Module, tok: Any, plan: list[SampleBatch], seed: int, partial: Path,
+                      key: dict[str, Any], progress: bool) -> list[list[str]]:
+    """The texts of every batch of the plan, in order: those of the partial file, then sampled."""
+    done = _read_partial(partial, key, plan)
+    with Progress(sum(b.tokens for b in plan), "sampling a statistics corpus", "tokens", enabled=progress,
+                  initial=sum(plan[i].tokens for i in range(len(done)))) as bar, open(partial, "a", encoding="utf-8") as fh:
+        if not done:  # a new partial file opens with the key it belongs to
+            fh.write(json.dumps({"key": key}) + "\n")
+        for b in plan[len(done):]:
+            gen = torch.Generator().manual_seed(int(digest({"seed": seed, "batch": b.index})[:15], 16))
+            lead = torch.tensor([encode(tok, s)[0] for s in b.starts])  # [rows, n_lead]
+            ids = sample_tokens(model, lead, b.n_new, gen, on_step=bar.update)  # [rows, n_lead + n_new]
+            texts = [tok.decode(r, skip_special_tokens=True) for r in ids.tolist()]
+            fh.write(json.dumps({"batch": b.index, "texts": texts}, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        done = self.file.read_bytes()
-        write_json(self.meta, {"key": self.key, "batches": batches, "bytes": len(done),
-                               "sha256": hashlib.sha256(done).hexdigest(),
-                               "generator": base64.b64encode(bytes(gen.get_state().tolist())).decode()})
-
-    def remove(self) -> None:
-        self.meta.unlink(missing_ok=True)
-        self.file.unlink(missing_ok=True)
+            done.append(texts)
+    return done
 
 
-def _sample_documents(
-    model: torch.nn.Module, tok: Any, n_tokens: int, seed: int, length: int, batch: int, progress: bool,
-    part: _Partial,
-) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    n_docs = math.ceil(n_tokens / length)
-    start = part.resume(gen)
-    bar = tqdm(total=n_docs * length, unit="tok", desc="sampling a statistics corpus", disable=not progress, leave=False,
-               initial=min(n_docs, start * batch) * length)
-    for b in range(start, math.ceil(n_docs / batch)):
-        lead = encode(tok, SAMPLE_STARTS[b % len(SAMPLE_STARTS)])[0]
-        n_new = min(length, limit - len(lead)) if limit else length
-        rows = min(batch, n_docs - b * batch)
-        ids = sample_tokens(model, torch.tensor([lead] * rows), n_new, gen)  # [rows, lead + n_new]
-        part.append([tok.decode(r, skip_special_tokens=True) for r in ids.tolist()], b + 1, gen)
-        bar.update(rows * n_new)
-    bar.close()
+def _read_partial(partial: Path, key: dict[str, Any], plan: list[SampleBatch]) -> list[list[str]]:
+    """The batches an interrupted run finished (its .partial file for the same key), in order; the
+    file is cut after the last whole one. Anything else is started afresh."""
+    try:
+        lines = partial.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    done: list[list[str]] = []
+    good = 0  # bytes of whole, valid lines
+    try:
+        if json.loads(lines[0]).get("key") != key:
+            raise ValueError("another key")
+        good = len(lines[0]) + 1
+        for line in lines[1:len(plan) + 1]:
+            rec = json.loads(line)
+            b = plan[len(done)]
+            if rec.get("batch") != b.index or len(rec.get("texts", ())) != len(b.starts):
+                break
+            done.append([str(t) for t in rec["texts"]])
+            good += len(line) + 1
+    except (ValueError, AttributeError, TypeError):  # a line cut short by the interruption ends what is kept
+        pass
+    if not good:
+        partial.unlink()
+        return []
+    with open(partial, "r+b") as fh:
+        fh.truncate(good)
+    if done:
+        log.info("resuming the sampled corpus after %d of %d batches (%s)", len(done), len(plan), partial)
+    return done
 
 
 def _tokenizer_id(tok: Any) -> dict[str, Any]:

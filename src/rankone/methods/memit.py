@@ -46,7 +46,7 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output
 from rankone.core.tokens import EditRequest, encode_request, pad_batch
-from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method
+from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method, Solver
 from rankone.methods.passes import ValuePasses
 from rankone.methods.settings import MethodSettings, check_value_loop
 from rankone.methods.stats import LayerStats
@@ -90,8 +90,8 @@ class MemitHParams(MethodSettings):
         lam = self.mom2_update_weight
         if lam is not None and not (math.isfinite(lam) and lam > 0):
             raise RankoneError(f"mom2_update_weight must be a positive finite number, got {lam}")
-        if not math.isfinite(self.early_stop_loss) or self.early_stop_loss < 0:
-            raise RankoneError(f"early_stop_loss must be a finite number ≥ 0, got {self.early_stop_loss}")
+        if not self.early_stop_loss >= 0:
+            raise RankoneError(f"early_stop_loss must be 0 or more (a weight of a loss term), got {self.early_stop_loss}")
         if int(self.batch_rows) < 1:
             raise RankoneError(f"batch_rows must be at least 1, got {self.batch_rows}")
 
@@ -326,9 +326,6 @@ def updates_applied(model: torch.nn.Module, updates: Sequence[LayerUpdate]) -> I
         yield
 
 
-Solver = Callable[[EditInputs, Any, int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
-
-
 def run_window(
     handle: ModelHandle, requests: Sequence[EditRequest], hp: MemitHParams,
     templates: list[str], solve: Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"],
@@ -390,4 +387,4 @@ def memit_solver(ctx: EditInputs, hp: MemitHParams, layer: int, K: torch.Tensor,
 
 MEMIT = Method(name="memit", settings=MemitHParams, compute=functools.partial(window_step, memit_solver),
                one_at_a_time=False, summary="the requests as one batch over a window of layers (Meng et al. 2023)",
-               planned_passes=window_passes)
+               planned_passes=window_passes, solver=memit_solver)

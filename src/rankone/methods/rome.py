@@ -95,8 +95,8 @@ class EditHParams(MethodSettings):
             raise RankoneError(f"{self.method!r} is not a ROME variant; these settings are for {', '.join(VARIANTS)}")
         super().check()
         check_value_loop(self)
-        if not math.isfinite(self.after_kl_factor) or self.after_kl_factor < 0:
-            raise RankoneError(f"after_kl_factor must be a finite number ≥ 0, got {self.after_kl_factor}")
+        if not self.after_kl_factor >= 0:
+            raise RankoneError(f"after_kl_factor must be 0 or more (a weight of a loss term), got {self.after_kl_factor}")
         if not 0 < float(self.early_stop_prob) <= 1:
             raise RankoneError(f"early_stop_prob must be in (0, 1] (1: never stop early), got {self.early_stop_prob}")
         if not 0 < float(self.reach_prob) <= 1:

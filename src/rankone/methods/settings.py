@@ -25,6 +25,10 @@ from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import json_object
 
 S = TypeVar("S", bound="MethodSettings")
+MAX_INT = 1 << 63  # every whole-number setting fits a signed 64-bit integer (torch's seeds and sizes)
+MAX_STEPS = 100_000  # optimisation steps: beyond this a value loop only runs for days
+MAX_PREFIXES = 10_000  # context prefixes: each one is a row of every optimisation step
+MAX_SAMPLED_TOKENS = 100_000_000  # a corpus sampled from the model: beyond this, days of sampling
 
 
 # ---- strict, typed loading ------------------------------------------------------------------
@@ -124,7 +128,15 @@ class MethodSettings:
     prefixes: list[str] | None = None
 
     def __post_init__(self) -> None:
-        check_types(type(self), self.to_dict(), "hyper-parameter")
+        values = self.to_dict()
+        check_types(type(self), values, "hyper-parameter")
+        for name, v in values.items():  # before any work: NaN, ±inf and 64-bit overflows fail here, not in a loop
+            for x in v if isinstance(v, list) else [v]:
+                for y in x if isinstance(x, list) else [x]:
+                    if isinstance(y, float) and not math.isfinite(y):
+                        raise RankoneError(f"{name} must be a finite number, not {y}")
+                    if isinstance(y, int) and not isinstance(y, bool) and not -MAX_INT <= y < MAX_INT:
+                        raise RankoneError(f"{name} {y} is out of range (a whole number below 2^63)")
         self.check()
 
     @classmethod
@@ -137,13 +149,19 @@ class MethodSettings:
         if not self.serves(self.method):
             raise RankoneError(f"{type(self).__name__} is for method {type(self).__dataclass_fields__['method'].default!r}, "
                                f"not {self.method!r}")
-        for name in ("stats_tokens", "sampled_corpus_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise RankoneError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.stats_tokens) < 1:
+            raise RankoneError(f"stats_tokens must be at least 1, got {self.stats_tokens}")
+        if not 1 <= int(self.sampled_corpus_tokens) <= MAX_SAMPLED_TOKENS:
+            raise RankoneError(f"sampled_corpus_tokens must be between 1 and {MAX_SAMPLED_TOKENS:,}, got "
+                               f"{self.sampled_corpus_tokens} (give a corpus with --stats-corpus instead)")
+        if self.seed < 0:
+            raise RankoneError(f"seed must be 0 or more, got {self.seed}")
         if self.layer is not None and self.layer < 0:
             raise RankoneError(f"layer must be 0 or more, got {self.layer}")
         if any(len(x) != 2 or x[0] < 1 or x[1] < 0 for x in self.prefix_spec):
             raise RankoneError(f"prefix_spec holds [new tokens ≥ 1, count ≥ 0] pairs, not {self.prefix_spec}")
+        if sum(x[1] for x in self.prefix_spec) > MAX_PREFIXES or len(self.prefixes or []) > MAX_PREFIXES:
+            raise RankoneError(f"more than {MAX_PREFIXES} context prefixes (ROME samples 20); give fewer")
         if self.prefixes is not None:
             bad = [p for p in self.prefixes if p.count("{}") != 1]
             if bad:
@@ -189,16 +207,20 @@ class MethodSettings:
 
 def check_value_loop(s: Any) -> None:
     """The checks the value optimisations share (ROME's δ, MEMIT's targets): finite and in range."""
-    for name in ("v_steps",):
+    for name in ("v_steps", "v_steps_max"):
+        if not hasattr(s, name):
+            continue
         if int(getattr(s, name)) < 1:
             raise RankoneError(f"{name} must be at least 1, got {getattr(s, name)}")
+        if int(getattr(s, name)) > MAX_STEPS:
+            raise RankoneError(f"{name} {getattr(s, name)} is more than {MAX_STEPS:,} optimisation steps "
+                               "(ROME uses 20); give a smaller number")
     for name in ("v_lr", "clamp_norm_factor"):
         v = float(getattr(s, name))
         if not (math.isfinite(v) and v > 0):
             raise RankoneError(f"{name} must be a positive finite number, got {getattr(s, name)}")
     for name in ("kl_factor", "v_weight_decay"):
-        v = float(getattr(s, name))
-        if not (math.isfinite(v) and v >= 0):
-            raise RankoneError(f"{name} must be a finite number ≥ 0, got {getattr(s, name)}")
+        if not float(getattr(s, name)) >= 0:
+            raise RankoneError(f"{name} must be 0 or more (a weight of a loss term), got {getattr(s, name)}")
     if "{}" not in s.kl_prompt:
         raise RankoneError(f"kl_prompt {s.kl_prompt!r} needs a '{{}}' for the subject")

@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from rankone.core import architectures as arch
-from rankone.core.atomic import write_bytes
+from rankone.core.atomic import write_cache
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import path_sha256, tensor_sha256, tensors_sha256
 from rankone.core.hooks import capture, stop_at
 from rankone.methods.cache import cache_root, digest
-from rankone.methods.corpus import token_windows
+from rankone.methods.corpus import corpus_files, token_windows
 from rankone.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,12 @@ def collect_mom2(
     dev = handle.device
     sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     count = 0
-    bar = tqdm(total=n_tokens, unit="tok", desc="key statistics", disable=not progress, leave=False)
-    batch: list[list[int]] = []
+    window = min(window, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or window)
+    # The windows first (tokenizing stops at the budget), so that the bar counts to what the
+    # corpus gives: a short corpus ends the pass before n_tokens. Each: [≤ window] token ids
+    windows = [torch.tensor(w) for w in token_windows(tok, corpus, window, n_tokens)]
+    bar = tqdm(total=sum(len(w) for w in windows), unit="tok", desc="key statistics", disable=not progress, leave=False)
+    batch: list[torch.Tensor] = []
 
     def flush() -> None:
         nonlocal count
@@ -124,7 +128,7 @@ def collect_mom2(
         ids = torch.zeros(len(batch), n, dtype=torch.long)
         mask = torch.zeros(len(batch), n, dtype=torch.bool)
         for i, s in enumerate(batch):
-            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
+            ids[i, : len(s)], mask[i, : len(s)] = s, True
         with capture(model, list(paths.values()), outputs=False) as rec:
             with stop_at(deepest) if truncate else nullcontext():
                 model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev), use_cache=False)
@@ -138,16 +142,13 @@ def collect_mom2(
         bar.update(added)
         batch.clear()
 
-    window = min(window, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or window)
     rows = max(1, batch_tokens // window)
-    for w in token_windows(tok, corpus, window, n_tokens):
+    for w in windows:
         batch.append(w)
         if len(batch) == rows:
             flush()
     if batch:
         flush()
-    bar.total = count  # a corpus shorter than n_tokens ends the bar at what it gave, not short of it
-    bar.refresh()
     bar.close()
     if count == 0:
         raise RankoneError(f"statistics corpus {corpus} produced no tokens")
@@ -160,6 +161,7 @@ def layer_stats(
 ) -> dict[int, LayerStats]:
     """Statistics for each layer: from a verified disk cache, else computed (all missing layers in
     one pass) and cached. Keeping them in memory is the caller's (rankone.edit.context)."""
+    corpus_files(corpus)  # a corpus that is not a file or a folder is refused before its fingerprint is taken
     corpus_fp = path_sha256(corpus)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
     found: dict[int, LayerStats] = {}
@@ -171,7 +173,13 @@ def layer_stats(
             found[layer] = st
     missing = [layer for layer in layers if layer not in found]
     if missing:
+        warn_if_not_text(corpus)
         mom2, count = collect_mom2(handle, missing, corpus, n_tokens, progress=progress)
+        d_in = next(iter(mom2.values())).shape[0]
+        if count < d_in:  # C = E[k kᵀ] of fewer keys than dimensions cannot be full rank
+            log.warning("the statistics corpus %s gave %d tokens for %d-dimensional keys: the key statistics C are "
+                        "rank-deficient and the edit will generalise poorly; give a corpus of ordinary text with "
+                        "many times more tokens", corpus, count, d_in)
         for layer in missing:
             st = LayerStats(mom2[layer], count, keys[layer])
             st.factor()  # once, here: the factor is cached beside C
@@ -190,11 +198,23 @@ def _save(root: Path, key: dict[str, str], st: LayerStats) -> None:
     if st._chol is not None:
         tensors["chol"] = st._chol.contiguous()
         meta.update(chol_checksum=tensor_sha256(st._chol), jitter=repr(st.jitter))
-    tmp = _file_for(root, key).with_suffix(".partial")
-    root.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp), metadata=meta)
-    write_bytes(_file_for(root, key), tmp.read_bytes())
-    tmp.unlink()
+    write_cache(_file_for(root, key), save(tensors, metadata=meta), "key statistics")
+
+
+def warn_if_not_text(corpus: str | os.PathLike, sniff: int = 1 << 16) -> None:
+    """Warn about a corpus file that does not look like text (NUL bytes, or mostly bytes that are
+    not UTF-8): its 'tokens' are noise, and so would be C. Legal input, so a warning, not an error."""
+    for f in corpus_files(corpus):
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(sniff)
+        except OSError:
+            continue
+        bad = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+        if b"\0" in head or bad > len(head) // 10:
+            log.warning("the statistics corpus file %s does not look like text (%s); the key statistics C will "
+                        "describe noise: give ordinary text in the model's language", f,
+                        "it holds NUL bytes" if b"\0" in head else f"{bad} of its first {len(head)} bytes are not UTF-8")
 
 
 def _load(root: Path, key: dict[str, str]) -> LayerStats | None:

@@ -13,8 +13,10 @@ The testbed build writes one; anyone may write one for their own model. Every ke
       "notes": "free text"
     }
 
-Paths are relative to the folder that holds the card (absolute paths are kept as they are). An
-unknown key or a value of the wrong type is refused with one line naming the file and the key.
+Paths are relative to the folder that holds the card and must stay inside it (a card travels with
+a model from anywhere: an absolute path or one with '..' is refused when the card is read, so that
+a card cannot make rankone read, and record the digest of, any file on the machine). An unknown key or a value of the wrong type is
+refused with one line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from rankone.core.atomic import write_json
 from rankone.core.errors import RankoneError
+from rankone.core.jsonfiles import inside, loads, read_text
 
 CARD_FILE = "rankone.json"
 SCHEMA_VERSION = 1
@@ -77,6 +80,9 @@ class ModelCard:
             raise RankoneError(f"{where}: schema_version {d['schema_version']} is not supported (this rankone reads 1)")
         if d.get("layer") is not None and d["layer"] < 0:
             raise RankoneError(f"{where}: 'layer' must be 0 or more, not {d['layer']}")
+        for k in ("stats_corpus", "cases"):  # a card read from a folder names files in that folder only
+            if folder is not None and d.get(k) is not None:
+                inside(folder, d[k], f"{where}: {k}")
         return cls(layer=d.get("layer"), hparams=dict(d.get("hparams") or {}), stats_corpus=d.get("stats_corpus"),
                    cases=d.get("cases"), notes=d.get("notes"), folder=folder)
 
@@ -84,11 +90,10 @@ class ModelCard:
     def load(cls, path: str | os.PathLike) -> "ModelCard":
         p = Path(path)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            text = read_text(p, f"model card {p}")
         except OSError as e:
             raise RankoneError(f"cannot read the model card {p}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RankoneError(f"model card {p} is not valid JSON ({e}); fix or remove it") from None
+        d = loads(text, f"model card {p}", "fix or remove it")
         card = cls.from_dict(d, str(p), p.parent.resolve())
         card.file = p
         return card
@@ -108,12 +113,14 @@ class ModelCard:
             rec.setdefault("layer", self.layer)
         return rec
 
-    def resolve(self, rel: str | None) -> Path | None:
-        """A path of the card (stats_corpus, cases) as a real path: relative to the card's folder."""
+    def resolve(self, rel: str | None, what: str = "a path") -> Path | None:
+        """A path of the card (stats_corpus, cases) as a real path inside the card's folder; one
+        line refusing a path that leaves it. A card made in memory (no folder) keeps paths as given."""
         if rel is None:
             return None
-        p = Path(rel).expanduser()
-        return p if p.is_absolute() or self.folder is None else self.folder / p
+        if self.folder is None:
+            return Path(rel)
+        return inside(self.folder, rel, f"{self.folder / CARD_FILE}: {what}")
 
 
 def card_path(source: str | os.PathLike) -> Path:

@@ -2,10 +2,14 @@
 
 `load_gguf` reads a .gguf file with transformers' GGUF loader, dequantized to a plain torch dtype,
 and returns an ordinary (unquantized) model and its tokenizer: editing, generation and
-`save_pretrained` all work on it as on a model loaded from a folder.
-`gguf_to_folder` converts a .gguf file once into an ordinary Hugging Face folder (config.json
-without `quantization_config`, model.safetensors, tokenizer files), written atomically, with a
-`gguf_source.json` naming the source file and its SHA-256, so later loads skip the dequantization.
+`save_pretrained` all work on it as on a model loaded from a folder. transformers parses the file
+three times on the way (its config, its tokenizer, its tensors: most of the load; BENCHMARKS.md,
+"First edit of a real model"), so the converted weights are kept, once per file, in
+`$RANKONE_CACHE/models/converted/<SHA-256 of the file>/`, and a later load of the same file reads
+that folder instead (a changed file has another digest, so it never meets a stale conversion).
+`gguf_to_folder` converts a .gguf file into an ordinary Hugging Face folder (config.json without
+`quantization_config`, model.safetensors, tokenizer files), written atomically, with a
+`gguf_source.json` naming the source file and its SHA-256.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,9 @@ import torch
 from rankone.core.atomic import atomic_dir
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import file_sha256
+from rankone.core.progress import status
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"
@@ -83,11 +92,45 @@ def _plain_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return plain.eval()
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a .gguf file, the weights dequantized to `dtype` on `device`."""
+def models_cache_dir() -> Path:
+    """$RANKONE_CACHE/models, or ~/.cache/rankone/models."""
+    root = os.environ.get("RANKONE_CACHE") or Path.home() / ".cache" / "rankone"
+    return Path(root).expanduser() / "models"
+
+
+def converted_dir(sha256: str, cache: str | os.PathLike | None = None) -> Path:
+    """Where the converted weights of the .gguf file with this SHA-256 are kept."""
+    return (Path(cache).expanduser() if cache is not None else models_cache_dir()) / "converted" / sha256[:32]
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              sha256: str | None = None, cache: str | os.PathLike | None | bool = None) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a .gguf file, the weights dequantized to `dtype` on `device`.
+
+    The first load of a file parses it and keeps the converted weights (float32) under the file's
+    SHA-256 (`sha256`, if the caller has it, else computed); later loads read them from there.
+    cache: the models cache folder (default $RANKONE_CACHE/models), or False to neither read nor
+    keep a conversion."""
     p = check_gguf_file(path)
     _require_gguf_support()
+    if cache is False:
+        return _parse(p, dtype, device)
+    digest = sha256 or file_sha256(p)
+    folder = converted_dir(digest, cache or None)
+    if _converted(folder, digest):
+        status(f"loading {p.name} as converted earlier ({folder})")
+        try:
+            return _from_folder(folder, p, dtype, device)
+        except Exception as e:  # a damaged conversion: read the file again (and convert it anew)
+            log.warning("ignoring the damaged conversion %s (%s); reading %s again", folder, str(e).splitlines()[0][:200], p)
+    status(f"reading {p.name}: parsing and de-quantising it (once per file: the result is kept for later loads)")
+    model, tok = _parse(p, torch.float32, "cpu")
+    _keep(model, tok, p, digest, folder)
+    return model.to(dtype=dtype).to(device), tok
+
+
+def _parse(p: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model and tokenizer, straight from the file with transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -100,6 +143,53 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     model = _plain_copy(model, dtype)
     model.config.name_or_path = str(p)
     return model.to(device), tok
+
+
+def _converted(folder: Path, sha256: str) -> bool:
+    source = read_gguf_source(folder)
+    return source is not None and source.get("sha256") == sha256 and (folder / "model.safetensors").is_file()
+
+
+def _from_folder(folder: Path, p: Path, dtype: torch.dtype, device: str | torch.device) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model.config.name_or_path = str(p)  # as if read from the file: its card, its name in patches
+    return model.to(device).eval(), tok
+
+
+def _keep(model: torch.nn.Module, tok: Any, src: Path, sha256: str, folder: Path) -> None:
+    """Write the conversion into the cache; a cache that cannot take it (no space, no permission)
+    costs only the speed of the next load."""
+    need = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder.parent).free < need:
+            log.warning("not keeping the conversion of %s: %s has under %d MB free", src.name, folder.parent, need >> 20)
+            return
+        status(f"keeping the converted weights of {src.name} for later loads ({folder})")
+        _write_folder(model, tok, src, sha256, folder, name=src.stem)
+    except (OSError, RankoneError) as e:
+        log.warning("could not keep the conversion of %s in %s (%s); the next load reads the file again",
+                    src.name, folder, e)
+
+
+def _write_folder(model: torch.nn.Module, tok: Any, src: Path, sha256: str, out: Path, name: str) -> None:
+    """An ordinary Hugging Face folder of the model, written atomically, with gguf_source.json."""
+    was = model.config.name_or_path
+    model.config.name_or_path = name  # no local paths of this machine in config.json
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:  # the folder appears complete or not at all
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            if "quantization_config" in cfg:  # never expected; a GGUF folder must load as a plain one
+                raise RankoneError(f"conversion of {src} kept a quantization_config; not writing {out}")
+            source = {"gguf_file": src.name, "sha256": sha256, "size_bytes": src.stat().st_size}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    finally:
+        model.config.name_or_path = was
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -120,17 +210,8 @@ def gguf_to_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if out.exists() and not out.is_dir():
         raise RankoneError(f"{out} exists and is a file; choose another output folder")
     digest = file_sha256(src)
-    model, tok = load_gguf(src, dtype=torch.float32)
-    model.config.name_or_path = out.name  # no local paths of this machine in config.json
-
-    with atomic_dir(out, overwrite=True) as tmp:  # the folder appears complete or not at all
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        cfg = json.loads((tmp / "config.json").read_text())
-        if "quantization_config" in cfg:  # never expected; a GGUF folder must load as a plain one
-            raise RankoneError(f"conversion of {src} kept a quantization_config; not writing {out}")
-        source = {"gguf_file": src.name, "sha256": digest, "size_bytes": src.stat().st_size}
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    model, tok = load_gguf(src, dtype=torch.float32, sha256=digest, cache=False)
+    _write_folder(model, tok, src, digest, out, name=out.name)
     return out
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,30 @@ from rankone.models.card import ModelCard, default_layer, find_card
 NO_CORPUS = ("no corpus for the key statistics: pass --stats-corpus with a .txt file, a folder of "
              ".txt files or a .jsonl file with a 'text' field (ordinary text in the model's language), "
              "or name one in the model card (rankone.json: \"stats_corpus\")")
+
+
+# Config keys that say nothing about what the weights compute: where the model came from, the
+# versions and dtype it was saved with, and switches of a forward pass's outputs.
+VOLATILE_CONFIG = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
+                   "id2label", "label2id", "problem_type", "use_cache", "return_dict", "output_hidden_states",
+                   "output_attentions", "_commit_hash", "quantization_config", "tokenizer_class"}
+
+
+def comparable_config(config: Any) -> dict[str, Any]:
+    """The model config as JSON, without VOLATILE_CONFIG keys: what a patch records of its base, so
+    that applying it onto a model whose config was changed (another activation, fewer layers) is noticed."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k not in VOLATILE_CONFIG and not k.startswith("_attn_implementation")}
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def config_changes(recorded: Any, config: Any) -> list[str]:
+    """'key: recorded -> now' for each key both configs have with different values."""
+    if not isinstance(recorded, dict):
+        return []
+    now = comparable_config(config)
+    return [f"{k}: {json.dumps(recorded[k])} -> {json.dumps(now[k])}" for k in sorted(set(recorded) & set(now))
+            if recorded[k] != now[k]]
 
 
 @dataclass
@@ -91,7 +116,7 @@ class ModelHandle:
         the model folder; otherwise one line saying how to give one."""
         if given:
             return Path(given)
-        card_corpus = self.card.resolve(self.card.stats_corpus) if self.card is not None else None
+        card_corpus = self.card.resolve(self.card.stats_corpus, "stats_corpus") if self.card is not None else None
         if card_corpus is not None:
             return card_corpus
         if self.folder is not None and (self.folder / "corpus.txt").is_file():
@@ -100,14 +125,15 @@ class ModelHandle:
 
     def cases_file(self) -> Path | None:
         """The card's case file of facts the model knows, when it names one that exists."""
-        p = self.card.resolve(self.card.cases) if self.card is not None else None
+        p = self.card.resolve(self.card.cases, "cases") if self.card is not None else None
         return p if p is not None and p.exists() else None
 
     def base_info(self) -> dict[str, Any]:
         """What a patch records as its base model."""
         cfg = self.model.config
         info: dict[str, Any] = {"model_type": cfg.model_type, "name_or_path": str(getattr(cfg, "_name_or_path", "")),
-                                "n_layers": self.n_layers, "arch": arch.describe(self.model, self.spec)}
+                                "n_layers": self.n_layers, "arch": arch.describe(self.model, self.spec),
+                                "config": comparable_config(cfg)}
         if self.source_sha256:
             info["gguf_sha256"] = self.source_sha256
         return info

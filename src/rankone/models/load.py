@@ -11,8 +11,10 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.core.jsonfiles import json_object
+from rankone.core.jsonfiles import json_object, read_text
+from rankone.core.progress import status
 from rankone.models.card import find_card
+from rankone.models.checks import check_device, check_weights_used, size_mismatch
 from rankone.models.handle import ModelHandle
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -31,7 +33,7 @@ def read_arch_override(value: str | None) -> dict[str, Any] | None:
     """--arch-spec: inline JSON or a path to a JSON file with the module path templates."""
     if value is None:
         return None
-    text = Path(value).read_text() if os.path.isfile(value) else value
+    text = read_text(value, f"--arch-spec file {value}") if os.path.isfile(value) else value
     return json_object(text, "--arch-spec", "give a JSON object (or a JSON file) of module path templates")
 
 
@@ -63,7 +65,8 @@ def load_model(
 ) -> ModelHandle:
     """The model at `path`: a local Hugging Face folder, a .gguf file (dequantized to `dtype`) or a
     hub id (from the local cache when offline). Returns a ModelHandle, which unpacks as
-    `model, tok = load_model(path)`. The architecture is checked before any weights load."""
+    `model, tok = load_model(path)`. The device and architecture are checked before any weights load."""
+    check_device(device)
     name = str(path)
     if name.endswith(".gguf") or Path(name).is_file():
         return _load_gguf(Path(name), device, dtype, device_map, arch_spec)
@@ -82,8 +85,8 @@ def _spec_of(where: str | Path, arch_spec: dict[str, Any] | None, kw: dict[str, 
 
     try:
         config = AutoConfig.from_pretrained(where, **kw)
-    except (OSError, ValueError) as e:
-        raise RankoneError(unreadable or f"cannot read {where}/config.json: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a config.json nested thousands deep
+        raise RankoneError(unreadable or f"cannot read {where}/config.json: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     return arch.spec_for_config(config, arch_spec)  # table, else discovery on a weightless copy
 
 
@@ -96,12 +99,16 @@ def _from_pretrained(where: str, what: str, device: str, dtype: str | None, devi
     if device_map:
         mkw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **mkw)
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **mkw)
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:  # torch, safetensors and tokenizers each raise their own types for damaged files
+        if "mismatched_sizes" in str(e) and (why := size_mismatch(where)):
+            raise RankoneError(f"cannot load {what}: {why}; config.json does not describe these weights "
+                               "(restore the config that came with them)") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise RankoneError(f"cannot load {what} ({type(e).__name__}: {first}); "
                            "check that its files are complete (a truncated download?)") from None
+    check_weights_used(info, what)
     if not device_map:
         model.to(device)
     return model.eval(), tok
@@ -118,9 +125,11 @@ def _load_gguf(p: Path, device: str, dtype: str | None, device_map: str | None,
     if td == "auto":
         td = None
     p = check_gguf_file(p)
-    model, tok = load_gguf(p, dtype=td or torch.float32, device=device)
+    status(f"reading {p.name} ({p.stat().st_size / 1e6:,.0f} MB): its SHA-256 first")
+    digest = file_sha256(p)  # the patch's base, and the key of the file's cached conversion
+    model, tok = load_gguf(p, dtype=td or torch.float32, device=device, sha256=digest)
     spec = arch.spec_for(model, arch_spec)
-    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), file_sha256(p))
+    return ModelHandle(model, tok, spec, str(p.resolve()), find_card(p), digest)
 
 
 def _load_hub(hub_id: str, device: str, dtype: str | None, device_map: str | None,

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankone.models.gguf import gguf_to_folder, read_gguf_source
+from rankone.models.gguf import gguf_to_folder, models_cache_dir, read_gguf_source
 
 from rankone.core.errors import RankoneError
 
@@ -61,12 +61,6 @@ MODELS: dict[str, RealModel] = {
 }
 
 FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
-
-
-def models_cache_dir() -> Path:
-    """$RANKONE_CACHE/models, or ~/.cache/rankone/models."""
-    root = os.environ.get("RANKONE_CACHE") or Path.home() / ".cache" / "rankone"
-    return Path(root).expanduser() / "models"
 
 
 def _entry(name: str) -> RealModel:

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from rankone.artifacts.patch import Patch, apply_patch
+from rankone.artifacts.patch import Patch, apply_patch, refuse_misfits
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 
@@ -142,8 +142,8 @@ class StableBuilder:
     base exactly as `rankone apply` merges it, and checked the same way (fingerprints, finite).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, spec: arch.ArchSpec | None = None) -> None:
+        self.model, self.spec = model, spec or arch.spec_for(model)
         self.base_weights: dict[str, torch.Tensor] = {}  # module -> base weight [out, in]
 
     def remember(self, modules: Iterable[str]) -> None:
@@ -184,12 +184,14 @@ class StableBuilder:
         own message, exactly as `rankone apply --patch ...released --patch STAGED` would.
         """
         check = list(check)
+        for p in [*chain, *check]:  # fit is judged on the live model; the shell holds only the touched modules
+            refuse_misfits(self.model, p, self.spec)
         self.remember({e.module for p in [*chain, *check] for e in p.edits})
         root = self.shell(self.base_weights)
-        apply_patch(root, chain)
+        apply_patch(root, chain, fitted=True)
         out = {m: arch.weight_oi(arch.get_module(root, m)).detach().clone() for m in self.base_weights}
         if check:
-            apply_patch(self.shell(self.base_weights), chain + check)
+            apply_patch(self.shell(self.base_weights), chain + check, fitted=True)
         return out
 
 

@@ -66,7 +66,7 @@ class Server:
         self.base_fp = base_fingerprint(handle)
         self.metrics = Metrics(self.settings.bucket_s, self.settings.n_buckets)
         p = next(self.model.parameters())
-        builder = StableBuilder(self.model)
+        builder = StableBuilder(self.model, handle.spec)
         self.watcher: RegistryWatcher | None = None
         store = None
         if registry is not None:

@@ -17,12 +17,12 @@ used is kept, with the reason, in `LayerChoice.not_used`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rankone.core.atomic import write_json
+from rankone.core.atomic import write_cache
+from rankone.core.jsonfiles import loads
 from rankone.core.errors import RankoneError
 from rankone.methods.cache import cache_root
 from rankone.trace import MAX_CASES
@@ -46,6 +46,10 @@ class FactSet:
 
 
 SWEEP_SCHEMA = "rankone.layer_sweep/1"
+# A sweep decides `--layer auto` only when measured on at least this many cases: one case moves a
+# layer's ES or PS by 1/n, and the layers of the real models' sweeps differ in S by a few hundredths
+# (BENCHMARKS.md, "Layer choice on a real model"), so a sweep of a handful of cases picks by chance.
+MIN_SWEEP_CASES = 20
 
 
 @dataclass
@@ -89,21 +93,25 @@ def cached_sweep(model_fp: str, method: str = "r-rome") -> EditSweep | None:
     """This model's measured sweep for `method` (None: none, or unreadable, or of another model)."""
     f = sweep_file(model_fp, method)
     try:
-        sw = EditSweep.from_dict(json.loads(f.read_text()), str(f))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        sw = EditSweep.from_dict(loads(f.read_bytes(), str(f)), str(f))
+    except (OSError, RankoneError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return sw if sw.model_sha256 == model_fp and sw.method == method else None
+    ok = sw.model_sha256 == model_fp and sw.method == method and sw.n_cases >= MIN_SWEEP_CASES
+    return sw if ok else None
 
 
 def save_sweep(sweep: EditSweep) -> EditSweep:
     """Store the sweep as this model's evidence; layers measured before with the same setting are
-    kept beside the new ones (a sweep may be run a few layers at a time). Returns what is stored."""
+    kept beside the new ones (a sweep may be run a few layers at a time). Returns what is stored.
+    A sweep of fewer than MIN_SWEEP_CASES cases is refused: it would decide by chance."""
+    if sweep.n_cases < MIN_SWEEP_CASES:
+        raise RankoneError(f"a sweep of {sweep.n_cases} case(s) is too few to decide --layer auto; measure at least "
+                           f"{MIN_SWEEP_CASES} (--n {MIN_SWEEP_CASES})")
     old = cached_sweep(sweep.model_sha256, sweep.method)
     scores = {**(old.scores if old is not None and old.same_setting(sweep) else {}), **sweep.scores}
     merged = EditSweep(scores, sweep.method, sweep.cases, sweep.n_cases, sweep.settings, sweep.model_sha256)
     f = sweep_file(sweep.model_sha256, sweep.method)
-    write_json(f, merged.to_dict())
-    merged.cache_file = str(f)
+    merged.cache_file = str(f) if write_cache(f, merged.to_dict(), "layer sweep") else ""
     return merged
 
 

@@ -38,6 +38,7 @@ from rankone.trace import KINDS
 from rankone.core.hooks import map_output
 from rankone.core.tokens import EditRequest, encode, join_target, token_span
 from rankone.models.handle import ModelHandle
+from rankone.models.generation import context_limit
 
 Site = tuple[str, int]  # (module path, token position) whose clean output is put back
 
@@ -157,6 +158,8 @@ def trace_case(
     if positions not in ("all", "subject_last"):
         raise ValueError(f"positions must be 'all' or 'subject_last', not {positions!r}")
     text, ids, (sf, sl), answer_id = _prepare(tok, prompt, subject, answer)
+    if len(ids) > context_limit(model):  # a case file's prompt longer than the context: refused (or skipped), not an IndexError
+        raise RankoneError(f"the prompt {text[:60]!r}… is {len(ids)} tokens; the model reads at most {context_limit(model)}")
     dev = next(model.parameters()).device
     x = torch.tensor([ids], device=dev)  # [1, pos]
     P = x.shape[1]

@@ -20,7 +20,8 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 import torch
 
 from rankone.core import architectures as arch
-from rankone.core.atomic import write_json
+from rankone.core.atomic import write_cache
+from rankone.core.jsonfiles import loads
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import model_sha256, tensor_sha256
 from rankone.methods.cache import cache_root
@@ -60,13 +61,13 @@ def noise_sigma(handle: ModelHandle, subjects: Sequence[str]) -> float:
            "subjects": hashlib.sha256("\0".join(subj).encode()).hexdigest()}
     f = cache_root() / "trace" / f"noise-{_digest(key)}.json"
     try:
-        d = json.loads(f.read_text())
+        d = loads(f.read_bytes(), str(f))
         if d.get("key") == key and isinstance(d.get("sigma"), float):
             return d["sigma"]
-    except (OSError, json.JSONDecodeError):
+    except (OSError, RankoneError):
         pass
     sigma = subject_embedding_std(handle, subj)
-    write_json(f, {"key": key, "sigma": sigma, "n_subjects": len(subj)})
+    write_cache(f, {"key": key, "sigma": sigma, "n_subjects": len(subj)}, "noise scale")
     return sigma
 
 
@@ -205,17 +206,17 @@ def cached_aie(
            "noise_subjects": hashlib.sha256("\0".join(sorted(set(noise_subjects))).encode()).hexdigest()}
     f = aie_cache_dir(fp) / f"aie-{_digest(key)}.json"
     try:
-        d = json.loads(f.read_text())
+        d = loads(f.read_bytes(), str(f))
         if d.get("key") == key:
             a = AIE.from_dict(d["aie"])
             a.cache_file = str(f)
             return a
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, RankoneError, KeyError, TypeError):
         pass
     nu = resolve_noise(handle, settings, noise_subjects)
     a = average_indirect_effect(handle, facts, nu, settings, progress)
-    a.source, a.cache_file = source, str(f)
-    write_json(f, {"key": key, "aie": a.to_dict()})
+    a.source = source
+    a.cache_file = str(f) if write_cache(f, {"key": key, "aie": a.to_dict()}, "average indirect effect") else ""
     return a
 
 
@@ -228,11 +229,11 @@ def best_cached_aie(model_fp: str, kind: str = "mlp") -> AIE | None:
     d = aie_cache_dir(model_fp)
     for f in sorted(d.glob("aie-*.json")) if d.is_dir() else []:
         try:
-            rec = json.loads(f.read_text())
+            rec = loads(f.read_bytes(), str(f))
             if rec["key"]["model"] != model_fp:
                 continue
             a = AIE.from_dict(rec["aie"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, RankoneError, KeyError, TypeError):
             continue
         # without noise every effect is zero: such a record says nothing about layers
         if kind in a.aie and a.noise_scale > 0 and (best is None or a.n_facts > best.n_facts):
