@@ -99,6 +99,15 @@ def build_round_two(d: Path, model: torch.nn.Module, tiny: Path, llama: torch.nn
     (d / "suite-abs.jsonl").write_text(target + '{"type": "perplexity", "text_file": "/etc/passwd"}\n')
     (d / "policy-deep.json").write_text('{"_about": ' + DEEP + "}")
     (d / "policy-utf8.json").write_bytes(b'{"_about": "' + NOT_UTF8 + b'"}')
+    # heal's probes and policies
+    (d / "probes-ok.jsonl").write_text('{"prompt": "Stoukthen Fokai Thathai was born in", "expected": "Lisbon"}\n')
+    (d / "probes-bad.jsonl").write_text("not json\n")
+    (d / "probes-typo.jsonl").write_text('{"prompt": "X is", "expekted": "Y"}\n')
+    (d / "probes-deep.jsonl").write_text('{"prompt": ' + DEEP + "}\n")
+    (d / "heal-words.json").write_text('{"k_users": "three"}')
+    (d / "heal-array.json").write_text("[1, 2]")
+    (d / "heal-steps.json").write_text('{"canary_steps": [50, 25]}')
+    (d / "admin.token").write_text("s3cret")
     # patches
     _lm_head_patch(model).save(d / "lmhead")
     from rankone.models.load import load_model
@@ -341,6 +350,27 @@ ROUND_TWO = [
     ("testbed build --out .", ["testbed", "build", "--out", "."], 2, "is the current folder"),
     ("testbed build --time-budget inf", ["testbed", "build", "--out", "{w}/tb", "--time-budget", "inf"], 2,
      "--time-budget must be a positive number of seconds, not inf"),
+    # ---- heal: probes, policy, server
+    ("heal probes not JSON", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-bad.jsonl", "--once"], 2,
+     "probes-bad.jsonl:1 is not valid JSON"),
+    ("heal probe with a misspelt field", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-typo.jsonl", "--once"], 2,
+     "a probe has no field(s) ['expekted']"),
+    ("heal probes nested 100,000 deep", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-deep.jsonl", "--once"], 2,
+     "probes-deep.jsonl"),
+    ("heal probes missing", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/nope.jsonl", "--once"], 2,
+     "probe file {w}/nope.jsonl does not exist"),
+    ("heal policy value of the wrong type", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
+                                             "{w}/heal-words.json", "--once"], 2, "k_users must be a whole number"),
+    ("heal policy an array", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
+                              "{w}/heal-array.json", "--once"], 2, "must hold a JSON object"),
+    ("heal canary steps that fall", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
+                                     "{w}/heal-steps.json", "--once"], 2, "canary_steps must rise strictly"),
+    ("heal --server without a token", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--server",
+                                       "http://127.0.0.1:9", "--once"], 2, "--server needs the server's admin token"),
+    ("heal registry missing", ["heal", "--registry", "{w}/none.db", "--probes", "{w}/probes-ok.jsonl", "--once"], 2,
+     "no registry at {w}/none.db"),
+    ("heal --once and --watch", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--once", "--watch"], 2,
+     "not allowed with argument"),
     # ---- legal but suspicious: a warning, and the work goes on (written outside the hashed folders)
     ("edit a 4-token statistics corpus (warns)", ["edit", *MD, *S, "--stats-corpus", "{w}/tiny-corpus.txt", "--hparams",
                                                   QUICK, "--quiet", "--out", "{x}/tiny"], 0, "tokens for 512-dimensional keys"),

@@ -219,3 +219,33 @@ def test_a_version_2_registry_is_migrated_to_hold_compactions(tmp_path):
             tx.execute("UPDATE patches SET state = 'compacted' WHERE id = 'ab12cd34'")
             tx.execute("INSERT INTO compactions VALUES ('ab12cd34', 'ab12cd34')")
         assert reg.compacted_into("ab12cd34") == "ab12cd34"
+
+
+def test_heal_compacts_the_release_once_enough_patches_are_released(testbed, tmp_path):
+    from rankone.heal.loop import Healer
+    from rankone.heal.policy import HealPolicy
+    from rankone.heal.probes import Probe, ProbeOutcome, ProbeSet
+
+    h, dirs, _, reqs = testbed
+    path = tmp_path / "r.db"
+    released_registry(path, h, dirs[:1]).close()
+    said: list[str] = []
+    healer = Healer(path, ProbeSet([], "probes.jsonl", "x"), HealPolicy(compact_after_patches=2), h, say=said.append)
+    probe = Probe(reqs[0].text()[0], reqs[0].target, where="probes.jsonl:1")  # the release answers it
+    healer._maybe_compact([ProbeOutcome(probe, True, reqs[0].target)])
+    assert said == [] and len(healer.reg.released()) == 1  # one released patch: below compact_after_patches
+    healer.close()
+    with Registry(path) as reg:
+        rec, _ = reg.add(dirs[1], "alice", "more")
+        reg.record_validation(rec.id, {"results": [{"passed": True}], "suite": {"sha256": "x"}}, True, "alice")
+        reg.release(rec.id, "alice", "ship it", model=h)
+        chain = [r.id for r in reg.released()]
+    healer = Healer(path, ProbeSet([], "probes.jsonl", "x"), HealPolicy(compact_after_patches=2), h, say=said.append)
+    healer._maybe_compact([ProbeOutcome(probe, True, reqs[0].target)])
+    (pid,) = [r.id for r in healer.reg.released()]
+    assert said == [f"compacted 2 released patches into {pid}: released in their place"]
+    assert [healer.reg.get(i).state for i in chain] == ["compacted", "compacted"]
+    report = healer.reg.validations(pid)[-1]["report"]
+    assert any(r["type"] == "target" and r["what"] == probe.prompt for r in report["results"])  # the probe was a gate
+    assert next(e for e in healer.reg.log(pid) if e.action == "compact").actor == "heal"
+    healer.close()

@@ -30,7 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "trace": set(_ENGINE),
     "eval": set(_ENGINE) | {"testbed", "trace"},
     "serve": set(_ENGINE) | {"lifecycle"},  # the live loop reads the registry; never eval, trace or the testbed
-    "cli": set(_ENGINE) | {"testbed", "lifecycle", "trace", "eval", "serve"},
+    "heal": set(_ENGINE) | {"lifecycle", "trace", "eval"},  # talks to a server over HTTP: never imports serve
+    "cli": set(_ENGINE) | {"testbed", "lifecycle", "trace", "eval", "serve", "heal"},
 }
 
 

@@ -19,7 +19,8 @@ from rankone.core.text import shown
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
 # Feature modules that add their own sub-commands with `register(subparsers)`.
-PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace", "rankone.cli.serve")
+PLUGINS = ("rankone.cli.testbed", "rankone.cli.eval", "rankone.cli.registry", "rankone.cli.trace", "rankone.cli.serve",
+           "rankone.cli.heal")
 
 
 # ---- commands --------------------------------------------------------------------------------

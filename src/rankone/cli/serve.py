@@ -35,6 +35,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--admin-token-file", default=None,
                    help=f"file holding the bearer token that pins (X-Rankone-Patchset) need (default: ${TOKEN_ENV}; "
                         "without either, pins are refused)")
+    p.add_argument("--feedback-tokens-file", default=None,
+                   help='JSON file {"name": "token", ...} of trusted reporters: POST /v1/feedback with "Authorization: '
+                        'Bearer <token>" may then report without a response id (the admin token is one too)')
+    p.add_argument("--feedback-per-minute", type=positive_int("--feedback-per-minute"), default=10,
+                   help="reports each reporter may send per minute (default 10; more get 429)")
     p.add_argument("--max-batch", type=positive_int("--max-batch"), default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-waiting", type=positive_int("--max-waiting"), default=64,
                    help="requests queued beyond the batch before 429 (default 64)")
@@ -46,7 +51,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
 
-def _admin_token(args: argparse.Namespace) -> str | None:
+def admin_token(args: argparse.Namespace) -> str | None:
+    """--admin-token-file's token, else $RANKONE_ADMIN_TOKEN's, else None."""
     if args.admin_token_file is not None:
         try:
             token = Path(args.admin_token_file).read_text().strip()
@@ -56,6 +62,27 @@ def _admin_token(args: argparse.Namespace) -> str | None:
             raise RankoneError(f"--admin-token-file {args.admin_token_file} is empty; put the token in it")
         return token
     return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def _feedback_tokens(path: str | None) -> dict[str, str]:
+    """{name: token} of trusted reporters, checked: names and tokens non-empty strings, tokens distinct."""
+    if path is None:
+        return {}
+    from rankone.core.jsonfiles import json_object
+
+    hint = 'give a JSON object {"name": "token", ...}'
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RankoneError(f"cannot read --feedback-tokens-file {path}: {e}") from None
+    d = json_object(text, f"--feedback-tokens-file {path}", hint)
+    bad = [k for k, v in d.items() if not k.strip() or not isinstance(v, str) or len(v.strip()) < 8]
+    if bad or not d:
+        raise RankoneError(f"--feedback-tokens-file {path}: every reporter needs a name and a token of 8+ characters "
+                           f"({'bad: ' + ', '.join(map(repr, bad)) if bad else 'none given'}); {hint}")
+    if len({v.strip() for v in d.values()}) != len(d):
+        raise RankoneError(f"--feedback-tokens-file {path}: two reporters share a token; give each its own")
+    return {k.strip(): v.strip() for k, v in d.items()}
 
 
 def _free_to_listen(host: str, port: int) -> int:
@@ -78,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise RankoneError(f"--port must be from 0 to 65535, not {args.port}")
-    token = _admin_token(args)
+    token = admin_token(args)
+    reporters = _feedback_tokens(args.feedback_tokens_file)
     registry = args.registry or os.environ.get("RANKONE_REGISTRY") or None
     if registry is not None and not Path(registry).is_file():
         raise RankoneError(f"no registry at {registry}; `rankone registry add` creates one")
@@ -90,9 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     builtin = args.model is None
     settings = ServeSettings(host=args.host, port=port, max_batch=args.max_batch, max_waiting=args.max_waiting,
                              max_tokens_cap=args.max_tokens_cap, seed=args.seed,
+                             feedback_per_minute=args.feedback_per_minute,
                              model_name=args.served_model_name or ("rankone-testbed" if builtin else None))
     handle = load(args, str(builtin_model_dir()) if builtin else None)
-    server = Server(handle, settings, registry, token).start()
+    server = Server(handle, settings, registry, token, reporters).start()
     arms = server.engine.arms
     print(f"serving {server.name} on http://{args.host}:{port}/v1 (stable {arms.stable.digest}, "
           f"{len(arms.released)} released patch(es), {len(arms.staged)} staged); dashboard http://{args.host}:{port}/dashboard",

@@ -149,6 +149,30 @@ def create_app(server: Server) -> FastAPI:
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(dashboard_html(server.status()))
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """A report on an answer (see rankone.serve.feedback); stored in the registry's database."""
+        try:
+            raw = await _read_body(request, server.settings.max_body_bytes)
+            out = await asyncio.to_thread(server.feedback.submit, raw, request.headers.get("authorization"),
+                                          request.headers.get("x-rankone-user"))
+        except ApiError as e:
+            return _error(e, request)
+        return JSONResponse(out)
+
+    @app.get("/api/events")
+    async def events(request: Request) -> JSONResponse:
+        """Recent requests, shadow comparisons and reports with seq > after (admin token): heal's window."""
+        try:
+            server.check_admin(request.headers.get("authorization"), "GET /api/events")
+            q = request.query_params
+            after, limit = q.get("after", "0"), q.get("limit", "1000")
+            if not (after.isdigit() and limit.isdigit() and 1 <= int(limit) <= 10_000):
+                raise ApiError(400, "GET /api/events takes after=<seq ≥ 0> and limit=<1..10000>", "invalid_value")
+        except ApiError as e:
+            return _error(e, request)
+        return JSONResponse(server.events.since(int(after), int(limit)))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _generate(server, request, chat=False)

@@ -4,7 +4,8 @@ The page carries the status it was served with (so it shows numbers at once, als
 crawler or a headless browser that dumps the DOM) and fetches /api/status every two seconds.
 It shows the arms with their patches, percentages and digests; per arm the totals and, over
 time, request rate, error rate, p50/p95 latency, tokens/s and shadow disagreement as line
-plots; and the latest audit entries. Every text from the registry (facts, reasons, actors) is
+plots; the latest audit entries; feedback per arm and the heal view (open reports by fact, heal's
+patches, its refusals and rollout decisions). Every text from the registry (facts, reasons, actors) is
 inserted as text, never as markup. No file outside this page is loaded.
 """
 
@@ -31,6 +32,11 @@ th{background:#f0f0f0} .num{text-align:right;font-variant-numeric:tabular-nums} 
 <h2>Shadow comparisons</h2><table id="shadow"></table>
 <h2>Over time</h2><div class="legend" id="legend"></div><div class="plots" id="plots"></div>
 <h2>Latest audit entries</h2><table id="audit"></table>
+<h2>Feedback per arm</h2><table id="feedback"></table>
+<h2>Heal: open reports by fact</h2><table id="heal-open"></table>
+<h2>Heal: patches</h2><table id="heal-patches"></table>
+<h2>Heal: refusals and skips</h2><table id="heal-refusals"></table>
+<h2>Heal: rollout decisions</h2><table id="heal-decisions"></table>
 <script id="status" type="application/json">__STATUS__</script>
 <script>
 "use strict";
@@ -88,6 +94,24 @@ function render(s) {
     .slice().reverse().map(a => [el("td", a.seq, "num"), el("td", a.at.slice(0, 19).replace("T", " ")), el("td", a.actor),
       el("td", a.action), el("td", a.patch_id || "-", "mono"), el("td", a.to_state ? `${a.from_state || "-"} -> ${a.to_state}` : ""),
       el("td", a.reason || "")]));
+  heal(s);
+}
+function heal(s) {
+  table("feedback", ["arm", "right", "wrong"], Object.entries(s.feedback || {}).map(([arm, c]) =>
+    [el("td", arm, null, {"data-feedback-arm": arm}), num(c.right, null, {"data-arm": arm, "data-key": "right"}),
+     num(c.wrong, null, {"data-arm": arm, "data-key": "wrong"})]));
+  const h = s.heal || {};
+  table("heal-open", ["prompt", "correction", "users", "reports", "trusted", "last report"], (h.open || []).map(o =>
+    [el("td", o.prompt), el("td", o.correction), num(o.users, null, {"data-key": "users"}), num(o.reports),
+     el("td", o.trusted ? "yes" : "no"), el("td", (o.last_at || "").slice(0, 19).replace("T", " "))]));
+  table("heal-patches", ["patch", "state", "edits", "facts", "reason"], (h.patches || []).map(p =>
+    [el("td", p.id, "mono", {"data-heal-patch": p.id}), el("td", p.state), num(p.n_edits), el("td", p.facts.join("; ")),
+     el("td", p.reason || "")]));
+  table("heal-refusals", ["seq", "time (UTC)", "action", "reason"], (h.refusals || []).map(r =>
+    [el("td", r.seq, "num"), el("td", r.at.slice(0, 19).replace("T", " ")), el("td", r.action), el("td", r.reason || "")]));
+  table("heal-decisions", ["seq", "time (UTC)", "patch", "decision", "reason"], (h.decisions || []).map(d =>
+    [el("td", d.seq, "num"), el("td", d.at.slice(0, 19).replace("T", " ")), el("td", d.patch_id || "-", "mono"),
+     el("td", d.decision || ""), el("td", d.reason || "")]));
 }
 function plots(series) {
   const box = document.getElementById("plots"); box.replaceChildren();

@@ -86,6 +86,9 @@ class Metrics:
         self.staged = Gauge("rankone_staged_percent", "Staged patches' canary and shadow percentages", ["patch", "kind"],
                             registry=r)
         self.patchset = Info("rankone_patchset", "The patch set of each arm", ["arm"], registry=r)
+        self.reports = Counter("rankone_feedback_reports", "User feedback on answers, by the arm that answered and verdict",
+                               ["arm", "verdict"], registry=r)
+        self._feedback: dict[str, dict[str, int]] = {}
         self._totals: dict[str, _ArmCounts] = {}
         self._shadow_totals: dict[str, list[int]] = {}
         self._series: deque[_Bucket] = deque(maxlen=n_buckets)
@@ -118,6 +121,12 @@ class Metrics:
                 c[0] += 1
                 c[1] += 0 if agree else 1
 
+    def feedback(self, arm: str, verdict: str) -> None:
+        self.reports.labels(arm, verdict).inc()
+        with self._lock:
+            counts = self._feedback.setdefault(arm, {"right": 0, "wrong": 0})
+            counts[verdict] = counts.get(verdict, 0) + 1
+
     def arms_changed(self, patchsets: list[dict[str, Any]], staged: list[tuple[str, float, float]]) -> None:
         """Info series per arm (digest, patches, state) and the staged percentages."""
         self.patchset.clear()
@@ -144,6 +153,7 @@ class Metrics:
         with self._lock:
             up = max(self.clock() - self.started, 1e-9)
             return {"arms": {a: c.summary(up) for a, c in sorted(self._totals.items())},
+                    "feedback": {a: dict(c) for a, c in sorted(self._feedback.items())},
                     "shadow": {s: {"comparisons": c[0], "disagreements": c[1]} for s, c in sorted(self._shadow_totals.items())}}
 
     def series(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from rankone.models.generation import context_limit
 from rankone.models.handle import ModelHandle
 from rankone.serve.engine import Engine, ShadowJob
 from rankone.serve.errors import ApiError
+from rankone.serve.feedback import EventLog, FeedbackIntake
 from rankone.serve.metrics import Metrics
 from rankone.serve.patchsets import Arms, StableBuilder, swap_in
 from rankone.serve.routing import Router
@@ -54,7 +55,7 @@ def _facts(patch: Any) -> list[str]:
 
 class Server:
     def __init__(self, handle: ModelHandle, settings: ServeSettings | None = None, registry: str | Path | None = None,
-                 admin_token: str | None = None) -> None:
+                 admin_token: str | None = None, feedback_tokens: dict[str, str] | None = None) -> None:
         self.handle, self.settings = handle, settings or ServeSettings()
         self.model, self.tok = handle.model.eval(), handle.tokenizer
         if not getattr(self.tok, "is_fast", False):
@@ -83,8 +84,12 @@ class Server:
         self._publish_metrics(arms)
         self.started = time.time()
         # Called with a record of every answered request (id, arm, digest, patches, user, status,
-        # timings, prompt, text): where a request log or feedback intake attaches (none here).
-        self.request_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # timings, prompt, text); the first listener is the event log that feedback and heal read.
+        self.events = EventLog(self.settings.request_log_size)
+        self.request_listeners: list[Callable[[dict[str, Any]], None]] = [self._log_request]
+        tokens = dict(feedback_tokens or {}) | ({"admin": self.admin_token} if self.admin_token else {})
+        self.feedback = FeedbackIntake(self.events, str(registry) if registry is not None else None, tokens,
+                                       self.settings.feedback_per_minute, on_report=self.metrics.feedback)
 
     def start(self) -> "Server":
         self.engine.start()
@@ -96,6 +101,7 @@ class Server:
         if self.watcher is not None:
             self.watcher.stop()
         self.engine.stop()
+        self.feedback.close()
 
     # ---- arms and shadows -----------------------------------------------------------------------
 
@@ -115,8 +121,12 @@ class Server:
         text = job.prompt_text.lower()
         scope = "edited" if any(s.lower() in text for s in job.candidate.subjects) else "unrelated"
         self.metrics.shadow_result(scope, agree)
+        self.events.add("shadow", {"at": time.time(), "patches": list(job.candidate.ids), "scope": scope, "agree": agree})
 
     # ---- requests -------------------------------------------------------------------------------
+
+    def _log_request(self, record: dict[str, Any]) -> None:
+        self.events.add("request", dict(record, id=record["id"] if record["status"] == 200 else ""))
 
     def request_done(self, record: dict[str, Any]) -> None:
         for listener in self.request_listeners:
@@ -159,4 +169,5 @@ class Server:
             "arms": views, "totals": totals["arms"], "shadow": dict(totals["shadow"], dropped=self.engine.shadow_dropped),
             "registry": self.watcher.status() if self.watcher is not None else None,
             "series": self.metrics.series(),
+            "feedback": totals["feedback"], "heal": self.feedback.heal_view(),
         }

@@ -24,10 +24,12 @@ class ServeSettings:
     seed: int = 0  # routing of unkeyed requests, shadow samples, sampling without a seed
     bucket_s: float = 5.0  # the dashboard's time buckets
     n_buckets: int = 120  # how many buckets are kept (10 minutes at 5 s)
+    request_log_size: int = 20_000  # recent events kept for feedback ids and /api/events
+    feedback_per_minute: int = 10  # reports per reporter per minute; more are refused with 429
 
     def __post_init__(self) -> None:
         for name in ("port", "max_batch", "max_waiting", "max_tokens_cap", "default_max_tokens", "max_body_bytes",
-                     "max_shadow", "n_buckets"):
+                     "max_shadow", "n_buckets", "request_log_size", "feedback_per_minute"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "port" else 1):
                 raise RankoneError(f"serve setting {name} must be a whole number of at least 1, not {v!r}")

@@ -301,3 +301,42 @@ def _restore(clean: torch.Tensor, rows: list[int], pos: list[int], B: int, P: in
         return h3.reshape(h.shape)
 
     return fn
+
+
+@torch.no_grad()
+def corrupted_probs(
+    handle: ModelHandle, ids: list[int], spans: Sequence[tuple[int, int]], token_ids: Sequence[int], noise_scale: float,
+    settings: TraceSettings | None = None,
+) -> torch.Tensor:
+    """p(token) at the last position for each of `token_ids`, with each token span [first, last]
+    corrupted in turn: the corrupted run of `trace_case` (the same seeded noise for a span of the
+    same length), without restorations, for many spans at once. Mean over `n_samples` noise
+    draws per span: [n_spans, n_token_ids]."""
+    s = settings or TraceSettings()
+    model, spec = handle.model, handle.spec
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], device=dev)  # [1, pos]
+    P, S = x.shape[1], s.n_samples
+    d = int(arch.get_module(model, spec.embed).weight.shape[-1])
+    per = max(1, s.batch_rows // S)  # spans per forward pass
+    out: list[torch.Tensor] = []
+    sel = torch.tensor(list(token_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(spans), per):
+            chunk = spans[i:i + per]
+            add = torch.zeros(len(chunk) * S, P, d)  # [rows, pos, d]: the noise, on each span's tokens only
+            for g, (first, last) in enumerate(chunk):
+                add[g * S:(g + 1) * S, first:last + 1] = _noise(s, last - first + 1, d, noise_scale)
+            noise = add.to(dev)
+
+            def fn(e: torch.Tensor, noise: torch.Tensor = noise) -> torch.Tensor:  # e: [rows, pos, d]
+                return e + noise.to(e.dtype)
+
+            with map_output(arch.get_module(model, spec.embed), fn):
+                probs = _last_probs(model, x.expand(len(chunk) * S, -1))  # [rows, vocab]
+            out.append(probs[:, sel.to(probs.device)].reshape(len(chunk), S, -1).mean(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(sel))
