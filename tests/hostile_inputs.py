@@ -362,7 +362,7 @@ ROUND_TWO = [
     ("heal policy value of the wrong type", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
                                              "{w}/heal-words.json", "--once"], 2, "k_users must be a whole number"),
     ("heal policy an array", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
-                              "{w}/heal-array.json", "--once"], 2, "must hold a JSON object"),
+                              "{w}/heal-array.json", "--once"], 2, "must be a JSON object"),
     ("heal canary steps that fall", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--policy",
                                      "{w}/heal-steps.json", "--once"], 2, "canary_steps must rise strictly"),
     ("heal --server without a token", ["heal", "--registry", "{w}/reg.db", "--probes", "{w}/probes-ok.jsonl", "--server",

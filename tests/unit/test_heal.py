@@ -68,7 +68,7 @@ def test_policy_file_not_json_or_not_an_object(tmp_path):
     with pytest.raises(RankoneError, match="is not valid JSON"):
         HealPolicy.load(f)
     f.write_text("[1, 2]")
-    with pytest.raises(RankoneError, match="must hold a JSON object"):
+    with pytest.raises(RankoneError, match="must be a JSON object"):
         HealPolicy.load(f)
     with pytest.raises(RankoneError, match="does not exist"):
         HealPolicy.load(tmp_path / "none.json")

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rankone.core.errors import RankoneError
-from rankone.core.jsonfiles import json_file
 from rankone.lifecycle.gates import GatePolicy
 from rankone.methods.base import METHODS
-from rankone.methods.settings import strict_from_dict
+from rankone.methods.settings import policy_file, policy_from_dict
 
 
 @dataclass
@@ -122,11 +121,7 @@ class HealPolicy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "heal policy") -> "HealPolicy":
-        keys = {k: v for k, v in d.items() if not k.startswith("_")}
-        try:
-            return strict_from_dict(cls, keys, "heal policy key")
-        except RankoneError as e:
-            raise RankoneError(f"{source}: {e}") from None
+        return policy_from_dict(cls, d, source, "heal policy key")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> "HealPolicy":
@@ -134,11 +129,7 @@ class HealPolicy:
         if path is None:
             return cls()
         p = Path(path)
-        if not p.is_file():
-            raise RankoneError(f"heal policy file {p} does not exist")
-        d = json_file(p, "the heal policy is one JSON object (see the README's Self-healing)")
-        if not isinstance(d, dict):
-            raise RankoneError(f"heal policy file {p} must hold a JSON object")
+        d = policy_file(p, "heal policy file")
         pol = cls.from_dict(d, str(p))
         for name in ("stats_corpus", "heldout_text"):
             v = getattr(pol, name)

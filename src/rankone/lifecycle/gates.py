@@ -33,11 +33,12 @@ import torch
 
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
-from rankone.core.jsonfiles import inside, json_lines, json_object, read_text
+from rankone.core.jsonfiles import inside, json_lines, read_text
 from rankone.core.text import shown
 from rankone.models.generation import first_word, greedy, perplexity, says, target_logprob
 from rankone.artifacts.patch import Patch, apply_patch
 from rankone.methods.base import lowrank_fro
+from rankone.methods.settings import policy_file, policy_from_dict
 from rankone.core.util import utcnow
 
 CHECK_TYPES = ("target", "keep", "perplexity")
@@ -75,25 +76,12 @@ class GatePolicy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "policy") -> "GatePolicy":
-        names = {f.name for f in dataclasses.fields(cls)}
-        keys = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(keys) - names)
-        if unknown:
-            raise RankoneError(f"{source}: unknown policy key(s) {unknown}; known: {sorted(names)}")
-        try:
-            return cls(**keys)
-        except RankoneError as e:
-            raise RankoneError(f"{source}: {e}") from None
+        return policy_from_dict(cls, d, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> "GatePolicy":
         """The policy in a JSON file, or the defaults when `path` is None."""
-        if path is None:
-            return cls()
-        p = Path(path)
-        if not p.is_file():
-            raise RankoneError(f"policy file {p} does not exist")
-        return cls.from_dict(json_object(read_text(p, f"policy file {p}"), f"policy file {p}"), str(p))
+        return cls() if path is None else cls.from_dict(policy_file(path, "policy file"), str(path))
 
 
 # ---- suite ----------------------------------------------------------------------------------
