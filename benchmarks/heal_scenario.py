@@ -307,8 +307,12 @@ def _registry_state(out: Path) -> dict[str, Any]:
 
     with Registry(out / "registry.db", create=False) as reg:
         recs = reg.list()
+        k = json.loads((out / "policy.json").read_text()).get("k_users", 3)
+        actionable = reg.db.execute(
+            "SELECT COUNT(*) FROM (SELECT prompt, correction FROM feedback WHERE status = 'open' AND verdict = 'wrong' "
+            "GROUP BY prompt, correction HAVING COUNT(DISTINCT reporter) >= ?)", (k,)).fetchone()[0]
         return {"heal": [(r.id, r.state) for r in recs if r.added_by == "heal"],
-                "bad": [(r.id, r.state) for r in recs if r.added_by == "scenario"]}
+                "bad": [(r.id, r.state) for r in recs if r.added_by == "scenario"], "actionable": actionable}
 
 
 def _start_heal(args: argparse.Namespace, out: Path, url: str) -> subprocess.Popen:
@@ -350,7 +354,10 @@ def run(args: argparse.Namespace, out: Path, world: dict[str, Any]) -> dict[str,
         deadline = t_start + args.max_minutes * 60
         while time.time() < deadline:  # until heal has released (or given up on) the changed facts
             st = _registry_state(out)
-            if any(s in ("released", "rejected", "aborted") for _, s in st["heal"]) and not users.queue:
+            in_flight = any(s in ("proposed", "validated", "staged") for _, s in st["heal"])
+            # done: a heal patch out, none in flight, and no correction with K users still open (a
+            # rejected patch's corrections are reopened and retried in halves)
+            if st["heal"] and not in_flight and not st["actionable"] and not users.queue:
                 break
             if heal.poll() is not None:
                 raise SystemExit(f"rankone heal exited with {heal.returncode}; see {out / 'heal.log'}")

@@ -7,7 +7,9 @@
     subject   given by a probe or a report, else found by corruption (`rankone.heal.subject`);
               ambiguous or unfindable: skipped
     propose   one patch, registered by `heal` with a reason naming the reports and probes
-    validate  the gates; a failure rejects the patch
+    validate  the gates; a failure rejects the patch. Its corrections are then retried in halves
+              (a `heal-split` audit entry; the next proposals take the first half still pending),
+              and a lone correction whose patch fails is skipped for good (`breaks_checks`)
     roll out  with a server: shadow, canary steps, promote | abort | pause (`rankone.heal.drive`)
 
 Every refusal, drop and skip is an audit entry with its evidence, and the reports it settles
@@ -94,6 +96,16 @@ def _fact(c: Correction) -> str:
     return f"{c.prompt!r} -> {c.correction!r}{subj} feedback {c.feedback_ids or '-'}"
 
 
+def _corrections(proposal: Any) -> list[Correction]:
+    """The corrections a `heal-propose` audit entry names."""
+    return [Correction(**{k: v for k, v in c.items() if k in Correction.__dataclass_fields__})
+            for c in proposal.details.get("corrections", [])]
+
+
+def _key(c: Correction) -> str:
+    return f"{c.prompt}\n{c.correction}"
+
+
 def _age_s(at: str, now: float) -> float:
     return now - datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
@@ -139,7 +151,8 @@ class Healer:
             for v in plan.verdicts:
                 if v.action in STATUS_OF:
                     self._settle(v)
-        edits = [v.correction for v in plan.verdicts if v.action == "accept"][: self.policy.max_corrections]
+        edits = self._after_splits([v.correction for v in plan.verdicts if v.action == "accept"])
+        edits = edits[: self.policy.max_corrections]
         if not edits or not plan.ready:
             return plan
         if self.dry_run:
@@ -228,6 +241,40 @@ class Healer:
         record_event(self.reg, ACTION_OF[v.action], None, f"heal: {v.rule}: {v.reason}"[:2000], v.to_dict())
         self.fb.set_status(c.feedback_ids, STATUS_OF[v.action], note=f"{v.rule}: {v.reason}"[:500])
 
+    def _after_splits(self, edits: list[Correction]) -> list[Correction]:
+        """The corrections to propose now, after earlier rejections: never one whose lone patch failed
+        the gates, and, while a rejected batch is being retried in halves, only the first half (of
+        the latest split first) that still has a correction pending."""
+        broken = {e.details.get("key") for e in heal_events(self.reg, action="heal-skip")
+                  if e.details.get("rule") == "breaks_checks"}
+        edits = [c for c in edits if _key(c) not in broken]
+        pending = {_key(c) for c in edits}
+        for e in reversed(heal_events(self.reg, action="heal-split")):
+            for half in e.details["halves"]:
+                if pending & set(half):
+                    return [c for c in edits if _key(c) in set(half)]
+        return edits
+
+    def _split(self, pid: str, corrections: list[Correction], failed: list[Any]) -> None:
+        """A rejected heal patch: its reports go back to open and its corrections are retried in
+        halves; a lone correction is skipped for good (its reports get that status)."""
+        what = "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3]) or "see its validation"
+        ids = [i for c in corrections for i in c.feedback_ids]
+        if len(corrections) == 1:
+            c = corrections[0]
+            reason = f"heal: breaks_checks: {c.prompt!r} -> {c.correction!r}: its patch {pid} failed the gates ({what})"
+            record_event(self.reg, "heal-skip", pid, reason[:2000], {"rule": "breaks_checks", "key": _key(c),
+                                                                    "correction": c.to_dict()})
+            self.fb.set_status(ids, "skipped", pid, reason[:500])
+            return
+        keys = [_key(c) for c in corrections]
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        reason = (f"heal: {pid} failed the gates ({what}); its {len(keys)} corrections are retried in halves of "
+                  f"{len(halves[0])} and {len(halves[1])}")
+        record_event(self.reg, "heal-split", pid, reason[:2000], {"halves": halves})
+        self.fb.set_status(ids, "open", None, reason[:500])
+        self.say(reason)
+
     # ---- proposing -----------------------------------------------------------------------------
 
     def _propose(self, edits: list[Correction], released: list[Any], plan: Plan) -> str | None:
@@ -254,12 +301,18 @@ class Healer:
         return rec.id
 
     def _reconcile(self) -> None:
-        """Reports named by a registered heal proposal but still open (heal was killed in between)."""
-        known = {r.id for r in self.reg.list()}
+        """What a kill left half done: reports named by a live heal proposal but still open, and a
+        rejected heal patch whose corrections were not yet split for retrying."""
+        state = {r.id: r.state for r in self.reg.list()}
+        settled = {e.patch_id for e in heal_events(self.reg) if e.action in ("heal-split", "heal-skip")}
         for e in heal_events(self.reg, action="heal-propose"):
-            ids = [i for c in e.details.get("corrections", []) for i in c.get("feedback_ids", [])]
+            corrections = _corrections(e)
+            ids = [i for c in corrections for i in c.feedback_ids]
+            if state.get(e.patch_id) == "rejected" and e.patch_id not in settled:
+                self._split(e.patch_id, corrections, [])
+                continue
             still = [r.id for r in self.fb.get(ids) if r.status == "open"]
-            if e.patch_id in known and still:
+            if state.get(e.patch_id) in ("proposed", "validated", "staged", "released") and still:
                 self.fb.set_status(still, "acted", e.patch_id, (e.reason or "")[:500])
 
     # ---- patches in flight -----------------------------------------------------------------------
@@ -284,8 +337,7 @@ class Healer:
             if not e:
                 raise RankoneError(f"heal patch {pid} is proposed but its proposal is not in the audit log; validate or "
                                    "reject it by hand (`rankone registry validate|reject`)")
-            corrections = [Correction(**{k: v for k, v in c.items() if k in Correction.__dataclass_fields__})
-                           for c in e[-1].details["corrections"]]
+            corrections = _corrections(e[-1])
             keep = probes_to_keep([o.probe for o in probes if o.passed], corrections, self.policy.probe_sample, pid)
             suite = suite_for(corrections, keep, heldout_text(self.handle, self.policy))
             self.say(f"validating {pid}: {len(suite.checks)} check(s)")
@@ -296,6 +348,7 @@ class Healer:
                 f" ({len(failed)} check(s) failed: " + "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3])
                 + ")" if failed else ""))
             if not passed:
+                self._split(pid, corrections, failed)
                 return
             rec = self.reg.get(pid)
         if self.rollout is None:
