@@ -364,3 +364,19 @@ def test_argument_errors_exit_2(capsys, model_dir, cases_file, tmp_path):
                   "--checkpoint-minutes", bad, "--out", str(tmp_path / "o")])
         assert e.value.code == 2 and "--checkpoint-minutes" in capsys.readouterr().err, bad
     assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_that_asks_a_question_twice_writes_the_later_case(tok, corpus, tmp_path):
+    import dataclasses
+
+    cases = make_cases()
+    again = dataclasses.replace(cases[2], case_id="again", subject=cases[0].subject, target_new="Oslo")
+    cases = [cases[0], cases[1], again] + cases[3:]  # case 2 asks case 0's question with another target
+    model = make_model("gpt2")
+    cfg = SequentialConfig(n=4, every=4, batch_size=4, retention_sample=10, ns_sample=2, probe_sample=0, gen_prompts=0)
+    run = SequentialRun(handle_of(model, tok), cases, {"method": "memit", **FAST}, tmp_path / "r", cfg, [],
+                        ppl_text=corpus_text()[:300], stats_corpus=corpus, progress=False)
+    edits = [r for r in run.run() if r["type"] == "edit"]
+    assert [r["accepted"] for r in edits] == [False, True, True, True]
+    assert edits[0]["reason"] == "superseded by edit 2 of the same batch (it asks the same question)"
+    assert len(run.patch.edits[0].requests) == 3 and run.patch.edits[0].requests[1]["target"] == "Oslo"

@@ -11,7 +11,7 @@ import pytest
 from rankone.cli.main import main
 from rankone.core.errors import RankoneError
 from rankone.lifecycle.registry import Registry
-from rankone.lifecycle.store import _SCHEMA
+from rankone.lifecycle.records import _SCHEMA, SCHEMA_VERSION
 from test_registry import FAIL, M2, PASS, model, ready, reg, saved, synth_patch  # noqa: F401  (fixtures; tests/unit is on sys.path)
 
 
@@ -77,7 +77,7 @@ def test_a_version_1_registry_is_migrated_in_place(tmp_path, model):
     raw.commit()
     raw.close()
     with Registry(path) as reg:
-        assert reg.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert reg.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         assert reg.stage(pid, canary=10).canary == 10.0 and reg.get(pid).state == "staged"
         assert reg.check().ok and [e.action for e in reg.log(pid)] == ["add", "validate", "stage"]
 

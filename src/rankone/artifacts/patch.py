@@ -100,7 +100,7 @@ class Edit:
     @property
     def facts(self) -> list[dict[str, str]]:
         """Every fact this edit writes: the batch's requests, else the one request."""
-        return list(self.requests) or [self.request]
+        return list(self.requests or []) or [self.request]
 
     def delta(self) -> torch.Tensor:
         return self.B.double() @ self.A.double()  # [out, in]

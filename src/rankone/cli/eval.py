@@ -23,6 +23,7 @@ from rankone.cli.common import positive_int as _positive
 from rankone.core.errors import RankoneError
 from rankone.core.jsonfiles import read_text
 from rankone.core.text import shown
+from rankone.edit.compaction import DEFAULT_COMPACT, TARGET_MODES, compact_methods
 from rankone.eval.cases import KNOWN_RULES
 from rankone.methods.base import DEFAULT_METHOD, METHODS
 
@@ -45,6 +46,16 @@ def _given(args: argparse.Namespace, method: str | None = None) -> dict[str, Any
     if args.layer == "auto":
         raise RankoneError("--layer auto is not available here; give a layer number (or leave it out)")
     return hparams_from(argparse.Namespace(**{**vars(args), "method": method or args.method}))
+
+
+def _compaction_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--compact-* as SequentialConfig fields (the method's --compact-hparams checked like --hparams)."""
+    if not args.compact_every:
+        return {}
+    given = hparams_from(argparse.Namespace(hparams=args.compact_hparams, method=args.compact_method))
+    given.pop("method")
+    return {"compact_every": args.compact_every, "compact_method": args.compact_method,
+            "compact_targets": args.compact_targets, "compact_hparams": given}
 
 
 def _check_file(path: str | None, what: str) -> None:
@@ -233,7 +244,8 @@ def cmd_bench_sequential(args: argparse.Namespace) -> int:
                            probe_sample=args.probe_sample, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
                            guard=not args.no_guard, guard_factor=args.guard_factor, denom_factor=args.denom_factor,
                            spike_factor=args.guard_factor, norm=args.norm, seed=args.seed or 0, glue_dir=args.glue,
-                           glue_n=args.glue_n, batch_size=args.batch_size, gs_sample=args.gs_sample)
+                           glue_n=args.glue_n, batch_size=args.batch_size, gs_sample=args.gs_sample,
+                           **_compaction_args(args))
     given = [_given(args, m) for m in methods]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -347,6 +359,15 @@ def register(sub: Any) -> None:
     p.add_argument("--ppl-text", help="held-out text for perplexity (default for testbeds: held-out phrasings)")
     p.add_argument("--glue", help="folder with GLUE subsets: few-shot scores at the start and the end")
     p.add_argument("--glue-n", type=_positive("--glue-n"), default=40, help="GLUE records per task (default 40)")
+    p.add_argument("--compact-every", type=int, default=0,
+                   help="every this many edits, replace the run's patch by its compaction from the base weights "
+                        "(one solve over every key so far, as `rankone registry compact`; a multiple of --batch-size; "
+                        "default 0: never)")
+    p.add_argument("--compact-method", choices=compact_methods(), default=DEFAULT_COMPACT,
+                   help="with --compact-every: the compaction's solve (default emmet)")
+    p.add_argument("--compact-targets", choices=TARGET_MODES, default="written",
+                   help="with --compact-every: what each key keeps, as written by its edit (default) or as released")
+    p.add_argument("--compact-hparams", default=None, help="with --compact-every: JSON of the compaction method's settings")
     p.add_argument("--title", help="title of the plots")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds another run")
     p.add_argument("--quiet", action="store_true", help="no progress display")

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from rankone.cli.build import cmd_build, cmd_export
+from rankone.cli.registry_compact import register_compact
 from rankone.cli.registry_staging import cmd_abort, cmd_stage, percent
 from rankone.cli.registry_commands import (
     cmd_add,
@@ -40,8 +41,8 @@ def register(subparsers: Any) -> None:
     common.add_argument("--author", default=None, type=text_arg("--author"), help="who does this (default: the OS user)")
 
     top = subparsers.add_parser("registry", help="record, validate, release, roll back and build patches",
-                                description="The patch lifecycle: proposed → validated (→ staged) → released (→ rolled_back), "
-                                            "with an audit log.")
+                                description="The patch lifecycle: proposed → validated (→ staged) → released (→ rolled_back, "
+                                            "or → compacted into one patch), with an audit log.")
     # `registry --registry X list` as well as `registry list --registry X` (the sub-command's wins)
     top.add_argument("--registry", help="registry database (default: $RANKONE_REGISTRY, else ~/.local/share/rankone/registry.db)")
     sub = top.add_subparsers(dest="registry_command", required=True)
@@ -57,7 +58,7 @@ def register(subparsers: Any) -> None:
 
     p = add("list", cmd_list, "list patches")
     p.add_argument("--state", default=None, help="only patches in this state: proposed, validated, staged, released, rejected, "
-                                                 "rolled_back, aborted")
+                                                 "rolled_back, aborted, compacted")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("show", cmd_show, "a patch: its edits, latest validation report and history")
@@ -115,6 +116,8 @@ def register(subparsers: Any) -> None:
     p = add("abort", cmd_abort, "take a staged patch out of the candidate for good")
     p.add_argument("id", help=ID_HELP)
     p.add_argument("--reason", help="why (required)")
+
+    register_compact(add)
 
     p = add("check", cmd_check, "verify that database, store and audit chain agree")
     p.add_argument("--prune", action="store_true", help="remove orphaned store folders older than 10 minutes")

@@ -69,7 +69,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rankone.lifecycle.store import STATES
+    from rankone.lifecycle.records import STATES
 
     if args.state and args.state not in STATES:
         raise RankoneError(f"unknown state {args.state!r}; one of {', '.join(STATES)}")
@@ -179,8 +179,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     reason = _need_reason(args, "registry rollback")
     with _open(args) as reg:
         done = reg.rollback(args.id, _actor(args), reason, args.cascade)
+        again = [r for q in done for r in reg.replaced_by(q)]
     for q in done:
         print(f"rolled back {q}")
+    if again:
+        print(f"released again (the compaction rolled back): {', '.join(again)}")
     print("run `rankone registry build` to write the model without it")
     return 0
 
@@ -200,6 +203,8 @@ def _log_row(e: Any) -> tuple[str, ...]:
         extra = f"{e.details.get('format')} {e.details.get('out')} ({len(e.details.get('patches', []))} patch(es))"
     elif e.action == "release":
         extra = f"#{e.details.get('release_seq')}" + (" forced" if e.details.get("forced_over") else "")
+    elif e.action == "compact":
+        extra = f"#{e.details.get('release_seq')} replaces {len(e.details.get('replaces', []))}"
     elif e.action.startswith("validate"):
         extra = f"{e.details.get('n_checks', 0) - e.details.get('n_failed', 0)}/{e.details.get('n_checks', 0)} checks"
     elif e.details.get("cascade_from"):

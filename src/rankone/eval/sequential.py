@@ -51,7 +51,8 @@ from rankone.methods.base import method
 from rankone.methods.settings import MethodSettings
 from rankone.artifacts.patch import Patch, library_versions
 from rankone.edit.guard import Guard
-from rankone.eval.sequential_steps import edit_step
+from rankone.edit.compaction import CompactSettings
+from rankone.eval.sequential_steps import compact_step, edit_step, served_rank
 from rankone.models.handle import ModelHandle
 from rankone.core.progress import Progress
 
@@ -85,13 +86,22 @@ class SequentialConfig:
     batch_size: int = 1  # edits per batch for MEMIT and AlphaEdit (the ROME family edits one at a time)
     gs_sample: int = 0  # generation-based success on this many fixed cases spread over the run (0: none)
     gs_tokens: int = 20  # greedy tokens generated for it
+    # every this many edits, the run's patch is replaced by its compaction from the base weights (0: never;
+    # rankone.edit.compaction): solved by compact_method, with compact_targets and compact_hparams
+    compact_every: int = 0
+    compact_method: str = "emmet"
+    compact_targets: str = "written"
+    compact_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for k in ("n", "every", "retention_sample", "ns_sample", "gen_tokens", "top_k", "warmup", "batch_size"):
             if int(getattr(self, k)) < 1:
                 raise RankoneError(f"{k.replace('_', '-')} must be at least 1, not {getattr(self, k)}")
-        if self.probe_sample < 0 or self.gen_prompts < 0 or self.gs_sample < 0:
-            raise RankoneError("probe-sample, gen-prompts and gs-sample cannot be negative")
+        if self.probe_sample < 0 or self.gen_prompts < 0 or self.gs_sample < 0 or self.compact_every < 0:
+            raise RankoneError("probe-sample, gen-prompts, gs-sample and compact-every cannot be negative")
+        if self.compact_every % self.batch_size:
+            raise RankoneError(f"--compact-every {self.compact_every} must be a multiple of --batch-size {self.batch_size}")
+        self.compaction()  # the compaction settings are checked now, before any edit
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -99,7 +109,12 @@ class SequentialConfig:
             del d["batch_size"]
         if d["gs_sample"] == 0:  # likewise for runs made before generation-based success was measured
             del d["gs_sample"], d["gs_tokens"]
+        if d["compact_every"] == 0:  # and before runs could compact
+            del d["compact_every"], d["compact_method"], d["compact_targets"], d["compact_hparams"]
         return d
+
+    def compaction(self) -> CompactSettings:
+        return CompactSettings(self.compact_method, self.compact_targets, dict(self.compact_hparams))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SequentialConfig":
@@ -268,7 +283,8 @@ class SequentialRun:
         """The evaluation point after `n_done` attempted edits."""
         t0 = time.perf_counter()
         edits = [r for r in self.lines if r["type"] == "edit" and r["accepted"] and r["i"] < n_done]
-        rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self.w_dist()}
+        rec: dict[str, Any] = {"type": "eval", "n": n_done, "n_edits": len(edits), "w_dist": self.w_dist(),
+                               "served_rank": served_rank(self.patch)}
         if len(self.layers) > 1:
             rec["w_dist_layers"] = self.w_dists()
         last_n = max([r["n"] for r in self.lines if r["type"] == "eval"] or [0])
@@ -346,6 +362,8 @@ class SequentialRun:
                 j = min(i + self.cfg.batch_size, self.cfg.n)
                 for rec in self._step(i, j):
                     self._emit(rec)
+                if self.cfg.compact_every and j % self.cfg.compact_every == 0:
+                    self._emit(compact_step(self, j))
                 bar.update(j - i)
                 if j % self.cfg.every == 0 or j == self.cfg.n:
                     ev = self.evaluate(j)

@@ -39,6 +39,7 @@ from rankone.heal.propose import (compute, describe, heldout_text, probes_to_kee
                                   validate)
 from rankone.heal.subject import find_subject
 from rankone.heal.triage import Correction, Verdict, refuse_by_subject, triage
+from rankone.lifecycle.compact import compact_release
 from rankone.lifecycle.feedback import FeedbackLog, heal_events, record_event
 from rankone.lifecycle.registry import Registry
 from rankone.lifecycle.store import content_id
@@ -360,20 +361,27 @@ class Healer:
             self.rollout.start(pid)
         plan.outcome = self.rollout.run(pid)
         if plan.outcome.result == "released":
-            self._maybe_compact()
+            self._maybe_compact(probes)
 
-    def _maybe_compact(self) -> None:
-        """Issue 27's hook: compact the release once `compact_after_patches` patches are released."""
+    def _maybe_compact(self, probes: list[ProbeOutcome]) -> None:
+        """Once `compact_after_patches` patches are released, the release compacted
+        (`rankone.lifecycle.compact`) and released in their place when it passes the gates: every
+        fact the replaced patches write, the probes that pass now, the held-out text."""
         n = self.policy.compact_after_patches
-        if n is None or len(self.reg.released()) < n:
+        count = len(self.reg.released())
+        if n is None or count < n:
             return
-        compact = getattr(self.reg, "compact", None)
-        if compact is None:
-            self.say(f"{len(self.reg.released())} patches are released (compact_after_patches {n}), but this rankone "
-                     "has no registry compaction; nothing compacted")
+        if self.reg.staged():
+            self.say(f"{count} patches are released (compact_after_patches {n}); compaction waits until nothing is staged")
             return
-        compact(actor="heal", reason=f"heal: {len(self.reg.released())} released patches (compact_after_patches {n})",
-                model=self.handle)
+        keep = probes_to_keep([o.probe for o in probes if o.passed], [], self.policy.probe_sample, "compact")
+        suite = suite_for([], keep, heldout_text(self.handle, self.policy))
+        res = compact_release(self.reg, self.handle, reason=f"heal: {count} released patches (compact_after_patches {n})",
+                              suite=suite, policy=self.policy.gate_policy(), actor="heal")
+        failed = [r for r in res.report.results if not r.passed]
+        self.say(f"compacted {len(res.replaced)} released patches into {res.patch_id}: " + (
+            "released in their place" if res.released else
+            f"the gates failed ({len(failed)} check(s), e.g. {failed[0].type} {failed[0].what!r}); the release is unchanged"))
 
     # ---- watching --------------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ class HealPolicy:
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     retry_total_s: float = 300.0
-    # compaction (issue 27): after a release, compact once this many patches are released (None: never)
+    # after a release, compact the release (rankone.lifecycle.compact) once this many patches are released (None: never)
     compact_after_patches: int | None = None
 
     def __post_init__(self) -> None:

@@ -15,7 +15,8 @@ from rankone.core.atomic import atomic_dir, check_out_dir, write_json
 from rankone.core.errors import RankoneError
 from rankone.core.util import utcnow
 from rankone.lifecycle.registry import Registry
-from rankone.lifecycle.store import PatchRecord, crash_point
+from rankone.lifecycle.records import PatchRecord
+from rankone.lifecycle.store import crash_point
 from rankone.models.handle import ModelHandle
 
 FORMATS = ("merged", "peft")

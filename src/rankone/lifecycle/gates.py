@@ -95,6 +95,7 @@ class Check:
     text: str = ""
     name: str = ""  # what the table shows for perplexity texts
     where: str = ""  # "suite.jsonl:3"
+    regression_only: bool = False  # a target check that fails only where the reference says the target and the candidate does not
 
 
 @dataclass
@@ -245,20 +246,28 @@ def delta_norms(patch: Patch) -> dict[str, float]:
 
 
 def run_gates(model: torch.nn.Module, tok: Any, patch: Patch, suite: Suite, policy: GatePolicy,
-              reference: Iterable[Patch] = (), reference_ids: Iterable[str] = (), spec: Any = None) -> GateReport:
+              reference: Iterable[Patch] = (), reference_ids: Iterable[str] = (), spec: Any = None,
+              replaces: bool = False) -> GateReport:
     """Measure the reference and the candidate; the model is left exactly as it was. `spec`: where
-    the model's edited projections are (a ModelHandle's; default: the table's or discovery's)."""
+    the model's edited projections are (a ModelHandle's; default: the table's or discovery's).
+    `replaces`: the patch takes the reference's place (a compaction), so the candidate is the base
+    with the patch alone and ‖ΔW‖ is judged against the base weights."""
     ref = list(reference)
+
+    def norms() -> dict[str, float]:
+        return {m: float(arch.weight_oi(arch.get_module(model, m)).detach().double().norm())
+                for m in {e.module for e in patch.edits}}
+
+    w_norm = norms() if replaces else {}
     handle = apply_patch(model, ref, spec) if ref else None
     try:
         before = _measure(model, tok, suite.checks, policy)
-        w_norm = {m: float(arch.weight_oi(arch.get_module(model, m)).detach().double().norm())
-                  for m in {e.module for e in patch.edits}}
+        w_norm = w_norm or norms()
     finally:
         if handle is not None:
             handle.revert()
     answers = {i: b["answer"] for i, b in enumerate(before) if "answer" in b}
-    handle = apply_patch(model, ref + [patch], spec)  # one call: patches made on the base stack exactly
+    handle = apply_patch(model, [patch] if replaces else ref + [patch], spec)  # one call: patches made on the base stack exactly
     try:
         after = _measure(model, tok, suite.checks, policy, answers)
     finally:
@@ -284,9 +293,11 @@ def _fmt_p(p: float | None) -> str:
 def _judge(c: Check, b: dict[str, Any], a: dict[str, Any], policy: GatePolicy) -> CheckResult:
     if c.type == "target":
         ok = says(a["cont"], c.target)
+        why = "" if ok else f"answer {a['cont'].strip()!r} is not {c.target!r}"
+        if not ok and c.regression_only and not says(b["cont"], c.target):
+            ok, why = True, "the reference does not say it either"
         return CheckResult("target", c.prompt, c.target, f"{first_word(b['cont'])} {_fmt_p(b['p'])}",
-                           f"{first_word(a['cont'])} {_fmt_p(a['p'])}", a["p"], None, ok,
-                           "" if ok else f"answer {a['cont'].strip()!r} is not {c.target!r}")
+                           f"{first_word(a['cont'])} {_fmt_p(a['p'])}", a["p"], None, ok, why)
     if c.type == "keep":
         change = abs(a["p"] - b["p"]) if a["p"] is not None and b["p"] is not None else 0.0
         same = a["answer"] == b["answer"]

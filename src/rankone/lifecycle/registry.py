@@ -5,7 +5,9 @@ and crash safety are `rankone.lifecycle.store`; this module is the patch lifecyc
 
 States: proposed → validated → released → rolled_back, and proposed|validated → rejected; a
 validated patch may be staged first (validated → staged → released by `promote`, or → aborted;
-`rankone.lifecycle.staging`), which `rankone serve` rolls out to a share of users.
+`rankone.lifecycle.staging`), which `rankone serve` rolls out to a share of users. A compaction
+replaces the whole release by one patch (released → compacted; rolling the compaction back
+releases them again: `rankone.lifecycle.compactions`).
 Every transition appends to `audit` (time, actor, action, states, reason) in the same
 transaction as the change; triggers make `audit` and `validations` append-only, and each audit
 entry carries the hash of the one before it, so `check` notices entries removed behind SQLite's
@@ -27,17 +29,10 @@ from rankone.artifacts.patch import Patch, apply_patch
 from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.fingerprint import tensor_sha256
-from rankone.lifecycle.store import (
-    CheckReport,
-    PatchRecord,
-    _entry_hash,
-    _safe_id,
-    content_id,
-    crash_point,
-    is_patch_dir,
-)
+from rankone.lifecycle.records import CheckReport, PatchRecord, _entry_hash
+from rankone.lifecycle.store import _safe_id, content_id, crash_point, is_patch_dir
 from rankone.core.util import user_name, utcnow
-from rankone.lifecycle.staging import Staging
+from rankone.lifecycle.compactions import Compactions
 from rankone.models.handle import ModelHandle
 
 
@@ -53,7 +48,7 @@ def model_fingerprints(model: torch.nn.Module, modules: list[str], spec: arch.Ar
     return out
 
 
-class Registry(Staging):
+class Registry(Compactions):
     """One registry file and its store. Every public method is one transaction."""
 
     # -- transitions --
@@ -159,9 +154,7 @@ class Registry(Staging):
         actor = actor or user_name()
         with self._tx() as db:
             state = self.require("promote" if promote else "release", pid, self._state(db, pid))
-            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
-            if last is None or not last[0]:
-                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before release")
+            self.require_passed(db, pid, "fix it and validate again before release")
             self._check_base(db, pid, patch, base_modules)
             released = self._released_patches(db)
             base_fp = {r["module"]: r["sha256"] for r in db.execute("SELECT * FROM base_modules")}
@@ -176,13 +169,7 @@ class Registry(Staging):
                 info = dict(base_info or {}, model_type=patch.base.get("model_type"), n_layers=patch.base.get("n_layers"))
                 for k, v in sorted(info.items()):
                     db.execute("INSERT INTO base VALUES (?, ?)", (k, json.dumps(v)))
-            for m, sha in sorted((base_modules or {}).items()):  # checked against the known ones above
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, 'model')", (m, sha))
-            for m, sha in sorted(learnt.items()):
-                db.execute("INSERT OR IGNORE INTO base_modules VALUES (?, ?, ?)", (m, sha, f"patch:{pid}"))
-            seq = db.execute("SELECT COALESCE(MAX(release_seq), 0) + 1 FROM patches").fetchone()[0]
-            db.execute("UPDATE patches SET state = 'released', release_seq = ?, released_at = ? WHERE id = ?",
-                       (seq, utcnow(), pid))
+            seq = self._mark_released(db, pid, base_modules, learnt)
             db.execute("DELETE FROM staging WHERE patch_id = ?", (pid,))
             for q in sorted(deps):
                 db.execute("INSERT OR IGNORE INTO depends VALUES (?, ?)", (pid, q))
@@ -239,6 +226,7 @@ class Registry(Staging):
                 db.execute("UPDATE patches SET state = 'rolled_back' WHERE id = ?", (q,))
                 self._audit(db, actor, "rollback", q, "released", "rolled_back", reason,
                             {} if q == pid else {"cascade_from": pid})
+                self._restore_compacted(db, q, actor, reason)
             crash_point("rollback:uncommitted")
         return list(reversed(order))
 
@@ -287,7 +275,7 @@ class Registry(Staging):
         seqs = [r[0] for r in self.db.execute("SELECT release_seq FROM patches WHERE release_seq IS NOT NULL ORDER BY release_seq")]
         if len(seqs) != len(set(seqs)):
             rep.problems.append("two patches share a release position")
-        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action IN ('release', 'promote')").fetchone()[0]
+        n_rel = self.db.execute("SELECT COUNT(*) FROM audit WHERE action IN ('release', 'promote', 'compact')").fetchone()[0]
         if n_rel != len(seqs):
             rep.problems.append(f"{len(seqs)} patches have a release position but the audit log records {n_rel} releases")
         for r in self.db.execute("SELECT s.patch_id, p.state FROM staging s JOIN patches p ON p.id = s.patch_id "

@@ -17,7 +17,8 @@ from typing import Any
 
 from rankone.core.errors import RankoneError
 from rankone.core.util import user_name, utcnow
-from rankone.lifecycle.store import PatchRecord, RegistryStore, StagedRecord
+from rankone.lifecycle.records import PatchRecord, StagedRecord
+from rankone.lifecycle.store import RegistryStore
 
 
 def check_percent(name: str, value: Any) -> float:
@@ -41,9 +42,7 @@ class Staging(RegistryStore):
         actor = actor or user_name()
         with self._tx() as db:
             state = self.require("stage", pid, self._state(db, pid))
-            last = db.execute("SELECT passed FROM validations WHERE patch_id = ? ORDER BY n DESC LIMIT 1", (pid,)).fetchone()
-            if last is None or not last[0]:
-                raise RankoneError(f"patch {pid} failed its latest validation; fix it and validate again before staging")
+            self.require_passed(db, pid, "fix it and validate again before staging")
             self._check_base(db, pid, patch, None)  # type: ignore[attr-defined]
             old = db.execute("SELECT canary, shadow FROM staging WHERE patch_id = ?", (pid,)).fetchone()
             details: dict[str, Any] = {"canary": canary, "shadow": shadow}

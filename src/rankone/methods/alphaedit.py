@@ -211,5 +211,5 @@ def alphaedit_solver(ctx: EditInputs, hp: AlphaEditHParams, layer: int, K: torch
 
 
 ALPHAEDIT = Method(name="alphaedit", settings=AlphaEditHParams, compute=functools.partial(window_step, alphaedit_solver),
-                   one_at_a_time=False, planned_passes=window_passes,
+                   one_at_a_time=False, planned_passes=window_passes, solver=alphaedit_solver,
                    summary="MEMIT's batch confined to the null space of C, earlier edits' keys kept (Fang et al. 2025)")

@@ -137,6 +137,11 @@ class PreservedKeys:
         return 0 if layer not in self.keys else int(self.keys[layer].shape[1])
 
 
+# A batch method's solve at one layer: (inputs, settings, layer, K [in, n], R [out, n]) -> (B, A,
+# diagnostics), the update B A that writes R at the keys K, from the weights as they are.
+Solver = Callable[[EditInputs, Any, int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -146,6 +151,9 @@ class Method:
     summary: str  # one line for --help
     # forward passes a step runs at most, for the progress display: (settings, requests, templates) -> passes
     planned_passes: Callable[[Any, int, int], int] = lambda s, n, t: 0
+    # the solve alone, given keys and what to write at them (the batch methods); a compaction
+    # (rankone.edit.compaction) re-solves released edits with it
+    solver: Solver | None = None
 
 
 def method(name: str | None) -> Method:
@@ -189,13 +197,18 @@ def resolve_settings(handle: "ModelHandle", given: MethodSettings | Mapping[str,
     return m.settings.from_dict(merged).resolve(handle)
 
 
+def question(r: EditRequest) -> tuple[str, str]:
+    """What a request asks (its prompt and subject, case and spacing aside): a batch asks each once."""
+    return " ".join(r.prompt.lower().split()), r.subject.strip().lower()
+
+
 def check_batch(requests: Sequence[EditRequest]) -> None:
     """A batch is at least one request, and asks each question (prompt and subject) once."""
     if not requests:
         raise RankoneError("no requests to edit: give at least one prompt/subject/target")
     seen: dict[tuple[str, str], str] = {}
     for r in requests:
-        q = (" ".join(r.prompt.lower().split()), r.subject.strip().lower())
+        q = question(r)
         if q in seen:
             raise RankoneError(f"the batch asks {r.text()[0]!r} twice (targets {seen[q]!r} and {r.target!r}); "
                                "give each fact once per batch")

@@ -87,5 +87,5 @@ def emmet_solver(ctx: EditInputs, hp: EmmetHParams, layer: int, K: torch.Tensor,
 
 
 EMMET = Method(name="emmet", settings=EmmetHParams, compute=functools.partial(window_step, emmet_solver),
-               one_at_a_time=False, planned_passes=window_passes,
+               one_at_a_time=False, planned_passes=window_passes, solver=emmet_solver,
                summary="the batch's equality constraints ΔW K = V − W K met exactly (Gupta et al. 2024)")

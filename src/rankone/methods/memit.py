@@ -46,7 +46,7 @@ from rankone.core import architectures as arch
 from rankone.core.errors import RankoneError
 from rankone.core.hooks import capture, frozen, map_output
 from rankone.core.tokens import EditRequest, encode_request, pad_batch
-from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method
+from rankone.methods.base import Computed, EditInputs, LayerUpdate, Method, Solver
 from rankone.methods.passes import ValuePasses
 from rankone.methods.settings import MethodSettings, check_value_loop
 from rankone.methods.stats import LayerStats
@@ -326,9 +326,6 @@ def updates_applied(model: torch.nn.Module, updates: Sequence[LayerUpdate]) -> I
         yield
 
 
-Solver = Callable[[EditInputs, Any, int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"]
-
-
 def run_window(
     handle: ModelHandle, requests: Sequence[EditRequest], hp: MemitHParams,
     templates: list[str], solve: Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, dict[str, Any]]"],
@@ -390,4 +387,4 @@ def memit_solver(ctx: EditInputs, hp: MemitHParams, layer: int, K: torch.Tensor,
 
 MEMIT = Method(name="memit", settings=MemitHParams, compute=functools.partial(window_step, memit_solver),
                one_at_a_time=False, summary="the requests as one batch over a window of layers (Meng et al. 2023)",
-               planned_passes=window_passes)
+               planned_passes=window_passes, solver=memit_solver)

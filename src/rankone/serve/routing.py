@@ -86,6 +86,9 @@ class Router:
         pid = ids[0]
         if pid in arms.stable_ids:
             return arms.stable
+        if arms.known.get(pid) == "compacted":  # stable already holds its edits, re-solved: adding it would write them twice
+            raise ApiError(409, f"patch {pid} was compacted into the release; pin stable (it serves its edits) or base",
+                           "patch_compacted", "X-Rankone-Patchset")
         return arms.with_deltas([pid], "pin", {pid: self._load(pid)})
 
     def _load(self, pid: str) -> Patch:
