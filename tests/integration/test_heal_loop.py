@@ -251,7 +251,7 @@ def test_a_server_that_is_down_is_retried_then_nothing_changes(world, capsys):
     code = world.heal("--server", f"http://127.0.0.1:{port}", "--once", "--model", str(builtin_model_dir()),
                       policy={"retry_total_s": 2})
     err = capsys.readouterr().err
-    assert code == 2 and 1.5 < time.monotonic() - t0 < 60
+    assert code == 2 and 0.5 < time.monotonic() - t0 < 60  # it retried (back-off from 0.2 s) before giving up
     assert err.count("\n") == 1 and f"the server at http://127.0.0.1:{port} did not answer" in err
     assert world.dump() == before
 
@@ -327,4 +327,7 @@ def test_a_harmful_patch_staged_by_hand_is_aborted_at_its_first_canary_step(worl
     assert probe in probes["regressions"] and probes["protected_regressions"] == [PROTECTED]
     assert decide(d.details["evidence"], d.details["policy"], d.details["step"]).action == "abort"
     assert "aborted" in out
+    t0 = time.monotonic()
+    while rec.id in json.dumps(httpx.get(world.url + "/api/status").json()["arms"]) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)  # until the server has dropped it (it follows the registry within a second)
     assert world.ask("zoe", probe).choices[0].text.strip().startswith("volleyball")

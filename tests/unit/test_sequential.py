@@ -16,7 +16,8 @@ from rankone.methods.rome import EditHParams
 from rankone.eval.plots import report, summarize_run
 from rankone.edit.guard import Guard
 from rankone.eval.metrics import continuations
-from rankone.eval.sequential import SequentialConfig, SequentialRun, generation_scores, read_run, spaced
+from rankone.eval.metrics import generation_scores
+from rankone.eval.sequential import SequentialConfig, SequentialRun, read_run, spaced
 from rankone.core.tokens import EditRequest
 from tiny import corpus_text, make_model
 from conftest import handle_of, run_cli  # noqa: E402

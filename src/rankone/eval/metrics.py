@@ -354,3 +354,14 @@ def alignable(model: torch.nn.Module, tok: Any, cases: Sequence[Case]) -> tuple[
         except RankoneError as e:
             why.append(f"case {c.case_id}: {e}")
     return ok, why
+
+
+def generation_scores(model: Any, tok: Any, cases: Sequence[Case], max_new_tokens: int) -> tuple[float, float | None]:
+    """Generation-based success of edited cases: the share whose greedy continuation of the prompt
+    (one batch, not cut to the target's length) states the new target; likewise for each case's
+    first paraphrase (None when no case has one)."""
+    para = [c for c in cases if c.paraphrase_prompts]
+    prompts = [c.prompt for c in cases] + [c.paraphrase_prompts[0] for c in para]
+    texts = [tok.decode(x, skip_special_tokens=True) for x in continuations(model, tok, prompts, max_new_tokens)]
+    hit = [says(t, c.target_new, anywhere=True) for t, c in zip(texts, cases + para)]
+    return mean(hit[:len(cases)]), (mean(hit[len(cases):]) if para else None)

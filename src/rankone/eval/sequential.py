@@ -45,8 +45,8 @@ from rankone.eval.cases import Case
 from rankone.core.errors import RankoneError
 from rankone.core.util import mean, utcnow
 from rankone.eval.glue import glue_suite
-from rankone.eval.metrics import continuations, evaluate_cases, fluency, score
-from rankone.models.generation import perplexity, says
+from rankone.eval.metrics import evaluate_cases, fluency, generation_scores, score
+from rankone.models.generation import perplexity
 from rankone.methods.base import method
 from rankone.methods.settings import MethodSettings
 from rankone.artifacts.patch import Patch, library_versions
@@ -126,17 +126,6 @@ def spaced(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n - 1]
-
-
-def generation_scores(model: Any, tok: Any, cases: Sequence[Case], max_new_tokens: int) -> tuple[float, float | None]:
-    """Generation-based success of edited cases: the share whose greedy continuation of the prompt
-    (one batch, not cut to the target's length) states the new target; likewise for each case's
-    first paraphrase (None when no case has one)."""
-    para = [c for c in cases if c.paraphrase_prompts]
-    prompts = [c.prompt for c in cases] + [c.paraphrase_prompts[0] for c in para]
-    texts = [tok.decode(x, skip_special_tokens=True) for x in continuations(model, tok, prompts, max_new_tokens)]
-    hit = [says(t, c.target_new, anywhere=True) for t, c in zip(texts, cases + para)]
-    return mean(hit[:len(cases)]), (mean(hit[len(cases):]) if para else None)
 
 
 def probe_pool(cases: Sequence[Case], n_edits: int, probe_sample: int) -> list[tuple[str, str]]:
