@@ -62,3 +62,22 @@ def handle_of(model, tok):
     from rankone.models.handle import ModelHandle
 
     return ModelHandle.of(model, tok)
+
+
+def interrupt_and_resume(monkeypatch, run, again, at: int):
+    """`run` stopped by Ctrl-C as its step from edit `at` begins, then `again()` (a new run on the
+    same folder) resumed to the end: its records."""
+    from rankone.eval.sequential import SequentialRun
+
+    real = SequentialRun._step
+
+    def crash(self, i0, i1):
+        if i0 == at:
+            raise KeyboardInterrupt
+        return real(self, i0, i1)
+
+    monkeypatch.setattr(SequentialRun, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    monkeypatch.setattr(SequentialRun, "_step", real)
+    return again().run()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from rankone.artifacts.patch import Patch, apply_patch
-from rankone.cli.main import main
 from rankone.core.tokens import EditRequest
 from rankone.edit.editor import Editor
 from rankone.eval.cases import Case, save_cases
@@ -17,7 +16,7 @@ from rankone.lifecycle.registry import Registry
 from rankone.methods.alphaedit import AlphaEditHParams
 from rankone.models.load import load_model
 from tiny import corpus_text, make_model, make_testbed_requests
-from conftest import handle_of, run_cli  # noqa: E402
+from conftest import handle_of, interrupt_and_resume, run_cli  # noqa: E402
 
 TINY = dict(layers=[0, 1, 2], v_steps=4, v_lr=0.05, stats_tokens=20_000, prefixes=["The Eiffel Tower. {}"])
 ALPHA = dict(TINY, method="alphaedit", nullspace_threshold=1e-4, l2=1e-10)  # see test_batch_edit
@@ -157,19 +156,8 @@ def test_interrupted_alphaedit_run_resumes_to_the_same_result(tok, corpus, tmp_p
     want = run.run()
     assert all(torch.equal(run._weight(p), w) for p, w in w0.items())  # every window layer given back
     model, run = new_run(tok, corpus, tmp_path / "cut")
-    real = SequentialRun._step
-
-    def crash(self, i0, i1):
-        if i0 == 4:  # after the checkpoint at 4: the third batch must be solved with the first two's keys
-            raise KeyboardInterrupt
-        return real(self, i0, i1)
-
-    monkeypatch.setattr(SequentialRun, "_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
-    monkeypatch.setattr(SequentialRun, "_step", real)
-    _, again = new_run(tok, corpus, tmp_path / "cut")
-    got = again.run()
+    # stopped after the checkpoint at 4: the third batch must be solved with the first two's keys
+    got = interrupt_and_resume(monkeypatch, run, lambda: new_run(tok, corpus, tmp_path / "cut")[1], at=4)
     strip = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("batch"), r.get("es")) for r in rs]  # noqa: E731
     assert strip(got) == strip(want)
     assert [r["delta_fro"] for r in got if r["type"] == "edit"] == pytest.approx(

@@ -17,7 +17,7 @@ from rankone.edit.compaction import CompactSettings, compact, recover_keys
 from rankone.edit.editor import Editor
 from rankone.methods.alphaedit import cached_null_basis
 from rankone.methods.rome import compute_key
-from conftest import handle_of
+from conftest import handle_of, interrupt_and_resume
 from tiny import make_model
 
 REQS = [EditRequest.create("{} was born in", "Danielle Darrieux", "Rome"),
@@ -192,7 +192,6 @@ def compacting_run(tok, corpus, out):
 
 def test_a_sequential_run_compacts_as_it_goes_and_resumes_the_same(tok, corpus, tmp_path, monkeypatch):
     from rankone.artifacts.patch import Patch
-    from rankone.eval.sequential import SequentialRun
 
     model, run = compacting_run(tok, corpus, tmp_path / "whole")
     recs = run.run()
@@ -208,14 +207,7 @@ def test_a_sequential_run_compacts_as_it_goes_and_resumes_the_same(tok, corpus, 
     assert p.edits[-1].diagnostics["n_preserved"] == 4
     # interrupted after the compaction's checkpoint, the run resumes to the same records
     model, cut = compacting_run(tok, corpus, tmp_path / "cut")
-    real = SequentialRun._step
-    monkeypatch.setattr(SequentialRun, "_step", lambda self, i, j: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if i == 4 else real(self, i, j))
-    with pytest.raises(KeyboardInterrupt):
-        cut.run()
-    monkeypatch.setattr(SequentialRun, "_step", real)
-    _, again = compacting_run(tok, corpus, tmp_path / "cut")
-    got = again.run()
+    got = interrupt_and_resume(monkeypatch, cut, lambda: compacting_run(tok, corpus, tmp_path / "cut")[1], at=4)
     key = lambda rs: [(r["type"], r.get("i", r.get("n")), r.get("delta_fro"), r.get("w_dist")) for r in rs]  # noqa: E731
     assert [k[:2] for k in key(got)] == [k[:2] for k in key(recs)]
     assert [k[2:] for k in key(got)] == pytest.approx([k[2:] for k in key(recs)], rel=1e-6)
