@@ -363,8 +363,15 @@ def run(args: argparse.Namespace, out: Path, world: dict[str, Any]) -> dict[str,
                 raise SystemExit(f"rankone heal exited with {heal.returncode}; see {out / 'heal.log'}")
             time.sleep(5)
         phases.setdefault("healed_at", time.time())
+        # the harmful candidate gets its own --bad-minutes: once no heal patch is on the canary (it
+        # would share the candidate arm), it is forced onto a 5 % canary for heal to guard
+        deadline = time.time() + args.bad_minutes * 60
+        while time.time() < deadline and "bad" not in phases \
+                and any(s == "staged" for _, s in _registry_state(out)["heal"]):
+            time.sleep(3)
         st = _registry_state(out)
-        if any(s == "released" for _, s in st["heal"]) and "bad" not in phases:
+        if any(s == "released" for _, s in st["heal"]) and "bad" not in phases \
+                and not any(s == "staged" for _, s in st["heal"]):
             phases["bad"] = inject_bad(out)
             phases["bad_at"] = time.time()
             _save(out / "phases.json", phases)
@@ -569,7 +576,8 @@ def main() -> None:
     ap.add_argument("--quiet-s", type=float, default=60.0)
     ap.add_argument("--min-requests", type=int, default=50)
     ap.add_argument("--max-requests", type=int, default=40_000)
-    ap.add_argument("--max-minutes", type=float, default=110.0)
+    ap.add_argument("--max-minutes", type=float, default=110.0, help="for heal's work on the reports")
+    ap.add_argument("--bad-minutes", type=float, default=25.0, help="then for the harmful candidate's rollout")
     ap.add_argument("--heldout-chars", type=int, default=20_000)
     ap.add_argument("--policy-extra", default="{}", help="JSON merged into the heal policy (small runs)")
     ap.add_argument("--threads", type=int, default=1)

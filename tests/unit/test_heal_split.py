@@ -87,3 +87,27 @@ def test_a_half_that_passes_is_proposed_and_the_rest_waits_its_turn(tmp_path, ha
     with FeedbackLog(path) as fb:
         status = {r.prompt: r.status for r in fb.reports(None)}
     assert status == {FACTS[0][0]: "acted", FACTS[1][0]: "open"}  # the second half waits for the first's rollout
+
+
+def test_a_staged_patch_is_guarded_before_heals_own_next_one(tmp_path, handle):
+    """Heal holds a validated patch of its own (no server: it cannot roll it out) when a person
+    stages another: with adopt_staged the staged one, on live traffic, is what heal works on."""
+    from rankone import EditRequest, Editor
+
+    path = tmp_path / "reg.db"
+    Registry(path).close()
+    _report(path, FACTS[:1])
+    healer = _healer(path, handle, {})
+    try:
+        own = healer.cycle().patch_id
+        assert healer.reg.get(own).state == "validated"
+        prompt, subject, target = FACTS[1]
+        Editor(handle, dict(FAST, method="r-rome")).edit([EditRequest.create(prompt, subject, target)]).save(tmp_path / "p")
+        theirs, _ = healer.reg.add(tmp_path / "p", "ana", "by hand")
+        healer.reg.record_validation(theirs.id, {"results": [], "suite": {"sha256": "x"}}, True, "ana")
+        healer.reg.stage(theirs.id, 5, 0, "ana", "by hand")
+        assert healer._active() == own  # not adopted: a person's rollout is theirs
+        healer.policy.adopt_staged = True
+        assert healer._active() == theirs.id
+    finally:
+        healer.close()

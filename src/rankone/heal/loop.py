@@ -319,13 +319,14 @@ class Healer:
 
     def _active(self) -> str | None:
         """The patch heal is working on: its own proposed/validated/staged one, or (adopt_staged) any staged one."""
-        mine = [r for r in self.reg.list() if r.added_by == "heal" and r.state in ("proposed", "validated", "staged")]
+        mine = sorted((r for r in self.reg.list() if r.added_by == "heal" and r.state in ("proposed", "validated", "staged")),
+                      key=lambda r: (r.state != "staged", r.added_at))
+        if mine and mine[0].state == "staged":
+            return mine[0].id
         staged = [s.id for s in self.reg.staged()]
-        for r in sorted(mine, key=lambda r: (r.state != "staged", r.added_at)):
-            return r.id
-        if self.policy.adopt_staged and staged:
+        if self.policy.adopt_staged and staged:  # on live traffic now: guarded before heal's own next patch
             return staged[0]
-        return None
+        return mine[0].id if mine else None
 
     def _continue(self, pid: str, plan: Plan, probes: list[ProbeOutcome]) -> None:
         rec = self.reg.get(pid)
