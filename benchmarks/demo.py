@@ -43,8 +43,9 @@ from rankone.models.load import load_model
 from rankone.testbed import builtin_model_dir
 ed = Editor(load_model(builtin_model_dir()), json.loads(sys.argv[2]), progress=False)  # over the model card, as `rankone edit`
 req = EditRequest.create("{} was born in", "Stoukthen Fokai Thathai", "Warsaw")  # the demo's edit (seed 0)
-ed.compute(req)  # templates and statistics: cached from here on
-upd, info = ed.compute(req)
+ed.compute([req])  # templates and statistics: cached from here on
+c = ed.compute([req])
+info, (upd,) = c.diagnostics, c.updates
 p = info["value"]["target_probs"]
 print(json.dumps({"steps": info["value"]["steps"], "value_s": info["timing"]["value_s"], "p_20": p[min(19, len(p) - 1)],
                   "p_last": p[-1], "delta_ratio": upd.diagnostics["delta_norm"] / upd.diagnostics["current_value_norm"]}))
