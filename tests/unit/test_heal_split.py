@@ -111,3 +111,20 @@ def test_a_staged_patch_is_guarded_before_heals_own_next_one(tmp_path, handle):
         assert healer._active() == theirs.id
     finally:
         healer.close()
+
+
+def test_a_patch_aborted_on_the_canary_has_its_corrections_retried_in_halves(tmp_path, handle):
+    path = tmp_path / "reg.db"
+    Registry(path).close()
+    _report(path, FACTS[:2])
+    healer = _healer(path, handle, {"max_perplexity_rise": 10.0, "keep_max_prob_change": 1.0})
+    try:
+        pid = healer.cycle().patch_id
+        healer.reg.stage(pid, 5, 0, "heal", "canary")
+        healer.reg.abort(pid, "heal", "probes regressed on the canary")
+        again = healer.cycle().patch_id  # the abort is reconciled: split, then the first half proposed
+        (split,) = heal_events(healer.reg, pid, "heal-split")
+        assert "was aborted" in split.reason and [len(h) for h in split.details["halves"]] == [1, 1]
+        assert again != pid and healer.reg.get(again).state == "validated"
+    finally:
+        healer.close()

@@ -7,9 +7,9 @@
     subject   given by a probe or a report, else found by corruption (`rankone.heal.subject`);
               ambiguous or unfindable: skipped
     propose   one patch, registered by `heal` with a reason naming the reports and probes
-    validate  the gates; a failure rejects the patch. Its corrections are then retried in halves
-              (a `heal-split` audit entry; the next proposals take the first half still pending),
-              and a lone correction whose patch fails is skipped for good (`breaks_checks`)
+    validate  the gates; a failure rejects the patch. Its corrections (or an aborted patch's) are
+              retried in halves (`heal-split`; the next proposals take the first half pending);
+              a lone correction whose patch fails is skipped for good (`breaks_checks`)
     roll out  with a server: shadow, canary steps, promote | abort | pause (`rankone.heal.drive`)
 
 Every refusal, drop and skip is an audit entry with its evidence, and the reports it settles
@@ -242,9 +242,8 @@ class Healer:
         self.fb.set_status(c.feedback_ids, STATUS_OF[v.action], note=f"{v.rule}: {v.reason}"[:500])
 
     def _after_splits(self, edits: list[Correction]) -> list[Correction]:
-        """The corrections to propose now, after earlier rejections: never one whose lone patch failed
-        the gates, and, while a rejected batch is being retried in halves, only the first half (of
-        the latest split first) that still has a correction pending."""
+        """The corrections to propose now: none whose lone patch failed, and while a split batch is
+        retried, only the first half (latest split first) with a correction pending."""
         broken = {e.details.get("key") for e in heal_events(self.reg, action="heal-skip")
                   if e.details.get("rule") == "breaks_checks"}
         edits = [c for c in edits if _key(c) not in broken]
@@ -255,21 +254,20 @@ class Healer:
                     return [c for c in edits if _key(c) in set(half)]
         return edits
 
-    def _split(self, pid: str, corrections: list[Correction], failed: list[Any]) -> None:
-        """A rejected heal patch: its reports go back to open and its corrections are retried in
-        halves; a lone correction is skipped for good (its reports get that status)."""
-        what = "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3]) or "see its validation"
+    def _split(self, pid: str, corrections: list[Correction], why: str) -> None:
+        """A failed heal patch: its reports reopen and its corrections are retried in halves; a lone
+        correction is skipped for good (its reports get that status)."""
         ids = [i for c in corrections for i in c.feedback_ids]
         if len(corrections) == 1:
             c = corrections[0]
-            reason = f"heal: breaks_checks: {c.prompt!r} -> {c.correction!r}: its patch {pid} failed the gates ({what})"
+            reason = f"heal: breaks_checks: {c.prompt!r} -> {c.correction!r}: its patch {pid} {why}"
             record_event(self.reg, "heal-skip", pid, reason[:2000], {"rule": "breaks_checks", "key": _key(c),
                                                                     "correction": c.to_dict()})
             self.fb.set_status(ids, "skipped", pid, reason[:500])
             return
         keys = [_key(c) for c in corrections]
         halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
-        reason = (f"heal: {pid} failed the gates ({what}); its {len(keys)} corrections are retried in halves of "
+        reason = (f"heal: {pid} {why}; its {len(keys)} corrections are retried in halves of "
                   f"{len(halves[0])} and {len(halves[1])}")
         record_event(self.reg, "heal-split", pid, reason[:2000], {"halves": halves})
         self.fb.set_status(ids, "open", None, reason[:500])
@@ -301,15 +299,16 @@ class Healer:
         return rec.id
 
     def _reconcile(self) -> None:
-        """What a kill left half done: reports named by a live heal proposal but still open, and a
-        rejected heal patch whose corrections were not yet split for retrying."""
+        """What is left half done: reports named by a live heal proposal but still open, and a heal
+        patch rejected by the gates or aborted on the canary whose corrections were not yet split
+        for retrying (after a kill, or after a rollout's abort)."""
         state = {r.id: r.state for r in self.reg.list()}
         settled = {e.patch_id for e in heal_events(self.reg) if e.action in ("heal-split", "heal-skip")}
         for e in heal_events(self.reg, action="heal-propose"):
             corrections = _corrections(e)
             ids = [i for c in corrections for i in c.feedback_ids]
-            if state.get(e.patch_id) == "rejected" and e.patch_id not in settled:
-                self._split(e.patch_id, corrections, [])
+            if state.get(e.patch_id) in ("rejected", "aborted") and e.patch_id not in settled:
+                self._split(e.patch_id, corrections, f"was {state[e.patch_id]} (see its audit entries)")
                 continue
             still = [r.id for r in self.fb.get(ids) if r.status == "open"]
             if state.get(e.patch_id) in ("proposed", "validated", "staged", "released") and still:
@@ -349,7 +348,8 @@ class Healer:
                 f" ({len(failed)} check(s) failed: " + "; ".join(f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3])
                 + ")" if failed else ""))
             if not passed:
-                self._split(pid, corrections, failed)
+                self._split(pid, corrections, "failed the gates (" + "; ".join(
+                    f"{r.type} {r.what!r}: {r.detail}" for r in failed[:3]) + ")")
                 return
             rec = self.reg.get(pid)
         if self.rollout is None:
