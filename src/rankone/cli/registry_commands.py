@@ -35,6 +35,13 @@ def _need_reason(args: argparse.Namespace, what: str) -> str:
     return args.reason  # stored as given (escaped where shown)
 
 
+def _transition(args: argparse.Namespace, command: str, act: Any) -> Any:
+    """A state change that needs a reason: act(registry, actor, reason), its result."""
+    reason = _need_reason(args, command)
+    with _open(args) as reg:
+        return act(reg, _actor(args), reason)
+
+
 def _facts(summary: list[dict[str, Any]], limit: int = 60) -> str:
     s = shown("; ".join(f"{x['prompt'].replace('{}', x['subject'])} -> {x['target']}" for x in summary))
     return s if len(s) <= limit else s[: limit - 1] + "…"
@@ -189,9 +196,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    reason = _need_reason(args, "registry reject")
-    with _open(args) as reg:
-        rec = reg.reject(args.id, _actor(args), reason)
+    rec = _transition(args, "registry reject", lambda reg, who, why: reg.reject(args.id, who, why))
     print(f"rejected {rec.id}")
     return 0
 

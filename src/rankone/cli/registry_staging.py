@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from rankone.cli.registry_commands import _actor, _facts, _need_reason, _open
+from rankone.cli.registry_commands import _actor, _facts, _open, _transition
 from rankone.core.errors import RankoneError
 
 
@@ -34,8 +34,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
-    reason = _need_reason(args, "registry abort")
-    with _open(args) as reg:
-        rec = reg.abort(args.id, _actor(args), reason)
+    rec = _transition(args, "registry abort", lambda reg, who, why: reg.abort(args.id, who, why))
     print(f"aborted {rec.id}: out of the candidate")
     return 0
