@@ -303,16 +303,17 @@ class Users:
 
 
 def _registry_state(out: Path) -> dict[str, Any]:
+    from rankone.lifecycle.feedback import FeedbackLog
     from rankone.lifecycle.registry import Registry
 
+    k = json.loads((out / "policy.json").read_text()).get("k_users", 3)
+    with FeedbackLog(out / "registry.db") as fb:
+        most = fb.open_by_fact(limit=1)  # the open correction with the most distinct users
     with Registry(out / "registry.db", create=False) as reg:
         recs = reg.list()
-        k = json.loads((out / "policy.json").read_text()).get("k_users", 3)
-        actionable = reg.db.execute(
-            "SELECT COUNT(*) FROM (SELECT prompt, correction FROM feedback WHERE status = 'open' AND verdict = 'wrong' "
-            "GROUP BY prompt, correction HAVING COUNT(DISTINCT reporter) >= ?)", (k,)).fetchone()[0]
-        return {"heal": [(r.id, r.state) for r in recs if r.added_by == "heal"],
-                "bad": [(r.id, r.state) for r in recs if r.added_by == "scenario"], "actionable": actionable}
+    return {"heal": [(r.id, r.state) for r in recs if r.added_by == "heal"],
+            "bad": [(r.id, r.state) for r in recs if r.added_by == "scenario"],
+            "actionable": bool(most) and most[0]["users"] >= k}
 
 
 def _start_heal(args: argparse.Namespace, out: Path, url: str) -> subprocess.Popen:

@@ -299,20 +299,20 @@ class Healer:
         return rec.id
 
     def _reconcile(self) -> None:
-        """What is left half done: reports named by a live heal proposal but still open, and a heal
-        patch rejected by the gates or aborted on the canary whose corrections were not yet split
-        for retrying (after a kill, or after a rollout's abort)."""
+        """What is left half done: open reports of a live heal proposal, and a rejected or aborted
+        heal patch whose corrections were not yet split for retrying (after a kill or an abort)."""
         state = {r.id: r.state for r in self.reg.list()}
-        settled = {e.patch_id for e in heal_events(self.reg) if e.action in ("heal-split", "heal-skip")}
-        for e in heal_events(self.reg, action="heal-propose"):
-            corrections = _corrections(e)
-            ids = [i for c in corrections for i in c.feedback_ids]
-            if state.get(e.patch_id) in ("rejected", "aborted") and e.patch_id not in settled:
-                self._split(e.patch_id, corrections, f"was {state[e.patch_id]} (see its audit entries)")
-                continue
-            still = [r.id for r in self.fb.get(ids) if r.status == "open"]
-            if state.get(e.patch_id) in ("proposed", "validated", "staged", "released") and still:
-                self.fb.set_status(still, "acted", e.patch_id, (e.reason or "")[:500])
+        events = heal_events(self.reg)
+        settled = {e.patch_id for e in events if e.action in ("heal-split", "heal-skip")}
+        for e in (e for e in events if e.action == "heal-propose"):
+            st = state.get(e.patch_id)
+            if st in ("rejected", "aborted") and e.patch_id not in settled:
+                self._split(e.patch_id, _corrections(e), f"was {st} (see its audit entries)")
+            elif st in ("proposed", "validated", "staged", "released"):
+                ids = [i for c in _corrections(e) for i in c.feedback_ids]
+                still = [r.id for r in self.fb.get(ids) if r.status == "open"]
+                if still:
+                    self.fb.set_status(still, "acted", e.patch_id, (e.reason or "")[:500])
 
     # ---- patches in flight -----------------------------------------------------------------------
 
