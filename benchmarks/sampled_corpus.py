@@ -78,8 +78,11 @@ def run_model(name: str, args: argparse.Namespace, log=lambda *a: print(*a, flus
     model, tok = handle
     cache = RUNS / label / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    # The default sampled size is what this benchmark chooses and every size here is explicit, so it is
+    # left out of the settings that must match.
+    hp = {k: v for k, v in EditHParams().to_dict().items() if k != "sampled_corpus_tokens"}
     check_settings(RUNS / label / "settings.json", {"sampler": corpus_mod.SCHEMA, "batch": corpus_mod.SAMPLE_BATCH,
-                                                     "hparams": EditHParams().to_dict(), "cases": str(args.cases)})
+                                                     "hparams": hp, "cases": str(args.cases)})
     out = RUNS / f"{label}.jsonl"
     sel = select(model, tok, load_cases(args.cases), args.n)
     cases = sel["known"]
