@@ -9,7 +9,7 @@ import pytest
 from rankone.core.errors import RankoneError
 from rankone.heal.policy import HealPolicy
 from rankone.heal.probes import ProbeOutcome, load_probes, run_probes
-from rankone.heal.rollout import Window, decide, two_proportion_p
+from rankone.heal.rollout import Window, binomial_p_above, decide, two_proportion_p
 from rankone.heal.triage import refuse_by_subject, triage
 from rankone.lifecycle.feedback import ProbeResult, Report
 
@@ -217,6 +217,16 @@ def _evidence(c_req=60, c_err=0, s_req=1000, s_err=0, c_p95=0.2, s_p95=0.2, c_wr
             "probes": {"n": 10, "regressions": list(regress), "protected_regressions": list(protected)}}
 
 
+def test_binomial_tail_is_the_exact_sum():
+    from math import comb
+
+    for x, n, r in [(4, 38, 0.1), (9, 40, 0.1), (0, 10, 0.3), (10, 10, 0.5), (40, 200, 0.1)]:
+        exact = sum(comb(n, k) * r**k * (1 - r) ** (n - k) for k in range(x, n + 1))
+        assert binomial_p_above(x, n, r) == pytest.approx(min(1.0, exact), rel=1e-9)
+    assert binomial_p_above(3, 3000, 0.1) == pytest.approx(1.0)  # no underflow on long windows
+    assert binomial_p_above(1, 5, 0.0) == 0.0
+
+
 def test_two_proportion_test():
     assert two_proportion_p(10, 50, 10, 1000) < 1e-6
     assert 0.4 < two_proportion_p(1, 100, 10, 1000) < 0.6
@@ -240,6 +250,10 @@ def test_two_proportion_test():
     (_evidence(shadow=(10, 0)), SHADOW, "wait", []),
     (_evidence(shadow=(10, 0), seconds=5000), SHADOW, "pause", []),
     (_evidence(shadow=(30, 1)), SHADOW, "advance", []),
+    # above the 10 % limit but no evidence of it (the scenario's aborts): 4 of 38, 14 of 137
+    (_evidence(shadow=(38, 4)), CANARY, "advance", []),
+    (_evidence(shadow=(137, 14)), CANARY, "advance", []),
+    (_evidence(shadow=(200, 40)), CANARY, "abort", ["shadow"]),
 ])
 def test_decisions_from_recorded_metrics(evidence, step, action, failed):
     pol = HealPolicy()

@@ -11,8 +11,10 @@ Checks (a canary step; the shadow step has only the shadow check):
     error rate      canary above stable by more than max_error_rate_increase, and significant
                     (one-sided two-proportion z-test at alpha): fail
     p95 latency     canary p95 > max_p95_ratio × stable p95 + p95_slack_s: fail
-    shadow          disagreement on prompts about no edited subject above max_unrelated_disagreement
-                    (once shadow_min_comparisons are in; the shadow step waits for them): fail
+    shadow          disagreement on prompts about no edited subject above max_unrelated_disagreement,
+                    and significant (one-sided exact binomial test at alpha: 4 of 38 is no evidence
+                    against a 10 % limit), once shadow_min_comparisons are in (the shadow step
+                    waits for them): fail
     wrong feedback  canary's `wrong` reports per request above stable's, significant: fail
     probes          more than max_probe_regressions probes that pass on stable fail on the canary
                     (any protected one counts): fail at once, without waiting
@@ -48,6 +50,20 @@ def two_proportion_p(x1: int, n1: int, x2: int, n2: int) -> float:
         return 1.0
     z = (x1 / n1 - x2 / n2) / math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def binomial_p_above(x: int, n: int, rate: float) -> float:
+    """One-sided p-value that x of n comes from a rate above `rate`: P(X ≥ x) for X ~ Bin(n, rate)."""
+    if x <= 0 or n == 0:
+        return 1.0
+    if rate <= 0.0:
+        return 0.0
+    if rate >= 1.0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(rate)
+            + (n - k) * math.log1p(-rate) for k in range(x, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 @dataclass
@@ -143,10 +159,11 @@ def decide(evidence: dict[str, Any], policy: HealPolicy | dict[str, Any], step: 
     un = evidence["shadow"].get("unrelated", {"comparisons": 0, "disagreements": 0})
     n_sh, d_sh = un["comparisons"], un["disagreements"]
     if n_sh >= pol["shadow_min_comparisons"] and n_sh > 0:
-        rate = d_sh / n_sh
-        ok = rate <= pol["max_unrelated_disagreement"]
+        rate, limit = d_sh / n_sh, pol["max_unrelated_disagreement"]
+        p = binomial_p_above(d_sh, n_sh, limit)
+        ok = rate <= limit or p >= pol["alpha"]
         check("shadow", "pass" if ok else "fail", f"unrelated-prompt disagreement {d_sh}/{n_sh} = {rate:.3f} "
-              f"(limit {pol['max_unrelated_disagreement']})", value=rate, limit=pol["max_unrelated_disagreement"])
+              f"(limit {limit}, p = {p:.3g})", value=rate, limit=limit, p=p)
     elif step["kind"] == "shadow" and pol["shadow_min_comparisons"] > 0:
         check("shadow", "wait", f"{n_sh} of {pol['shadow_min_comparisons']} unrelated-prompt comparisons")
     if step["kind"] == "canary":
