@@ -66,6 +66,7 @@ TEXT = DATA / "text" / "tinyshakespeare.txt"
 # Module paths for a model type the table does not list (Gemma 3 is laid out like Llama).
 LLAMA_LIKE = {"layers": "model.layers", "mlp": "model.layers.{}.mlp", "proj": "model.layers.{}.mlp.down_proj",
               "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens"}
+QUIET_RUNS = ROOT / "runs" / "edit_speed_quiet"  # a short check of the same comparison with nothing else running
 PUBLISHED_CASES = "cases-published.jsonl"  # the side-by-side edits (the recipe as published)
 SIDES = ["rankone", "reference", "rankone_default"]
 CLI_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome"]
@@ -335,8 +336,27 @@ def published_report(models: list[str]) -> str:
             f"{sum(r['reference']['stopped_early'] for r in rows)} of {len(rows)} cases, rankone's p(target) ≥ "
             f"{rows[0]['rankone']['early_stop_prob']} stop in {sum(r['rankone']['stopped_early'] for r in rows)}. rankone "
             f"(method rome) and the recipe agree on ES, PS and NS in {same} of {len(rows)} cases. Unedited model on the "
-            f"same prompts: ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}.")
+            f"same prompts: ES {base['es']:.2f}, PS {base['ps']:.2f}, NS {base['ns']:.2f}." + quiet_check(name))
     return "\n\n".join(parts)
+
+
+def quiet_check(name: str) -> str:
+    """The first cases again on a quiet machine (nothing else running), where such a run exists:
+    RANKONE_BENCH_RUNS=runs/edit_speed_quiet, the same command with fewer --cases."""
+    f = QUIET_RUNS / name / PUBLISHED_CASES
+    if not f.exists():
+        return ""
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    per = {side: [r["reference"]["wall_s"] / r[side]["wall_s"] for r in rows] for side in ("rankone", "rankone_default")}
+    loads = [x for r in rows for x in (r["load"], r.get("load_end", r["load"]))]
+    same = sum(all(r["rankone"][k] == r["reference"][k] for k in ("es", "ps", "ns")) for r in rows)
+    return (f"\n\nThe first {len(rows)} of these cases again on a quiet machine (nothing else running, load average "
+            f"{min(loads):.1f}-{max(loads):.1f}; `OMP_WAIT_POLICY=PASSIVE RANKONE_BENCH_RUNS=runs/edit_speed_quiet python "
+            f"benchmarks/edit_speed.py --models {name} --cases {len(rows)} --parts edits --layer {rows[0]['layer']}`): "
+            f"rankone (method rome) **{statistics.median(per['rankone']):.2f}×** (per case "
+            f"{min(per['rankone']):.1f}-{max(per['rankone']):.1f}×, median walls {statistics.median(r['rankone']['wall_s'] for r in rows):.1f} s "
+            f"against {statistics.median(r['reference']['wall_s'] for r in rows):.1f} s), its default method "
+            f"{statistics.median(per['rankone_default']):.2f}×; ES, PS and NS agree in {same} of {len(rows)} cases.")
 
 
 def report(models: list[str]) -> str:

@@ -171,6 +171,7 @@ def main() -> int:
                     help="JSON added to the edits as --hparams: a quick check of this script (e.g. a small "
                          "sampled_corpus_tokens), never the measured run, which runs the README's commands as written")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", default="", help="a closing paragraph (how the runs were made, when not in one command)")
     ap.add_argument("--no-write", action="store_true", help="print the section; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,8 @@ def main() -> int:
     body = ("The README's real-model commands (\"Try it on a real model\"), exactly as written and in its order, "
             "each a fresh process of this checkout, in a fresh cache that holds only the model's .gguf file; then "
             "the same edit once more, with everything it computes once per model now cached. Wall-clock seconds on "
-            "a machine shared with other jobs: the load average is given with each figure.\n\n" + report(args.models))
+            "a machine shared with other jobs: the load average is given with each figure.\n\n" + report(args.models)
+            + (f"\n\n{args.note}" if args.note else ""))
     publish("first_edit", "First edit of a real model", body, write=not args.no_write)
     return 0
 
