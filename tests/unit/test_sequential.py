@@ -218,6 +218,27 @@ def test_a_run_from_before_a_setting_existed_still_resumes(ref, tok, corpus, tmp
         run.preflight()
 
 
+def test_another_statistics_corpus_is_refused_and_the_sampled_size_counts_only_without_one(ref, tok, corpus, tmp_path):
+    """The run's statistics source is part of what it must match: resumed with another corpus it
+    stops (C would change mid-run); the sampled size, unused when a corpus is given, is not compared;
+    a run.json from before the corpus was recorded resumes, compared without either."""
+    import shutil
+
+    settings = json.loads((ref[0] / "run.json").read_text())
+    assert settings["stats_corpus"] == str(corpus.resolve()) and "sampled_corpus_tokens" not in settings["hparams"]
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    _, run = new_run(tok, other, ref[0], guard=False)
+    with pytest.raises(RankoneError, match=r"other settings \(stats_corpus\)"):
+        run.preflight()
+    shutil.copytree(ref[0], tmp_path / "old")
+    del settings["stats_corpus"]
+    settings["hparams"]["sampled_corpus_tokens"] = 100_000  # the default of the day
+    (tmp_path / "old" / "run.json").write_text(json.dumps(settings))
+    _, run = new_run(tok, corpus, tmp_path / "old", guard=False)
+    assert run.preflight() == "resume"
+
+
 def test_spike_flags_and_summary_and_plots(tok, corpus, tmp_path):
     # spike_factor just above 1 flags nearly every update that is larger than the running median
     _, run = new_run(tok, corpus, tmp_path / "rome", n=3, method="rome", guard=False, spike_factor=1.0001, warmup=1)

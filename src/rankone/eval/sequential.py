@@ -164,6 +164,7 @@ class SequentialRun:
         self.out = Path(out_dir)
         self.probes = list(probe_pool(cases, cfg.n, cfg.probe_sample) if probes is None else probes)
         self.ppl_text = ppl_text
+        self.stats_corpus = str(Path(stats_corpus).resolve()) if stats_corpus else None  # None: card's, else sampled
         self.meta = dict(meta or {})
         self.progress = progress
         self.checkpoint_s = checkpoint_s
@@ -186,9 +187,10 @@ class SequentialRun:
         """What a run's folder must match to be resumed (run.json)."""
         ids = hashlib.sha256(json.dumps([c.to_dict() for c in self.cases], sort_keys=True).encode()).hexdigest()
         window = {} if self.editor.method.one_at_a_time else {"layers": self.layers}
-        return {"format": "rankone.eval.sequential/1", "method": self.settings.method, "hparams": self.settings.to_dict(),
+        hp = {k: v for k, v in self.settings.to_dict().items() if not (self.stats_corpus and k == "sampled_corpus_tokens")}
+        return {"format": "rankone.eval.sequential/1", "method": self.settings.method, "hparams": hp,
                 "config": self.cfg.to_dict(), "layer": self.layer, "module": self.path, **window, "cases_sha256": ids,
-                "probes": len(self.probes), "meta": self.meta}
+                "probes": len(self.probes), "stats_corpus": self.stats_corpus, "meta": self.meta}
 
     @property
     def jsonl(self) -> Path:
@@ -216,7 +218,7 @@ class SequentialRun:
         if force or not self.out.is_dir():
             return "fresh"
         if run_json.is_file():
-            old, new = _as_today(json.loads(run_json.read_text())), json.loads(json.dumps(self.identity()))
+            old, new = _as_today(json.loads(run_json.read_text()), json.loads(json.dumps(self.identity())))
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise RankoneError(f"{self.out} holds a run with other settings ({', '.join(diff)}); "
@@ -379,15 +381,21 @@ def read_run(out_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
     return json.loads((d / "run.json").read_text()), recs
 
 
-def _as_today(settings: dict[str, Any]) -> dict[str, Any]:
-    """A stored run.json's settings as this version writes them: a hyper-parameter or option added
-    since the run began takes its default (which is what the run used), so the run still resumes."""
+def _as_today(settings: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored run.json's settings as this version writes them (an option added since takes its
+    default, which the run used), and `new` comparable with them: the sampled size counts only with
+    no corpus, and a run that predates "stats_corpus" is compared without either."""
     out = dict(settings)
+    if "stats_corpus" not in out:
+        new = {k: v for k, v in new.items() if k != "stats_corpus"}
+        new["hparams"] = {k: v for k, v in new["hparams"].items() if k != "sampled_corpus_tokens"}
     try:
         if isinstance(out.get("hparams"), dict):
             out["hparams"] = method(out.get("method")).settings.from_dict(out["hparams"]).to_dict()
+            if "stats_corpus" not in out or out["stats_corpus"]:
+                out["hparams"].pop("sampled_corpus_tokens", None)
         if isinstance(out.get("config"), dict):
             out["config"] = SequentialConfig.from_dict(out["config"]).to_dict()
     except (RankoneError, TypeError):  # not loadable by this version: compared as stored, so it differs
-        return settings
-    return json.loads(json.dumps(out))
+        return settings, new
+    return json.loads(json.dumps(out)), new
