@@ -311,8 +311,7 @@ def published_report(models: list[str]) -> str:
         spread = lambda side: "{:.1f}-{:.1f}×".format(*(f(r["reference"]["wall_s"] / r[side]["wall_s"] for r in rows)  # noqa: E731
                                                       for f in (min, max)))
         base = {k: statistics.mean(r["base"][k] for r in rows) for k in ("es", "ps", "ns")}
-        loads = [x for r in rows for x in (r["load"], r.get("load_end", r["load"]))]
-        same = sum(all(r["rankone"][k] == r["reference"][k] for k in ("es", "ps", "ns")) for r in rows)
+        loads, same = load_range(rows), agreeing(rows)
         policy = sorted({r.get("omp_wait_policy") or "default" for r in rows})
         labels = {"rankone": "rankone, method rome (ROME's update)",
                   "rankone_default": f"rankone, method {EditHParams().method} (its default)",
@@ -321,7 +320,7 @@ def published_report(models: list[str]) -> str:
             f"### {name}\n\n{len(rows)} CounterFact cases (counterfact-edit.json, first alignable), layer {rows[0]['layer']}, "
             f"statistics cached ({TEXT.name}), the same 21 context templates and C for every side; the three sides run "
             f"in one process, in rotating order per case; torch threads {sorted({r['threads'] for r in rows})}, "
-            f"OMP_WAIT_POLICY {', '.join(policy)}; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores "
+            f"OMP_WAIT_POLICY {', '.join(policy)}; load average {loads} on {os.cpu_count()} cores "
             f"(a shared machine). Wall: the whole edit call (rankone's `Editor.edit`, which also writes the patch entry "
             f"and checks the outcome; the recipe's edit and adding ΔW); compute: key + value + solve.\n\n"
             + table(["recipe", "key s", "value s", "solve s", "compute s (median)", "wall s / edit (median)",
@@ -340,6 +339,17 @@ def published_report(models: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def load_range(rows: list[dict[str, Any]]) -> str:
+    """The load average over the cases, from their starts and ends: "lo-hi"."""
+    loads = [x for r in rows for x in (r["load"], r.get("load_end", r["load"]))]
+    return f"{min(loads):.1f}-{max(loads):.1f}"
+
+
+def agreeing(rows: list[dict[str, Any]]) -> int:
+    """Cases where rankone (method rome) and the recipe score the same ES, PS and NS."""
+    return sum(all(r["rankone"][k] == r["reference"][k] for k in ("es", "ps", "ns")) for r in rows)
+
+
 def quiet_check(name: str) -> str:
     """The first cases again on a quiet machine (nothing else running), where such a run exists:
     RANKONE_BENCH_RUNS=runs/edit_speed_quiet, the same command with fewer --cases."""
@@ -348,15 +358,13 @@ def quiet_check(name: str) -> str:
         return ""
     rows = [json.loads(x) for x in f.read_text().splitlines()]
     per = {side: [r["reference"]["wall_s"] / r[side]["wall_s"] for r in rows] for side in ("rankone", "rankone_default")}
-    loads = [x for r in rows for x in (r["load"], r.get("load_end", r["load"]))]
-    same = sum(all(r["rankone"][k] == r["reference"][k] for k in ("es", "ps", "ns")) for r in rows)
     return (f"\n\nThe first {len(rows)} of these cases again on a quiet machine (nothing else running, load average "
-            f"{min(loads):.1f}-{max(loads):.1f}; `OMP_WAIT_POLICY=PASSIVE RANKONE_BENCH_RUNS=runs/edit_speed_quiet python "
+            f"{load_range(rows)}; `OMP_WAIT_POLICY=PASSIVE RANKONE_BENCH_RUNS=runs/edit_speed_quiet python "
             f"benchmarks/edit_speed.py --models {name} --cases {len(rows)} --parts edits --layer {rows[0]['layer']}`): "
             f"rankone (method rome) **{statistics.median(per['rankone']):.2f}×** (per case "
             f"{min(per['rankone']):.1f}-{max(per['rankone']):.1f}×, median walls {statistics.median(r['rankone']['wall_s'] for r in rows):.1f} s "
             f"against {statistics.median(r['reference']['wall_s'] for r in rows):.1f} s), its default method "
-            f"{statistics.median(per['rankone_default']):.2f}×; ES, PS and NS agree in {same} of {len(rows)} cases.")
+            f"{statistics.median(per['rankone_default']):.2f}×; ES, PS and NS agree in {agreeing(rows)} of {len(rows)} cases.")
 
 
 def report(models: list[str]) -> str:

@@ -193,8 +193,8 @@ def report(args: argparse.Namespace) -> str:
             gap = max(abs(v[m] - ref[m]) for m in METRICS) if src == "sampled" else None
             short = max(ref[m] - v[m] for m in METRICS) if src == "sampled" else None  # > 0: sampled worse
             if src == "sampled":  # a size decides only on --n cases; 0.98 - 0.97 is 0.010000000000000009
-                within.setdefault(n, []).append((gap <= args.tolerance + 1e-9, short <= args.tolerance + 1e-9,
-                                                 v["n"] >= args.n))
+                tol = args.tolerance + 1e-9
+                within.setdefault(n, []).append({"near": gap <= tol, "no_worse": short <= tol, "decides": v["n"] >= args.n})
             rows.append([{"unedited": "(unedited model)", "text": f"natural text ({TEXT.name})",
                           "sampled": "sampled from the model"}[src], f"{n:,}" if n else "-", v["n"],
                          *(v[m] for m in METRICS), f"{gap:.3f}" if gap is not None else "-",
@@ -206,9 +206,9 @@ def report(args: argparse.Namespace) -> str:
                                                   "largest gap to text", "largest shortfall", "‖Δ‖_F median",
                                                   "tokens read for C",
                                                   "sampling s"], rows) + other_sizes(label, args))
-    decided = {n: v for n, v in within.items() if len(v) == len(args.report) and all(x[2] for x in v)}
-    both = sorted(n for n, v in decided.items() if all(x[0] for x in v))
-    no_worse = sorted(n for n, v in decided.items() if all(x[1] for x in v))
+    decided = {n: v for n, v in within.items() if len(v) == len(args.report) and all(x["decides"] for x in v)}
+    both = sorted(n for n, v in decided.items() if all(x["near"] for x in v))
+    no_worse = sorted(n for n, v in decided.items() if all(x["no_worse"] for x in v))
     verdict = (f"**Smallest sampled size within {args.tolerance} of natural text on ES, PS, NS and GS on every model "
                f"({args.n} cases each): {both[0]:,} tokens.**" if both else
                f"No sampled size is within {args.tolerance} of natural text on all four metrics on every model "
@@ -240,8 +240,9 @@ def main() -> int:
             "from a corpus sampled from the model itself as `rankone edit` samples one without --stats-corpus "
             "(documents of 128 new tokens, seeded; all of it read for C). Per case one key and one value loop; "
             "the sources differ only in C. ES/PS/NS: ROME's metrics; GS: the greedy continuation (20 tokens) "
-            "states the new target. Largest gap: the largest |sampled − text| over the four; largest shortfall: the "
-            "largest text − sampled (negative: the sampled corpus scores higher on every metric). Rows compare the cases every source has finished. \"Sampling s\": wall "
+            "states the new target. Largest gap: the largest |sampled − text| over the four; largest shortfall: "
+            "the largest text − sampled (negative: the sampled corpus scores higher on every metric). Rows compare "
+            "the cases every source has finished. \"Sampling s\": wall "
             f"seconds to sample that corpus, {args.threads} torch thread(s), beside other jobs.\n\n" + report(args))
     publish("sampled_corpus", "How many sampled tokens the statistics need", body, write=not args.no_write)
     return 0

@@ -34,8 +34,8 @@ class EditContext:
     """The `rankone.methods.base.EditInputs` of an Editor."""
 
     def __init__(self, handle: ModelHandle, stats_corpus: str | os.PathLike | None = None,
-                 sampled_tokens: int = 20_000, seed: int = 0, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> None:
+                 sampled_tokens: int = MethodSettings.sampled_corpus_tokens, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
         """`stats_corpus`: the user's; else the model's own (card, corpus.txt), else `sampled_tokens`
         sampled from the model with `seed`. `cache_dir`: where C and derived files go (None: the user's cache)."""
         self.handle = handle
